@@ -1,0 +1,91 @@
+"""Typed errors. Each one says whether it is worth retrying; no caller guesses from status codes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CancelflowError(Exception):
+    """Base of every error Cancelflow raises on purpose."""
+
+
+class ConfigError(CancelflowError):
+    """Settings are missing or invalid; the message names the environment variables."""
+
+
+class JobNotFound(CancelflowError):
+    """No job record with that id (never created, or expired after its retention)."""
+
+
+class ProviderError(CancelflowError):
+    """A provider call failed. ``retryable`` and ``retry_after`` decide what happens next."""
+
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        status: int | None = None,
+        code: str | None = None,
+        field: str | None = None,
+        retry_after: float | None = None,
+        body: Any = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.provider = provider
+        self.status = status
+        self.code = code
+        self.field = field
+        self.retry_after = retry_after
+        self.body = body
+
+    def as_dict(self) -> dict[str, Any]:
+        """The error as JSON-safe data for the job timeline and dead letters."""
+        return {
+            "type": type(self).__name__,
+            "message": self.message,
+            "status": self.status,
+            "code": self.code,
+            "field": self.field,
+            "retryable": self.retryable,
+            "retry_after": self.retry_after,
+        }
+
+
+class ProviderUnavailable(ProviderError):
+    """Connection refused or reset, or a 5xx: the provider may answer later."""
+
+    retryable = True
+
+
+class ProviderTimeout(ProviderError):
+    """No answer within the provider's timeout."""
+
+    retryable = True
+
+
+class ProviderRateLimited(ProviderError):
+    """429: wait at least ``retry_after`` seconds."""
+
+    retryable = True
+
+
+class ProviderAuthError(ProviderError):
+    """Credentials refused even after fetching a fresh token: an operator must fix settings."""
+
+
+class ProviderRejected(ProviderError):
+    """The provider refused the request as invalid (a 4xx we do not map to an outcome)."""
+
+
+class ProviderProtocolError(ProviderError):
+    """The provider answered something we cannot read (bad JSON, missing fields)."""
+
+
+class CircuitOpen(ProviderError):
+    """The provider's circuit breaker is open: leave the job queued and try after the cool-down."""
+
+    retryable = True

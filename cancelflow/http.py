@@ -1,0 +1,215 @@
+"""The one door to every provider: timeouts, logging with latency, typed errors.
+
+Modelled on Sentry's ``BaseApiClient``: adapters never touch aiohttp directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import aiohttp
+
+from cancelflow.errors import (
+    ProviderAuthError,
+    ProviderError,
+    ProviderProtocolError,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderTimeout,
+    ProviderUnavailable,
+)
+from cancelflow.logging import get_logger
+
+log = get_logger(__name__)
+
+# An observer gets (provider, method, status or error type, seconds); metrics plug in here.
+CallObserver = Callable[[str, str, str, float], None]
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+    def json(self, provider: str) -> Any:
+        """The body as JSON whatever JSON-ish content type it came with; a typed error if not."""
+        try:
+            return json.loads(self.body)
+        except ValueError as exc:
+            raise ProviderProtocolError(
+                f"provider answered {self.status} with a body that is not JSON",
+                provider=provider,
+                status=self.status,
+                body=self.text[:500],
+            ) from exc
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """``Retry-After`` as seconds: either delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+class ProviderHttp:
+    """Makes one provider's HTTP calls on a shared aiohttp session."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        provider: str,
+        base_url: str,
+        timeout_s: float,
+        observer: CallObserver | None = None,
+    ) -> None:
+        self._session = session
+        self.provider = provider
+        self.base_url = base_url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._observer = observer
+
+    def url(self, path: str) -> str:
+        if path.startswith(("http://", "https://")):
+            return path
+        return f"{self.base_url}/{path.lstrip('/')}"
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json_body: Any = None,
+        data: Any = None,
+        headers: Mapping[str, str] | None = None,
+        auth: aiohttp.BasicAuth | None = None,
+    ) -> HttpResponse:
+        """Send one request. Answers below 500 (but 429) are returned for the adapter to read;
+        timeouts, connection failures, 5xx and 429 are raised as retryable errors."""
+        url = self.url(path)
+        started = time.perf_counter()
+        name = f"{method} {path.split('?')[0]}"
+        try:
+            async with self._session.request(
+                method,
+                url,
+                params=params,
+                json=json_body,
+                data=data,
+                headers=headers,
+                auth=auth,
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as resp:
+                body = await resp.read()
+                response = HttpResponse(resp.status, dict(resp.headers), body)
+        except TimeoutError as exc:
+            self._observe(name, "timeout", started)
+            raise ProviderTimeout(
+                f"no answer within {self._timeout.total}s", provider=self.provider
+            ) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            self._observe(name, "connection_error", started)
+            raise ProviderUnavailable(
+                f"connection failed: {type(exc).__name__}: {exc}", provider=self.provider
+            ) from exc
+        latency = self._observe(name, str(response.status), started)
+        log.info(
+            "provider.http_response",
+            method=method,
+            path=path.split("?")[0],
+            status=response.status,
+            latency_ms=round(latency * 1000, 1),
+        )
+        if response.status == 429:
+            raise ProviderRateLimited(
+                "rate limited",
+                provider=self.provider,
+                status=429,
+                retry_after=parse_retry_after(response.headers.get("Retry-After")),
+                body=response.text[:500],
+            )
+        if response.status >= 500:
+            raise ProviderUnavailable(
+                f"provider answered {response.status}",
+                provider=self.provider,
+                status=response.status,
+                retry_after=parse_retry_after(response.headers.get("Retry-After")),
+                body=response.text[:500],
+            )
+        return response
+
+    def _observe(self, name: str, result: str, started: float) -> float:
+        elapsed = time.perf_counter() - started
+        if self._observer is not None:
+            self._observer(self.provider, name, result, elapsed)
+        return elapsed
+
+    def error(
+        self,
+        response: HttpResponse,
+        *,
+        message: str | None = None,
+        code: str | None = None,
+        field: str | None = None,
+        cls: type[ProviderError] | None = None,
+    ) -> ProviderError:
+        """A typed error for a 4xx the adapter does not map to an outcome."""
+        if cls is None:
+            cls = ProviderAuthError if response.status in (401, 403) else ProviderRejected
+        return cls(
+            message or f"provider answered {response.status}",
+            provider=self.provider,
+            status=response.status,
+            code=code,
+            field=field,
+            body=response.text[:500],
+        )
+
+
+class TokenCache:
+    """One bearer token per provider and process: fetched once, reused until it expires."""
+
+    def __init__(self, *, margin_s: float = 30.0) -> None:
+        self._token: str | None = None
+        self._expires_at = 0.0
+        self._margin = margin_s
+        self._lock = asyncio.Lock()
+
+    async def get(self, fetch: Callable[[], Any]) -> str:
+        """The cached token, or a new one from ``fetch`` (returning ``(token, expires_in)``)."""
+        if self._token is not None and time.monotonic() < self._expires_at:
+            return self._token
+        async with self._lock:
+            if self._token is not None and time.monotonic() < self._expires_at:
+                return self._token
+            token, expires_in = await fetch()
+            # Refresh a little early so a token never expires between check and use.
+            self._expires_at = time.monotonic() + max(0.0, float(expires_in) - self._margin)
+            self._token = token
+            return token
+
+    def invalidate(self, token: str | None = None) -> None:
+        """Drop the cached token (after a 401), unless another call already replaced it."""
+        if token is None or token == self._token:
+            self._token = None
+            self._expires_at = 0.0

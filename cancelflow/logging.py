@@ -1,0 +1,97 @@
+"""structlog set-up: JSON lines in production, readable lines in a terminal, secrets redacted."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, Literal
+
+import structlog
+
+LogFormat = Literal["auto", "json", "console"]
+
+# Keys whose values never reach a log line, whatever the caller passes.
+_SECRET_KEYS = frozenset(
+    {
+        "authorization",
+        "access_token",
+        "token",
+        "client_secret",
+        "consumer_secret",
+        "api_key",
+        "x-api-key",
+        "password",
+        "secret",
+        "callback_secret",
+        "signature",
+    }
+)
+REDACTED = "[redacted]"
+
+
+def redact(value: Any) -> Any:
+    """Return ``value`` with every secret-looking key's value replaced, recursively."""
+    if isinstance(value, dict):
+        return {
+            k: (REDACTED if str(k).lower() in _SECRET_KEYS else redact(v)) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def _redact_processor(
+    _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key in list(event_dict):
+        if key.lower() in _SECRET_KEYS:
+            event_dict[key] = REDACTED
+        elif isinstance(event_dict[key], dict | list):
+            event_dict[key] = redact(event_dict[key])
+    return event_dict
+
+
+def configure_logging(*, fmt: LogFormat = "auto", level: str = "INFO") -> None:
+    """Configure structlog and the stdlib root logger (Celery, aiohttp) to share one format."""
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redact_processor,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiohttp's access log repeats what our own request logging says.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger; context bound with ``bind_contextvars`` rides along."""
+    return structlog.get_logger(name)

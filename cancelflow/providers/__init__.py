@@ -1,0 +1,13 @@
+"""The provider registry. Adding a provider is one module plus one line here."""
+
+from __future__ import annotations
+
+from cancelflow.providers import payway
+from cancelflow.providers.base import ProviderSpec
+
+REGISTRY: dict[str, ProviderSpec] = {
+    spec.key: spec
+    for spec in (
+        payway.SPEC,
+    )
+}

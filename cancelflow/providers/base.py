@@ -1,0 +1,106 @@
+"""What every provider adapter is: its settings, its subscription reference, and two calls."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr
+
+from cancelflow.contract import JobRecord, Offer, Outcome
+from cancelflow.http import ProviderHttp
+
+
+class ProviderSettings(BaseModel):
+    """Knobs every provider has. A provider's own settings subclass this."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_url: HttpUrl
+    timeout_s: float = Field(default=10.0, gt=0, le=120)
+    # Retries: attempts per step, and how old a job may get before it is dead-lettered.
+    max_attempts: int = Field(default=8, ge=1, le=100)
+    max_age_s: float = Field(default=24 * 3600, gt=0)
+    retry_base_s: float = Field(default=1.0, gt=0)
+    # Shared by all workers (held in Redis): calls per second and calls in flight.
+    calls_per_second: float | None = Field(default=None, gt=0)
+    max_in_flight: int | None = Field(default=None, ge=1)
+    # Circuit breaker: this many consecutive failures open it for the cool-down.
+    breaker_failures: int = Field(default=20, ge=1)
+    breaker_cooldown_s: float = Field(default=30.0, gt=0)
+    # Retention offers: how long a job waits for the customer, and what happens then.
+    decision_deadline_s: float = Field(default=72 * 3600, gt=0)
+    decision_default: Literal["confirm", "abandon"] = "abandon"
+    # Result callbacks.
+    callback_url: HttpUrl | None = None
+    callback_secret: SecretStr | None = None
+    callback_secret_previous: SecretStr | None = None
+
+
+class SubscriptionRef(BaseModel):
+    """A provider's reference to one subscription, validated at the API."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Fields that identify the subscription (one job at a time per identity); other fields
+    # (a reason id, a cancellation method) are options of the request.
+    identity_fields: ClassVar[tuple[str, ...]] = ()
+
+    def identity(self) -> str:
+        fields = self.identity_fields or tuple(type(self).model_fields)
+        return "|".join(str(getattr(self, name)) for name in fields)
+
+
+@dataclass(frozen=True)
+class Eligibility:
+    """The eligibility step's answer: go on to confirm, wait on an offer, or stop here."""
+
+    kind: Literal["eligible", "offer", "final"]
+    outcome: Outcome | None = None
+    offer: Offer | None = None
+    response: Any = None  # redacted provider response, for the timeline
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def eligible(cls, response: Any = None, **details: Any) -> Eligibility:
+        return cls(kind="eligible", response=response, details=details)
+
+    @classmethod
+    def final(cls, outcome: Outcome, response: Any = None) -> Eligibility:
+        return cls(kind="final", outcome=outcome, response=response)
+
+    @classmethod
+    def offered(cls, offer: Offer, response: Any = None) -> Eligibility:
+        return cls(kind="offer", offer=offer, response=response)
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    outcome: Outcome
+    response: Any = None
+
+
+class Provider(Protocol):
+    """One provider's API as the steps see it. Errors are raised as ``ProviderError``s."""
+
+    key: str
+
+    async def check(self, ref: Any, job: JobRecord) -> Eligibility:
+        """Ask whether the subscription can be cancelled."""
+        ...
+
+    async def confirm(self, ref: Any, job: JobRecord) -> Confirmation:
+        """Cancel it (the provider's PUT, POST or DELETE)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    """A registry entry: everything the system needs to know to use one provider."""
+
+    key: str
+    reference: type[SubscriptionRef]
+    settings: type[ProviderSettings]
+    build: Callable[[Any, ProviderHttp], Provider]
+    validate_settings: Callable[[Any], None] | None = None

@@ -1,0 +1,438 @@
+"""The chain's steps as plain async functions: eligibility -> retention_offer -> confirm -> callback.
+
+Each step reads the job record, calls its provider through the adapter, moves the job
+forward atomically and says which step comes next. The Celery tasks in ``worker.tasks`` are
+thin shells around these.
+
+Redelivery rule: a step that finds its job already past it does no provider call and hands
+back the step the job's status calls for, so a message lost between "moved the job" and
+"sent the next message" is re-sent; the steps downstream are safe to run twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+import structlog
+
+from cancelflow import callbacks
+from cancelflow.contract import (
+    CallbackAttempt,
+    Decision,
+    JobRecord,
+    Offer,
+    Outcome,
+    OutcomeType,
+    Status,
+    Step,
+    TimelineEntry,
+    isoformat,
+    utcnow,
+)
+from cancelflow.dead_letters import DeadLetter, DeadLetterStore
+from cancelflow.errors import CancelflowError, ProviderError
+from cancelflow.logging import get_logger, redact
+from cancelflow.providers import REGISTRY
+from cancelflow.providers.base import Provider, SubscriptionRef
+from cancelflow.settings import Settings
+from cancelflow.store import JobStore
+
+log = get_logger(__name__)
+
+EVENT_OUTCOME = "outcome"
+EVENT_OFFER = "offer_presented"
+
+
+@dataclass(frozen=True)
+class Next:
+    """What to run next for a job: a step, the job's provider (for routing) and extra args."""
+
+    step: Step | None
+    provider: str = ""
+    args: tuple[str, ...] = ()
+
+    @classmethod
+    def done(cls) -> Next:
+        return cls(None)
+
+
+@dataclass
+class Deps:
+    """What the steps need, built once per process (worker or API)."""
+
+    settings: Settings
+    store: JobStore
+    dead_letters: DeadLetterStore
+    providers: dict[str, Provider]
+    session: aiohttp.ClientSession | None = None
+    hooks: dict[str, list[Any]] = field(default_factory=dict)
+
+
+class DecisionConflict(CancelflowError):
+    """A decision for a job that is not waiting for one."""
+
+
+def resume(status: Status, provider: str) -> Next:
+    """The step a job in ``status`` is waiting on (used when a step finds its job moved on)."""
+    return {
+        Status.QUEUED: Next(Step.ELIGIBILITY, provider),
+        Status.CHECKING: Next(Step.ELIGIBILITY, provider),
+        Status.CONFIRMING: Next(Step.CONFIRM, provider),
+        Status.FINISHED: Next(Step.CALLBACK, provider, (EVENT_OUTCOME,)),
+    }.get(status, Next.done())
+
+
+def reference(job: JobRecord) -> SubscriptionRef:
+    return REGISTRY[job.provider].reference.model_validate(job.subscription)
+
+
+def _entry(step: Step | str, event: str, attempt: int, **kw: Any) -> TimelineEntry:
+    return TimelineEntry(at=isoformat(utcnow()), step=str(step), event=event, attempt=attempt, **kw)
+
+
+async def _load(deps: Deps, job_id: str) -> JobRecord:
+    job = await deps.store.get(job_id)
+    structlog.contextvars.bind_contextvars(provider=job.provider)
+    return job
+
+
+def _provider(deps: Deps, job: JobRecord) -> Provider:
+    try:
+        return deps.providers[job.provider]
+    except KeyError:
+        raise CancelflowError(f"provider {job.provider!r} is not configured on this worker") from None
+
+
+async def eligibility(deps: Deps, job_id: str, *, attempt: int = 0) -> Next:
+    """Ask the provider whether the subscription can be cancelled."""
+    job = await _load(deps, job_id)
+    moved = await deps.store.transition(
+        job, Status.CHECKING, entry=_entry(Step.ELIGIBILITY, "started", attempt)
+    )
+    if not moved.applied:
+        return resume(moved.previous, job.provider)
+    ref = reference(job)
+    answer = await _provider(deps, job).check(ref, job)
+    response = redact(answer.response)
+    if answer.kind == "final":
+        assert answer.outcome is not None
+        return await finish(
+            deps, job, answer.outcome, step=Step.ELIGIBILITY, attempt=attempt, response=response
+        )
+    if answer.kind == "offer":
+        assert answer.offer is not None
+        moved = await deps.store.record(
+            job_id,
+            _entry(Step.ELIGIBILITY, "offer_received", attempt, response=response),
+            expect=frozenset({Status.CHECKING}),
+            offer=answer.offer,
+        )
+        return Next(Step.RETENTION_OFFER, job.provider) if moved.applied else resume(moved.previous, job.provider)
+    moved = await deps.store.transition(
+        job,
+        Status.CONFIRMING,
+        entry=_entry(
+            Step.ELIGIBILITY, "eligible", attempt, status=Status.CONFIRMING, response=response
+        ),
+    )
+    return Next(Step.CONFIRM, job.provider) if moved.applied else resume(moved.previous, job.provider)
+
+
+async def retention_offer(deps: Deps, job_id: str, *, attempt: int = 0) -> Next:
+    """Park the job until the customer decides; nothing holds a message while it waits."""
+    job = await _load(deps, job_id)
+    deadline_s = deps.settings.provider(job.provider).decision_deadline_s
+    if job.offer is None:
+        raise CancelflowError(f"job {job_id} reached the retention step without an offer")
+    moved = await deps.store.transition(
+        job,
+        Status.AWAITING_DECISION,
+        entry=_entry(
+            Step.RETENTION_OFFER,
+            "awaiting_decision",
+            attempt,
+            status=Status.AWAITING_DECISION,
+            details={"deadline_s": deadline_s, "kind": job.offer.kind},
+        ),
+    )
+    if not moved.applied and moved.previous is not Status.AWAITING_DECISION:
+        return resume(moved.previous, job.provider)
+    deadline = utcnow().timestamp() + deadline_s
+    await deps.store.redis.zadd(AWAITING_KEY, {job_id: deadline}, nx=True)
+    return Next(Step.CALLBACK, job.provider, (EVENT_OFFER,))
+
+
+AWAITING_KEY = "cf:awaiting"
+
+
+async def decide(deps: Deps, job_id: str, decision: Decision, *, by: str = "customer") -> Next:
+    """Apply a customer's (or the deadline's) decision on a parked offer."""
+    job = await _load(deps, job_id)
+    if job.status is not Status.AWAITING_DECISION or job.offer is None:
+        raise DecisionConflict(f"job {job_id} is {job.status}, not awaiting a decision")
+    entry_details = {"by": by, "decision": decision.decision}
+    if decision.decision == "accept":
+        outcome = Outcome(
+            type=OutcomeType.RETAINED,
+            offer_identifier=job.offer.offer_identifier,
+            details=job.offer.details,
+        )
+        result = await finish(
+            deps, job, outcome, step=Step.RETENTION_OFFER, attempt=0, details=entry_details,
+            decision=decision,
+        )
+    else:
+        moved = await deps.store.transition(
+            job,
+            Status.CONFIRMING,
+            entry=_entry(
+                Step.RETENTION_OFFER, "rejected", 0, status=Status.CONFIRMING,
+                details=entry_details,
+            ),
+            decision=decision,
+        )
+        if not moved.applied:
+            raise DecisionConflict(f"job {job_id} is {moved.previous}, not awaiting a decision")
+        result = Next(Step.CONFIRM, job.provider)
+    await deps.store.redis.zrem(AWAITING_KEY, job_id)
+    return result
+
+
+async def abandon(deps: Deps, job_id: str) -> Next:
+    """End a parked job without cancelling (the deadline's default action ``abandon``)."""
+    job = await _load(deps, job_id)
+    if job.status is not Status.AWAITING_DECISION:
+        raise DecisionConflict(f"job {job_id} is {job.status}, not awaiting a decision")
+    result = await finish(
+        deps, job, Outcome(type=OutcomeType.ABANDONED), step=Step.RETENTION_OFFER, attempt=0,
+        details={"by": "deadline"},
+    )
+    await deps.store.redis.zrem(AWAITING_KEY, job_id)
+    return result
+
+
+async def expire_decision(deps: Deps, job_id: str) -> Next:
+    """The deadline passed without a decision: apply the provider's default action."""
+    job = await _load(deps, job_id)
+    if deps.settings.provider(job.provider).decision_default == "confirm":
+        return await decide(deps, job_id, Decision(decision="reject"), by="deadline")
+    return await abandon(deps, job_id)
+
+
+async def due_decisions(deps: Deps, now: datetime, *, limit: int = 500) -> list[str]:
+    """Jobs whose decision deadline has passed."""
+    raw = await deps.store.redis.zrangebyscore(AWAITING_KEY, "-inf", now.timestamp(), 0, limit)
+    return [r.decode() if isinstance(r, bytes) else str(r) for r in raw]
+
+
+async def confirm(deps: Deps, job_id: str, *, attempt: int = 0, lease_s: float) -> Next:
+    """Make the provider's cancel call, once: a lease keeps two deliveries from racing."""
+    job = await _load(deps, job_id)
+    if job.status is not Status.CONFIRMING:
+        return resume(job.status, job.provider)
+    lease = f"cf:lease:{job_id}:confirm"
+    if not await deps.store.redis.set(lease, "1", nx=True, px=int(lease_s * 1000)):
+        log.info("step.confirm.leased_elsewhere")
+        return Next.done()
+    try:
+        moved = await deps.store.record(
+            job_id, _entry(Step.CONFIRM, "started", attempt), expect=frozenset({Status.CONFIRMING})
+        )
+        if not moved.applied:
+            return resume(moved.previous, job.provider)
+        answer = await _provider(deps, job).confirm(reference(job), job)
+        return await finish(
+            deps, job, answer.outcome, step=Step.CONFIRM, attempt=attempt,
+            response=redact(answer.response),
+        )
+    finally:
+        await deps.store.redis.delete(lease)
+
+
+async def finish(
+    deps: Deps,
+    job: JobRecord,
+    outcome: Outcome,
+    *,
+    step: Step,
+    attempt: int,
+    response: Any = None,
+    details: dict[str, Any] | None = None,
+    **fields: Any,
+) -> Next:
+    """Record the job's final outcome; the callback step follows."""
+    moved = await deps.store.transition(
+        job,
+        Status.FINISHED,
+        entry=_entry(
+            step, "finished", attempt, status=Status.FINISHED, response=response,
+            details={"outcome": outcome.type.value, **(details or {})},
+        ),
+        identity=reference(job).identity(),
+        outcome=outcome,
+        **fields,
+    )
+    if not moved.applied:
+        return resume(moved.previous, job.provider)
+    log.info("job.finished", outcome=outcome.type.value)
+    return Next(Step.CALLBACK, job.provider, (EVENT_OUTCOME,))
+
+
+async def fail(
+    deps: Deps, job_id: str, error: ProviderError, *, step: Step, attempt: int
+) -> Next:
+    """A permanent provider error: the job ends ``failed`` with the error, no retry."""
+    job = await _load(deps, job_id)
+    return await finish(
+        deps, job, Outcome(type=OutcomeType.FAILED, error=error.as_dict()), step=step,
+        attempt=attempt,
+    )
+
+
+async def note_retry(
+    deps: Deps, job_id: str, *, step: Step, attempt: int, error: dict[str, Any], delay_s: float
+) -> None:
+    """Record on the timeline that a step will run again after ``delay_s``."""
+    await deps.store.record(
+        job_id,
+        _entry(step, "retry_scheduled", attempt, error=error, details={"delay_s": round(delay_s, 3)}),
+    )
+
+
+async def dead_letter(
+    deps: Deps,
+    job_id: str,
+    *,
+    step: Step,
+    error_type: str,
+    error: str,
+    traceback: str | None,
+    payload: Any,
+) -> Next:
+    """Move a job that cannot finish to the dead-letter store, with every attempt's error."""
+    job = await _load(deps, job_id)
+    errors = [e.error for e in job.timeline if e.error is not None and e.step == step]
+    moved = await deps.store.transition(
+        job,
+        Status.DEAD_LETTERED,
+        entry=_entry(step, "dead_lettered", len(errors), status=Status.DEAD_LETTERED,
+                     error={"type": error_type, "message": error}),
+        identity=reference(job).identity(),
+    )
+    if not moved.applied:
+        log.warning("job.dead_letter.skipped", status=moved.previous.value)
+        return resume(moved.previous, job.provider)
+    await deps.dead_letters.add(
+        DeadLetter(
+            kind="job", job_id=job_id, provider=job.provider, step=step.value,
+            queue=None, error_type=error_type, error=error,
+            errors=[*errors, {"type": error_type, "message": error}],
+            traceback=traceback, payload=payload,
+        )
+    )
+    log.error("job.dead_lettered", error_type=error_type, error=error)
+    return Next(Step.CALLBACK, job.provider, (EVENT_OUTCOME,))
+
+
+async def replay(deps: Deps, dl_id: str) -> Next:
+    """Replay a dead letter from the step it failed at, keeping the job id. Safe to repeat:
+    only the first replay moves the job; the entry is removed once it is replayed."""
+    dl = await deps.dead_letters.get(dl_id)
+    if dl is None:
+        raise CancelflowError(f"no dead letter {dl_id}")
+    if dl.kind == "poison" or dl.job_id is None:
+        raise DecisionConflict("a poison message has no job to replay; purge it once inspected")
+    job = await deps.store.get(dl.job_id)
+    if dl.kind == "callback":
+        await deps.dead_letters.delete(dl_id)
+        return Next(Step.CALLBACK, job.provider, (dl.event or EVENT_OUTCOME,))
+    to = Status.CONFIRMING if dl.step == Step.CONFIRM.value else Status.QUEUED
+    moved = await deps.store.replay(
+        job.id, to, _entry(dl.step or "replay", "replayed", 0, status=to, details={"dead_letter": dl_id})
+    )
+    await deps.dead_letters.delete(dl_id)
+    if not moved.applied:
+        return Next.done()
+    return Next(Step.CONFIRM if to is Status.CONFIRMING else Step.ELIGIBILITY, job.provider)
+
+
+class CallbackGiveUp(CancelflowError):
+    """A callback was refused for good or its retry horizon has passed."""
+
+
+async def callback(deps: Deps, job_id: str, event: str, *, attempt: int = 0) -> Next:
+    """Deliver the job's result (or offer) event to its callback URL, signed."""
+    job = await _load(deps, job_id)
+    etype = callbacks.event_type(job, event)
+    if etype is None:
+        return Next.done()
+    eid = callbacks.event_id(job, etype)
+    previous = [c for c in job.callbacks if c.event_id == eid]
+    if any(c.result in ("delivered", "skipped", "refused") for c in previous):
+        return Next.done()  # a redelivered message: the event already reached its end
+    settings = deps.settings.provider(job.provider)
+    url = job.callback_url or (str(settings.callback_url) if settings.callback_url else None)
+
+    async def note(result: str, **kw: Any) -> None:
+        await deps.store.add_callback_attempt(
+            job_id,
+            CallbackAttempt(at=isoformat(utcnow()), event_id=eid, event_type=etype, url=url,
+                            attempt=attempt, result=result, **kw),  # type: ignore[arg-type]
+        )
+
+    if url is None:
+        await note("skipped", error="no callback URL for the job or its provider")
+        return Next.done()
+    secrets = [s.get_secret_value() for s in (settings.callback_secret, settings.callback_secret_previous) if s]
+    if not secrets:
+        await note("refused", error="provider has no callback secret: callbacks are always signed")
+        return Next.done()
+    cb = deps.settings.callbacks
+    try:
+        await callbacks.check_url(url, allow_http=cb.allow_http, allowed_hosts=cb.allowed_hosts)
+    except callbacks.UnsafeCallbackUrl as exc:
+        await note("refused", error=str(exc))
+        return Next.done()
+    assert deps.session is not None
+    try:
+        status, elapsed = await callbacks.deliver(
+            deps.session, url, callbacks.build_event(job, etype), secrets=secrets, timeout_s=cb.timeout_s
+        )
+    except callbacks.CallbackRetryable as exc:
+        await note("failed", http_status=exc.status, error=str(exc))
+        first = min((c.at for c in previous), default=None)
+        age = (utcnow() - datetime.fromisoformat(first)).total_seconds() if first else 0.0
+        if age >= cb.horizon_s:
+            raise CallbackGiveUp(f"no delivery within the {cb.horizon_s:g}s horizon: {exc}") from exc
+        raise
+    except callbacks.CallbackRejected as exc:
+        await note("failed", http_status=exc.status, error=str(exc))
+        raise CallbackGiveUp(str(exc)) from exc
+    await note("delivered", http_status=status, latency_ms=round(elapsed * 1000, 1))
+    log.info("callback.delivered", event_type=etype, event_id=eid, http_status=status)
+    return Next.done()
+
+
+async def dead_letter_callback(
+    deps: Deps, job_id: str, event: str, *, error: str, traceback: str | None
+) -> None:
+    """A callback that will never get through: keep it for an operator to replay."""
+    job = await _load(deps, job_id)
+    etype = callbacks.event_type(job, event) or event
+    await deps.dead_letters.add(
+        DeadLetter(
+            kind="callback", job_id=job_id, provider=job.provider, step=Step.CALLBACK.value,
+            error_type="CallbackGiveUp", error=error, traceback=traceback,
+            payload={"event": event, "event_type": etype}, event=event,
+            errors=[{"at": c.at, "status": c.http_status, "error": c.error}
+                    for c in job.callbacks if c.event_type == etype],
+        )
+    )
+    await deps.store.add_callback_attempt(
+        job_id,
+        CallbackAttempt(at=isoformat(utcnow()), event_id=callbacks.event_id(job, etype),
+                        event_type=etype, url=job.callback_url, result="dead_lettered", error=error),
+    )

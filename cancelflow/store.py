@@ -1,0 +1,332 @@
+"""The job store in Redis: one record per job, transitions atomic and only forward.
+
+Keys (all under ``cf:``):
+  job:{id}            hash: status, request, outcome, offer, decision, timestamps
+  job:{id}:timeline   list of JSON timeline entries
+  job:{id}:callbacks  list of JSON callback attempts
+  idem:{sha256(key)}  "job_id|fingerprint" of the request that first used the key
+  inflight:{provider}:{sha256(identity)}  the job currently cancelling that subscription
+  jobs                sorted set of job ids by creation time (for listing)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from cancelflow.contract import (
+    CallbackAttempt,
+    CancellationRequest,
+    JobRecord,
+    Status,
+    TimelineEntry,
+    isoformat,
+    new_job_id,
+    utcnow,
+)
+from cancelflow.errors import CancelflowError, JobNotFound
+
+PREFIX = "cf:"
+JOBS_INDEX = f"{PREFIX}jobs"
+# A subscription's in-flight marker is released when its job ends; this is only a safety net.
+INFLIGHT_TTL_S = 14 * 24 * 3600
+
+# to-status -> the statuses a job may be in to move there. Nothing moves a job backwards but
+# an operator's replay of a dead letter (``replay``).
+TRANSITIONS: dict[Status, frozenset[Status]] = {
+    Status.CHECKING: frozenset({Status.QUEUED, Status.CHECKING}),
+    Status.AWAITING_DECISION: frozenset({Status.CHECKING}),
+    Status.CONFIRMING: frozenset({Status.CHECKING, Status.AWAITING_DECISION, Status.CONFIRMING}),
+    Status.FINISHED: frozenset({Status.CHECKING, Status.AWAITING_DECISION, Status.CONFIRMING}),
+    Status.DEAD_LETTERED: frozenset(
+        {Status.QUEUED, Status.CHECKING, Status.AWAITING_DECISION, Status.CONFIRMING}
+    ),
+}
+REPLAYABLE_TO = frozenset({Status.QUEUED, Status.CONFIRMING})
+
+_CREATE = """
+if KEYS[3] ~= '' then
+  local v = redis.call('GET', KEYS[3])
+  if v then
+    local sep = string.find(v, '|', 1, true)
+    local id = string.sub(v, 1, sep - 1)
+    if string.sub(v, sep + 1) ~= ARGV[2] then return {'conflict', id} end
+    return {'existing', id}
+  end
+end
+local inflight = redis.call('GET', KEYS[4])
+if inflight then
+  if KEYS[3] ~= '' then
+    redis.call('SET', KEYS[3], inflight .. '|' .. ARGV[2], 'EX', ARGV[3])
+  end
+  return {'joined', inflight}
+end
+local fields = {}
+for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('RPUSH', KEYS[2], ARGV[6])
+redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[4])
+if KEYS[3] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[1] .. '|' .. ARGV[2], 'EX', ARGV[3])
+end
+redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])
+return {'created', ARGV[1]}
+"""
+
+_TRANSITION = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {'missing', ''} end
+if ARGV[2] ~= '' then
+  local ok = false
+  for s in string.gmatch(ARGV[2], '%S+') do
+    if s == cur then ok = true break end
+  end
+  if not ok then return {'rejected', cur} end
+end
+local status = cur
+if ARGV[1] ~= '' then status = ARGV[1] end
+local args = {'status', status, 'updated_at', ARGV[3]}
+for i = 7, #ARGV do args[#args + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(args))
+if ARGV[4] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[4]) end
+if KEYS[3] ~= '' and redis.call('GET', KEYS[3]) == ARGV[6] then redis.call('DEL', KEYS[3]) end
+local ttl = tonumber(ARGV[5])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('EXPIRE', KEYS[4], ttl)
+elseif ttl < 0 then
+  redis.call('PERSIST', KEYS[1])
+  redis.call('PERSIST', KEYS[2])
+  redis.call('PERSIST', KEYS[4])
+end
+return {'ok', cur}
+"""
+
+
+class IdempotencyConflict(CancelflowError):
+    """The idempotency key was used before with a different request body."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"idempotency key already used by job {job_id} with a different body")
+        self.job_id = job_id
+
+
+@dataclass(frozen=True)
+class Created:
+    job: JobRecord
+    # "created", "existing" (same idempotency key and body), or "joined" (a job was already
+    # cancelling that subscription).
+    how: str
+
+
+@dataclass(frozen=True)
+class Transition:
+    applied: bool
+    previous: Status
+
+
+def _sha(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+def inflight_key(provider: str, identity: str) -> str:
+    return f"{PREFIX}inflight:{provider}:{_sha(identity)}"
+
+
+def _dump(model: Any) -> str:
+    return json.dumps(model.model_dump(mode="json"), separators=(",", ":"))
+
+
+class JobStore:
+    """Reads and moves job records. Every write is one atomic script or pipeline."""
+
+    def __init__(self, redis: Redis, *, retention_s: int, idempotency_ttl_s: int) -> None:
+        self.redis = redis
+        self._retention = retention_s
+        self._idem_ttl = idempotency_ttl_s
+        self._create = redis.register_script(_CREATE)
+        self._transition = redis.register_script(_TRANSITION)
+
+    async def create(self, request: CancellationRequest, *, identity: str) -> Created:
+        """Record a new queued job, or return the job the request joins or repeats."""
+        job_id = new_job_id()
+        now = utcnow()
+        at = isoformat(now)
+        entry = TimelineEntry(at=at, step="enqueue", event="queued", status=Status.QUEUED)
+        idem = f"{PREFIX}idem:{_sha(request.idempotency_key)}" if request.idempotency_key else ""
+        fields = {
+            "id": job_id,
+            "provider": request.provider,
+            "status": Status.QUEUED.value,
+            "request": _dump(request),
+            "created_at": at,
+            "updated_at": at,
+        }
+        how, found = await self._create(
+            keys=[
+                job_key(job_id),
+                f"{job_key(job_id)}:timeline",
+                idem,
+                inflight_key(request.provider, identity),
+                JOBS_INDEX,
+            ],
+            args=[
+                job_id,
+                request.fingerprint(),
+                self._idem_ttl,
+                INFLIGHT_TTL_S,
+                now.timestamp(),
+                _dump(entry),
+                *[item for pair in fields.items() for item in pair],
+            ],
+        )
+        how, found = _s(how), _s(found)
+        if how == "conflict":
+            raise IdempotencyConflict(found)
+        return Created(job=await self.get(found), how=how)
+
+    async def get(self, job_id: str) -> JobRecord:
+        """The whole record; ``JobNotFound`` if there is none (or it expired)."""
+        key = job_key(job_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(key)
+            pipe.lrange(f"{key}:timeline", 0, -1)
+            pipe.lrange(f"{key}:callbacks", 0, -1)
+            raw, timeline, callbacks = await pipe.execute()
+        if not raw:
+            raise JobNotFound(job_id)
+        h = {_s(k): _s(v) for k, v in raw.items()}
+        request = json.loads(h["request"])
+        return JobRecord(
+            id=h["id"],
+            provider=h["provider"],
+            subscription=request["subscription"],
+            reason=request.get("reason"),
+            callback_url=request.get("callback_url"),
+            idempotency_key=request.get("idempotency_key"),
+            metadata=request.get("metadata") or {},
+            status=Status(h["status"]),
+            outcome=json.loads(h["outcome"]) if h.get("outcome") else None,
+            offer=json.loads(h["offer"]) if h.get("offer") else None,
+            decision=json.loads(h["decision"]) if h.get("decision") else None,
+            timeline=[json.loads(e) for e in timeline],
+            callbacks=[json.loads(c) for c in callbacks],
+            created_at=h["created_at"],
+            updated_at=h["updated_at"],
+        )
+
+    async def status(self, job_id: str) -> Status:
+        raw = await self.redis.hget(job_key(job_id), "status")
+        if raw is None:
+            raise JobNotFound(job_id)
+        return Status(_s(raw))
+
+    async def transition(
+        self,
+        job: JobRecord,
+        to: Status,
+        *,
+        entry: TimelineEntry | None = None,
+        identity: str | None = None,
+        **fields: Any,
+    ) -> Transition:
+        """Move the job to ``to`` if the transition is allowed from where it is now."""
+        return await self._run(
+            job.id,
+            to=to.value,
+            allowed=TRANSITIONS[to],
+            entry=entry,
+            # A final status frees the subscription for a new job and starts the retention.
+            release=inflight_key(job.provider, identity) if identity and _ends(to) else "",
+            ttl=self._retention if to is Status.FINISHED else 0,
+            fields=fields,
+        )
+
+    async def record(
+        self,
+        job_id: str,
+        entry: TimelineEntry,
+        *,
+        expect: frozenset[Status] | None = None,
+        **fields: Any,
+    ) -> Transition:
+        """Append a timeline entry (and set fields) without moving the job, only while it is
+        in ``expect`` (any status when ``expect`` is None)."""
+        return await self._run(
+            job_id, to="", allowed=expect or frozenset(), entry=entry, release="", ttl=0,
+            fields=fields,
+        )
+
+    async def replay(self, job_id: str, to: Status, entry: TimelineEntry) -> Transition:
+        """An operator's replay: a dead-lettered job goes back to ``to``, keeping its id."""
+        if to not in REPLAYABLE_TO:
+            raise ValueError(f"cannot replay to {to}")
+        return await self._run(
+            job_id,
+            to=to.value,
+            allowed=frozenset({Status.DEAD_LETTERED}),
+            entry=entry,
+            release="",
+            ttl=0,
+            fields={},
+        )
+
+    async def add_callback_attempt(self, job_id: str, attempt: CallbackAttempt) -> None:
+        key = f"{job_key(job_id)}:callbacks"
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, _dump(attempt))
+            pipe.hset(job_key(job_id), "updated_at", attempt.at)
+            await pipe.execute()
+        # Keep the attempts as long as the record itself.
+        ttl = await self.redis.ttl(job_key(job_id))
+        if ttl and ttl > 0:
+            await self.redis.expire(key, ttl)
+
+    async def _run(
+        self,
+        job_id: str,
+        *,
+        to: str,
+        allowed: frozenset[Status],
+        entry: TimelineEntry | None,
+        release: str,
+        ttl: int,
+        fields: dict[str, Any],
+    ) -> Transition:
+        key = job_key(job_id)
+        flat: list[str] = []
+        for name, value in fields.items():
+            flat += [name, value if isinstance(value, str) else _dump(value)]
+        result, previous = await self._transition(
+            keys=[key, f"{key}:timeline", release, f"{key}:callbacks"],
+            args=[
+                to,
+                " ".join(sorted(s.value for s in allowed)),
+                isoformat(utcnow()),
+                _dump(entry) if entry is not None else "",
+                ttl,
+                job_id,
+                *flat,
+            ],
+        )
+        result, previous = _s(result), _s(previous)
+        if result == "missing":
+            raise JobNotFound(job_id)
+        return Transition(applied=result == "ok", previous=Status(previous))
+
+
+def _ends(status: Status) -> bool:
+    return status in (Status.FINISHED, Status.DEAD_LETTERED)
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,55 @@
+"""Builds the objects a process needs from Settings, once, at start-up."""
+
+from __future__ import annotations
+
+import aiohttp
+from redis.asyncio import Redis
+
+from cancelflow.dead_letters import DeadLetterStore
+from cancelflow.http import CallObserver, ProviderHttp
+from cancelflow.providers import REGISTRY
+from cancelflow.providers.base import Provider
+from cancelflow.settings import Settings
+from cancelflow.steps import Deps
+from cancelflow.store import JobStore
+
+
+def redis_client(settings: Settings) -> Redis:
+    return Redis.from_url(settings.redis_url, health_check_interval=30)
+
+
+def build_providers(
+    settings: Settings, session: aiohttp.ClientSession, *, observer: CallObserver | None = None
+) -> dict[str, Provider]:
+    """One adapter per configured provider, all on the process's shared HTTP session."""
+    providers: dict[str, Provider] = {}
+    for key, conf in settings.enabled_providers().items():
+        http = ProviderHttp(
+            session,
+            provider=key,
+            base_url=str(conf.base_url),
+            timeout_s=conf.timeout_s,
+            observer=observer,
+        )
+        providers[key] = REGISTRY[key].build(conf, http)
+    return providers
+
+
+def build_deps(
+    settings: Settings,
+    *,
+    redis: Redis,
+    session: aiohttp.ClientSession | None = None,
+    observer: CallObserver | None = None,
+) -> Deps:
+    return Deps(
+        settings=settings,
+        store=JobStore(
+            redis,
+            retention_s=settings.job_retention_s,
+            idempotency_ttl_s=settings.idempotency_ttl_s,
+        ),
+        dead_letters=DeadLetterStore(redis),
+        providers=build_providers(settings, session, observer=observer) if session else {},
+        session=session,
+    )

@@ -1,0 +1,33 @@
+"""The Celery app of the workers: ``celery -A worker.app`` (and Flower) find it here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import signals
+
+from cancelflow.logging import configure_logging
+from cancelflow.messaging import create_celery
+from cancelflow.settings import load_settings
+
+settings = load_settings()
+app = create_celery(settings)
+app.conf.include = ["worker.tasks"]
+app.conf.beat_schedule = {
+    # Jobs parked on a retention offer past their deadline get their default action.
+    "expire-decisions": {"task": "cancelflow.expire_decisions", "schedule": 30.0},
+}
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    # Connecting here stops Celery from installing its own handlers: one format for all.
+    configure_logging(fmt=settings.log_format, level=settings.log_level)
+
+
+@signals.worker_shutdown.connect
+@signals.worker_process_shutdown.connect
+def _close_runtime(**_: Any) -> None:
+    from worker.runtime import shutdown_runtime
+
+    shutdown_runtime()

@@ -1,0 +1,223 @@
+"""The task shells. Each names itself, turns its message into ids, calls one step, and sends
+the step that comes next. Retry and dead-letter decisions are made by the error's type."""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Coroutine
+from datetime import datetime
+from typing import Any
+
+import structlog
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+
+from cancelflow import steps
+from cancelflow.callbacks import CallbackRetryable
+from cancelflow.contract import JOB_ID_RE, Step, isoformat, utcnow
+from cancelflow.dead_letters import DeadLetter
+from cancelflow.errors import JobNotFound, ProviderAuthError, ProviderError, ProviderTimeout
+from cancelflow.logging import get_logger
+from cancelflow.messaging import send_step
+from cancelflow.retry import RetryPolicy
+from worker.app import app, settings
+from worker.runtime import Runtime, get_runtime
+
+log = get_logger(__name__)
+
+StepCall = Callable[..., Coroutine[Any, Any, steps.Next]]
+
+
+class Poison(Exception):
+    """A message whose arguments are not what its task takes."""
+
+
+class StepTask(Task):  # type: ignore[misc]
+    acks_late = True
+    reject_on_worker_lost = True
+    ignore_result = True
+    # Arguments are checked by the shell, so a malformed message is dead-lettered, not
+    # failed by Celery's own arity check.
+    typing = False
+
+
+def _runtime() -> Runtime:
+    return get_runtime(settings)
+
+
+def _parse(step: Step, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+    want = 2 if step is Step.CALLBACK else 1
+    if kwargs or len(args) != want or not all(isinstance(a, str) for a in args):
+        raise Poison(f"{step.value} takes {want} string argument(s), got args={args!r} kwargs={kwargs!r}")
+    if not JOB_ID_RE.match(args[0]):
+        raise Poison(f"not a job id: {args[0]!r}")
+    return args[0], tuple(args[1:])
+
+
+async def _bound(coro: Coroutine[Any, Any, Any], **context: Any) -> Any:
+    # Runs as its own asyncio task: the bound context stays with this job's log lines.
+    structlog.contextvars.bind_contextvars(**context)
+    return await coro
+
+
+def run_step(task: Task, step: Step, call: StepCall, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    rt = _runtime()
+    structlog.contextvars.clear_contextvars()
+    context = {"task_id": task.request.id, "step": step.value}
+    try:
+        job_id, extra = _parse(step, args, kwargs)
+    except Poison as exc:
+        _dead_letter_poison(rt, task, exc, args, kwargs)
+        return {"dead_lettered": "poison"}
+    context["job_id"] = job_id
+    structlog.contextvars.bind_contextvars(**context)
+    attempt = task.request.retries
+    try:
+        nxt = rt.run(_bound(call(rt.deps, job_id, *extra, attempt=attempt), **context))
+    except JobNotFound as exc:
+        _dead_letter_poison(rt, task, exc, args, kwargs)
+        return {"dead_lettered": "poison"}
+    except SoftTimeLimitExceeded as exc:
+        error = ProviderTimeout("step ran past its soft time limit", provider="")
+        nxt = _retry_or_give_up(rt, task, step, job_id, error, exc, extra)
+    except (ProviderError, CallbackRetryable) as exc:
+        nxt = _retry_or_give_up(rt, task, step, job_id, exc, exc, extra)
+    except steps.CallbackGiveUp as exc:
+        rt.run(steps.dead_letter_callback(rt.deps, job_id, extra[0], error=str(exc), traceback=traceback.format_exc()))
+        return {"job_id": job_id, "dead_lettered": "callback"}
+    except Exception as exc:  # noqa: BLE001 - any surprise goes to the dead-letter store
+        log.exception("step.unexpected_error")
+        nxt = rt.run(
+            steps.dead_letter(
+                rt.deps, job_id, step=step, error_type=type(exc).__name__, error=str(exc),
+                traceback=traceback.format_exc(), payload={"args": list(args)},
+            )
+        )
+    if nxt.step is not None:
+        send_step(app, nxt.step, job_id, nxt.provider, *nxt.args)
+    return {"job_id": job_id, "next": nxt.step.value if nxt.step else None}
+
+
+def _retry_or_give_up(
+    rt: Runtime, task: Task, step: Step, job_id: str, error: Exception, cause: BaseException,
+    extra: tuple[str, ...],
+) -> steps.Next:
+    """Retry a transient failure with backoff, or end the job as the error's type says."""
+    attempt = task.request.retries
+    retryable = getattr(error, "retryable", isinstance(error, CallbackRetryable))
+    job = rt.run(rt.deps.store.get(job_id))
+    details = error.as_dict() if isinstance(error, ProviderError) else {"type": type(error).__name__, "message": str(error)}
+    if step is Step.CALLBACK:
+        policy = _callback_policy(rt)
+    else:
+        conf = rt.settings.provider(job.provider)
+        policy = RetryPolicy(
+            base_s=conf.retry_base_s, max_attempts=conf.max_attempts, max_age_s=conf.max_age_s,
+            cap_s=rt.settings.limits().max_countdown_s,
+        )
+    if retryable:
+        age = (utcnow() - datetime.fromisoformat(job.created_at)).total_seconds()
+        why_not = policy.exhausted(attempt, age_s=age) if step is not Step.CALLBACK else None
+        if why_not is None:
+            delay = policy.delay(attempt, retry_after=getattr(error, "retry_after", None))
+            rt.run(steps.note_retry(rt.deps, job_id, step=step, attempt=attempt, error=details, delay_s=delay))
+            log.warning("step.retry_scheduled", attempt=attempt, delay_s=round(delay, 3), error=details)
+            raise task.retry(countdown=delay, exc=cause, max_retries=None)
+        reason = f"{why_not}; last error: {details.get('message')}"
+        return rt.run(
+            steps.dead_letter(
+                rt.deps, job_id, step=step, error_type=details["type"], error=reason,
+                traceback=_format(cause), payload={"args": [job_id, *extra]},
+            )
+        )
+    if isinstance(error, ProviderAuthError):
+        # Credentials are an operator's to fix; the job can be replayed after.
+        return rt.run(
+            steps.dead_letter(
+                rt.deps, job_id, step=step, error_type=details["type"], error=str(error),
+                traceback=_format(cause), payload={"args": [job_id, *extra]},
+            )
+        )
+    assert isinstance(error, ProviderError)
+    return rt.run(steps.fail(rt.deps, job_id, error, step=step, attempt=attempt))
+
+
+def _callback_policy(rt: Runtime) -> RetryPolicy:
+    # The horizon (not a count) ends callback retries: see steps.callback.
+    return RetryPolicy(base_s=2.0, max_attempts=10**6, max_age_s=float("inf"),
+                       cap_s=min(3600.0, rt.settings.limits().max_countdown_s))
+
+
+def _format(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))
+
+
+def _dead_letter_poison(rt: Runtime, task: Task, exc: Exception, args: Any, kwargs: Any) -> None:
+    delivery = task.request.delivery_info or {}
+    dl = DeadLetter(
+        kind="poison", step=task.name, queue=delivery.get("routing_key"),
+        error_type=type(exc).__name__, error=str(exc),
+        payload={"task": task.name, "args": _safe(args), "kwargs": _safe(kwargs)},
+        created_at=isoformat(utcnow()),
+    )
+    rt.run(rt.deps.dead_letters.add(dl))
+    log.error("message.dead_lettered", task=task.name, error=str(exc), dead_letter_id=dl.id)
+
+
+def _safe(value: Any) -> Any:
+    try:
+        import json
+
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+# --- the chain -------------------------------------------------------------------------------
+
+
+@app.task(name="cancelflow.eligibility", base=StepTask, bind=True)
+def eligibility(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Ask the provider whether the subscription can be cancelled."""
+    return run_step(self, Step.ELIGIBILITY, steps.eligibility, args, kwargs)
+
+
+@app.task(name="cancelflow.retention_offer", base=StepTask, bind=True)
+def retention_offer(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Park the job on the provider's retention offer until the customer decides."""
+    return run_step(self, Step.RETENTION_OFFER, steps.retention_offer, args, kwargs)
+
+
+@app.task(name="cancelflow.confirm", base=StepTask, bind=True)
+def confirm(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Make the provider's cancel call."""
+    lease = _runtime().settings.limits().task_time_limit_s
+
+    async def call(deps: steps.Deps, job_id: str, *, attempt: int) -> steps.Next:
+        return await steps.confirm(deps, job_id, attempt=attempt, lease_s=lease)
+
+    return run_step(self, Step.CONFIRM, call, args, kwargs)
+
+
+@app.task(name="cancelflow.callback", base=StepTask, bind=True)
+def callback(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Deliver the job's signed result callback."""
+    return run_step(self, Step.CALLBACK, steps.callback, args, kwargs)
+
+
+@app.task(name="cancelflow.expire_decisions", bind=True, ignore_result=True)
+def expire_decisions(self: Task) -> dict[str, int]:
+    """Apply each provider's default action to parked jobs past their decision deadline."""
+    rt = _runtime()
+    due = rt.run(steps.due_decisions(rt.deps, utcnow()))
+    applied = 0
+    for job_id in due:
+        try:
+            nxt = rt.run(steps.expire_decision(rt.deps, job_id))
+        except steps.DecisionConflict:
+            continue
+        applied += 1
+        if nxt.step is not None:
+            send_step(app, nxt.step, job_id, nxt.provider, *nxt.args)
+    return {"due": len(due), "applied": applied}
