@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Any
 
 from celery import signals
@@ -13,6 +15,8 @@ from cancelflow.settings import load_settings
 settings = load_settings()
 app = create_celery(settings)
 app.conf.include = ["worker.tasks"]
+# Interval schedules only: the state file is a scratch file, one per process.
+app.conf.beat_schedule_filename = os.path.join(tempfile.gettempdir(), f"cancelflow-beat-{os.getpid()}")
 app.conf.beat_schedule = {
     # Jobs parked on a retention offer past their deadline get their default action.
     "expire-decisions": {"task": "cancelflow.expire_decisions", "schedule": 30.0},

@@ -1,0 +1,43 @@
+# Every target sets up its own environment: only Python 3.11+ is needed on the machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BOOT := .cache/uv-venv
+UV := $(BOOT)/bin/uv
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+
+.PHONY: setup demo test test-unit test-integration lint typecheck chaos bench flower up down clean
+
+# uv (pinned, from PyPI) installs exactly what uv.lock says.
+$(UV):
+	$(PYTHON) -m venv $(BOOT)
+	$(BOOT)/bin/pip install -q --disable-pip-version-check "uv==0.13.8"
+
+$(VENV)/.synced: $(UV) pyproject.toml uv.lock
+	$(UV) sync --frozen --python $(PYTHON) --quiet
+	touch $@
+
+setup: $(VENV)/.synced
+
+demo: setup  ## run the system on one machine and show every outcome
+	$(VENV)/bin/cancelflow demo
+
+test: setup  ## unit and integration tests against a real Redis (started if none answers)
+	scripts/with-redis $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-unit: setup
+	$(VENV)/bin/pytest -m "not integration" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+flower: setup  ## Flower against the same broker
+	$(VENV)/bin/celery -A worker.app flower --port=$${FLOWER_PORT:-5555}
+
+clean:
+	rm -rf $(VENV) $(BOOT) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,122 @@
+"""Fixtures: a Redis DB of this session's own, the sandboxes, and a running system."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import fakeredis
+import pytest
+import redis
+
+from producers.local import ProcessGroup, cancelflow_command, free_port, http_ok, redis_answers, wait_until
+from sandboxes.env import provider_env
+from tests.support import Sandbox, System
+
+BASE_REDIS_URL = os.environ.get("CANCELFLOW_REDIS_URL", "redis://127.0.0.1:6379")
+API_TOKEN = "test-token"
+READ_TOKEN = "read-token"
+
+
+def _with_db(url: str, db: int) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, ""))
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis DB no other test session uses at the same time (developers run suites in
+    parallel on one server), flushed before use."""
+    base = _with_db(BASE_REDIS_URL, 0)
+    if not redis_answers(base):
+        pytest.fail(f"no Redis answers at {BASE_REDIS_URL}: run the tests with `make test`, which starts one")
+    admin = redis.Redis.from_url(base)
+    for db in range(1, 16):
+        lock = f"cancelflow:test-db-lock:{db}"
+        if admin.set(lock, os.getpid(), nx=True, ex=3 * 3600):
+            url = _with_db(BASE_REDIS_URL, db)
+            redis.Redis.from_url(url).flushdb()
+            try:
+                yield url
+            finally:
+                redis.Redis.from_url(url).flushdb()
+                admin.delete(lock)
+            return
+    pytest.fail("every Redis DB 1-15 is locked by another test session")
+
+
+@pytest.fixture
+def fake_redis() -> Iterator[fakeredis.FakeAsyncRedis]:
+    """An in-memory async Redis (with Lua) for fast unit tests."""
+    server = fakeredis.FakeServer()
+    yield fakeredis.FakeAsyncRedis(server=server)
+
+
+@pytest.fixture(scope="session")
+def log_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="cancelflow-tests-"))
+
+
+@pytest.fixture(scope="session")
+def sandbox(log_dir: Path) -> Iterator[Sandbox]:
+    """Every provider sandbox, served by ``cancelflow sandbox`` in a subprocess."""
+    port = free_port()
+    procs = ProcessGroup(env={}, log_dir=log_dir)
+    procs.start("sandbox", cancelflow_command("sandbox", "--port", str(port)))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: http_ok(f"{url}/healthz"), timeout_s=20, what="sandbox")
+        yield Sandbox(url)
+    finally:
+        procs.stop_all()
+
+
+def system_env(redis_url: str, sandbox: Sandbox, **extra: str) -> dict[str, str]:
+    return {
+        "CANCELFLOW_REDIS_URL": redis_url,
+        "CANCELFLOW_API_TOKENS": f"{API_TOKEN},{READ_TOKEN}:read",
+        "CANCELFLOW_LOG_FORMAT": "json",
+        "CANCELFLOW_CALLBACKS__ALLOW_HTTP": "true",
+        "CANCELFLOW_CALLBACKS__ALLOWED_HOSTS": "127.0.0.1,localhost",
+        **{k: v for k, v in provider_env(sandbox.url).items()},
+        # Fast retries keep the suite quick; the policy itself is unit-tested.
+        **{f"CANCELFLOW_PROVIDERS__{k}__RETRY_BASE_S": "0.2" for k in ("PAYWAY",)},
+        **extra,
+    }
+
+
+StartSystem = Callable[..., System]
+
+
+@pytest.fixture(scope="session")
+def start_system(redis_url: str, sandbox: Sandbox, log_dir: Path) -> Iterator[StartSystem]:
+    """Start an API and a worker with the given extra settings; all stopped at session end."""
+    groups: list[ProcessGroup] = []
+
+    def start(*, workers: int = 1, concurrency: int = 16, worker_args: tuple[str, ...] = (), db_url: str | None = None, **extra: str) -> System:
+        env = system_env(db_url or redis_url, sandbox, **extra)
+        procs = ProcessGroup(env=env, log_dir=log_dir / f"system-{len(groups)}")
+        groups.append(procs)
+        port = free_port()
+        procs.start("api", cancelflow_command("api", "--port", str(port)))
+        for n in range(workers):
+            name = "worker" if n == 0 else f"worker{n}"
+            procs.start(name, cancelflow_command("worker", "-c", str(concurrency), "-n", f"{name}-{port}@%h", *worker_args))
+        api_url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: http_ok(f"{api_url}/readyz"), timeout_s=30, what="api")
+        return System(api_url=api_url, token=API_TOKEN, sandbox=sandbox, redis_url=db_url or redis_url, procs=procs, env=env)
+
+    try:
+        yield start
+    finally:
+        for g in groups:
+            g.stop_all()
+
+
+@pytest.fixture(scope="session")
+def system(start_system: StartSystem) -> System:
+    """The default running system, shared by the integration tests."""
+    return start_system(worker_args=("--beat",))

@@ -1,0 +1,97 @@
+"""Helpers for tests that drive the real system over HTTP."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+from cancelflow.contract import FINAL_STATUSES
+from producers.local import ProcessGroup
+
+
+def http_json(method: str, url: str, body: Any = None, *, token: str | None = None, raw: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            payload = resp.read()
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        payload = exc.read()
+        status = exc.code
+    try:
+        return status, json.loads(payload) if payload else None
+    except ValueError:
+        return status, payload.decode(errors="replace")
+
+
+@dataclass
+class Sandbox:
+    url: str
+
+    def reset(self, key: str) -> None:
+        status, _ = http_json("POST", f"{self.url}/{key}/_sandbox/reset")
+        assert status == 200, status
+
+    def faults(self, key: str, **faults: Any) -> None:
+        status, body = http_json("PUT", f"{self.url}/{key}/_sandbox/faults", faults)
+        assert status == 200, body
+
+    def state(self, key: str) -> dict[str, Any]:
+        status, body = http_json("GET", f"{self.url}/{key}/_sandbox/state")
+        assert status == 200, body
+        return body  # type: ignore[no-any-return]
+
+    def expire_tokens(self, key: str) -> None:
+        status, body = http_json("POST", f"{self.url}/{key}/_sandbox/expire-tokens")
+        assert status == 200, body
+
+
+@dataclass
+class System:
+    """A running Cancelflow: API and workers as subprocesses, sandboxes, one Redis DB."""
+
+    api_url: str
+    token: str
+    sandbox: Sandbox
+    redis_url: str
+    procs: ProcessGroup
+    env: dict[str, str] = field(default_factory=dict)
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
+        return http_json("POST", f"{self.api_url}{path}", body, token=self.token, **kw)
+
+    def get(self, path: str) -> tuple[int, Any]:
+        return http_json("GET", f"{self.api_url}{path}", token=self.token)
+
+    def enqueue(self, body: dict[str, Any]) -> dict[str, Any]:
+        status, job = self.post("/v1/cancellations", body)
+        assert status == 202, job
+        return job  # type: ignore[no-any-return]
+
+    def wait(self, job_id: str, *, timeout_s: float = 30, until: set[str] | None = None) -> dict[str, Any]:
+        """Poll the job until it reaches a final status (or one of ``until``)."""
+        wanted = until or {s.value for s in FINAL_STATUSES}
+        deadline = time.monotonic() + timeout_s
+        job: Any = None
+        while time.monotonic() < deadline:
+            status, job = self.get(f"/v1/cancellations/{job_id}")
+            assert status == 200, job
+            if job["status"] in wanted and (until or not _callback_pending(job)):
+                return job  # type: ignore[no-any-return]
+            time.sleep(0.05)
+        raise AssertionError(f"job {job_id} still {job and job['status']} after {timeout_s}s:\n{json.dumps(job, indent=1)}\n--- worker log ---\n{self.procs.log_tail('worker')}")
+
+
+def _callback_pending(job: dict[str, Any]) -> bool:
+    # A finished job's result callback is recorded shortly after; wait for it too.
+    return not job.get("callbacks")
