@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import aiohttp
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cancelflow.dead_letters import DeadLetterStore
 from cancelflow.http import CallObserver, ProviderHttp
@@ -15,7 +19,14 @@ from cancelflow.store import JobStore
 
 
 def redis_client(settings: Settings) -> Redis:
-    return Redis.from_url(settings.redis_url, health_check_interval=30)
+    """The async Redis client: a dropped connection (a Redis restart, a failover) is retried
+    with backoff on a fresh connection instead of failing the step."""
+    return Redis.from_url(
+        settings.redis_url,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 6),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
 
 
 def build_providers(

@@ -5,6 +5,7 @@ Used by ``cancelflow demo``, the integration tests and the benchmark.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -78,6 +80,35 @@ def http_ok(url: str) -> bool:
             return 200 <= resp.status < 300
     except OSError:
         return False
+
+
+def http_json(
+    method: str,
+    url: str,
+    body: Any = None,
+    *,
+    token: str | None = None,
+    raw: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout_s: float = 30,
+) -> tuple[int, Any]:
+    """One JSON request with the standard library: (status, decoded body or text)."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method)  # noqa: S310 - caller's URL
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    for key, value in (headers or {}).items():
+        req.add_header(key, value)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:  # noqa: S310
+            payload, status = resp.read(), resp.status
+    except urllib.error.HTTPError as exc:
+        payload, status = exc.read(), exc.code
+    try:
+        return status, json.loads(payload) if payload else None
+    except ValueError:
+        return status, payload.decode(errors="replace")
 
 
 def cancelflow_command(*args: str) -> list[str]:

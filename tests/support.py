@@ -4,34 +4,11 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
 from cancelflow.contract import FINAL_STATUSES
-from producers.local import ProcessGroup
-
-
-def http_json(method: str, url: str, body: Any = None, *, token: str | None = None, raw: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url, data=data, method=method)
-    req.add_header("Content-Type", "application/json")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    for k, v in (headers or {}).items():
-        req.add_header(k, v)
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            payload = resp.read()
-            status = resp.status
-    except urllib.error.HTTPError as exc:
-        payload = exc.read()
-        status = exc.code
-    try:
-        return status, json.loads(payload) if payload else None
-    except ValueError:
-        return status, payload.decode(errors="replace")
+from producers.local import ProcessGroup, http_json
 
 
 @dataclass

@@ -1,0 +1,184 @@
+"""``cancelflow demo``: the whole system on one machine, every outcome in one table.
+
+Starts (or finds) Redis, the sandboxes, a worker with beat and the API; sends a batch of
+cancellations through the API like a backend would; waits for each to end; prints a table
+of job, input, status and outcome with a check against what the sandbox data should give;
+stops everything it started. Exit status 0 when every row is as expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from producers.local import (
+    EmbeddedRedis,
+    ProcessGroup,
+    cancelflow_command,
+    free_port,
+    http_json,
+    http_ok,
+    redis_answers,
+    wait_until,
+)
+
+# Wide enough for full job ids and outcomes when the output is a file or a CI log.
+console = Console(width=None if Console().is_terminal else 220)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of the demo: a sandbox subscription of some kind and the outcome it must get."""
+
+    provider: str
+    kind: str
+    expect: str  # outcome type, or "422" for a request the API must reject
+    extra: dict[str, Any] = field(default_factory=dict)
+    body: dict[str, Any] | None = None  # a literal (bad) request instead of a sandbox reference
+    decision: str | None = None  # for offers: what the customer answers
+    detail: Callable[[dict[str, Any]], str] | None = None
+
+
+PAYWAY_REASON = "5cb80481c00000000000000a"
+PAYWAY_NOT_ELIGIBLE = (
+    "account_not_found",
+    "account_does_not_belong_to_organisation",
+    "no_customer_number",
+    "user_product_not_found",
+    "no_subscription_number",
+    "no_external_service",
+    "not_web_originated",
+)
+
+CASES: list[Case] = [
+    Case("payway", "immediate", "cancelled", {"cancellation_reason_id": PAYWAY_REASON}),
+    Case("payway", "end_of_period", "cancelled", {"cancellation_reason_id": PAYWAY_REASON}),
+    Case("payway", "autogiro", "cancelled", {"cancellation_reason_id": PAYWAY_REASON}),
+    Case("payway", "end_of_period_with_credit", "cancelled", {"cancellation_reason_id": PAYWAY_REASON}),
+    Case("payway", "already_cancelled", "already_cancelled", {"cancellation_reason_id": PAYWAY_REASON}),
+    *(Case("payway", reason, "not_eligible", {"cancellation_reason_id": PAYWAY_REASON}) for reason in PAYWAY_NOT_ELIGIBLE),
+    Case("payway", "bad account id", "422", body={"provider": "payway", "subscription": {"account_id": "not-hex", "user_product_id": "5cb80481b000000000000001", "cancellation_reason_id": PAYWAY_REASON}}),
+    Case("payway", "missing fields", "422", body={"provider": "payway", "subscription": {}}),
+    Case("payway", "unknown provider", "422", body={"provider": "acme", "subscription": {"id": "1"}}),
+]
+
+
+def _outcome_text(job: dict[str, Any]) -> str:
+    outcome = job.get("outcome") or {}
+    parts = [outcome.get("type", "-")]
+    for key in ("cancellation_type", "reason", "offer_identifier"):
+        if outcome.get(key):
+            parts.append(f"{key}={outcome[key]}")
+    if outcome.get("details"):
+        parts.append(json.dumps(outcome["details"], separators=(",", ":")))
+    if outcome.get("error"):
+        parts.append(outcome["error"].get("message", ""))
+    return " ".join(parts)
+
+
+def run_demo(*, keep_logs: bool = False) -> int:
+    log_dir = Path(tempfile.mkdtemp(prefix="cancelflow-demo-"))
+    redis_url = os.environ.get("CANCELFLOW_REDIS_URL", "redis://127.0.0.1:6379/0")
+    embedded: EmbeddedRedis | None = None
+    if redis_answers(redis_url):
+        console.print(f"[bold]Redis[/]: using {redis_url}")
+    else:
+        embedded = EmbeddedRedis().start()
+        redis_url = embedded.url
+        console.print(f"[bold]Redis[/]: none answered; started an embedded one (fakeredis) at {redis_url}")
+    token = secrets.token_urlsafe(24)
+    sandbox_port, api_port = free_port(), free_port()
+    sandbox_url = f"http://127.0.0.1:{sandbox_port}"
+    api_url = f"http://127.0.0.1:{api_port}"
+    from sandboxes.env import provider_env
+
+    env = {
+        "CANCELFLOW_REDIS_URL": redis_url,
+        "CANCELFLOW_API_TOKENS": token,
+        "CANCELFLOW_LOG_FORMAT": "json",
+        "CANCELFLOW_CALLBACKS__ALLOW_HTTP": "true",
+        "CANCELFLOW_CALLBACKS__ALLOWED_HOSTS": "127.0.0.1",
+        **provider_env(sandbox_url),
+    }
+    procs = ProcessGroup(env=env, log_dir=log_dir)
+    try:
+        procs.start("sandbox", cancelflow_command("sandbox", "--port", str(sandbox_port)))
+        wait_until(lambda: http_ok(f"{sandbox_url}/healthz"), timeout_s=30, what="sandbox")
+        procs.start("worker", cancelflow_command("worker", "--beat", "-c", "16"))
+        procs.start("api", cancelflow_command("api", "--port", str(api_port)))
+        wait_until(lambda: http_ok(f"{api_url}/readyz"), timeout_s=30, what="API")
+        console.print(f"[bold]Started[/]: sandboxes {sandbox_url}, API {api_url}, a worker (logs in {log_dir})")
+        ok = _run_cases(sandbox_url, api_url, token)
+    finally:
+        procs.stop_all()
+        if embedded is not None:
+            embedded.stop()
+    if not keep_logs and ok:
+        for f in log_dir.glob("*.log"):
+            f.unlink()
+        log_dir.rmdir()
+    return 0 if ok else 1
+
+
+def _run_cases(sandbox_url: str, api_url: str, token: str) -> bool:
+    rows: list[tuple[Case, int, Any]] = []
+    for case in CASES:
+        if case.body is not None:
+            status, answer = http_json("POST", f"{api_url}/v1/cancellations", case.body, token=token)
+        else:
+            status, created = http_json("POST", f"{sandbox_url}/{case.provider}/_sandbox/subscriptions", {"count": 1, "kind": case.kind})
+            assert status == 200, created
+            subscription = {**created["references"][0], **case.extra}
+            status, answer = http_json(
+                "POST", f"{api_url}/v1/cancellations",
+                {"provider": case.provider, "subscription": subscription, "reason": {"code": "too_expensive", "comment": "demo"},
+                 "idempotency_key": f"demo-{secrets.token_hex(8)}", "metadata": {"demo_case": case.kind}},
+                token=token,
+            )
+        rows.append((case, status, answer))
+    deadline = time.monotonic() + 60
+    finals: dict[int, dict[str, Any]] = {}
+    while time.monotonic() < deadline and len(finals) < sum(1 for _, s, _ in rows if s == 202):
+        for i, (case, status, answer) in enumerate(rows):
+            if status != 202 or i in finals:
+                continue
+            _, job = http_json("GET", f"{api_url}/v1/cancellations/{answer['id']}", token=token)
+            if job["status"] == "awaiting_decision" and case.decision:
+                http_json("POST", f"{api_url}/v1/cancellations/{answer['id']}/decision", {"decision": case.decision}, token=token)
+            elif job["status"] in ("finished", "dead_lettered") and job.get("callbacks"):
+                finals[i] = job
+        time.sleep(0.2)
+
+    table = Table(title="Cancelflow demo: every outcome", show_lines=False)
+    for col in ("#", "provider", "input", "job", "status", "outcome", "callback", "ok"):
+        table.add_column(col)
+    all_ok = True
+    for i, (case, status, answer) in enumerate(rows):
+        if status != 202:
+            fields = ", ".join(e["field"] for e in (answer or {}).get("errors", []))
+            good = case.expect == str(status)
+            table.add_row(str(i + 1), case.provider, case.kind, "-", f"rejected {status}", fields or str(answer), "-", "✓" if good else "✗")
+        else:
+            job = finals.get(i)
+            if job is None:
+                good = False
+                table.add_row(str(i + 1), case.provider, case.kind, answer["id"], "unfinished", "-", "-", "✗")
+            else:
+                outcome = (job.get("outcome") or {}).get("type")
+                good = outcome == case.expect and (case.expect != "not_eligible" or job["outcome"]["reason"] == case.kind)
+                cb = job["callbacks"][-1]
+                table.add_row(str(i + 1), case.provider, case.kind, job["id"], job["status"], _outcome_text(job), cb["result"], "✓" if good else "✗")
+        all_ok &= good
+    console.print(table)
+    console.print("[bold green]every outcome as expected[/]" if all_ok else "[bold red]some outcomes were not as expected[/]")
+    return all_ok
