@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import pytest
+
+from cancelflow.errors import ConfigError
+from cancelflow.settings import Settings, env_name, load_settings
+
+PAYWAY = {
+    "CANCELFLOW_PROVIDERS__PAYWAY__BASE_URL": "https://backend.example.com",
+    "CANCELFLOW_PROVIDERS__PAYWAY__CLIENT_ID": "client",
+    "CANCELFLOW_PROVIDERS__PAYWAY__CLIENT_SECRET": "s3cret-value",
+}
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for key in list(__import__("os").environ):
+        if key.startswith("CANCELFLOW_"):
+            monkeypatch.delenv(key)
+    return monkeypatch
+
+
+def test_reads_nested_provider_settings_and_comma_separated_tokens(env: pytest.MonkeyPatch) -> None:
+    for k, v in PAYWAY.items():
+        env.setenv(k, v)
+    env.setenv("CANCELFLOW_API_TOKENS", "one, two:read")
+    env.setenv("CANCELFLOW_PROVIDERS__PAYWAY__TIMEOUT_S", "2.5")
+    settings = load_settings()
+    assert [t.get_secret_value() for t in settings.api_tokens] == ["one", "two:read"]
+    payway = settings.provider("payway")
+    assert payway.timeout_s == 2.5
+    assert list(settings.enabled_providers()) == ["payway"]
+
+
+def test_a_missing_setting_names_the_variable(env: pytest.MonkeyPatch) -> None:
+    env.setenv("CANCELFLOW_PROVIDERS__PAYWAY__BASE_URL", "https://backend.example.com")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert "CANCELFLOW_PROVIDERS__PAYWAY__CLIENT_ID: Field required" in str(err.value)
+    assert "CANCELFLOW_PROVIDERS__PAYWAY__CLIENT_SECRET" in str(err.value)
+
+
+def test_an_invalid_value_names_the_variable_but_never_echoes_a_secret(env: pytest.MonkeyPatch) -> None:
+    for k, v in PAYWAY.items():
+        env.setenv(k, v)
+    env.setenv("CANCELFLOW_PROVIDERS__PAYWAY__TIMEOUT_S", "soon")
+    env.setenv("CANCELFLOW_PROVIDERS__PAYWAY__CLIENT_SECRET", "x" * 300)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert "CANCELFLOW_PROVIDERS__PAYWAY__TIMEOUT_S" in str(err.value)
+    assert "'soon'" in str(err.value)
+
+
+def test_unknown_provider_is_refused(env: pytest.MonkeyPatch) -> None:
+    env.setenv("CANCELFLOW_PROVIDERS__ACME__BASE_URL", "https://acme.example.com")
+    with pytest.raises(ConfigError, match="CANCELFLOW_PROVIDERS__ACME"):
+        load_settings()
+
+
+def test_secrets_do_not_show_in_repr(env: pytest.MonkeyPatch) -> None:
+    for k, v in PAYWAY.items():
+        env.setenv(k, v)
+    settings = load_settings()
+    assert "s3cret-value" not in repr(settings)
+    assert "s3cret-value" not in str(settings.model_dump())
+
+
+def test_limits_keep_countdowns_and_time_limits_under_the_visibility_timeout() -> None:
+    for vt in (20, 600, 3600, 86400):
+        limits = Settings(worker={"visibility_timeout_s": vt}).limits()
+        assert limits.max_countdown_s + limits.task_time_limit_s <= vt / 2
+        assert limits.task_soft_time_limit_s < limits.task_time_limit_s
+
+
+def test_env_name() -> None:
+    assert env_name(("providers", "payway", "client_id")) == "CANCELFLOW_PROVIDERS__PAYWAY__CLIENT_ID"

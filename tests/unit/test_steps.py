@@ -1,0 +1,117 @@
+"""The steps against fakeredis and the real Payway sandbox (in-process, over HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import fakeredis
+from aiohttp.test_utils import TestServer
+
+from cancelflow import steps
+from cancelflow.contract import CancellationRequest, Status, Step
+from cancelflow.settings import Settings
+from cancelflow.wiring import build_deps
+from sandboxes import payway as payway_sandbox
+from sandboxes.server import PROVIDER_APPS, build_app
+
+Scenario = Callable[[steps.Deps, Any], Awaitable[None]]
+
+
+def run(scenario: Scenario) -> None:
+    async def go() -> None:
+        app = build_app()
+        async with TestServer(app) as server, aiohttp.ClientSession() as session:
+            settings = Settings(
+                providers={"payway": {
+                    "base_url": str(server.make_url("/payway")),
+                    "client_id": payway_sandbox.DEMO_CLIENT_ID,
+                    "client_secret": payway_sandbox.DEMO_CLIENT_SECRET,
+                }}
+            )
+            deps = build_deps(settings, redis=fakeredis.FakeAsyncRedis(), session=session)
+            await scenario(deps, app[PROVIDER_APPS]["payway"][payway_sandbox.PAYWAY_STATE])
+
+    asyncio.run(go())
+
+
+async def enqueue(deps: steps.Deps, kind: str = "end_of_period") -> str:
+    ref = getattr(payway_sandbox.DEMO, kind)
+    req = CancellationRequest(provider="payway", subscription={
+        "account_id": ref.account_id, "user_product_id": ref.user_product_id,
+        "cancellation_reason_id": payway_sandbox.DEMO.reason_id,
+    })
+    created = await deps.store.create(req, identity=steps.REGISTRY["payway"].reference.model_validate(req.subscription).identity())
+    return created.job.id
+
+
+def calls(state: Any) -> dict[str, int]:
+    return dict(state.state()["calls"])
+
+
+def test_the_chain_and_its_next_steps() -> None:
+    async def scenario(deps: steps.Deps, state: Any) -> None:
+        job_id = await enqueue(deps)
+        assert await steps.eligibility(deps, job_id) == steps.Next(Step.CONFIRM, "payway")
+        assert (await deps.store.get(job_id)).status is Status.CONFIRMING
+        nxt = await steps.confirm(deps, job_id, lease_s=30)
+        assert nxt == steps.Next(Step.CALLBACK, "payway", (steps.EVENT_OUTCOME,))
+        job = await deps.store.get(job_id)
+        assert job.status is Status.FINISHED and job.outcome and job.outcome.cancellation_type == "at_end_of_period"
+
+    run(scenario)
+
+
+def test_a_redelivered_step_calls_no_provider_and_resends_what_follows() -> None:
+    async def scenario(deps: steps.Deps, state: Any) -> None:
+        job_id = await enqueue(deps)
+        await steps.eligibility(deps, job_id)
+        before = calls(state)
+        # The eligibility message delivered again (the worker died before acknowledging).
+        assert await steps.eligibility(deps, job_id) == steps.Next(Step.CONFIRM, "payway")
+        assert calls(state) == before
+        await steps.confirm(deps, job_id, lease_s=30)
+        before = calls(state)
+        # Confirm delivered again after the job finished: no second cancel call.
+        assert await steps.confirm(deps, job_id, lease_s=30) == steps.Next(Step.CALLBACK, "payway", (steps.EVENT_OUTCOME,))
+        assert calls(state) == before
+        assert state.state()["effective_cancels"] == {payway_sandbox.DEMO.end_of_period.user_product_id: 1}
+
+    run(scenario)
+
+
+def test_two_deliveries_of_confirm_at_once_make_one_cancel_call() -> None:
+    async def scenario(deps: steps.Deps, state: Any) -> None:
+        job_id = await enqueue(deps, "immediate")
+        await steps.eligibility(deps, job_id)
+        results = await asyncio.gather(*(steps.confirm(deps, job_id, lease_s=30) for _ in range(5)))
+        assert calls(state).get("cancel_subscription") == 1
+        assert sum(r.step is Step.CALLBACK for r in results) >= 1
+
+    run(scenario)
+
+
+def test_not_eligible_finishes_at_eligibility() -> None:
+    async def scenario(deps: steps.Deps, state: Any) -> None:
+        job_id = await enqueue(deps, "not_web_originated")
+        assert (await steps.eligibility(deps, job_id)).step is Step.CALLBACK
+        job = await deps.store.get(job_id)
+        assert job.outcome and (job.outcome.type.value, job.outcome.reason) == ("not_eligible", "not_web_originated")
+        assert "cancel_subscription" not in calls(state)
+
+    run(scenario)
+
+
+def test_callback_without_url_is_recorded_as_skipped_once() -> None:
+    async def scenario(deps: steps.Deps, state: Any) -> None:
+        job_id = await enqueue(deps, "already_cancelled")
+        await steps.eligibility(deps, job_id)
+        await steps.callback(deps, job_id, steps.EVENT_OUTCOME)
+        await steps.callback(deps, job_id, steps.EVENT_OUTCOME)
+        job = await deps.store.get(job_id)
+        assert [c.result for c in job.callbacks] == ["skipped"]
+        assert job.callbacks[0].event_type == "cancellation.succeeded"
+
+    run(scenario)

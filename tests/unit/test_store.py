@@ -1,0 +1,132 @@
+"""The job store on fakeredis (with Lua): atomic, forward-only, idempotent."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import fakeredis
+import pytest
+
+from cancelflow.contract import CancellationRequest, Outcome, OutcomeType, Status, TimelineEntry
+from cancelflow.store import IdempotencyConflict, JobStore, inflight_key
+
+
+def store(redis: fakeredis.FakeAsyncRedis) -> JobStore:
+    return JobStore(redis, retention_s=3600, idempotency_ttl_s=86400)
+
+
+def request(**extra: Any) -> CancellationRequest:
+    return CancellationRequest(provider="payway", subscription={"account_id": "a" * 24}, **extra)
+
+
+def entry(event: str) -> TimelineEntry:
+    return TimelineEntry(at="2026-01-01T00:00:00Z", step="test", event=event)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_create_then_get(fake_redis: fakeredis.FakeAsyncRedis) -> None:
+    async def go() -> None:
+        s = store(fake_redis)
+        created = await s.create(request(metadata={"k": 1}), identity="sub-1")
+        assert created.how == "created"
+        job = await s.get(created.job.id)
+        assert job.status is Status.QUEUED
+        assert job.metadata == {"k": 1}
+        assert [e.event for e in job.timeline] == ["queued"]
+
+    run(go())
+
+
+def test_idempotency_same_body_same_job_other_body_conflict(fake_redis: fakeredis.FakeAsyncRedis) -> None:
+    async def go() -> None:
+        s = store(fake_redis)
+        first = await s.create(request(idempotency_key="k1"), identity="sub-1")
+        again = await s.create(request(idempotency_key="k1"), identity="sub-1")
+        assert (again.how, again.job.id) == ("existing", first.job.id)
+        with pytest.raises(IdempotencyConflict) as err:
+            await s.create(request(idempotency_key="k1", metadata={"x": 1}), identity="sub-1")
+        assert err.value.job_id == first.job.id
+        ttl = await fake_redis.ttl(f"cf:idem:{__import__('hashlib').sha256(b'k1').hexdigest()}")
+        assert 86000 < ttl <= 86400
+
+    run(go())
+
+
+def test_second_request_for_a_subscription_in_flight_joins_until_it_ends(fake_redis: fakeredis.FakeAsyncRedis) -> None:
+    async def go() -> None:
+        s = store(fake_redis)
+        first = await s.create(request(), identity="sub-1")
+        joined = await s.create(request(metadata={"second": True}), identity="sub-1")
+        assert (joined.how, joined.job.id) == ("joined", first.job.id)
+        other = await s.create(request(), identity="sub-2")
+        assert other.how == "created"
+        job = first.job
+        await s.transition(job, Status.CHECKING)
+        await s.transition(job, Status.FINISHED, identity="sub-1", outcome=Outcome(type=OutcomeType.CANCELLED))
+        assert not await fake_redis.exists(inflight_key("payway", "sub-1"))
+        fresh = await s.create(request(), identity="sub-1")
+        assert fresh.how == "created" and fresh.job.id != first.job.id
+
+    run(go())
+
+
+def test_transitions_only_move_forward(fake_redis: fakeredis.FakeAsyncRedis) -> None:
+    async def go() -> None:
+        s = store(fake_redis)
+        job = (await s.create(request(), identity="sub-1")).job
+        assert (await s.transition(job, Status.CHECKING)).applied
+        assert (await s.transition(job, Status.CONFIRMING)).applied
+        # A late, duplicate eligibility task cannot move the job back.
+        late = await s.transition(job, Status.CHECKING, entry=entry("late"))
+        assert not late.applied and late.previous is Status.CONFIRMING
+        done = await s.transition(job, Status.FINISHED, outcome=Outcome(type=OutcomeType.CANCELLED), identity="sub-1")
+        assert done.applied
+        for to in (Status.CHECKING, Status.CONFIRMING, Status.AWAITING_DECISION, Status.FINISHED, Status.DEAD_LETTERED):
+            assert not (await s.transition(job, to)).applied
+        record = await s.get(job.id)
+        assert record.status is Status.FINISHED
+        assert record.outcome is not None and record.outcome.type is OutcomeType.CANCELLED
+        assert "late" not in [e.event for e in record.timeline]
+
+    run(go())
+
+
+def test_finished_records_expire_after_the_retention(fake_redis: fakeredis.FakeAsyncRedis) -> None:
+    async def go() -> None:
+        s = store(fake_redis)
+        job = (await s.create(request(), identity="sub-1")).job
+        assert await fake_redis.ttl(f"cf:job:{job.id}") == -1
+        await s.transition(job, Status.CHECKING)
+        await s.transition(job, Status.FINISHED, outcome=Outcome(type=OutcomeType.NOT_FOUND))
+        assert 3500 < await fake_redis.ttl(f"cf:job:{job.id}") <= 3600
+        assert 3500 < await fake_redis.ttl(f"cf:job:{job.id}:timeline") <= 3600
+
+    run(go())
+
+
+def test_replay_only_from_dead_lettered(fake_redis: fakeredis.FakeAsyncRedis) -> None:
+    async def go() -> None:
+        s = store(fake_redis)
+        job = (await s.create(request(), identity="sub-1")).job
+        assert not (await s.replay(job.id, Status.QUEUED, entry("replayed"))).applied
+        await s.transition(job, Status.DEAD_LETTERED)
+        assert (await s.replay(job.id, Status.QUEUED, entry("replayed"))).applied
+        assert not (await s.replay(job.id, Status.QUEUED, entry("replayed"))).applied
+        assert (await s.get(job.id)).status is Status.QUEUED
+
+    run(go())
+
+
+def test_concurrent_transitions_apply_once(fake_redis: fakeredis.FakeAsyncRedis) -> None:
+    async def go() -> None:
+        s = store(fake_redis)
+        job = (await s.create(request(), identity="sub-1")).job
+        await s.transition(job, Status.CHECKING)
+        results = await asyncio.gather(*(s.transition(job, Status.AWAITING_DECISION) for _ in range(20)))
+        assert sum(r.applied for r in results) == 1
+
+    run(go())
