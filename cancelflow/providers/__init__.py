@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from cancelflow.providers import payway
+from cancelflow.providers import appdirect, axelspringer, azotte, payway
 from cancelflow.providers.base import ProviderSpec
 
 REGISTRY: dict[str, ProviderSpec] = {
     spec.key: spec
     for spec in (
         payway.SPEC,
+        azotte.SPEC,
+        appdirect.SPEC,
+        axelspringer.SPEC,
     )
 }
