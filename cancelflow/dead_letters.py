@@ -12,12 +12,14 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from cancelflow.contract import isoformat, utcnow
 
 INDEX = "cf:dl:index"
-Kind = Literal["job", "callback", "poison"]
+# "billing_event": a billing event that could not become a job (see producers/billing.py).
+Kind = Literal["job", "callback", "poison", "billing_event"]
 
 
 def _key(dl_id: str) -> str:
@@ -67,6 +69,15 @@ class DeadLetterStore:
             pipe.set(_key(dl.id), dl.model_dump_json())
             pipe.zadd(INDEX, {dl.id: utcnow().timestamp()})
             await pipe.execute()
+        return dl
+
+    @staticmethod
+    def add_sync(client: SyncRedis, dl: DeadLetter) -> DeadLetter:
+        """``add`` for synchronous callers (the broker transport has no event loop)."""
+        with client.pipeline(transaction=True) as pipe:
+            pipe.set(_key(dl.id), dl.model_dump_json())
+            pipe.zadd(INDEX, {dl.id: utcnow().timestamp()})
+            pipe.execute()
         return dl
 
     async def get(self, dl_id: str) -> DeadLetter | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +13,8 @@ import fakeredis
 import pytest
 import redis
 
+from cancelflow.messaging import create_celery
+from cancelflow.settings import Settings
 from producers.local import ProcessGroup, cancelflow_command, free_port, http_ok, redis_answers, wait_until
 from sandboxes.env import provider_env
 from tests.support import Sandbox, System
@@ -83,9 +86,21 @@ def system_env(redis_url: str, sandbox: Sandbox, **extra: str) -> dict[str, str]
         "CANCELFLOW_CALLBACKS__ALLOWED_HOSTS": "127.0.0.1,localhost",
         **{k: v for k, v in provider_env(sandbox.url).items()},
         # Fast retries keep the suite quick; the policy itself is unit-tested.
-        **{f"CANCELFLOW_PROVIDERS__{k}__RETRY_BASE_S": "0.2" for k in ("PAYWAY",)},
+        **{f"CANCELFLOW_PROVIDERS__{k}__RETRY_BASE_S": "0.2" for k in ("PAYWAY", "AZOTTE", "APPDIRECT", "AXELSPRINGER")},
         **extra,
     }
+
+
+def wait_for_workers(redis_url: str, hostnames: list[str], timeout_s: float = 60) -> None:
+    """Until every worker answers a control ping (its queues are declared and consumed)."""
+    app = create_celery(Settings(redis_url=redis_url))
+    try:
+        wait_until(
+            lambda: len(app.control.ping(destination=hostnames, timeout=0.5)) == len(hostnames),
+            timeout_s=timeout_s, what=f"workers {hostnames}", interval_s=0.2,
+        )
+    finally:
+        app.close()
 
 
 StartSystem = Callable[..., System]
@@ -102,11 +117,14 @@ def start_system(redis_url: str, sandbox: Sandbox, log_dir: Path) -> Iterator[St
         groups.append(procs)
         port = free_port()
         procs.start("api", cancelflow_command("api", "--port", str(port)))
+        hostnames = []
         for n in range(workers):
             name = "worker" if n == 0 else f"worker{n}"
-            procs.start(name, cancelflow_command("worker", "-c", str(concurrency), "-n", f"{name}-{port}@%h", *worker_args))
+            hostnames.append(f"{name}-{port}@{socket.gethostname()}")
+            procs.start(name, cancelflow_command("worker", "-c", str(concurrency), "-n", hostnames[-1], *worker_args))
         api_url = f"http://127.0.0.1:{port}"
         wait_until(lambda: http_ok(f"{api_url}/readyz"), timeout_s=30, what="api")
+        wait_for_workers(db_url or redis_url, hostnames)
         return System(api_url=api_url, token=API_TOKEN, sandbox=sandbox, redis_url=db_url or redis_url, procs=procs, env=env)
 
     try:

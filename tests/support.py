@@ -44,6 +44,10 @@ class System:
     procs: ProcessGroup
     env: dict[str, str] = field(default_factory=dict)
 
+    def env_providers(self) -> set[str]:
+        """Keys of the providers this system is configured with."""
+        return {k.split("__")[1].lower() for k in self.env if k.startswith("CANCELFLOW_PROVIDERS__") and k.endswith("__BASE_URL")}
+
     def post(self, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
         return http_json("POST", f"{self.api_url}{path}", body, token=self.token, **kw)
 

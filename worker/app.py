@@ -15,6 +15,8 @@ from cancelflow.settings import load_settings
 settings = load_settings()
 app = create_celery(settings)
 app.conf.include = ["worker.tasks"]
+app.conf.worker_consumer = "worker.consumer:Consumer"
+app.conf.broker_transport = "worker.transport:Transport"
 # Interval schedules only: the state file is a scratch file, one per process.
 app.conf.beat_schedule_filename = os.path.join(tempfile.gettempdir(), f"cancelflow-beat-{os.getpid()}")
 app.conf.beat_schedule = {
