@@ -36,8 +36,14 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
-flower: setup  ## Flower against the same broker
-	$(VENV)/bin/celery -A worker.app flower --port=$${FLOWER_PORT:-5555}
+flower: setup  ## Flower against the same broker (CANCELFLOW_REDIS_URL)
+	$(VENV)/bin/celery -A worker.app flower --address=127.0.0.1 --port=$${FLOWER_PORT:-5555}
+
+up:  ## the whole system in containers, providers played by the sandboxes (docker-compose.yml)
+	docker compose up -d --build
+
+down:  ## stop it (Redis keeps its data in the redis-data volume)
+	docker compose down
 
 clean:
 	rm -rf $(VENV) $(BOOT) .pytest_cache .mypy_cache .ruff_cache

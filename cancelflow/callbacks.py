@@ -1,13 +1,18 @@
 """Result callbacks: the event schema, Stripe-style signatures, URL safety, and delivery.
 
-Schema version 1 (``docs/callbacks.md``)::
+Schema version 1 (``docs/callbacks.md``, ``docs/callback-event.schema.json``)::
 
     {"id": "evt_…", "type": "cancellation.succeeded", "schema_version": 1,
      "created_at": "…Z", "data": {"job_id", "provider", "subscription", "status",
-     "outcome", "offer", "idempotency_key", "metadata"}}
+     "outcome", "offer", "error", "idempotency_key", "metadata"}}
 
 Header: ``Cancelflow-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<body>">``, one ``v1``
-per valid secret while a secret is being rotated.
+per valid secret while a secret is being rotated (``producers.signatures`` verifies it).
+
+URL safety is checked twice: ``check_url`` before a delivery, and ``PolicyResolver`` (the
+resolver of the callbacks session, ``open_session``) on the addresses actually connected to,
+so a name that resolves to a public address for the check and to an internal one for the
+connection (DNS rebinding) is refused too.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 
-from cancelflow.contract import JobRecord, OutcomeType, Status, isoformat, utcnow
+from cancelflow.contract import JobRecord, OutcomeType, Status
 from cancelflow.errors import CancelflowError
 from cancelflow.http import parse_retry_after
+from cancelflow.settings import CallbackSettings
 
 SCHEMA_VERSION = 1
 SIGNATURE_HEADER = "Cancelflow-Signature"
@@ -51,22 +59,37 @@ EVENT_TYPES = (*dict.fromkeys(EVENT_BY_OUTCOME.values()), OFFER_PRESENTED, DEAD_
 class CallbackRetryable(CancelflowError):
     """The receiver may take it later (connection error, timeout, 408, 429, 5xx)."""
 
-    def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        elapsed_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+        self.elapsed_s = elapsed_s
 
 
 class CallbackRejected(CancelflowError):
     """The receiver refused it for good (another 4xx, a redirect): no retry."""
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, elapsed_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.elapsed_s = elapsed_s
 
 
 class UnsafeCallbackUrl(CancelflowError):
     """The URL is not https, or points at a private, loopback or link-local address."""
+
+
+class CallbackMisconfigured(CancelflowError):
+    """Nothing can be delivered until an operator fixes settings (no secret, no such hook)."""
 
 
 def event_type(job: JobRecord, event: str) -> str | None:
@@ -90,12 +113,31 @@ def event_id(job: JobRecord, etype: str) -> str:
     return f"evt_{digest[:32]}"
 
 
+# The timeline entry each event reports: its time is the event's ``created_at``.
+_OCCURRED = {OFFER_PRESENTED: frozenset({"awaiting_decision"})}
+_ENDED = frozenset({"finished", "dead_lettered"})
+
+
+def _occurred_at(job: JobRecord, etype: str) -> str:
+    # When the thing happened, not when this attempt runs: every retry of an event sends
+    # the same body, so a receiver can order events and compare redeliveries byte for byte.
+    wanted = _OCCURRED.get(etype, _ENDED)
+    return next((e.at for e in reversed(job.timeline) if e.event in wanted), job.updated_at)
+
+
+def _dead_letter_error(job: JobRecord) -> dict[str, Any] | None:
+    if job.status is not Status.DEAD_LETTERED:
+        return None
+    return next((e.error for e in reversed(job.timeline) if e.event == "dead_lettered"), None)
+
+
 def build_event(job: JobRecord, etype: str) -> dict[str, Any]:
+    """The event body (schema version 1): what happened, and the job as it is now."""
     return {
         "id": event_id(job, etype),
         "type": etype,
         "schema_version": SCHEMA_VERSION,
-        "created_at": isoformat(utcnow()),
+        "created_at": _occurred_at(job, etype),
         "data": {
             "job_id": job.id,
             "provider": job.provider,
@@ -103,10 +145,16 @@ def build_event(job: JobRecord, etype: str) -> dict[str, Any]:
             "status": job.status.value,
             "outcome": job.outcome.model_dump(mode="json") if job.outcome else None,
             "offer": job.offer.model_dump(mode="json") if job.offer else None,
+            "error": _dead_letter_error(job),
             "idempotency_key": job.idempotency_key,
             "metadata": job.metadata,
         },
     }
+
+
+def encode(event: dict[str, Any]) -> bytes:
+    """The exact bytes sent and signed: compact JSON with sorted keys."""
+    return json.dumps(event, separators=(",", ":"), sort_keys=True).encode()
 
 
 def sign(body: bytes, secrets: Sequence[str], *, timestamp: int | None = None) -> str:
@@ -120,7 +168,7 @@ def sign(body: bytes, secrets: Sequence[str], *, timestamp: int | None = None) -
 
 
 def _host_allowed(host: str, allowed_hosts: Iterable[str]) -> bool:
-    return host.lower() in {h.lower() for h in allowed_hosts}
+    return host.lower().rstrip(".") in {h.lower().rstrip(".") for h in allowed_hosts}
 
 
 def _address_public(address: str) -> bool:
@@ -137,27 +185,84 @@ def _address_public(address: str) -> bool:
     )
 
 
+def _refuse(host: str, address: str) -> UnsafeCallbackUrl:
+    return UnsafeCallbackUrl(
+        f"callback host {host} resolves to {address}, a private, loopback or link-local "
+        "address; allow-list it in CANCELFLOW_CALLBACKS__ALLOWED_HOSTS if intended"
+    )
+
+
+def check_addresses(host: str, addresses: Iterable[str], allowed_hosts: Sequence[str]) -> None:
+    """Refuse ``host`` if any of its addresses is not public, unless it is allow-listed
+    (by name, or each such address by itself)."""
+    if _host_allowed(host, allowed_hosts):
+        return
+    for address in addresses:
+        if not _address_public(address) and not _host_allowed(address, allowed_hosts):
+            raise _refuse(host, address)
+
+
 async def check_url(url: str, *, allow_http: bool, allowed_hosts: Sequence[str]) -> None:
     """Refuse URLs a producer could use to aim the worker at internal services."""
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise UnsafeCallbackUrl(f"callback URL must be an absolute https URL: {url!r}")
     if parts.scheme == "http" and not allow_http:
-        raise UnsafeCallbackUrl("callback URL must use https (set CANCELFLOW_CALLBACKS__ALLOW_HTTP for local use)")
+        raise UnsafeCallbackUrl(
+            "callback URL must use https (set CANCELFLOW_CALLBACKS__ALLOW_HTTP for local use)"
+        )
     host = parts.hostname
     if _host_allowed(host, allowed_hosts):
         return
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, parts.port or 443, type=socket.SOCK_STREAM
+        )
     except OSError as exc:
         raise CallbackRetryable(f"cannot resolve {host}: {exc}") from exc
-    addresses = {str(info[4][0]) for info in infos}
-    for address in addresses:
-        if not _address_public(address) and not _host_allowed(address, allowed_hosts):
-            raise UnsafeCallbackUrl(
-                f"callback host {host} resolves to {address}, a private, loopback or link-local "
-                "address; allow-list it in CANCELFLOW_CALLBACKS__ALLOWED_HOSTS if intended"
-            )
+    check_addresses(host, {str(info[4][0]) for info in infos}, allowed_hosts)
+
+
+class PolicyResolver(AbstractResolver):
+    """aiohttp's resolver, refusing the addresses ``check_url`` refuses.
+
+    The callbacks session connects only to addresses this returned, so the address
+    connected to is the address checked, whatever the name resolves to by then. (IP
+    literals do not go through a resolver; ``check_url`` has checked them, and they cannot
+    change.) Raises ``UnsafeCallbackUrl``, which aiohttp lets through unwrapped.
+    """
+
+    def __init__(
+        self, *, allowed_hosts: Sequence[str], resolver: AbstractResolver | None = None
+    ) -> None:
+        self._allowed = tuple(allowed_hosts)
+        self._resolver = resolver or DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._resolver.resolve(host, port, family)
+        check_addresses(host, [r["host"] for r in results], self._allowed)
+        return results
+
+    async def close(self) -> None:
+        await self._resolver.close()
+
+
+def open_session(
+    settings: CallbackSettings, *, resolver: AbstractResolver | None = None
+) -> aiohttp.ClientSession:
+    """The HTTP session for callbacks (one per worker, apart from the providers' session):
+    every connection it opens passes the URL policy. Call it in the loop that will use it."""
+    connector = aiohttp.TCPConnector(
+        resolver=PolicyResolver(allowed_hosts=settings.allowed_hosts, resolver=resolver),
+        limit=200,
+        limit_per_host=20,
+        ttl_dns_cache=60,
+    )
+    # trust_env stays False: a proxy from the environment would connect on our behalf,
+    # to addresses this resolver never sees.
+    return aiohttp.ClientSession(connector=connector, trust_env=False)
 
 
 async def deliver(
@@ -168,8 +273,9 @@ async def deliver(
     secrets: Sequence[str],
     timeout_s: float,
 ) -> tuple[int, float]:
-    """POST one signed event; returns (status, seconds) on 2xx, raises otherwise."""
-    body = json.dumps(event, separators=(",", ":"), sort_keys=True).encode()
+    """POST one signed event; returns (status, seconds) on 2xx, raises otherwise
+    (``CallbackRetryable``, ``CallbackRejected``, or ``UnsafeCallbackUrl`` from the resolver)."""
+    body = encode(event)
     headers = {
         "Content-Type": "application/json",
         "User-Agent": "Cancelflow-Callbacks/1",
@@ -190,12 +296,22 @@ async def deliver(
             status = resp.status
             retry_after = resp.headers.get("Retry-After")
     except TimeoutError as exc:
-        raise CallbackRetryable(f"no answer within {timeout_s}s") from exc
+        raise CallbackRetryable(
+            f"no answer within {timeout_s}s", elapsed_s=time.perf_counter() - started
+        ) from exc
     except (aiohttp.ClientError, OSError) as exc:
-        raise CallbackRetryable(f"connection failed: {type(exc).__name__}: {exc}") from exc
+        raise CallbackRetryable(
+            f"connection failed: {type(exc).__name__}: {exc}",
+            elapsed_s=time.perf_counter() - started,
+        ) from exc
     elapsed = time.perf_counter() - started
     if 200 <= status < 300:
         return status, elapsed
     if status in (408, 429) or status >= 500:
-        raise CallbackRetryable(f"receiver answered {status}", status=status, retry_after=parse_retry_after(retry_after))
-    raise CallbackRejected(f"receiver answered {status}", status=status)
+        raise CallbackRetryable(
+            f"receiver answered {status}",
+            status=status,
+            retry_after=parse_retry_after(retry_after),
+            elapsed_s=elapsed,
+        )
+    raise CallbackRejected(f"receiver answered {status}", status=status, elapsed_s=elapsed)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, create_model
@@ -47,13 +49,48 @@ class CallbackSettings(BaseModel):
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     timeout_s: float = Field(default=5.0, gt=0, le=60)
     horizon_s: float = Field(default=3 * DAY, gt=0)
+    # Modules that register in-process result hooks (cancelflow.hooks), imported by workers.
+    hook_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
-    @field_validator("allowed_hosts", mode="before")
+    @field_validator("allowed_hosts", "hook_modules", mode="before")
     @classmethod
     def _split_hosts(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [h.strip() for h in value.split(",") if h.strip()]
         return value
+
+
+class ApiSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Per token, held in Redis so every API process counts against the same limit.
+    rate_limit_per_s: float = Field(default=100.0, gt=0)
+    rate_limit_burst: int = Field(default=200, ge=1)
+    # Larger request bodies are refused with 413 before they are read whole.
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+
+
+class BillingSettings(BaseModel):
+    """Billing events: a Redis Stream read as a consumer group, and ``POST /v1/billing-events``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stream: str = Field(default="cf:billing:events", min_length=1)
+    group: str = Field(default="cancelflow-billing", min_length=1)
+    # Stable across restarts by default, so a restarted consumer re-reads its own pending
+    # entries at once instead of waiting for another to claim them.
+    consumer: str = Field(default_factory=socket.gethostname, min_length=1)
+    # A pending entry idle this long belongs to a dead consumer: another one claims it.
+    claim_idle_s: float = Field(default=60.0, gt=0)
+    # An entry delivered this many times without being acknowledged is dead-lettered.
+    max_deliveries: int = Field(default=5, ge=1)
+    batch_size: int = Field(default=50, ge=1, le=1000)
+    block_s: float = Field(default=2.0, gt=0)
+    rules_path: Path | None = None
+    # HTTP events are signed like our callbacks; the previous secret is accepted while rotating.
+    secret: SecretStr | None = None
+    secret_previous: SecretStr | None = None
+    signature_tolerance_s: int = Field(default=300, ge=1)
 
 
 class Settings(BaseSettings):
@@ -72,6 +109,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     callbacks: CallbackSettings = Field(default_factory=CallbackSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    billing: BillingSettings = Field(default_factory=BillingSettings)
 
     @field_validator("api_tokens", mode="before")
     @classmethod

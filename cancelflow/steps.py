@@ -11,6 +11,8 @@ back the step the job's status calls for, so a message lost between "moved the j
 
 from __future__ import annotations
 
+import asyncio
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 import aiohttp
 import structlog
 
-from cancelflow import callbacks
+from cancelflow import callbacks, hooks
 from cancelflow.contract import (
     CallbackAttempt,
     Decision,
@@ -68,7 +70,10 @@ class Deps:
     dead_letters: DeadLetterStore
     providers: dict[str, Provider]
     session: aiohttp.ClientSession | None = None
-    hooks: dict[str, list[Any]] = field(default_factory=dict)
+    # Callbacks have their own session: its resolver refuses internal addresses.
+    callback_session: aiohttp.ClientSession | None = None
+    # In-process result hooks by provider ("*": every provider), see cancelflow.hooks.
+    hooks: dict[str, list[hooks.Hook]] = field(default_factory=dict)
 
 
 class DecisionConflict(CancelflowError):
@@ -363,76 +368,184 @@ class CallbackGiveUp(CancelflowError):
     """A callback was refused for good or its retry horizon has passed."""
 
 
+# A job's callback targets: its callback URL, and each of its provider's hooks
+# ("hook:<name>", see cancelflow.hooks). Attempts are recorded per target.
+WEBHOOK = "webhook"
+# A target whose last attempt ended so is never sent the event again.
+_DONE = frozenset({"delivered", "skipped"})
+
+
+def _target(attempt: CallbackAttempt) -> str:
+    url = attempt.url or ""
+    return url if url.startswith(hooks.TARGET_PREFIX) else WEBHOOK
+
+
+def _history(job: JobRecord, eid: str, target: str) -> list[CallbackAttempt]:
+    return [c for c in job.callbacks if c.event_id == eid and _target(c) == target]
+
+
+def _since_dead_letter(history: list[CallbackAttempt]) -> list[CallbackAttempt]:
+    # A replay starts a new horizon: only attempts after the last dead letter count.
+    last = max((i for i, c in enumerate(history) if c.result == "dead_lettered"), default=-1)
+    return history[last + 1 :]
+
+
+def _pending(job: JobRecord, eid: str, target: str, *, replay: bool) -> bool:
+    history = _history(job, eid, target)
+    if any(c.result in _DONE for c in history):
+        return False  # a redelivered or retried message: this target already has the event
+    # A dead-lettered target waits for an operator's replay (a message scoped to it).
+    return replay or not history or history[-1].result != "dead_lettered"
+
+
+def _webhook_url(deps: Deps, job: JobRecord) -> str | None:
+    conf = deps.settings.provider(job.provider)
+    return job.callback_url or (str(conf.callback_url) if conf.callback_url else None)
+
+
 async def callback(deps: Deps, job_id: str, event: str, *, attempt: int = 0) -> Next:
-    """Deliver the job's result (or offer) event to its callback URL, signed."""
+    """Deliver the job's result (or offer) event to its callback URL, signed, and to its
+    provider's in-process hooks.
+
+    ``event`` is "outcome" or "offer_presented", or one of them scoped to one target
+    ("outcome@webhook", "outcome@hook:<name>") as a replayed dead letter sends it. Targets
+    are independent: one that has the event is not sent it again, one that gives up (unsafe
+    URL, a 4xx, the horizon passed) is dead-lettered alone, and while any other may still
+    succeed ``CallbackRetryable`` is raised so the task retries those with backoff.
+    """
+    kind, _, only = event.partition("@")
     job = await _load(deps, job_id)
-    etype = callbacks.event_type(job, event)
+    etype = callbacks.event_type(job, kind)
     if etype is None:
         return Next.done()
-    eid = callbacks.event_id(job, etype)
-    previous = [c for c in job.callbacks if c.event_id == eid]
-    if any(c.result in ("delivered", "skipped", "refused") for c in previous):
-        return Next.done()  # a redelivered message: the event already reached its end
-    settings = deps.settings.provider(job.provider)
-    url = job.callback_url or (str(settings.callback_url) if settings.callback_url else None)
-
-    async def note(result: str, **kw: Any) -> None:
-        await deps.store.add_callback_attempt(
-            job_id,
-            CallbackAttempt(at=isoformat(utcnow()), event_id=eid, event_type=etype, url=url,
-                            attempt=attempt, result=result, **kw),  # type: ignore[arg-type]
-        )
-
-    if url is None:
-        await note("skipped", error="no callback URL for the job or its provider")
-        return Next.done()
-    secrets = [s.get_secret_value() for s in (settings.callback_secret, settings.callback_secret_previous) if s]
-    if not secrets:
-        await note("refused", error="provider has no callback secret: callbacks are always signed")
-        return Next.done()
-    cb = deps.settings.callbacks
-    try:
-        await callbacks.check_url(url, allow_http=cb.allow_http, allowed_hosts=cb.allowed_hosts)
-    except callbacks.UnsafeCallbackUrl as exc:
-        await note("refused", error=str(exc))
-        return Next.done()
-    assert deps.session is not None
-    try:
-        status, elapsed = await callbacks.deliver(
-            deps.session, url, callbacks.build_event(job, etype), secrets=secrets, timeout_s=cb.timeout_s
-        )
-    except callbacks.CallbackRetryable as exc:
-        await note("failed", http_status=exc.status, error=str(exc))
-        first = min((c.at for c in previous), default=None)
-        age = (utcnow() - datetime.fromisoformat(first)).total_seconds() if first else 0.0
-        if age >= cb.horizon_s:
-            raise CallbackGiveUp(f"no delivery within the {cb.horizon_s:g}s horizon: {exc}") from exc
-        raise
-    except callbacks.CallbackRejected as exc:
-        await note("failed", http_status=exc.status, error=str(exc))
-        raise CallbackGiveUp(str(exc)) from exc
-    await note("delivered", http_status=status, latency_ms=round(elapsed * 1000, 1))
-    log.info("callback.delivered", event_type=etype, event_id=eid, http_status=status)
+    body = callbacks.build_event(job, etype)
+    if only:
+        targets = [only]
+    else:
+        provider_hooks = hooks.for_provider(deps.hooks, job.provider)
+        targets = [WEBHOOK, *(h.target for h in provider_hooks)]
+    pending = [t for t in targets if _pending(job, body["id"], t, replay=bool(only))]
+    # Concurrently: a slow or failing target never holds up another.
+    results = await asyncio.gather(*(_deliver(deps, job, kind, body, t, attempt) for t in pending))
+    retry = [r for r in results if r is not None]
+    if retry:
+        raise max(retry, key=lambda exc: exc.retry_after or 0.0)
     return Next.done()
 
 
+async def _deliver(
+    deps: Deps, job: JobRecord, kind: str, body: dict[str, Any], target: str, attempt: int
+) -> callbacks.CallbackRetryable | None:
+    """One attempt at one target, recorded on the job; the error to retry on, if any."""
+    eid, etype = body["id"], body["type"]
+    url = _webhook_url(deps, job) if target == WEBHOOK else target
+    fields = {"target": target, "event_type": etype, "event_id": eid}
+
+    async def note(result: str, elapsed_s: float | None = None, **kw: Any) -> None:
+        latency = round(elapsed_s * 1000, 1) if elapsed_s is not None else None
+        await deps.store.add_callback_attempt(
+            job.id,
+            CallbackAttempt(at=isoformat(utcnow()), event_id=eid, event_type=etype, url=url,
+                            attempt=attempt, result=result, latency_ms=latency, **kw),
+        )
+
+    async def give_up(error_type: str, error: str) -> None:
+        await dead_letter_callback(
+            deps, job.id, f"{kind}@{target}", error=error, traceback=None, error_type=error_type
+        )
+
+    try:
+        if target != WEBHOOK:
+            status, elapsed = None, await _run_hook(deps, job, target, body)
+        elif url is None:
+            await note("skipped", error="no callback URL for the job or its provider")
+            return None
+        else:
+            status, elapsed = await _post(deps, job, url, body)
+    except (callbacks.UnsafeCallbackUrl, callbacks.CallbackMisconfigured) as exc:
+        await note("refused", error=str(exc))
+        await give_up(type(exc).__name__, str(exc))
+        return None
+    except callbacks.CallbackRejected as exc:
+        await note("failed", exc.elapsed_s, http_status=exc.status, error=str(exc))
+        await give_up(type(exc).__name__, str(exc))
+        return None
+    except callbacks.CallbackRetryable as exc:
+        await note("failed", exc.elapsed_s, http_status=exc.status, error=str(exc))
+        window = _since_dead_letter(_history(job, eid, target))
+        first = datetime.fromisoformat(window[0].at) if window else utcnow()
+        horizon = deps.settings.callbacks.horizon_s
+        if (utcnow() - first).total_seconds() >= horizon:
+            await give_up("CallbackGiveUp", f"no delivery within the {horizon:g}s horizon: {exc}")
+            return None
+        log.warning("callback.failed", http_status=exc.status, error=str(exc), **fields)
+        return exc
+    await note("delivered", elapsed, http_status=status)
+    log.info("callback.delivered", http_status=status, **fields)
+    return None
+
+
+async def _post(deps: Deps, job: JobRecord, url: str, body: dict[str, Any]) -> tuple[int, float]:
+    conf = deps.settings.provider(job.provider)
+    configured = (conf.callback_secret, conf.callback_secret_previous)
+    secrets = [s.get_secret_value() for s in configured if s]
+    if not secrets:
+        raise callbacks.CallbackMisconfigured(
+            "provider has no callback secret: callbacks are always signed"
+        )
+    cb = deps.settings.callbacks
+    await callbacks.check_url(url, allow_http=cb.allow_http, allowed_hosts=cb.allowed_hosts)
+    if deps.callback_session is None:
+        raise CancelflowError("this process has no callbacks session (see Runtime._start)")
+    return await callbacks.deliver(
+        deps.callback_session, url, body, secrets=secrets, timeout_s=cb.timeout_s
+    )
+
+
+async def _run_hook(deps: Deps, job: JobRecord, target: str, body: dict[str, Any]) -> float:
+    found = [h for h in hooks.for_provider(deps.hooks, job.provider) if h.target == target]
+    if not found:
+        raise callbacks.CallbackMisconfigured(f"{target} is not registered on this worker")
+    # Each hook gets its own copy of exactly what a callback URL gets.
+    event = json.loads(callbacks.encode(body))
+    return await hooks.run(found[0], event, timeout_s=deps.settings.callbacks.timeout_s)
+
+
 async def dead_letter_callback(
-    deps: Deps, job_id: str, event: str, *, error: str, traceback: str | None
+    deps: Deps,
+    job_id: str,
+    event: str,
+    *,
+    error: str,
+    traceback: str | None,
+    error_type: str = "CallbackGiveUp",
 ) -> None:
-    """A callback that will never get through: keep it for an operator to replay."""
+    """A callback that will never get through: keep it for an operator to replay.
+
+    ``event`` names the target as ``callback`` takes it ("outcome@webhook"; no target means
+    the callback URL); replaying the dead letter retries that target alone.
+    """
     job = await _load(deps, job_id)
-    etype = callbacks.event_type(job, event) or event
-    await deps.dead_letters.add(
+    kind, _, target = event.partition("@")
+    target = target or WEBHOOK
+    etype = callbacks.event_type(job, kind) or kind
+    eid = callbacks.event_id(job, etype)
+    url = _webhook_url(deps, job) if target == WEBHOOK else target
+    attempts = _since_dead_letter(_history(job, eid, target))
+    dl = await deps.dead_letters.add(
         DeadLetter(
             kind="callback", job_id=job_id, provider=job.provider, step=Step.CALLBACK.value,
-            error_type="CallbackGiveUp", error=error, traceback=traceback,
-            payload={"event": event, "event_type": etype}, event=event,
-            errors=[{"at": c.at, "status": c.http_status, "error": c.error}
-                    for c in job.callbacks if c.event_type == etype],
+            error_type=error_type, error=error, traceback=traceback,
+            payload={"event": kind, "event_type": etype, "event_id": eid, "target": target,
+                     "url": url},
+            event=f"{kind}@{target}",
+            errors=[{"at": c.at, "status": c.http_status, "error": c.error} for c in attempts],
         )
     )
     await deps.store.add_callback_attempt(
         job_id,
-        CallbackAttempt(at=isoformat(utcnow()), event_id=callbacks.event_id(job, etype),
-                        event_type=etype, url=job.callback_url, result="dead_lettered", error=error),
+        CallbackAttempt(at=isoformat(utcnow()), event_id=eid, event_type=etype, url=url,
+                        result="dead_lettered", error=error),
     )
+    log.error("callback.dead_lettered", target=target, event_type=etype, event_id=eid,
+              error_type=error_type, error=error, dead_letter_id=dl.id)

@@ -1,9 +1,16 @@
-"""The producer HTTP API (aiohttp). Every route but the health checks takes a bearer token."""
+"""The producer HTTP API (aiohttp).
+
+Every route takes a bearer token but the health checks, ``/openapi.json`` (public: it holds
+nothing secret) and ``POST /v1/billing-events`` (signed by the billing system instead). Each
+token is rate-limited (``ratelimit``); bodies over ``api.max_body_bytes`` get 413; every error
+is ``application/problem+json``.
+"""
 
 from __future__ import annotations
 
 import hmac
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -12,24 +19,38 @@ from celery import Celery
 from pydantic import ValidationError
 
 from cancelflow import steps
-from cancelflow.contract import CancellationRequest, Decision, Step
+from cancelflow.contract import Decision
 from cancelflow.dead_letters import DeadLetterFilter
 from cancelflow.errors import CancelflowError, JobNotFound
 from cancelflow.logging import get_logger
 from cancelflow.messaging import create_celery, send_step
-from cancelflow.providers import REGISTRY
 from cancelflow.settings import Settings
 from cancelflow.store import IdempotencyConflict
 from cancelflow.wiring import build_deps, redis_client
+from producers import listing, openapi
+from producers.billing import BillingProcessor
+from producers.billing_rules import Rules, load_rules
 from producers.problems import field_errors, invalid, problem
+from producers.ratelimit import RateLimiter
+from producers.schemas import JobQuery, StatsQuery
+from producers.signatures import SIGNATURE_HEADER, SignatureError, verify_signature
+from producers.submit import submit, validate_request
 
 log = get_logger(__name__)
 
+# The default of ``api.max_body_bytes``; the app's own limit is ``request.app[MAX_BODY]``.
 MAX_BODY_BYTES = 64 * 1024
 DEPS = web.AppKey("deps", steps.Deps)
 CELERY = web.AppKey("celery", Celery)
 TOKENS = web.AppKey("tokens", list)
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+LIMITER = web.AppKey("limiter", RateLimiter)
+MAX_BODY = web.AppKey("max_body", int)
+RULES = web.AppKey("billing_rules", Rules)
+BILLING = web.AppKey("billing", BillingProcessor)
+OPENAPI = web.AppKey("openapi", bytes)
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
+# Authenticated by their own signature, not a bearer token.
+SIGNED_PATHS = frozenset({"/v1/billing-events"})
 
 Scope = Literal["read", "write"]
 
@@ -65,17 +86,24 @@ def _authorised(request: web.Request) -> ApiToken | None:
 
 @web.middleware
 async def errors_and_auth(request: web.Request, handler: Any) -> web.StreamResponse:
-    if request.path not in PUBLIC_PATHS:
+    if request.path in SIGNED_PATHS:
+        limited = await _rate_limited(request, "signed:" + request.path)
+        if limited is not None:
+            return limited
+    elif request.path not in PUBLIC_PATHS:
         token = _authorised(request)
         if token is None:
             return problem(401, "Unauthorized", "send Authorization: Bearer <token>",
                            headers={"WWW-Authenticate": "Bearer"})
+        limited = await _rate_limited(request, "token:" + token.secret)
+        if limited is not None:
+            return limited
         if request.method not in ("GET", "HEAD") and token.scope != "write":
             return problem(403, "Forbidden", "this token is read-only")
     try:
         return await handler(request)
     except web.HTTPRequestEntityTooLarge:
-        return problem(413, "Payload too large", f"request bodies are limited to {MAX_BODY_BYTES} bytes")
+        return _too_large(request)
     except web.HTTPException as exc:
         if exc.status >= 400:
             return problem(exc.status, exc.reason)
@@ -87,10 +115,33 @@ async def errors_and_auth(request: web.Request, handler: Any) -> web.StreamRespo
         return problem(500, "Internal error", "the error is logged; nothing was enqueued twice")
 
 
+async def _rate_limited(request: web.Request, key: str) -> web.Response | None:
+    """A 429 when ``key`` has spent its rate, else None."""
+    try:
+        verdict = await request.app[LIMITER].hit(key)
+    except Exception as exc:  # noqa: BLE001 - the limit protects; it must not take the API down
+        log.warning("api.rate_limit.unavailable", error=type(exc).__name__)
+        return None
+    if verdict.allowed:
+        return None
+    wait = verdict.retry_after_s
+    return problem(429, "Too many requests", f"rate limit reached: retry in {wait:.2f}s",
+                   headers={"Retry-After": str(max(1, math.ceil(wait)))}, retry_after=round(wait, 3))
+
+
+def _too_large(request: web.Request) -> web.Response:
+    return problem(413, "Payload too large", f"request bodies are limited to {request.app[MAX_BODY]} bytes")
+
+
+async def _raw_body(request: web.Request) -> bytes:
+    limit = request.app[MAX_BODY]
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    return await request.read()  # raises 413 too once a chunked body passes client_max_size
+
+
 async def _json_body(request: web.Request) -> Any:
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=request.content_length)
-    raw = await request.read()
+    raw = await _raw_body(request)
     try:
         return json.loads(raw)
     except ValueError as exc:
@@ -101,26 +152,15 @@ class _BadJson(Exception):
     pass
 
 
-def validate_request(body: Any, settings: Settings) -> CancellationRequest | list[dict[str, str]]:
-    """The request, or the list of invalid fields (provider reference included)."""
-    try:
-        req = CancellationRequest.model_validate(body)
-    except ValidationError as exc:
-        return field_errors(exc)
-    spec = REGISTRY.get(req.provider)
-    if spec is None:
-        return [{"field": "provider", "message": f"unknown provider; one of {sorted(REGISTRY)}"}]
-    try:
-        conf = settings.provider(req.provider)
-    except KeyError:
-        return [{"field": "provider", "message": f"provider {req.provider!r} is not configured"}]
-    try:
-        spec.reference.model_validate(req.subscription)
-    except ValidationError as exc:
-        return field_errors(exc, prefix=("subscription",))
-    if req.callback_url is not None and conf.callback_secret is None:
-        return [{"field": "callback_url", "message": "the provider has no callback secret configured; callbacks are always signed"}]
-    return req
+def _query(request: web.Request, *, lists: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Query parameters as a dict; ``lists`` may repeat or hold comma-separated values."""
+    out: dict[str, Any] = {}
+    for key in request.query:
+        if key in lists:
+            out[key] = [v for raw in request.query.getall(key) for v in raw.split(",") if v]
+        else:
+            out[key] = request.query[key]
+    return out
 
 
 async def create_cancellation(request: web.Request) -> web.Response:
@@ -132,19 +172,60 @@ async def create_cancellation(request: web.Request) -> web.Response:
     checked = validate_request(body, settings)
     if isinstance(checked, list):
         return invalid(checked)
-    identity = REGISTRY[checked.provider].reference.model_validate(checked.subscription).identity()
     try:
-        created = await deps.store.create(checked, identity=identity)
+        created = await submit(deps, request.app[CELERY], checked)
     except IdempotencyConflict as exc:
         return problem(409, "Idempotency key reused", str(exc), job_id=exc.job_id)
-    if created.how == "created":
-        send_step(request.app[CELERY], Step.ELIGIBILITY, created.job.id, checked.provider)
-        log.info("job.enqueued", job_id=created.job.id, provider=checked.provider)
     return web.json_response(
         created.job.model_dump(mode="json"),
         status=202,
         headers={"Location": f"/v1/cancellations/{created.job.id}", "Cancelflow-Enqueue": created.how},
     )
+
+
+async def list_cancellations(request: web.Request) -> web.Response:
+    try:
+        query = JobQuery.model_validate(_query(request, lists=("status",)))
+        page = await listing.list_jobs(request.app[DEPS].store.redis, query)
+    except ValidationError as exc:
+        return invalid(field_errors(exc, prefix=("query",)))
+    except listing.BadCursor as exc:
+        return invalid([{"field": "query.cursor", "message": str(exc)}])
+    return web.json_response(page.model_dump(mode="json"))
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    try:
+        query = StatsQuery.model_validate(_query(request))
+    except ValidationError as exc:
+        return invalid(field_errors(exc, prefix=("query",)))
+    found = await listing.stats(request.app[DEPS].store.redis, since_s=query.since_s)
+    return web.json_response(found.model_dump(mode="json"))
+
+
+async def post_billing_event(request: web.Request) -> web.Response:
+    conf = request.app[DEPS].settings.billing
+    secrets = [s.get_secret_value() for s in (conf.secret, conf.secret_previous) if s is not None]
+    if BILLING not in request.app or not secrets:
+        return problem(503, "Billing events not configured",
+                       "set CANCELFLOW_BILLING__RULES_PATH and CANCELFLOW_BILLING__SECRET")
+    raw = await _raw_body(request)
+    try:
+        verify_signature(raw, request.headers.get(SIGNATURE_HEADER), secrets, tolerance=conf.signature_tolerance_s)
+    except SignatureError as exc:
+        return problem(401, "Bad signature", str(exc))
+    result = await request.app[BILLING].process(raw, source={"http": request.path})
+    if result.result == "dead_lettered":
+        if result.errors and result.errors[0].field == "(body)":
+            return problem(400, "Malformed JSON", result.errors[0].message, dead_letter_id=result.dead_letter_id)
+        detail = "the event cannot make a valid request; it is dead-lettered"
+        return problem(422, "Invalid billing event", detail, errors=[e.model_dump() for e in result.errors],
+                       dead_letter_id=result.dead_letter_id)
+    return web.json_response(result.model_dump(mode="json"), status=200 if result.result == "ignored" else 202)
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
 async def get_cancellation(request: web.Request) -> web.Response:
@@ -227,21 +308,34 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Application:
-    """The API application; Redis and Celery connections open on start-up."""
-    app = web.Application(middlewares=[errors_and_auth], client_max_size=MAX_BODY_BYTES)
+    """The API application; Redis and Celery connections open on start-up. The billing rules,
+    when configured, are checked here: a ``RulesError`` stops start-up."""
+    limit = settings.api.max_body_bytes
+    app = web.Application(middlewares=[errors_and_auth], client_max_size=limit)
     app[TOKENS] = parse_tokens(settings)
     app[CELERY] = celery or create_celery(settings)
+    app[MAX_BODY] = limit
+    app[OPENAPI] = json.dumps(openapi.document(max_body_bytes=limit)).encode()
+    if settings.billing.rules_path is not None:
+        app[RULES] = load_rules(settings.billing.rules_path, configured=settings.enabled_providers())
 
     async def lifecycle(app: web.Application) -> Any:
         redis = redis_client(settings)
         app[DEPS] = build_deps(settings, redis=redis)
+        app[LIMITER] = RateLimiter(redis, rate_per_s=settings.api.rate_limit_per_s, burst=settings.api.rate_limit_burst)
+        if RULES in app:
+            app[BILLING] = BillingProcessor(app[DEPS], app[CELERY], app[RULES])
         yield
         await redis.aclose()
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/openapi.json", get_openapi)
     app.router.add_post("/v1/cancellations", create_cancellation)
+    app.router.add_get("/v1/cancellations", list_cancellations)
+    app.router.add_get("/v1/stats", get_stats)
+    app.router.add_post("/v1/billing-events", post_billing_event)
     app.router.add_get("/v1/cancellations/{job_id}", get_cancellation)
     app.router.add_post("/v1/cancellations/{job_id}/decision", post_decision)
     app.router.add_get("/v1/dead-letters", list_dead_letters)

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from aiohttp import web
 
-from sandboxes import appdirect, axelspringer, azotte, payway
+from sandboxes import appdirect, axelspringer, azotte, payway, receiver
 from sandboxes.faults import FaultSettings
 
 
@@ -50,6 +50,7 @@ def build_app(
         mounted[key] = factory(faults=faults, token_ttl_s=token_ttl_s)
         root.add_subapp(f"/{key}", mounted[key])
     root[PROVIDER_APPS] = mounted
+    root.add_subapp(f"/{receiver.KEY}", receiver.create_app())  # callbacks land here
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "providers": sorted(PROVIDERS)})

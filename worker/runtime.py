@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from cancelflow import callbacks, hooks
 from cancelflow.logging import configure_logging, get_logger
 from cancelflow.settings import Settings
 from cancelflow.steps import Deps
@@ -39,7 +40,11 @@ class Runtime:
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=200, ttl_dns_cache=300),
         )
         self.redis = redis_client(self.settings)
-        return build_deps(self.settings, redis=self.redis, session=self.session)
+        deps = build_deps(self.settings, redis=self.redis, session=self.session)
+        self.callback_session = callbacks.open_session(self.settings.callbacks)
+        deps.callback_session = self.callback_session
+        deps.hooks = hooks.load(self.settings.callbacks.hook_modules)
+        return deps
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run ``coro`` on the runtime's loop and wait for its result in this thread."""
@@ -53,6 +58,7 @@ class Runtime:
     def close(self) -> None:
         async def _close() -> None:
             await self.session.close()
+            await self.callback_session.close()
             await self.redis.aclose()
 
         try:

@@ -1,0 +1,349 @@
+"""Billing events in, cancellations out: from a Redis Stream (``cancelflow billing-consumer``)
+or from ``POST /v1/billing-events``.
+
+Each event becomes one of:
+  enqueued / joined  a job, created (or joined) through ``producers.submit`` with the
+                     idempotency key ``billing:<event id>``: a redelivered event finds its job
+  duplicate          the event id already made a job from a different request (the rules
+                     changed between two deliveries): the first job stands
+  ignored            no rule matches: counted by type in ``cf:billing:ignored``, the last
+                     1,000 kept in ``cf:billing:ignored:recent``
+  dead_lettered      unreadable, or the rule cannot make a valid request of it: a dead letter
+                     of kind ``billing_event`` (one per event id, however often delivered)
+
+The stream is read as a consumer group, at least once: an entry is acknowledged (XACK) only
+after its job is created and its first step sent. An entry left pending by a consumer that died
+is claimed (XAUTOCLAIM) by another once idle for ``claim_idle_s``; one delivered
+``max_deliveries`` times without success is dead-lettered rather than retried for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from celery import Celery
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from cancelflow.contract import isoformat, utcnow
+from cancelflow.dead_letters import DeadLetter
+from cancelflow.logging import get_logger
+from cancelflow.settings import BillingSettings
+from cancelflow.steps import Deps
+from cancelflow.store import IdempotencyConflict
+from producers.billing_rules import MissingFields, Rule, Rules
+from producers.problems import field_errors
+from producers.schemas import BillingEvent, BillingOutcome, BillingResult, FieldError
+from producers.submit import submit, validate_request
+
+log = get_logger(__name__)
+
+COUNTS_KEY = "cf:billing:counts"
+IGNORED_KEY = "cf:billing:ignored"
+RECENT_IGNORED_KEY = "cf:billing:ignored:recent"
+RECENT_IGNORED_MAX = 1000
+# The stream entry's field holding the event as JSON: XADD <stream> * event '{"id": …}'.
+EVENT_FIELD = "event"
+
+# Counts each (result, event) once however often the event is delivered.
+_COUNT = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
+  redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+  if ARGV[3] ~= '' then
+    redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
+    redis.call('LPUSH', KEYS[4], ARGV[4])
+    redis.call('LTRIM', KEYS[4], 0, ARGV[5] - 1)
+  end
+  return 1
+end
+return 0
+"""
+
+
+def idempotency_key(event_id: str) -> str:
+    """The job's idempotency key: one job per event id, however often it is delivered."""
+    return f"billing:{event_id}"
+
+
+def _sha(value: str | bytes) -> str:
+    return hashlib.sha256(value.encode() if isinstance(value, str) else value).hexdigest()
+
+
+class BillingProcessor:
+    """Turns one billing event into a job, an ignored record or a dead letter."""
+
+    def __init__(self, deps: Deps, celery: Celery, rules: Rules) -> None:
+        self.deps = deps
+        self.celery = celery
+        self.rules = rules
+        self._count = deps.store.redis.register_script(_COUNT)
+
+    async def process(self, raw: bytes | str, *, source: dict[str, Any]) -> BillingResult:
+        """Handle one event as received (JSON text); ``source`` says where it came from."""
+        try:
+            obj = json.loads(raw)
+        except ValueError as exc:
+            return await self.dead_letter(
+                None, raw, source, [FieldError(field="(body)", message=f"not JSON: {exc}")],
+                error_type="BillingEventUnreadable",
+            )
+        try:
+            event = BillingEvent.model_validate(obj)
+        except ValidationError as exc:
+            event_id = obj.get("id") if isinstance(obj, dict) and isinstance(obj.get("id"), str) else None
+            return await self.dead_letter(
+                event_id, raw, source, [FieldError(**e) for e in field_errors(exc)],
+                error_type="BillingEventInvalid",
+            )
+        return await self.process_event(event, raw=raw, source=source)
+
+    async def process_event(
+        self, event: BillingEvent, *, raw: bytes | str, source: dict[str, Any]
+    ) -> BillingResult:
+        data = event.model_dump(mode="json")
+        rule = self.rules.match(data)
+        if rule is None:
+            await self._counted("ignored", event.id, event_type=event.type)
+            log.info("billing.event.ignored", event_id=event.id, event_type=event.type)
+            return BillingResult(event_id=event.id, event_type=event.type, result="ignored")
+        try:
+            body = rule.request_body(data)
+        except MissingFields as exc:
+            errors = [
+                FieldError(field=f"event.{path}", message=f"missing: rule {rule.name!r} quotes it in {where}")
+                for where, path in exc.missing
+            ]
+            return await self.dead_letter(event.id, raw, source, errors, rule=rule, event_type=event.type)
+        body["idempotency_key"] = idempotency_key(event.id)
+        body["metadata"] = {
+            **body["metadata"],
+            "billing_event": {"id": event.id, "type": event.type, "rule": rule.name},
+        }
+        checked = validate_request(body, self.deps.settings)
+        if isinstance(checked, list):
+            errors = [FieldError(**e) for e in checked]
+            return await self.dead_letter(event.id, raw, source, errors, rule=rule, event_type=event.type)
+        try:
+            created = await submit(self.deps, self.celery, checked)
+        except IdempotencyConflict as exc:
+            log.warning("billing.event.duplicate", event_id=event.id, job_id=exc.job_id, rule=rule.name)
+            await self._counted("duplicate", event.id)
+            return BillingResult(
+                event_id=event.id, event_type=event.type, result="duplicate", rule=rule.name,
+                job_id=exc.job_id,
+            )
+        result: BillingOutcome = "joined" if created.how == "joined" else "enqueued"
+        await self._counted(result, event.id)
+        log.info("billing.event.enqueued", event_id=event.id, event_type=event.type, rule=rule.name,
+                 job_id=created.job.id, how=created.how)
+        return BillingResult(
+            event_id=event.id, event_type=event.type, result=result, rule=rule.name,
+            job_id=created.job.id,
+        )
+
+    async def dead_letter_undeliverable(
+        self, raw: bytes | str, source: dict[str, Any], *, deliveries: int
+    ) -> BillingResult:
+        """An entry that failed ``deliveries`` times (the job store unreachable, a bug)."""
+        event_id = _event_id_of(raw)
+        error = FieldError(field="(entry)", message=f"not processed after {deliveries} deliveries")
+        return await self.dead_letter(event_id, raw, source, [error], error_type="BillingEventUndeliverable")
+
+    async def dead_letter(
+        self,
+        event_id: str | None,
+        raw: bytes | str,
+        source: dict[str, Any],
+        errors: list[FieldError],
+        *,
+        rule: Rule | None = None,
+        event_type: str | None = None,
+        error_type: str = "BillingEventUnmapped",
+    ) -> BillingResult:
+        # One dead letter per event (by id, else by body): a redelivery overwrites it.
+        identity = f"id:{event_id}" if event_id else f"body:{_sha(raw)}"
+        dl_id = f"dl_{_sha('billing:' + identity)[:32]}"
+        body = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+        message = "; ".join(f"{e.field}: {e.message}" for e in errors)
+        await self.deps.dead_letters.add(
+            DeadLetter(
+                id=dl_id, kind="billing_event", provider=rule.cancel.provider if rule else None,
+                step="billing", error_type=error_type, error=message,
+                errors=[e.model_dump() for e in errors],
+                payload={"event": body, "source": source, "rule": rule.name if rule else None},
+            )
+        )
+        await self._counted("dead_lettered", identity)
+        log.warning("billing.event.dead_lettered", event_id=event_id, dead_letter_id=dl_id,
+                    error_type=error_type, error=message)
+        return BillingResult(
+            event_id=event_id, event_type=event_type, result="dead_lettered",
+            rule=rule.name if rule else None, dead_letter_id=dl_id, errors=errors,
+        )
+
+    async def _counted(self, result: str, identity: str, *, event_type: str = "") -> None:
+        recent = json.dumps({"id": identity, "type": event_type, "at": isoformat(utcnow())}) if event_type else ""
+        await self._count(
+            keys=[f"cf:billing:seen:{result}:{_sha(identity)}", COUNTS_KEY, IGNORED_KEY, RECENT_IGNORED_KEY],
+            args=[result, self.deps.settings.idempotency_ttl_s, event_type, recent, RECENT_IGNORED_MAX],
+        )
+
+
+def _event_id_of(raw: bytes | str) -> str | None:
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return None
+    return obj.get("id") if isinstance(obj, dict) and isinstance(obj.get("id"), str) else None
+
+
+Entry = tuple[str, dict[str, bytes]]
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class BillingConsumer:
+    """One member of the stream's consumer group."""
+
+    def __init__(self, processor: BillingProcessor, redis: Redis, conf: BillingSettings) -> None:
+        self.processor = processor
+        self.redis = redis
+        self.conf = conf
+        self.name = conf.consumer
+        self._last_claim = 0.0
+
+    async def ensure_group(self) -> None:
+        """Create the stream and the group if missing; a new group starts at the beginning."""
+        try:
+            await self.redis.xgroup_create(self.conf.stream, self.conf.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def read_new(self, *, block: bool = True) -> list[Entry]:
+        """Entries never delivered to any consumer; they are pending for this one from now."""
+        return await self._read(">", block_ms=int(self.conf.block_s * 1000) if block else None)
+
+    async def read_own_pending(self) -> list[Entry]:
+        """Entries delivered to this consumer name and not acknowledged (a restart, an error)."""
+        return await self._read("0", block_ms=None)
+
+    async def claim(self) -> list[Entry]:
+        """Take over entries other consumers left pending for ``claim_idle_s`` (they died)."""
+        self._last_claim = time.monotonic()
+        claimed: list[Entry] = []
+        start = "0-0"
+        while len(claimed) < self.conf.batch_size:
+            reply = await self.redis.xautoclaim(
+                self.conf.stream, self.conf.group, self.name,
+                min_idle_time=int(self.conf.claim_idle_s * 1000), start_id=start,
+                count=self.conf.batch_size - len(claimed),
+            )
+            start, entries = _s(reply[0]), reply[1]
+            claimed += [(_s(eid), fields) for eid, fields in entries if fields is not None]
+            if start == "0-0":
+                break
+        if claimed:
+            log.info("billing.entries.claimed", count=len(claimed), consumer=self.name)
+        return claimed
+
+    async def handle(self, entry: Entry, *, deliveries: int = 1) -> BillingResult:
+        """Process one entry without acknowledging it."""
+        entry_id, fields = entry
+        source = {"stream": self.conf.stream, "entry_id": entry_id, "consumer": self.name}
+        raw = fields.get(EVENT_FIELD.encode())
+        if deliveries > self.conf.max_deliveries:
+            return await self.processor.dead_letter_undeliverable(raw or b"", source, deliveries=deliveries)
+        if raw is None:
+            raw = json.dumps({_s(k): _s(v) for k, v in fields.items()})
+            return await self.processor.dead_letter(
+                None, raw, source,
+                [FieldError(field=EVENT_FIELD, message=f"the stream entry has no {EVENT_FIELD!r} field")],
+                error_type="BillingEventUnreadable",
+            )
+        return await self.processor.process(raw, source=source)
+
+    async def ack(self, entry_ids: Sequence[str]) -> None:
+        if entry_ids:
+            await self.redis.xack(self.conf.stream, self.conf.group, *entry_ids)
+
+    async def process(self, entries: list[Entry], *, recheck: bool) -> int:
+        """Handle and acknowledge entries; one that fails stays pending. ``recheck``: look up
+        delivery counts (entries claimed or re-read may have failed before)."""
+        deliveries = await self._deliveries([e[0] for e in entries]) if recheck else {}
+
+        async def one(entry: Entry) -> bool:
+            try:
+                await self.handle(entry, deliveries=deliveries.get(entry[0], 1))
+            except (RedisError, OSError) as exc:
+                log.error("billing.entry.failed", entry_id=entry[0], error=f"{type(exc).__name__}: {exc}")
+                return False
+            await self.ack([entry[0]])
+            return True
+
+        done = await asyncio.gather(*(one(e) for e in entries))
+        return sum(done)
+
+    async def run_once(self, *, block: bool = True) -> int:
+        """One round: claim from dead consumers when due, retry own pending, read new."""
+        handled = 0
+        if time.monotonic() - self._last_claim >= self.conf.claim_idle_s / 2:
+            handled += await self.process(await self.claim(), recheck=True)
+        own = await self.read_own_pending()
+        if own:
+            ok = await self.process(own, recheck=True)
+            handled += ok
+            if ok < len(own):
+                await asyncio.sleep(1.0)  # they failed again: do not spin on them
+                return handled
+        handled += await self.process(await self.read_new(block=block), recheck=False)
+        return handled
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until ``stop`` is set; Redis outages are waited out."""
+        await self.ensure_group()
+        log.info("billing.consumer.started", stream=self.conf.stream, group=self.conf.group,
+                 consumer=self.name, rules=self.processor.rules.source)
+        while not stop.is_set():
+            try:
+                await self.run_once()
+            except (RedisError, OSError) as exc:
+                log.error("billing.consumer.redis_error", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(1.0)
+        log.info("billing.consumer.stopped", consumer=self.name)
+
+    async def _read(self, start: str, *, block_ms: int | None) -> list[Entry]:
+        reply = await self.redis.xreadgroup(
+            self.conf.group, self.name, {self.conf.stream: start},
+            count=self.conf.batch_size, block=block_ms,
+        )
+        entries: list[Entry] = []
+        deleted: list[str] = []
+        for _stream, items in reply or []:
+            for eid, fields in items:
+                if fields:
+                    entries.append((_s(eid), fields))
+                else:
+                    deleted.append(_s(eid))
+        # Re-reading pending entries lists those deleted from the stream without fields:
+        # there is nothing left to process.
+        await self.ack(deleted)
+        return entries
+
+    async def _deliveries(self, entry_ids: list[str]) -> dict[str, int]:
+        if not entry_ids:
+            return {}
+        ordered = sorted(entry_ids, key=lambda e: tuple(int(p) for p in e.split("-")))
+        pending = await self.redis.xpending_range(
+            self.conf.stream, self.conf.group, min=ordered[0], max=ordered[-1],
+            count=len(ordered) + 100, consumername=self.name,
+        )
+        return {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}

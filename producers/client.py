@@ -1,0 +1,560 @@
+"""A Python client for the Cancelflow API, for backend systems: ``CancelflowClient`` (blocking,
+standard library only) and ``AsyncCancelflowClient`` (asyncio, aiohttp). Both have the same
+methods and answers::
+
+    with CancelflowClient("https://cancelflow.internal", token) as cf:
+        job = cf.enqueue("payway", {"account_id": …, "user_product_id": …,
+                                    "cancellation_reason_id": …}).job
+        done = cf.wait(job.id, timeout=120)
+
+- Answers are the contract's pydantic models (``JobRecord``) and the API's (``JobPage``…).
+- Errors are typed: ``ValidationFailed`` (with each invalid field), ``Conflict``, ``NotFound``,
+  ``Unauthorized``/``Forbidden`` (both ``AuthError``), ``RateLimited`` (``retry_after``),
+  ``PayloadTooLarge``, ``ServerError``, ``TransportError`` (no answer after the retries).
+- Network errors, 502/503/504 and 429 are retried with backoff (429 after ``Retry-After``). An
+  enqueue always carries an idempotency key (a fresh one unless given), so a retried enqueue
+  never makes two jobs; pass your own key (an order id) to be safe across process restarts too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from http.client import HTTPException
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import aiohttp
+from pydantic import SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cancelflow.contract import (
+    FINAL_STATUSES,
+    CancellationRequest,
+    Decision,
+    JobRecord,
+    Reason,
+    Status,
+)
+from cancelflow.errors import CancelflowError
+from producers.problems import field_errors
+from producers.schemas import Enqueued, FieldError, JobPage, JobSummary, Problem, Stats
+
+USER_AGENT = "cancelflow-client/1"
+RETRY_STATUSES = frozenset({502, 503, 504})
+
+
+class ClientSettings(BaseSettings):
+    """Where the API is and how to reach it: ``CANCELFLOW_API_URL``, ``CANCELFLOW_API_TOKEN``,
+    ``CANCELFLOW_API_TIMEOUT_S``, ``CANCELFLOW_API_RETRIES``. A client's own settings: a
+    machine that only calls the API needs none of the server's."""
+
+    model_config = SettingsConfigDict(env_prefix="CANCELFLOW_", extra="ignore", frozen=True)
+
+    api_url: str = "http://127.0.0.1:8080"
+    api_token: SecretStr | None = None
+    api_timeout_s: float = 10.0
+    api_retries: int = 4
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+class ClientError(CancelflowError):
+    """Base of the client's errors."""
+
+
+class TransportError(ClientError):
+    """No answer from the API (connection refused or reset, timeout) after every retry."""
+
+
+class ApiError(ClientError):
+    """The API answered with an error (``problem`` holds the problem details)."""
+
+    def __init__(self, status: int, problem: Problem) -> None:
+        super().__init__(f"{status} {problem.title}" + (f": {problem.detail}" if problem.detail else ""))
+        self.status = status
+        self.problem = problem
+
+
+class BadRequest(ApiError):
+    """400: the body was not JSON."""
+
+
+class ValidationFailed(ApiError):
+    """422: ``errors`` lists each invalid field (``fields`` their paths)."""
+
+    @property
+    def errors(self) -> list[FieldError]:
+        return self.problem.errors or []
+
+    @property
+    def fields(self) -> list[str]:
+        return [e.field for e in self.errors]
+
+
+class AuthError(ApiError):
+    """The token was refused (401) or may not do this (403)."""
+
+
+class Unauthorized(AuthError):
+    """401: no token, or not a valid one."""
+
+
+class Forbidden(AuthError):
+    """403: a read-only token tried to write."""
+
+
+class NotFound(ApiError):
+    """404: no such job (never created, or expired after its retention)."""
+
+
+class Conflict(ApiError):
+    """409: the idempotency key was used with another body (``job_id`` is its job), or the
+    job is not awaiting a decision."""
+
+    @property
+    def job_id(self) -> str | None:
+        return self.problem.job_id
+
+
+class PayloadTooLarge(ApiError):
+    """413: the body is over the API's size limit."""
+
+
+class RateLimited(ApiError):
+    """429: the token's rate is spent; wait ``retry_after`` seconds."""
+
+    @property
+    def retry_after(self) -> float:
+        return self.problem.retry_after or 1.0
+
+
+class ServerError(ApiError):
+    """5xx, still after every retry."""
+
+
+class WaitTimeout(ClientError):
+    """The job did not reach the wanted status in time; ``job`` is how it was last seen."""
+
+    def __init__(self, job: JobRecord, timeout_s: float) -> None:
+        super().__init__(f"job {job.id} still {job.status.value} after {timeout_s:g}s")
+        self.job = job
+
+
+_BY_STATUS: dict[int, type[ApiError]] = {
+    400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict,
+    413: PayloadTooLarge, 422: ValidationFailed, 429: RateLimited,
+}
+
+
+def error_for(status: int, body: bytes) -> ApiError:
+    """The typed error of an error answer (``application/problem+json``, or anything else)."""
+    try:
+        problem = Problem.model_validate_json(body)
+    except ValidationError:
+        text = body.decode(errors="replace")[:500]
+        problem = Problem(title=f"HTTP {status}", status=status, detail=text or None)
+    cls = _BY_STATUS.get(status, ServerError if status >= 500 else ApiError)
+    return cls(status, problem)
+
+
+# --- the parts both clients share ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Call:
+    method: Literal["GET", "POST"]
+    path: str
+    body: Any = None
+    query: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    headers: Mapping[str, str]  # names in lower case
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+
+class _Base:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout_s: float | None = None,
+        retries: int | None = None,
+        backoff_s: float = 0.2,
+        max_backoff_s: float = 5.0,
+        max_retry_after_s: float = 60.0,
+        settings: ClientSettings | None = None,
+    ) -> None:
+        conf = settings or (ClientSettings() if base_url is None or token is None else None)
+        self.base_url = (base_url or (conf.api_url if conf else "")).rstrip("/")
+        if urllib.parse.urlsplit(self.base_url).scheme not in ("http", "https"):
+            raise ValueError(f"the API URL must be http(s): {self.base_url!r}")
+        secret = token or (conf.api_token.get_secret_value() if conf and conf.api_token else None)
+        if not secret:
+            raise ValueError("no API token: pass token= or set CANCELFLOW_API_TOKEN")
+        self._token = secret
+        self.timeout_s = timeout_s or (conf.api_timeout_s if conf else 10.0)
+        self.retries = retries if retries is not None else (conf.api_retries if conf else 4)
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.max_retry_after_s = max_retry_after_s
+
+    def _headers(self, call: _Call) -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json",
+                   "User-Agent": USER_AGENT}
+        if call.body is not None:
+            headers["Content-Type"] = "application/json"
+        return headers
+
+    def _url(self, call: _Call) -> str:
+        query = f"?{urllib.parse.urlencode(call.query)}" if call.query else ""
+        return f"{self.base_url}{call.path}{query}"
+
+    def _delay(self, attempt: int, error: Exception) -> float | None:
+        """Seconds to wait before retrying after ``error``; None: do not retry."""
+        if attempt >= self.retries:
+            return None
+        backoff = random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2**attempt))
+        if isinstance(error, RateLimited):
+            return None if error.retry_after > self.max_retry_after_s else max(error.retry_after, backoff)
+        if isinstance(error, TransportError) or (isinstance(error, ApiError) and error.status in RETRY_STATUSES):
+            return backoff
+        return None
+
+    @staticmethod
+    def _check(answer: _Answer) -> _Answer:
+        if answer.status >= 400:
+            raise error_for(answer.status, answer.body)
+        return answer
+
+    @staticmethod
+    def _enqueue_call(
+        provider: str | CancellationRequest,
+        subscription: Mapping[str, Any] | None,
+        *,
+        reason: Reason | None,
+        callback_url: str | None,
+        idempotency_key: str | None,
+        metadata: Mapping[str, Any] | None,
+    ) -> _Call:
+        if isinstance(provider, CancellationRequest):
+            request = provider
+        else:
+            try:
+                request = CancellationRequest.model_validate({
+                    "provider": provider, "subscription": dict(subscription or {}),
+                    "reason": reason, "callback_url": callback_url,
+                    "idempotency_key": idempotency_key, "metadata": dict(metadata or {}),
+                })
+            except ValidationError as exc:
+                errors = [FieldError(**e) for e in field_errors(exc)]
+                problem = Problem(title="Invalid request (checked by the client)", status=422,
+                                  detail="invalid fields: " + ", ".join(e.field for e in errors), errors=errors)
+                raise ValidationFailed(422, problem) from None
+        if request.idempotency_key is None:
+            # The key that makes retrying this enqueue safe.
+            request = request.model_copy(update={"idempotency_key": f"client:{uuid.uuid4().hex}"})
+        return _Call("POST", "/v1/cancellations", request.model_dump(mode="json", exclude_none=True))
+
+    @staticmethod
+    def _enqueued(answer: _Answer) -> Enqueued:
+        how = answer.headers.get("cancelflow-enqueue", "created")
+        return Enqueued(job=JobRecord.model_validate(answer.json()), how=how)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _list_call(
+        provider: str | None,
+        status: Status | str | Collection[Status | str] | None,
+        created_after: datetime | None,
+        created_before: datetime | None,
+        limit: int,
+        cursor: str | None,
+    ) -> _Call:
+        query: list[tuple[str, str]] = [("limit", str(limit))]
+        if provider:
+            query.append(("provider", provider))
+        statuses = [status] if isinstance(status, str) else list(status or [])
+        query += [("status", str(s)) for s in statuses]
+        if created_after:
+            query.append(("created_after", created_after.isoformat()))
+        if created_before:
+            query.append(("created_before", created_before.isoformat()))
+        if cursor:
+            query.append(("cursor", cursor))
+        return _Call("GET", "/v1/cancellations", query=query)
+
+
+def _lower(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers}
+
+
+def _path(job_id: str) -> str:
+    return f"/v1/cancellations/{urllib.parse.quote(job_id, safe='')}"
+
+
+# --- blocking -------------------------------------------------------------------------------
+
+
+class CancelflowClient(_Base):
+    """The blocking client (standard library HTTP); safe to share between threads."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Nothing to release (one connection per request); here for symmetry."""
+
+    def enqueue(
+        self,
+        provider: str | CancellationRequest,
+        subscription: Mapping[str, Any] | None = None,
+        *,
+        reason: Reason | None = None,
+        callback_url: str | None = None,
+        idempotency_key: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Enqueued:
+        """Queue a cancellation (or a whole ``CancellationRequest``); the job and whether it
+        was ``created``, an ``existing`` one (same key) or ``joined`` (already in flight)."""
+        call = self._enqueue_call(provider, subscription, reason=reason, callback_url=callback_url,
+                                  idempotency_key=idempotency_key, metadata=metadata)
+        return self._enqueued(self._call(call))
+
+    def get(self, job_id: str) -> JobRecord:
+        """The job record; ``NotFound`` if there is none."""
+        return JobRecord.model_validate(self._call(_Call("GET", _path(job_id))).json())
+
+    def decide(
+        self, job_id: str, decision: Literal["accept", "reject"], *, survey: Mapping[str, Any] | None = None
+    ) -> JobRecord:
+        """Answer a retention offer; ``Conflict`` if the job is not awaiting a decision."""
+        wanted = Decision(decision=decision, survey=dict(survey) if survey is not None else None)
+        call = _Call("POST", f"{_path(job_id)}/decision", wanted.model_dump(mode="json"))
+        try:
+            return JobRecord.model_validate(self._call(call).json())
+        except Conflict:
+            # A retried decision whose first attempt went through (its answer was lost).
+            job = self.get(job_id)
+            if job.decision is not None and job.decision.decision == decision:
+                return job
+            raise
+
+    def wait(
+        self,
+        job_id: str,
+        timeout: float = 60.0,
+        *,
+        until: Collection[Status] = FINAL_STATUSES,
+        poll_s: float = 0.25,
+    ) -> JobRecord:
+        """Poll the job until its status is in ``until`` (final by default); ``WaitTimeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.get(job_id)
+            if job.status in until:
+                return job
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WaitTimeout(job, timeout)
+            time.sleep(min(poll_s, left))
+            poll_s = min(poll_s * 1.5, 5.0)
+
+    def list(
+        self,
+        *,
+        provider: str | None = None,
+        status: Status | str | Collection[Status | str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> JobPage:
+        """One page of jobs, newest first."""
+        call = self._list_call(provider, status, created_after, created_before, limit, cursor)
+        return JobPage.model_validate(self._call(call).json())
+
+    def iter_jobs(self, **filters: Any) -> Iterator[JobSummary]:
+        """Every job the filters match, page after page."""
+        cursor = None
+        while True:
+            page = self.list(**filters, cursor=cursor)
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def stats(self, *, since_s: float = 24 * 3600) -> Stats:
+        """Counts of the jobs created in the last ``since_s`` seconds, by provider and status."""
+        return Stats.model_validate(self._call(_Call("GET", "/v1/stats", query=[("since_s", str(since_s))])).json())
+
+    def _call(self, call: _Call) -> _Answer:
+        attempt = 0
+        while True:
+            try:
+                return self._check(self._send(call))
+            except (TransportError, ApiError) as exc:
+                delay = self._delay(attempt, exc)
+                if delay is None:
+                    raise
+            time.sleep(delay)
+            attempt += 1
+
+    def _send(self, call: _Call) -> _Answer:
+        data = json.dumps(call.body).encode() if call.body is not None else None
+        request = urllib.request.Request(self._url(call), data=data, method=call.method, headers=self._headers(call))  # noqa: S310 - http(s) checked in __init__
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:  # noqa: S310
+                return _Answer(resp.status, _lower(resp.headers.items()), resp.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return _Answer(exc.code, _lower(exc.headers.items()), exc.read())
+        except (urllib.error.URLError, HTTPException, OSError) as exc:
+            raise TransportError(f"{call.method} {call.path}: {type(exc).__name__}: {exc}") from exc
+
+
+# --- asyncio --------------------------------------------------------------------------------
+
+
+class AsyncCancelflowClient(_Base):
+    """The asyncio client: one aiohttp session, opened on first use; close it with
+    ``async with`` or ``await client.aclose()``."""
+
+    _session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def enqueue(
+        self,
+        provider: str | CancellationRequest,
+        subscription: Mapping[str, Any] | None = None,
+        *,
+        reason: Reason | None = None,
+        callback_url: str | None = None,
+        idempotency_key: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Enqueued:
+        """As ``CancelflowClient.enqueue``."""
+        call = self._enqueue_call(provider, subscription, reason=reason, callback_url=callback_url,
+                                  idempotency_key=idempotency_key, metadata=metadata)
+        return self._enqueued(await self._call(call))
+
+    async def get(self, job_id: str) -> JobRecord:
+        """As ``CancelflowClient.get``."""
+        return JobRecord.model_validate((await self._call(_Call("GET", _path(job_id)))).json())
+
+    async def decide(
+        self, job_id: str, decision: Literal["accept", "reject"], *, survey: Mapping[str, Any] | None = None
+    ) -> JobRecord:
+        """As ``CancelflowClient.decide``."""
+        wanted = Decision(decision=decision, survey=dict(survey) if survey is not None else None)
+        call = _Call("POST", f"{_path(job_id)}/decision", wanted.model_dump(mode="json"))
+        try:
+            return JobRecord.model_validate((await self._call(call)).json())
+        except Conflict:
+            job = await self.get(job_id)
+            if job.decision is not None and job.decision.decision == decision:
+                return job
+            raise
+
+    async def wait(
+        self,
+        job_id: str,
+        timeout: float = 60.0,
+        *,
+        until: Collection[Status] = FINAL_STATUSES,
+        poll_s: float = 0.25,
+    ) -> JobRecord:
+        """As ``CancelflowClient.wait``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = await self.get(job_id)
+            if job.status in until:
+                return job
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WaitTimeout(job, timeout)
+            await asyncio.sleep(min(poll_s, left))
+            poll_s = min(poll_s * 1.5, 5.0)
+
+    async def list(
+        self,
+        *,
+        provider: str | None = None,
+        status: Status | str | Collection[Status | str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> JobPage:
+        """As ``CancelflowClient.list``."""
+        call = self._list_call(provider, status, created_after, created_before, limit, cursor)
+        return JobPage.model_validate((await self._call(call)).json())
+
+    async def iter_jobs(self, **filters: Any) -> AsyncIterator[JobSummary]:
+        """As ``CancelflowClient.iter_jobs``."""
+        cursor = None
+        while True:
+            page = await self.list(**filters, cursor=cursor)
+            for item in page.items:
+                yield item
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    async def stats(self, *, since_s: float = 24 * 3600) -> Stats:
+        """As ``CancelflowClient.stats``."""
+        answer = await self._call(_Call("GET", "/v1/stats", query=[("since_s", str(since_s))]))
+        return Stats.model_validate(answer.json())
+
+    async def _call(self, call: _Call) -> _Answer:
+        attempt = 0
+        while True:
+            try:
+                return self._check(await self._send(call))
+            except (TransportError, ApiError) as exc:
+                delay = self._delay(attempt, exc)
+                if delay is None:
+                    raise
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def _send(self, call: _Call) -> _Answer:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        data = json.dumps(call.body).encode() if call.body is not None else None
+        try:
+            async with self._session.request(call.method, self._url(call), data=data, headers=self._headers(call)) as resp:
+                return _Answer(resp.status, _lower(resp.headers.items()), await resp.read())
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise TransportError(f"{call.method} {call.path}: {type(exc).__name__}: {exc}") from exc

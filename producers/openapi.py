@@ -1,0 +1,225 @@
+"""``/openapi.json``: the API described by the pydantic models that validate its requests and
+shape its answers (``model_json_schema``), so the document cannot drift from the code."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
+
+from cancelflow.contract import CancellationRequest, Decision, JobRecord
+from cancelflow.dead_letters import DeadLetter, DeadLetterFilter
+from cancelflow.providers import REGISTRY
+from producers.problems import PROBLEM_TYPE
+from producers.schemas import (
+    BillingEvent,
+    BillingResult,
+    DeadLetterPage,
+    Health,
+    JobPage,
+    JobQuery,
+    Problem,
+    Replayed,
+    Stats,
+    StatsQuery,
+)
+
+JSON = "application/json"
+REF = "#/components/schemas/{model}"
+
+_ERRORS = {
+    400: "the body is not JSON",
+    401: "no token, or not one of ours",
+    403: "the token is read-only",
+    404: "no such job or dead letter",
+    409: "conflict (see the detail)",
+    413: "the body is larger than the limit",
+    422: "invalid fields, each listed in `errors`",
+    429: "the token's rate limit is spent: wait `Retry-After` seconds",
+    503: "not ready",
+}
+
+
+def _models() -> list[tuple[type[BaseModel], JsonSchemaMode]]:
+    requests: list[type[BaseModel]] = [CancellationRequest, Decision, BillingEvent, JobQuery, StatsQuery, DeadLetterFilter]
+    answers: list[type[BaseModel]] = [JobRecord, JobPage, Problem, DeadLetter, DeadLetterPage, Replayed, Health, Stats, BillingResult]
+    refs = [spec.reference for spec in REGISTRY.values()]
+    return [*((m, "validation") for m in (*requests, *refs)), *((m, "serialization") for m in answers)]
+
+
+def document(*, max_body_bytes: int) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the API."""
+    keys, defs = models_json_schema(_models(), ref_template=REF)
+    schemas = defs.get("$defs", {})
+    ref = {model: value["$ref"] for (model, _mode), value in keys.items()}
+
+    def body(model: type[BaseModel], description: str) -> dict[str, Any]:
+        return {"required": True, "description": f"{description} At most {max_body_bytes} bytes.",
+                "content": {JSON: {"schema": {"$ref": ref[model]}}}}
+
+    def answer(model: type[BaseModel] | None, description: str, **headers: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"description": description}
+        if model is not None:
+            out["content"] = {JSON: {"schema": {"$ref": ref[model]}}}
+        if headers:
+            out["headers"] = headers
+        return out
+
+    def errors(*codes: int) -> dict[str, Any]:
+        out = {}
+        for code in codes:
+            item: dict[str, Any] = {"description": _ERRORS[code], "content": {PROBLEM_TYPE: {"schema": {"$ref": ref[Problem]}}}}
+            if code == 429:
+                item["headers"] = {"Retry-After": {"required": True, "description": "seconds", "schema": {"type": "integer", "minimum": 1}}}
+            if code == 401:
+                item["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
+            out[str(code)] = item
+        return out
+
+    def params(model: type[BaseModel]) -> list[dict[str, Any]]:
+        return _query_parameters(schemas[model.__name__])
+
+    job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}, "example": "job_" + "0" * 32}
+    dl_id = {"name": "dl_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    read = (401, 429)
+    write = (401, 403, 429)
+    public: list[dict[str, Any]] = []
+    paths: dict[str, Any] = {
+        "/v1/cancellations": {
+            "post": {
+                "operationId": "createCancellation",
+                "summary": "Queue a cancellation",
+                "description": "The same `idempotency_key` with the same body returns the same job (200-class, `Cancelflow-Enqueue: existing`); with another body, 409. A request for a subscription whose job is in flight joins it (`Cancelflow-Enqueue: joined`).",
+                "requestBody": body(CancellationRequest, "`subscription` is the provider's reference (see the `*Ref` schemas)."),
+                "responses": {
+                    "202": answer(JobRecord, "the job (new, repeated or joined)",
+                                  Location={"required": True, "schema": {"type": "string"}},
+                                  **{"Cancelflow-Enqueue": {"required": True, "schema": {"type": "string", "enum": ["created", "existing", "joined"]}}}),
+                    **errors(400, *write, 409, 413, 422),
+                },
+            },
+            "get": {
+                "operationId": "listCancellations",
+                "summary": "List jobs, newest first",
+                "description": "Filters combine. Follow `next_cursor` (with the same filters) until it is null; a page may be short, even empty, while it is not.",
+                "parameters": params(JobQuery),
+                "responses": {"200": answer(JobPage, "one page of jobs"), **errors(*read, 422)},
+            },
+        },
+        "/v1/cancellations/{job_id}": {
+            "get": {
+                "operationId": "getCancellation",
+                "summary": "A job: status, outcome, timeline, callback attempts",
+                "parameters": [job_id],
+                "responses": {"200": answer(JobRecord, "the job"), **errors(*read, 404)},
+            },
+        },
+        "/v1/cancellations/{job_id}/decision": {
+            "post": {
+                "operationId": "decideCancellation",
+                "summary": "The customer's answer to a retention offer",
+                "parameters": [job_id],
+                "requestBody": body(Decision, "Accept (the job ends `retained`) or reject (it goes on to confirm)."),
+                "responses": {"202": answer(JobRecord, "the job after the decision"), **errors(400, *write, 404, 409, 413, 422)},
+            },
+        },
+        "/v1/stats": {
+            "get": {
+                "operationId": "getStats",
+                "summary": "Counts of recent jobs by provider and status, dead letters, billing events",
+                "parameters": params(StatsQuery),
+                "responses": {"200": answer(Stats, "the counts"), **errors(*read, 422)},
+            },
+        },
+        "/v1/billing-events": {
+            "post": {
+                "operationId": "postBillingEvent",
+                "summary": "A billing event, mapped to a cancellation by the billing rules",
+                "description": "Signed, not token-authenticated: `Cancelflow-Signature: t=<unix>,v1=<hex HMAC-SHA256 of \"<t>.<body>\">` under the billing secret. The event id is the idempotency key: a redelivered event returns its first job.",
+                "security": [{"billingSignature": []}],
+                "requestBody": body(BillingEvent, "The event."),
+                "responses": {
+                    "200": answer(BillingResult, "no rule matches: ignored (and counted)"),
+                    "202": answer(BillingResult, "a job was created, or the event's job already exists"),
+                    **errors(400, 401, 413, 429),
+                    "422": {"description": "the event cannot make a valid request: dead-lettered", "content": {PROBLEM_TYPE: {"schema": {"$ref": ref[Problem]}}}},
+                    **errors(503),
+                },
+            },
+        },
+        "/v1/dead-letters": {
+            "get": {
+                "operationId": "listDeadLetters",
+                "summary": "Dead letters, newest first",
+                "parameters": [*params(DeadLetterFilter), {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 1000}}],
+                "responses": {"200": answer(DeadLetterPage, "the dead letters"), **errors(*read, 422)},
+            },
+        },
+        "/v1/dead-letters/{dl_id}": {
+            "get": {
+                "operationId": "getDeadLetter",
+                "parameters": [dl_id],
+                "responses": {"200": answer(DeadLetter, "the dead letter"), **errors(*read, 404)},
+            },
+            "delete": {
+                "operationId": "deleteDeadLetter",
+                "parameters": [dl_id],
+                "responses": {"204": answer(None, "purged"), **errors(*write, 404)},
+            },
+        },
+        "/v1/dead-letters/{dl_id}/replay": {
+            "post": {
+                "operationId": "replayDeadLetter",
+                "parameters": [dl_id],
+                "responses": {"202": answer(Replayed, "replayed from the step it failed at"), **errors(*write, 404, 409)},
+            },
+        },
+        "/healthz": {"get": {"operationId": "healthz", "security": public, "responses": {"200": answer(Health, "alive")}}},
+        "/readyz": {
+            "get": {"operationId": "readyz", "security": public,
+                    "responses": {"200": answer(Health, "Redis answers"), **errors(503)}},
+        },
+        "/openapi.json": {
+            "get": {"operationId": "openapi", "security": public,
+                    "responses": {"200": {"description": "this document", "content": {JSON: {"schema": {"type": "object"}}}}}},
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Cancelflow",
+            "version": "1",
+            "description": "Cancels subscriptions at third-party providers. Errors are `application/problem+json` (RFC 9457).",
+        },
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "`token` (read and write) or a read-only token"},
+                "billingSignature": {"type": "apiKey", "in": "header", "name": "Cancelflow-Signature"},
+            },
+        },
+    }
+
+
+def _query_parameters(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    """Query parameters from a model's properties; ``X | None`` is just an optional ``X``."""
+    required = set(schema.get("required", []))
+    out = []
+    for name, prop in schema.get("properties", {}).items():
+        prop = copy.deepcopy(prop)
+        for branch in prop.pop("anyOf", None) or []:
+            if branch != {"type": "null"}:
+                prop.update(branch)
+        if "default" in prop and prop["default"] is None:
+            del prop["default"]
+        param: dict[str, Any] = {"name": name, "in": "query", "required": name in required, "schema": prop}
+        if prop.get("description"):
+            param["description"] = prop["description"]
+        if prop.get("type") == "array":
+            param.update(style="form", explode=True)
+        out.append(param)
+    return out

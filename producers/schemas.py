@@ -1,0 +1,154 @@
+"""The API's own request and response models, beside the contract's.
+
+They validate what the API reads, shape what it answers, type what the Python client returns,
+and are where ``/openapi.json`` comes from: one definition for all four.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cancelflow.contract import JobRecord, OutcomeType, Status
+from cancelflow.dead_letters import DeadLetter
+
+MAX_PAGE = 500
+
+
+class FieldError(BaseModel):
+    """One invalid field: its dotted path (``subscription.account_id``) and what is wrong."""
+
+    field: str
+    message: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, as every error is answered (``application/problem+json``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str | None = None
+    # 422: every invalid field.
+    errors: list[FieldError] | None = None
+    # 409: the job the idempotency key belongs to.
+    job_id: str | None = None
+    # 429: seconds to wait (also in the Retry-After header, rounded up).
+    retry_after: float | None = None
+    # A billing event that was dead-lettered.
+    dead_letter_id: str | None = None
+
+
+Enqueue = Literal["created", "existing", "joined"]
+
+
+class JobSummary(BaseModel):
+    """A job as ``GET /v1/cancellations`` lists it (the whole record is one GET away)."""
+
+    id: str
+    provider: str
+    subscription: dict[str, Any]
+    status: Status
+    outcome: OutcomeType | None = None
+    idempotency_key: str | None = None
+    created_at: str
+    updated_at: str
+
+
+class JobPage(BaseModel):
+    """One page of jobs, newest first; follow ``next_cursor`` until it is null. A page may
+    hold fewer than ``limit`` items (even none) while the cursor goes on: each request reads
+    a bounded stretch of the index."""
+
+    items: list[JobSummary]
+    next_cursor: str | None = None
+
+
+class JobQuery(BaseModel):
+    """Filters of ``GET /v1/cancellations``; every one is optional."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    provider: str | None = Field(default=None, min_length=1, max_length=64)
+    status: list[Status] | None = Field(default=None, description="one or more (repeat the parameter, or separate with commas)")
+    created_after: datetime | None = Field(default=None, description="inclusive, ISO 8601 (UTC if no offset)")
+    created_before: datetime | None = Field(default=None, description="exclusive, ISO 8601 (UTC if no offset)")
+    limit: int = Field(default=50, ge=1, le=MAX_PAGE)
+    cursor: str | None = Field(default=None, max_length=200)
+
+    @field_validator("created_after", "created_before")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class StatsQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    since_s: float = Field(default=24 * 3600.0, gt=0, le=31 * 24 * 3600, description="count the jobs created in the last this many seconds")
+
+
+class Stats(BaseModel):
+    """Live counts for ``cancelflow watch``."""
+
+    since: str
+    jobs: dict[str, dict[str, int]] = Field(description="provider -> status -> jobs created since ``since``")
+    total: int
+    dead_letters: int
+    billing: dict[str, int] = Field(default_factory=dict, description="billing events by result, ever")
+    billing_ignored: dict[str, int] = Field(default_factory=dict, description="ignored billing events by type, ever")
+
+
+class DeadLetterPage(BaseModel):
+    items: list[DeadLetter]
+
+
+class Replayed(BaseModel):
+    replayed: str
+    job_id: str | None = None
+    next: str | None = None
+
+
+class Health(BaseModel):
+    status: str
+    providers: list[str] | None = None
+
+
+class BillingEvent(BaseModel):
+    """What a billing system publishes: ``{"id", "type", "data": {…}}``; more top-level fields
+    are kept, and rules may read any of them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(min_length=1, max_length=200, description="unique per event: a redelivered event carries the same id")
+    type: str = Field(min_length=1, max_length=200, examples=["payment.final_failure"])
+    created_at: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+BillingOutcome = Literal["enqueued", "joined", "duplicate", "ignored", "dead_lettered"]
+
+
+class BillingResult(BaseModel):
+    """What became of one billing event."""
+
+    event_id: str | None
+    event_type: str | None = None
+    result: BillingOutcome
+    rule: str | None = None
+    job_id: str | None = None
+    dead_letter_id: str | None = None
+    errors: list[FieldError] = Field(default_factory=list)
+
+
+class Enqueued(BaseModel):
+    """The client's answer to an enqueue: the job, and whether it is new."""
+
+    job: JobRecord
+    how: Enqueue

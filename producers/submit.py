@@ -1,0 +1,73 @@
+"""Turning a cancellation request into a queued job: validate, record, send the first step.
+
+The one way producers (the API, the billing consumer) create jobs, so each gets the same
+validation and the same at-least-once guarantee.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from pydantic import ValidationError
+
+from cancelflow.contract import CancellationRequest, Status, Step
+from cancelflow.logging import get_logger
+from cancelflow.messaging import send_step
+from cancelflow.providers import REGISTRY
+from cancelflow.settings import Settings
+from cancelflow.steps import Deps
+from cancelflow.store import Created
+from producers.problems import field_errors
+
+log = get_logger(__name__)
+
+
+def _sent_key(job_id: str) -> str:
+    return f"cf:sent:{job_id}"
+
+
+def validate_request(body: Any, settings: Settings) -> CancellationRequest | list[dict[str, str]]:
+    """The request, or the list of invalid fields (provider reference included)."""
+    try:
+        req = CancellationRequest.model_validate(body)
+    except ValidationError as exc:
+        return field_errors(exc)
+    spec = REGISTRY.get(req.provider)
+    if spec is None:
+        return [{"field": "provider", "message": f"unknown provider; one of {sorted(REGISTRY)}"}]
+    try:
+        conf = settings.provider(req.provider)
+    except KeyError:
+        return [{"field": "provider", "message": f"provider {req.provider!r} is not configured"}]
+    try:
+        spec.reference.model_validate(req.subscription)
+    except ValidationError as exc:
+        return field_errors(exc, prefix=("subscription",))
+    if req.callback_url is not None and conf.callback_secret is None:
+        return [{"field": "callback_url", "message": "the provider has no callback secret configured; callbacks are always signed"}]
+    return req
+
+
+async def submit(deps: Deps, celery: Celery, request: CancellationRequest) -> Created:
+    """Create the job (or find the one it repeats or joins) and make sure its first step is sent.
+
+    Raises ``IdempotencyConflict`` when the key was used with another body. A producer that
+    died between recording a job and sending its first step left it ``queued`` with nothing
+    sent: the retried request (same idempotency key) sends it then.
+    """
+    identity = REGISTRY[request.provider].reference.model_validate(request.subscription).identity()
+    created = await deps.store.create(request, identity=identity)
+    job = created.job
+    first = created.how == "created"
+    if not first and created.how == "existing" and job.status is Status.QUEUED:
+        # Sending twice is harmless (a step that finds its job moved on does nothing) and
+        # is only possible while a first sender is between recording and sending.
+        first = not await deps.store.redis.exists(_sent_key(job.id))
+        if first:
+            log.warning("job.first_step.resent", job_id=job.id)
+    if first:
+        send_step(celery, Step.ELIGIBILITY, job.id, request.provider)
+        await deps.store.redis.set(_sent_key(job.id), "1", ex=deps.settings.idempotency_ttl_s)
+        log.info("job.enqueued", job_id=job.id, provider=request.provider)
+    return created
