@@ -40,6 +40,8 @@ class WorkerSettings(BaseModel):
     # Redis redelivers a message not acknowledged within this many seconds (a worker died).
     # Every countdown and task time limit is kept well under it: see ``limits()``.
     visibility_timeout_s: int = Field(default=3600, ge=10)
+    # How often beat looks for parked jobs past their decision deadline.
+    decision_sweep_s: float = Field(default=30.0, gt=0)
 
 
 class CallbackSettings(BaseModel):

@@ -60,17 +60,55 @@ PAYWAY_NOT_ELIGIBLE = (
     "not_web_originated",
 )
 
-CASES: list[Case] = [
-    Case("payway", "immediate", "cancelled", {"cancellation_reason_id": PAYWAY_REASON}),
-    Case("payway", "end_of_period", "cancelled", {"cancellation_reason_id": PAYWAY_REASON}),
-    Case("payway", "autogiro", "cancelled", {"cancellation_reason_id": PAYWAY_REASON}),
-    Case("payway", "end_of_period_with_credit", "cancelled", {"cancellation_reason_id": PAYWAY_REASON}),
-    Case("payway", "already_cancelled", "already_cancelled", {"cancellation_reason_id": PAYWAY_REASON}),
-    *(Case("payway", reason, "not_eligible", {"cancellation_reason_id": PAYWAY_REASON}) for reason in PAYWAY_NOT_ELIGIBLE),
-    Case("payway", "bad account id", "422", body={"provider": "payway", "subscription": {"account_id": "not-hex", "user_product_id": "5cb80481b000000000000001", "cancellation_reason_id": PAYWAY_REASON}}),
-    Case("payway", "missing fields", "422", body={"provider": "payway", "subscription": {}}),
-    Case("payway", "unknown provider", "422", body={"provider": "acme", "subscription": {"id": "1"}}),
-]
+def _cases() -> list[Case]:
+    payway = {"cancellation_reason_id": PAYWAY_REASON}
+    return [
+        Case("payway", "immediate", "cancelled", payway),
+        Case("payway", "end_of_period", "cancelled", payway),
+        Case("payway", "autogiro", "cancelled", payway),
+        Case("payway", "end_of_period_with_credit", "cancelled", payway),
+        Case("payway", "already_cancelled", "already_cancelled", payway),
+        *(Case("payway", reason, "not_eligible", payway) for reason in PAYWAY_NOT_ELIGIBLE),
+        Case("azotte", "processed", "cancelled"),
+        Case("azotte", "offer", "retained", decision="accept"),
+        Case("azotte", "offer", "cancelled", decision="reject"),
+        Case("azotte", "presentation", "cancelled", decision="reject"),
+        Case("azotte", "app_store", "pending_provider_confirmation"),
+        Case("azotte", "play_store", "pending_provider_confirmation"),
+        Case("azotte", "third_party", "pending_provider_confirmation"),
+        Case("azotte", "already_cancelled", "already_cancelled"),
+        Case("azotte", "not_found", "not_found"),
+        Case("appdirect", "active", "cancelled"),
+        Case("appdirect", "free_trial", "cancelled"),
+        Case("appdirect", "cancelled", "already_cancelled"),
+        Case("appdirect", "not_found", "not_found"),
+        Case("axelspringer", "created", "cancelled"),
+        Case("axelspringer", "redeemed", "cancelled"),
+        Case("axelspringer", "canceled", "already_cancelled"),
+        Case("axelspringer", "unknown", "not_found"),
+        Case("payway", "bad account id", "422", body={"provider": "payway", "subscription": {"account_id": "not-hex", "user_product_id": "5cb80481b000000000000001", "cancellation_reason_id": PAYWAY_REASON}}),
+        Case("payway", "missing fields", "422", body={"provider": "payway", "subscription": {}}),
+        Case("azotte", "bad method", "422", body={"provider": "azotte", "subscription": {"order_identifier": "or_1", "cancelation_method": "Sometime"}}),
+        Case("acme", "unknown provider", "422", body={"provider": "acme", "subscription": {"id": "1"}}),
+    ]
+
+
+# How each provider's sandbox reference becomes the request's subscription.
+REFERENCE_FIELD = {"azotte": "order_identifier", "appdirect": "subscription_id", "axelspringer": "purchase_ref"}
+# Kinds that exist by not existing: a fresh id the sandbox has never seen.
+UNKNOWN_KINDS = {"not_found", "unknown"}
+
+
+def _subscription(sandbox_url: str, case: Case) -> dict[str, Any]:
+    if case.kind in UNKNOWN_KINDS:
+        return {REFERENCE_FIELD[case.provider]: f"unknown-{secrets.token_hex(6)}"}
+    status, created = http_json("POST", f"{sandbox_url}/{case.provider}/_sandbox/subscriptions", {"count": 1, "kind": case.kind})
+    if status != 200:
+        raise RuntimeError(f"sandbox refused to create a {case.provider} {case.kind}: {created}")
+    ref = created["references"][0]
+    if isinstance(ref, dict):
+        return {**ref, **case.extra}
+    return {REFERENCE_FIELD[case.provider]: ref, **case.extra}
 
 
 def _outcome_text(job: dict[str, Any]) -> str:
@@ -130,15 +168,17 @@ def run_demo(*, keep_logs: bool = False) -> int:
     return 0 if ok else 1
 
 
+def _decision(case: Case) -> str:
+    return f" + {case.decision}" if case.decision else ""
+
+
 def _run_cases(sandbox_url: str, api_url: str, token: str) -> bool:
     rows: list[tuple[Case, int, Any]] = []
-    for case in CASES:
+    for case in _cases():
         if case.body is not None:
             status, answer = http_json("POST", f"{api_url}/v1/cancellations", case.body, token=token)
         else:
-            status, created = http_json("POST", f"{sandbox_url}/{case.provider}/_sandbox/subscriptions", {"count": 1, "kind": case.kind})
-            assert status == 200, created
-            subscription = {**created["references"][0], **case.extra}
+            subscription = _subscription(sandbox_url, case)
             status, answer = http_json(
                 "POST", f"{api_url}/v1/cancellations",
                 {"provider": case.provider, "subscription": subscription, "reason": {"code": "too_expensive", "comment": "demo"},
@@ -161,23 +201,23 @@ def _run_cases(sandbox_url: str, api_url: str, token: str) -> bool:
 
     table = Table(title="Cancelflow demo: every outcome", show_lines=False)
     for col in ("#", "provider", "input", "job", "status", "outcome", "callback", "ok"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     all_ok = True
     for i, (case, status, answer) in enumerate(rows):
         if status != 202:
             fields = ", ".join(e["field"] for e in (answer or {}).get("errors", []))
             good = case.expect == str(status)
-            table.add_row(str(i + 1), case.provider, case.kind, "-", f"rejected {status}", fields or str(answer), "-", "✓" if good else "✗")
+            table.add_row(str(i + 1), case.provider, case.kind + _decision(case), "-", f"rejected {status}", fields or str(answer), "-", "✓" if good else "✗")
         else:
             job = finals.get(i)
             if job is None:
                 good = False
-                table.add_row(str(i + 1), case.provider, case.kind, answer["id"], "unfinished", "-", "-", "✗")
+                table.add_row(str(i + 1), case.provider, case.kind + _decision(case), answer["id"], "unfinished", "-", "-", "✗")
             else:
                 outcome = (job.get("outcome") or {}).get("type")
                 good = outcome == case.expect and (case.expect != "not_eligible" or job["outcome"]["reason"] == case.kind)
                 cb = job["callbacks"][-1]
-                table.add_row(str(i + 1), case.provider, case.kind, job["id"], job["status"], _outcome_text(job), cb["result"], "✓" if good else "✗")
+                table.add_row(str(i + 1), case.provider, case.kind + _decision(case), job["id"], job["status"], _outcome_text(job), cb["result"], "✓" if good else "✗")
         all_ok &= good
     console.print(table)
     console.print("[bold green]every outcome as expected[/]" if all_ok else "[bold red]some outcomes were not as expected[/]")

@@ -6,6 +6,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -29,10 +30,10 @@ def _with_db(url: str, db: int) -> str:
     return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, ""))
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
+@contextmanager
+def locked_db() -> Iterator[str]:
     """A Redis DB no other test session uses at the same time (developers run suites in
-    parallel on one server), flushed before use."""
+    parallel on one server), flushed before and after use."""
     base = _with_db(BASE_REDIS_URL, 0)
     if not redis_answers(base):
         pytest.fail(f"no Redis answers at {BASE_REDIS_URL}: run the tests with `make test`, which starts one")
@@ -49,6 +50,12 @@ def redis_url() -> Iterator[str]:
                 admin.delete(lock)
             return
     pytest.fail("every Redis DB 1-15 is locked by another test session")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    with locked_db() as url:
+        yield url
 
 
 @pytest.fixture
@@ -110,8 +117,12 @@ StartSystem = Callable[..., System]
 def start_system(redis_url: str, sandbox: Sandbox, log_dir: Path) -> Iterator[StartSystem]:
     """Start an API and a worker with the given extra settings; all stopped at session end."""
     groups: list[ProcessGroup] = []
+    dbs = ExitStack()
 
-    def start(*, workers: int = 1, concurrency: int = 16, worker_args: tuple[str, ...] = (), db_url: str | None = None, **extra: str) -> System:
+    def start(*, workers: int = 1, concurrency: int = 16, worker_args: tuple[str, ...] = (), db_url: str | None = None, isolated: bool = False, **extra: str) -> System:
+        """``isolated``: on a Redis DB of its own, so no other system's worker takes its jobs."""
+        if isolated:
+            db_url = dbs.enter_context(locked_db())
         env = system_env(db_url or redis_url, sandbox, **extra)
         procs = ProcessGroup(env=env, log_dir=log_dir / f"system-{len(groups)}")
         groups.append(procs)
@@ -132,6 +143,7 @@ def start_system(redis_url: str, sandbox: Sandbox, log_dir: Path) -> Iterator[St
     finally:
         for g in groups:
             g.stop_all()
+        dbs.close()
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import os
 import tempfile
 from typing import Any
 
+import structlog
 from celery import signals
 
 from cancelflow.logging import configure_logging
@@ -21,7 +22,11 @@ app.conf.broker_transport = "worker.transport:Transport"
 app.conf.beat_schedule_filename = os.path.join(tempfile.gettempdir(), f"cancelflow-beat-{os.getpid()}")
 app.conf.beat_schedule = {
     # Jobs parked on a retention offer past their deadline get their default action.
-    "expire-decisions": {"task": "cancelflow.expire_decisions", "schedule": 30.0},
+    "expire-decisions": {
+        "task": "cancelflow.expire_decisions",
+        "schedule": settings.worker.decision_sweep_s,
+        "options": {"queue": "maintenance", "expires": settings.worker.decision_sweep_s},
+    },
 }
 
 
@@ -29,6 +34,13 @@ app.conf.beat_schedule = {
 def _setup_logging(**_: Any) -> None:
     # Connecting here stops Celery from installing its own handlers: one format for all.
     configure_logging(fmt=settings.log_format, level=settings.log_level)
+
+
+@signals.task_prerun.connect
+def _fresh_log_context(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    # Threads are reused across tasks: no task's job id may ride on the next one's lines.
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(task_id=task_id, task=getattr(task, "name", None))
 
 
 @signals.worker_shutdown.connect

@@ -62,7 +62,6 @@ async def _bound(coro: Coroutine[Any, Any, Any], **context: Any) -> Any:
 
 def run_step(task: Task, step: Step, call: StepCall, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     rt = _runtime()
-    structlog.contextvars.clear_contextvars()
     context = {"task_id": task.request.id, "step": step.value}
     try:
         job_id, extra = _parse(step, args, kwargs)
