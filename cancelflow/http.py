@@ -24,11 +24,13 @@ from cancelflow.errors import (
     ProviderTimeout,
     ProviderUnavailable,
 )
+from cancelflow.guard import ProviderGuard, classify
 from cancelflow.logging import get_logger
 
 log = get_logger(__name__)
 
-# An observer gets (provider, method, status or error type, seconds); metrics plug in here.
+# An observer gets (provider, HTTP method, status or error kind, seconds); metrics plug in
+# here. Paths are left out: they carry subscription ids, one label value per subscription.
 CallObserver = Callable[[str, str, str, float], None]
 
 
@@ -80,7 +82,9 @@ class ProviderHttp:
         base_url: str,
         timeout_s: float,
         observer: CallObserver | None = None,
+        guard: ProviderGuard | None = None,
     ) -> None:
+        self._guard = guard
         self._session = session
         self.provider = provider
         self.base_url = base_url.rstrip("/")
@@ -101,13 +105,35 @@ class ProviderHttp:
         json_body: Any = None,
         data: Any = None,
         headers: Mapping[str, str] | None = None,
-        auth: aiohttp.BasicAuth | None = None,
     ) -> HttpResponse:
         """Send one request. Answers below 500 (but 429) are returned for the adapter to read;
-        timeouts, connection failures, 5xx and 429 are raised as retryable errors."""
+        timeouts, connection failures, 5xx and 429 are raised as retryable errors. The
+        provider's guard (shared limits, circuit breaker) admits the call first."""
+        if self._guard is None:
+            return await self._send(method, path, params=params, json_body=json_body, data=data, headers=headers)
+        admission = await self._guard.admit()
+        error: BaseException | None = None
+        try:
+            return await self._send(method, path, params=params, json_body=json_body, data=data, headers=headers)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            await self._guard.release(admission, classify(error))
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None,
+        json_body: Any,
+        data: Any,
+        headers: Mapping[str, str] | None,
+    ) -> HttpResponse:
         url = self.url(path)
         started = time.perf_counter()
-        name = f"{method} {path.split('?')[0]}"
+        name = method
         try:
             async with self._session.request(
                 method,
@@ -116,7 +142,6 @@ class ProviderHttp:
                 json=json_body,
                 data=data,
                 headers=headers,
-                auth=auth,
                 timeout=self._timeout,
                 allow_redirects=False,
             ) as resp:

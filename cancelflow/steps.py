@@ -297,6 +297,26 @@ async def fail(
     )
 
 
+def attempts(job: JobRecord, step: Step) -> int:
+    """Failed attempts of ``step`` so far; a replay starts the count afresh."""
+    count = 0
+    for entry in job.timeline:
+        if entry.event == "replayed":
+            count = 0
+        elif entry.step == step.value and entry.event == "retry_scheduled":
+            count += 1
+    return count
+
+
+async def note_wait(
+    deps: Deps, job_id: str, *, step: Step, reason: dict[str, Any], delay_s: float
+) -> None:
+    """Record that a step waits on our own limits for the provider (no attempt spent)."""
+    await deps.store.record(
+        job_id, _entry(step, "waiting", 0, error=reason, details={"delay_s": round(delay_s, 3)})
+    )
+
+
 async def note_retry(
     deps: Deps, job_id: str, *, step: Step, attempt: int, error: dict[str, Any], delay_s: float
 ) -> None:

@@ -10,6 +10,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cancelflow.dead_letters import DeadLetterStore
+from cancelflow.guard import GuardLimits, ProviderGuard
 from cancelflow.http import CallObserver, ProviderHttp
 from cancelflow.providers import REGISTRY
 from cancelflow.providers.base import Provider
@@ -30,17 +31,32 @@ def redis_client(settings: Settings) -> Redis:
 
 
 def build_providers(
-    settings: Settings, session: aiohttp.ClientSession, *, observer: CallObserver | None = None
+    settings: Settings,
+    session: aiohttp.ClientSession,
+    *,
+    redis: Redis | None = None,
+    observer: CallObserver | None = None,
 ) -> dict[str, Provider]:
-    """One adapter per configured provider, all on the process's shared HTTP session."""
+    """One adapter per configured provider, all on the process's shared HTTP session, each
+    behind its guard in Redis (when a Redis is given)."""
     providers: dict[str, Provider] = {}
     for key, conf in settings.enabled_providers().items():
+        guard = None
+        if redis is not None:
+            guard = ProviderGuard(redis, key, GuardLimits(
+                calls_per_second=conf.calls_per_second,
+                max_in_flight=conf.max_in_flight,
+                breaker_failures=conf.breaker_failures,
+                breaker_cooldown_s=conf.breaker_cooldown_s,
+                lease_s=settings.limits().task_time_limit_s,
+            ))
         http = ProviderHttp(
             session,
             provider=key,
             base_url=str(conf.base_url),
             timeout_s=conf.timeout_s,
             observer=observer,
+            guard=guard,
         )
         providers[key] = REGISTRY[key].build(conf, http)
     return providers
@@ -61,6 +77,6 @@ def build_deps(
             idempotency_ttl_s=settings.idempotency_ttl_s,
         ),
         dead_letters=DeadLetterStore(redis),
-        providers=build_providers(settings, session, observer=observer) if session else {},
+        providers=build_providers(settings, session, redis=redis, observer=observer) if session else {},
         session=session,
     )

@@ -22,6 +22,7 @@ from cancelflow import steps
 from cancelflow.contract import Decision
 from cancelflow.dead_letters import DeadLetterFilter
 from cancelflow.errors import CancelflowError, JobNotFound
+from cancelflow.guard import breaker_state
 from cancelflow.logging import get_logger
 from cancelflow.messaging import create_celery, send_step
 from cancelflow.settings import Settings
@@ -101,7 +102,8 @@ async def errors_and_auth(request: web.Request, handler: Any) -> web.StreamRespo
         if request.method not in ("GET", "HEAD") and token.scope != "write":
             return problem(403, "Forbidden", "this token is read-only")
     try:
-        return await handler(request)
+        response: web.StreamResponse = await handler(request)
+        return response
     except web.HTTPRequestEntityTooLarge:
         return _too_large(request)
     except web.HTTPException as exc:
@@ -119,7 +121,7 @@ async def _rate_limited(request: web.Request, key: str) -> web.Response | None:
     """A 429 when ``key`` has spent its rate, else None."""
     try:
         verdict = await request.app[LIMITER].hit(key)
-    except Exception as exc:  # noqa: BLE001 - the limit protects; it must not take the API down
+    except Exception as exc:
         log.warning("api.rate_limit.unavailable", error=type(exc).__name__)
         return None
     if verdict.allowed:
@@ -295,6 +297,16 @@ async def delete_dead_letter(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def list_providers(request: web.Request) -> web.Response:
+    """Each configured provider's circuit breaker and in-flight calls, shared by all workers."""
+    deps = request.app[DEPS]
+    items = [
+        {"provider": key, **await breaker_state(deps.store.redis, key)}
+        for key in deps.settings.enabled_providers()
+    ]
+    return web.json_response({"items": items})
+
+
 async def healthz(_: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -302,7 +314,7 @@ async def healthz(_: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     try:
         await request.app[DEPS].store.redis.ping()
-    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+    except Exception as exc:
         return problem(503, "Not ready", f"redis unreachable: {type(exc).__name__}")
     return web.json_response({"status": "ready", "providers": sorted(request.app[DEPS].settings.enabled_providers())})
 
@@ -342,4 +354,5 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
     app.router.add_get("/v1/dead-letters/{dl_id}", get_dead_letter)
     app.router.add_post("/v1/dead-letters/{dl_id}/replay", replay_dead_letter)
     app.router.add_delete("/v1/dead-letters/{dl_id}", delete_dead_letter)
+    app.router.add_get("/v1/providers", list_providers)
     return app

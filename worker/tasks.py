@@ -3,6 +3,7 @@ the step that comes next. Retry and dead-letter decisions are made by the error'
 
 from __future__ import annotations
 
+import random
 import traceback
 from collections.abc import Callable, Coroutine
 from datetime import datetime
@@ -16,7 +17,8 @@ from cancelflow import steps
 from cancelflow.callbacks import CallbackRetryable
 from cancelflow.contract import JOB_ID_RE, Step, isoformat, utcnow
 from cancelflow.dead_letters import DeadLetter
-from cancelflow.errors import JobNotFound, ProviderAuthError, ProviderError, ProviderTimeout
+from cancelflow.errors import CircuitOpen, JobNotFound, ProviderAuthError, ProviderError, ProviderTimeout
+from cancelflow.guard import ProviderThrottled
 from cancelflow.logging import get_logger
 from cancelflow.messaging import send_step
 from cancelflow.retry import RetryPolicy
@@ -36,6 +38,9 @@ class StepTask(Task):  # type: ignore[misc]
     acks_late = True
     reject_on_worker_lost = True
     ignore_result = True
+    # No Celery cap: the RetryPolicy (for callbacks, the horizon) decides when to stop.
+    # retry(max_retries=None) means "the task's default", which Celery sets to 3.
+    max_retries = None
     # Arguments are checked by the shell, so a malformed message is dead-lettered, not
     # failed by Celery's own arity check.
     typing = False
@@ -102,17 +107,26 @@ def _retry_or_give_up(
     extra: tuple[str, ...],
 ) -> steps.Next:
     """Retry a transient failure with backoff, or end the job as the error's type says."""
-    attempt = task.request.retries
     retryable = getattr(error, "retryable", isinstance(error, CallbackRetryable))
     job = rt.run(rt.deps.store.get(job_id))
+    # Attempts are the failures recorded for this step (not Celery's retry count, which
+    # also counts waits on our own limits and knows nothing of a replay).
+    attempt = steps.attempts(job, step)
     details = error.as_dict() if isinstance(error, ProviderError) else {"type": type(error).__name__, "message": str(error)}
+    limits = rt.settings.limits()
+    if isinstance(error, CircuitOpen | ProviderThrottled):
+        # Our own protection of the provider: the job waits, no attempt is spent.
+        delay = min(limits.max_countdown_s, (error.retry_after or 1.0) + random.uniform(0, 1))
+        rt.run(steps.note_wait(rt.deps, job_id, step=step, reason=details, delay_s=delay))
+        log.warning("step.waiting", reason=details["type"], delay_s=round(delay, 3))
+        raise task.retry(countdown=delay, exc=cause, max_retries=None)
     if step is Step.CALLBACK:
         policy = _callback_policy(rt)
     else:
         conf = rt.settings.provider(job.provider)
         policy = RetryPolicy(
             base_s=conf.retry_base_s, max_attempts=conf.max_attempts, max_age_s=conf.max_age_s,
-            cap_s=rt.settings.limits().max_countdown_s,
+            cap_s=limits.max_countdown_s,
         )
     if retryable:
         age = (utcnow() - datetime.fromisoformat(job.created_at)).total_seconds()
