@@ -35,7 +35,7 @@ from cancelflow.contract import (
     utcnow,
 )
 from cancelflow.dead_letters import DeadLetter, DeadLetterStore
-from cancelflow.errors import CancelflowError, ProviderError
+from cancelflow.errors import CancelflowError, JobNotFound, ProviderError
 from cancelflow.logging import get_logger, redact
 from cancelflow.providers import REGISTRY
 from cancelflow.providers.base import Provider, SubscriptionRef
@@ -225,6 +225,22 @@ async def expire_decision(deps: Deps, job_id: str) -> Next:
     if deps.settings.provider(job.provider).decision_default == "confirm":
         return await decide(deps, job_id, Decision(decision="reject"), by="deadline")
     return await abandon(deps, job_id)
+
+
+async def stragglers(deps: Deps, *, older_than_s: float) -> list[Next]:
+    """First steps of jobs their producer recorded but never confirmed sending."""
+    out = []
+    for job_id in await deps.store.undispatched(older_than_s=older_than_s):
+        try:
+            job = await deps.store.get(job_id)
+        except JobNotFound:
+            await deps.store.mark_dispatched(job_id)
+            continue
+        if job.status is Status.QUEUED:
+            out.append(Next(Step.ELIGIBILITY, job.provider, (job_id,)))
+        else:
+            await deps.store.mark_dispatched(job_id)  # it ran: the mark was just not cleared
+    return out
 
 
 async def due_decisions(deps: Deps, now: datetime, *, limit: int = 500) -> list[str]:

@@ -32,6 +32,8 @@ from cancelflow.errors import CancelflowError, JobNotFound
 
 PREFIX = "cf:"
 JOBS_INDEX = f"{PREFIX}jobs"
+# Jobs recorded whose first step no producer has confirmed sending, by creation time.
+UNDISPATCHED = f"{PREFIX}undispatched"
 # A subscription's in-flight marker is released when its job ends; this is only a safety net.
 INFLIGHT_TTL_S = 14 * 24 * 3600
 
@@ -74,6 +76,7 @@ if KEYS[3] ~= '' then
   redis.call('SET', KEYS[3], ARGV[1] .. '|' .. ARGV[2], 'EX', ARGV[3])
 end
 redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])
+redis.call('ZADD', KEYS[6], ARGV[5], ARGV[1])
 return {'created', ARGV[1]}
 """
 
@@ -178,6 +181,7 @@ class JobStore:
                 idem,
                 inflight_key(request.provider, identity),
                 JOBS_INDEX,
+                UNDISPATCHED,
             ],
             args=[
                 job_id,
@@ -223,6 +227,20 @@ class JobStore:
             created_at=h["created_at"],
             updated_at=h["updated_at"],
         )
+
+    async def mark_dispatched(self, job_id: str) -> None:
+        """The job's first step is on the broker."""
+        await self.redis.zrem(UNDISPATCHED, job_id)
+
+    async def dispatched(self, job_id: str) -> bool:
+        return await self.redis.zscore(UNDISPATCHED, job_id) is None
+
+    async def undispatched(self, *, older_than_s: float, limit: int = 1000) -> list[str]:
+        """Jobs recorded more than ``older_than_s`` ago whose first step was never confirmed
+        sent (their producer died in between)."""
+        cutoff = utcnow().timestamp() - older_than_s
+        raw = await self.redis.zrangebyscore(UNDISPATCHED, "-inf", cutoff, 0, limit)
+        return [_s(r) for r in raw]
 
     async def status(self, job_id: str) -> Status:
         raw = await self.redis.hget(job_key(job_id), "status")

@@ -23,10 +23,6 @@ from producers.problems import field_errors
 log = get_logger(__name__)
 
 
-def _sent_key(job_id: str) -> str:
-    return f"cf:sent:{job_id}"
-
-
 def validate_request(body: Any, settings: Settings) -> CancellationRequest | list[dict[str, str]]:
     """The request, or the list of invalid fields (provider reference included)."""
     try:
@@ -54,7 +50,8 @@ async def submit(deps: Deps, celery: Celery, request: CancellationRequest) -> Cr
 
     Raises ``IdempotencyConflict`` when the key was used with another body. A producer that
     died between recording a job and sending its first step left it ``queued`` with nothing
-    sent: the retried request (same idempotency key) sends it then.
+    sent: the retried request (same idempotency key) sends it then, and if none comes, the
+    beat task ``cancelflow.dispatch_stragglers`` does.
     """
     identity = REGISTRY[request.provider].reference.model_validate(request.subscription).identity()
     created = await deps.store.create(request, identity=identity)
@@ -63,11 +60,11 @@ async def submit(deps: Deps, celery: Celery, request: CancellationRequest) -> Cr
     if not first and created.how == "existing" and job.status is Status.QUEUED:
         # Sending twice is harmless (a step that finds its job moved on does nothing) and
         # is only possible while a first sender is between recording and sending.
-        first = not await deps.store.redis.exists(_sent_key(job.id))
+        first = not await deps.store.dispatched(job.id)
         if first:
             log.warning("job.first_step.resent", job_id=job.id)
     if first:
         send_step(celery, Step.ELIGIBILITY, job.id, request.provider)
-        await deps.store.redis.set(_sent_key(job.id), "1", ex=deps.settings.idempotency_ttl_s)
+        await deps.store.mark_dispatched(job.id)
         log.info("job.enqueued", job_id=job.id, provider=request.provider)
     return created

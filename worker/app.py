@@ -27,6 +27,12 @@ app.conf.beat_schedule = {
         "schedule": settings.worker.decision_sweep_s,
         "options": {"queue": "maintenance", "expires": settings.worker.decision_sweep_s},
     },
+    # Jobs recorded by a producer that died before sending their first step.
+    "dispatch-stragglers": {
+        "task": "cancelflow.dispatch_stragglers",
+        "schedule": 30.0,
+        "options": {"queue": "maintenance", "expires": 30.0},
+    },
 }
 
 

@@ -234,3 +234,22 @@ def expire_decisions(self: Task) -> dict[str, int]:
         if nxt.step is not None:
             send_step(app, nxt.step, job_id, nxt.provider, *nxt.args)
     return {"due": len(due), "applied": applied}
+
+
+@app.task(name="cancelflow.dispatch_stragglers", bind=True, ignore_result=True)
+def dispatch_stragglers(self: Task) -> dict[str, int]:
+    """Send the first step of jobs whose producer died between recording and sending them."""
+    rt = _runtime()
+    found = rt.run(steps.stragglers(rt.deps, older_than_s=STRAGGLER_AGE_S))
+    for nxt in found:
+        job_id = nxt.args[0]
+        assert nxt.step is not None
+        send_step(app, nxt.step, job_id, nxt.provider)
+        rt.run(rt.deps.store.mark_dispatched(job_id))
+        log.warning("job.first_step.resent", job_id=job_id)
+    return {"resent": len(found)}
+
+
+# A producer sends the first step within milliseconds of recording the job; a minute
+# without it means the producer died in between.
+STRAGGLER_AGE_S = 60.0
