@@ -63,7 +63,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Redis redelivers unacknowledged messages after the visibility timeout. Retry
         # countdowns (capped at limits.max_countdown_s) and task time limits are kept under
         # it so that no ETA message or long task is delivered twice (celery/celery#2599).
-        "broker_transport_options": {"visibility_timeout": limits.visibility_timeout_s},
+        "broker_transport_options": {
+            "visibility_timeout": limits.visibility_timeout_s,
+            # How often a worker looks for messages a dead worker left unacknowledged (kombu's
+            # default sweep is every ~100 s whatever the timeout).
+            "unacked_restore_interval": limits.restore_interval_s,
+            "unacked_restore_throttle": 1,
+        },
         "result_backend_transport_options": {"visibility_timeout": limits.visibility_timeout_s},
         "task_time_limit": limits.task_time_limit_s,
         "task_soft_time_limit": limits.task_soft_time_limit_s,

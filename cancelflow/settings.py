@@ -153,6 +153,7 @@ class Limits(BaseModel):
     max_countdown_s: float
     task_soft_time_limit_s: float
     task_time_limit_s: float
+    restore_interval_s: int
 
     @classmethod
     def from_visibility_timeout(cls, vt: int) -> Limits:
@@ -162,6 +163,7 @@ class Limits(BaseModel):
             max_countdown_s=vt / 4,
             task_soft_time_limit_s=hard * 0.8,
             task_time_limit_s=hard,
+            restore_interval_s=max(1, min(10, vt // 10)),
         )
 
 
@@ -181,6 +183,16 @@ def load_settings(**overrides: Any) -> Settings:
             for err in exc.errors()
         ]
         raise ConfigError("invalid settings:\n" + "\n".join(lines)) from None
+    soft = settings.limits().task_soft_time_limit_s
+    for key, conf in settings.enabled_providers().items():
+        # A step makes up to two calls (a token, then the call) and must end within the
+        # task's soft time limit, itself derived from the visibility timeout.
+        if conf.timeout_s * 2 > soft:
+            raise ConfigError(
+                f"invalid settings:\n  {env_name(('providers', key, 'timeout_s'))}: "
+                f"{conf.timeout_s:g}s is too long: two calls must fit in the task soft time limit of "
+                f"{soft:g}s (a fifth of CANCELFLOW_WORKER__VISIBILITY_TIMEOUT_S, at most 240s)"
+            )
     for key, spec in REGISTRY.items():
         configured = getattr(settings.providers, key, None)
         if configured is not None and spec.validate_settings is not None:

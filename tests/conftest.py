@@ -100,12 +100,18 @@ def system_env(redis_url: str, sandbox: Sandbox, **extra: str) -> dict[str, str]
 
 def wait_for_workers(redis_url: str, hostnames: list[str], timeout_s: float = 60) -> None:
     """Until every worker answers a control ping (its queues are declared and consumed)."""
+    if not hostnames:
+        return  # an API alone (a ping to no destination would ask every worker)
     app = create_celery(Settings(redis_url=redis_url))
+
+    def all_answer() -> bool:
+        try:
+            return len(app.control.ping(destination=hostnames, timeout=0.5)) == len(hostnames)
+        except (redis.RedisError, OSError):
+            return False  # the broker is (re)starting
+
     try:
-        wait_until(
-            lambda: len(app.control.ping(destination=hostnames, timeout=0.5)) == len(hostnames),
-            timeout_s=timeout_s, what=f"workers {hostnames}", interval_s=0.2,
-        )
+        wait_until(all_answer, timeout_s=timeout_s, what=f"workers {hostnames}", interval_s=0.2)
     finally:
         app.close()
 

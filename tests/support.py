@@ -48,6 +48,9 @@ class System:
         """Keys of the providers this system is configured with."""
         return {k.split("__")[1].lower() for k in self.env if k.startswith("CANCELFLOW_PROVIDERS__") and k.endswith("__BASE_URL")}
 
+    def sandbox_post(self, path: str, body: Any = None) -> tuple[int, Any]:
+        return http_json("POST", f"{self.sandbox.url}{path}", body)
+
     def post(self, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
         return http_json("POST", f"{self.api_url}{path}", body, token=self.token, **kw)
 

@@ -1,0 +1,144 @@
+"""Crash safety: SIGKILLed workers, a crashed Redis with AOF, and warm shutdown lose no job."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from producers.local import cancelflow_command, free_port, redis_answers, wait_until
+from sandboxes.payway import DEMO
+from tests.conftest import StartSystem, wait_for_workers
+from tests.support import System
+
+pytestmark = pytest.mark.integration
+
+# A short visibility timeout so a dead worker's messages come back within seconds; provider
+# calls must then be short too (two must fit in the 2 s soft time limit).
+FAST_REDELIVERY = {
+    "CANCELFLOW_WORKER__VISIBILITY_TIMEOUT_S": "10",
+    **{f"CANCELFLOW_PROVIDERS__{k}__TIMEOUT_S": "0.9" for k in ("PAYWAY", "AZOTTE", "APPDIRECT", "AXELSPRINGER")},
+}
+
+
+def payway_jobs(system: System, count: int, kind: str = "end_of_period") -> list[str]:
+    status, created = system.sandbox_post(f"/payway/_sandbox/subscriptions", {"count": count, "kind": kind})
+    assert status == 200, created
+    return [
+        system.enqueue({"provider": "payway", "subscription": {**ref, "cancellation_reason_id": DEMO.reason_id}})["id"]
+        for ref in created["references"]
+    ]
+
+
+def start_worker(system: System, name: str, *args: str) -> None:
+    hostname = f"{name}-{free_port()}@{socket.gethostname()}"
+    system.procs.start(name, cancelflow_command("worker", "-c", "8", "-n", hostname, *args))
+    wait_for_workers(system.redis_url, [hostname])
+
+
+def assert_cancelled_once(system: System, jobs: list[str], timeout_s: float = 90) -> list[dict[str, Any]]:
+    done = [system.wait(j, timeout_s=timeout_s) for j in jobs]
+    assert all(j["status"] == "finished" for j in done), [j["status"] for j in done]
+    # A confirm replayed after a crash may find the cancel already made: still a success.
+    assert {j["outcome"]["type"] for j in done} <= {"cancelled", "already_cancelled"}
+    effective = system.sandbox.state("payway")["effective_cancels"]
+    assert all(n == 1 for n in effective.values()), effective
+    assert len(effective) == len(jobs)
+    return done
+
+
+def test_sigkill_mid_step_loses_no_job(start_system: StartSystem) -> None:
+    system = start_system(isolated=True, concurrency=8, **FAST_REDELIVERY)
+    system.sandbox.reset("payway")
+    system.sandbox.faults("payway", latency_ms=600)
+    try:
+        jobs = payway_jobs(system, 24)
+        time.sleep(1.5)  # steps are in flight, some provider calls half done
+        system.procs.kill("worker")
+        start_worker(system, "worker-after-kill")
+        done = assert_cancelled_once(system, jobs)
+    finally:
+        system.sandbox.faults("payway")
+    # Some job was in flight when the worker died and ran again on the new one.
+    assert any(sum(e["event"] == "started" for e in j["timeline"]) > 2 for j in done)
+
+
+@pytest.fixture
+def aof_redis() -> Iterator[tuple[str, Any]]:
+    """A redis-server of this test's own with AOF (fsync always), and a way to crash and
+    restart it on the same port and data directory."""
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed (make test installs Debian's package)")
+    port = free_port()
+    data = Path(tempfile.mkdtemp(prefix="cancelflow-aof-"))
+    url = f"redis://127.0.0.1:{port}/0"
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> None:
+        procs.append(subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))
+        wait_until(lambda: redis_answers(url), timeout_s=10, what="redis with AOF")
+
+    def crash_and_restart(down_s: float = 1.0) -> None:
+        procs[-1].send_signal(signal.SIGKILL)
+        procs[-1].wait(5)
+        time.sleep(down_s)
+        start()
+
+    start()
+    try:
+        yield url, crash_and_restart
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def test_redis_crash_with_aof_loses_no_queued_or_running_job(start_system: StartSystem, aof_redis: tuple[str, Any]) -> None:
+    url, crash_and_restart = aof_redis
+    system = start_system(db_url=url, concurrency=8, **FAST_REDELIVERY)
+    system.sandbox.reset("payway")
+    system.sandbox.faults("payway", latency_ms=300)
+    try:
+        # Queued jobs: no worker consumes while they are enqueued.
+        system.procs.stop("worker")
+        queued = payway_jobs(system, 10, "immediate")
+        crash_and_restart()
+        start_worker(system, "worker-2")
+        # Running jobs: Redis dies under a working worker.
+        running = payway_jobs(system, 10, "autogiro")
+        time.sleep(1.0)
+        crash_and_restart()
+        assert_cancelled_once(system, queued + running)
+    finally:
+        system.sandbox.faults("payway")
+
+
+def test_warm_shutdown_finishes_or_returns_in_flight_work(start_system: StartSystem) -> None:
+    # A long visibility timeout: had SIGTERM dropped in-flight messages, they would not come
+    # back within this test's wait.
+    system = start_system(isolated=True, concurrency=8, CANCELFLOW_WORKER__VISIBILITY_TIMEOUT_S="600")
+    system.sandbox.reset("payway")
+    system.sandbox.faults("payway", latency_ms=700)
+    try:
+        jobs = payway_jobs(system, 16)
+        time.sleep(1.0)
+        code = system.procs.stop("worker", sig=signal.SIGTERM, timeout_s=60)
+        assert code == 0
+        start_worker(system, "worker-after-term")
+        assert_cancelled_once(system, jobs, timeout_s=60)
+    finally:
+        system.sandbox.faults("payway")
