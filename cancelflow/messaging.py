@@ -69,6 +69,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # default sweep is every ~100 s whatever the timeout).
             "unacked_restore_interval": limits.restore_interval_s,
             "unacked_restore_throttle": 1,
+            # The sweep holds a mutex; a worker killed while holding it would block every
+            # other worker's sweep for kombu's default 300 s.
+            "unacked_mutex_expire": limits.restore_interval_s * 3,
         },
         "result_backend_transport_options": {"visibility_timeout": limits.visibility_timeout_s},
         "task_time_limit": limits.task_time_limit_s,

@@ -76,6 +76,14 @@ class Deps:
     hooks: dict[str, list[hooks.Hook]] = field(default_factory=dict)
 
 
+class StepBusy(CancelflowError):
+    """Another delivery of the same step holds its lease; run again after ``retry_after``."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class DecisionConflict(CancelflowError):
     """A decision for a job that is not waiting for one."""
 
@@ -256,8 +264,11 @@ async def confirm(deps: Deps, job_id: str, *, attempt: int = 0, lease_s: float) 
         return resume(job.status, job.provider)
     lease = f"cf:lease:{job_id}:confirm"
     if not await deps.store.redis.set(lease, "1", nx=True, px=int(lease_s * 1000)):
-        log.info("step.confirm.leased_elsewhere")
-        return Next.done()
+        # Another delivery is confirming, or died confirming and its lease has yet to
+        # expire: come back when it has, and find the job finished or take over.
+        remaining_ms = await deps.store.redis.pttl(lease)
+        log.info("step.confirm.leased_elsewhere", retry_in_ms=remaining_ms)
+        raise StepBusy(f"confirm of {job_id} is leased elsewhere", retry_after=max(remaining_ms, 100) / 1000)
     try:
         moved = await deps.store.record(
             job_id, _entry(Step.CONFIRM, "started", attempt), expect=frozenset({Status.CONFIRMING})
@@ -407,7 +418,7 @@ class CallbackGiveUp(CancelflowError):
 # A job's callback targets: its callback URL, and each of its provider's hooks
 # ("hook:<name>", see cancelflow.hooks). Attempts are recorded per target.
 WEBHOOK = "webhook"
-# A target whose last attempt ended so is never sent the event again.
+# A target with an attempt that ended so is never sent the event again.
 _DONE = frozenset({"delivered", "skipped"})
 
 

@@ -33,7 +33,7 @@ from producers.billing import BillingProcessor
 from producers.billing_rules import Rules, load_rules
 from producers.problems import field_errors, invalid, problem
 from producers.ratelimit import RateLimiter
-from producers.schemas import JobQuery, StatsQuery
+from producers.schemas import JobQuery, ProviderState, ProviderStates, StatsQuery
 from producers.signatures import SIGNATURE_HEADER, SignatureError, verify_signature
 from producers.submit import submit, validate_request
 
@@ -94,8 +94,12 @@ async def errors_and_auth(request: web.Request, handler: Any) -> web.StreamRespo
     elif request.path not in PUBLIC_PATHS:
         token = _authorised(request)
         if token is None:
-            return problem(401, "Unauthorized", "send Authorization: Bearer <token>",
-                           headers={"WWW-Authenticate": "Bearer"})
+            return problem(
+                401,
+                "Unauthorized",
+                "send Authorization: Bearer <token>",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         limited = await _rate_limited(request, "token:" + token.secret)
         if limited is not None:
             return limited
@@ -112,6 +116,10 @@ async def errors_and_auth(request: web.Request, handler: Any) -> web.StreamRespo
         raise
     except JobNotFound as exc:
         return problem(404, "Not found", f"no job {exc.args[0]}")
+    except ConnectionResetError:
+        # The client went away while sending its body: nothing was read, nothing was done.
+        log.info("api.client_disconnected", path=request.path)
+        return problem(400, "Client disconnected", "the request body was cut short")
     except Exception:
         log.exception("api.unexpected_error", path=request.path)
         return problem(500, "Internal error", "the error is logged; nothing was enqueued twice")
@@ -127,12 +135,19 @@ async def _rate_limited(request: web.Request, key: str) -> web.Response | None:
     if verdict.allowed:
         return None
     wait = verdict.retry_after_s
-    return problem(429, "Too many requests", f"rate limit reached: retry in {wait:.2f}s",
-                   headers={"Retry-After": str(max(1, math.ceil(wait)))}, retry_after=round(wait, 3))
+    return problem(
+        429,
+        "Too many requests",
+        f"rate limit reached: retry in {wait:.2f}s",
+        headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        retry_after=round(wait, 3),
+    )
 
 
 def _too_large(request: web.Request) -> web.Response:
-    return problem(413, "Payload too large", f"request bodies are limited to {request.app[MAX_BODY]} bytes")
+    return problem(
+        413, "Payload too large", f"request bodies are limited to {request.app[MAX_BODY]} bytes"
+    )
 
 
 async def _raw_body(request: web.Request) -> bytes:
@@ -181,7 +196,10 @@ async def create_cancellation(request: web.Request) -> web.Response:
     return web.json_response(
         created.job.model_dump(mode="json"),
         status=202,
-        headers={"Location": f"/v1/cancellations/{created.job.id}", "Cancelflow-Enqueue": created.how},
+        headers={
+            "Location": f"/v1/cancellations/{created.job.id}",
+            "Cancelflow-Enqueue": created.how,
+        },
     )
 
 
@@ -209,21 +227,41 @@ async def post_billing_event(request: web.Request) -> web.Response:
     conf = request.app[DEPS].settings.billing
     secrets = [s.get_secret_value() for s in (conf.secret, conf.secret_previous) if s is not None]
     if BILLING not in request.app or not secrets:
-        return problem(503, "Billing events not configured",
-                       "set CANCELFLOW_BILLING__RULES_PATH and CANCELFLOW_BILLING__SECRET")
+        return problem(
+            503,
+            "Billing events not configured",
+            "set CANCELFLOW_BILLING__RULES_PATH and CANCELFLOW_BILLING__SECRET",
+        )
     raw = await _raw_body(request)
     try:
-        verify_signature(raw, request.headers.get(SIGNATURE_HEADER), secrets, tolerance=conf.signature_tolerance_s)
+        verify_signature(
+            raw,
+            request.headers.get(SIGNATURE_HEADER),
+            secrets,
+            tolerance=conf.signature_tolerance_s,
+        )
     except SignatureError as exc:
         return problem(401, "Bad signature", str(exc))
     result = await request.app[BILLING].process(raw, source={"http": request.path})
     if result.result == "dead_lettered":
         if result.errors and result.errors[0].field == "(body)":
-            return problem(400, "Malformed JSON", result.errors[0].message, dead_letter_id=result.dead_letter_id)
+            return problem(
+                400,
+                "Malformed JSON",
+                result.errors[0].message,
+                dead_letter_id=result.dead_letter_id,
+            )
         detail = "the event cannot make a valid request; it is dead-lettered"
-        return problem(422, "Invalid billing event", detail, errors=[e.model_dump() for e in result.errors],
-                       dead_letter_id=result.dead_letter_id)
-    return web.json_response(result.model_dump(mode="json"), status=200 if result.result == "ignored" else 202)
+        return problem(
+            422,
+            "Invalid billing event",
+            detail,
+            errors=[e.model_dump() for e in result.errors],
+            dead_letter_id=result.dead_letter_id,
+        )
+    return web.json_response(
+        result.model_dump(mode="json"), status=200 if result.result == "ignored" else 202
+    )
 
 
 async def get_openapi(request: web.Request) -> web.Response:
@@ -265,7 +303,11 @@ async def list_dead_letters(request: web.Request) -> web.Response:
     flt = _dl_filter(request)
     if isinstance(flt, web.Response):
         return flt
-    limit = min(int(request.query.get("limit", "100")), 1000) if request.query.get("limit", "100").isdigit() else 100
+    limit = (
+        min(int(request.query.get("limit", "100")), 1000)
+        if request.query.get("limit", "100").isdigit()
+        else 100
+    )
     items = await request.app[DEPS].dead_letters.list(flt, limit=limit)
     return web.json_response({"items": [d.model_dump(mode="json") for d in items]})
 
@@ -301,10 +343,12 @@ async def list_providers(request: web.Request) -> web.Response:
     """Each configured provider's circuit breaker and in-flight calls, shared by all workers."""
     deps = request.app[DEPS]
     items = [
-        {"provider": key, **await breaker_state(deps.store.redis, key)}
+        ProviderState.model_validate(
+            {"provider": key, **await breaker_state(deps.store.redis, key)}
+        )
         for key in deps.settings.enabled_providers()
     ]
-    return web.json_response({"items": items})
+    return web.json_response(ProviderStates(items=items).model_dump(mode="json"))
 
 
 async def healthz(_: web.Request) -> web.Response:
@@ -316,7 +360,9 @@ async def readyz(request: web.Request) -> web.Response:
         await request.app[DEPS].store.redis.ping()
     except Exception as exc:
         return problem(503, "Not ready", f"redis unreachable: {type(exc).__name__}")
-    return web.json_response({"status": "ready", "providers": sorted(request.app[DEPS].settings.enabled_providers())})
+    return web.json_response(
+        {"status": "ready", "providers": sorted(request.app[DEPS].settings.enabled_providers())}
+    )
 
 
 def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Application:
@@ -329,12 +375,16 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
     app[MAX_BODY] = limit
     app[OPENAPI] = json.dumps(openapi.document(max_body_bytes=limit)).encode()
     if settings.billing.rules_path is not None:
-        app[RULES] = load_rules(settings.billing.rules_path, configured=settings.enabled_providers())
+        app[RULES] = load_rules(
+            settings.billing.rules_path, configured=settings.enabled_providers()
+        )
 
     async def lifecycle(app: web.Application) -> Any:
         redis = redis_client(settings)
         app[DEPS] = build_deps(settings, redis=redis)
-        app[LIMITER] = RateLimiter(redis, rate_per_s=settings.api.rate_limit_per_s, burst=settings.api.rate_limit_burst)
+        app[LIMITER] = RateLimiter(
+            redis, rate_per_s=settings.api.rate_limit_per_s, burst=settings.api.rate_limit_burst
+        )
         if RULES in app:
             app[BILLING] = BillingProcessor(app[DEPS], app[CELERY], app[RULES])
         yield

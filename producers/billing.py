@@ -90,15 +90,23 @@ class BillingProcessor:
             obj = json.loads(raw)
         except ValueError as exc:
             return await self.dead_letter(
-                None, raw, source, [FieldError(field="(body)", message=f"not JSON: {exc}")],
+                None,
+                raw,
+                source,
+                [FieldError(field="(body)", message=f"not JSON: {exc}")],
                 error_type="BillingEventUnreadable",
             )
         try:
             event = BillingEvent.model_validate(obj)
         except ValidationError as exc:
-            event_id = obj.get("id") if isinstance(obj, dict) and isinstance(obj.get("id"), str) else None
+            event_id = (
+                obj.get("id") if isinstance(obj, dict) and isinstance(obj.get("id"), str) else None
+            )
             return await self.dead_letter(
-                event_id, raw, source, [FieldError(**e) for e in field_errors(exc)],
+                event_id,
+                raw,
+                source,
+                [FieldError(**e) for e in field_errors(exc)],
                 error_type="BillingEventInvalid",
             )
         return await self.process_event(event, raw=raw, source=source)
@@ -116,10 +124,15 @@ class BillingProcessor:
             body = rule.request_body(data)
         except MissingFields as exc:
             errors = [
-                FieldError(field=f"event.{path}", message=f"missing: rule {rule.name!r} quotes it in {where}")
+                FieldError(
+                    field=f"event.{path}",
+                    message=f"missing: rule {rule.name!r} quotes it in {where}",
+                )
                 for where, path in exc.missing
             ]
-            return await self.dead_letter(event.id, raw, source, errors, rule=rule, event_type=event.type)
+            return await self.dead_letter(
+                event.id, raw, source, errors, rule=rule, event_type=event.type
+            )
         body["idempotency_key"] = idempotency_key(event.id)
         body["metadata"] = {
             **body["metadata"],
@@ -128,22 +141,38 @@ class BillingProcessor:
         checked = validate_request(body, self.deps.settings)
         if isinstance(checked, list):
             errors = [FieldError(**e) for e in checked]
-            return await self.dead_letter(event.id, raw, source, errors, rule=rule, event_type=event.type)
+            return await self.dead_letter(
+                event.id, raw, source, errors, rule=rule, event_type=event.type
+            )
         try:
             created = await submit(self.deps, self.celery, checked)
         except IdempotencyConflict as exc:
-            log.warning("billing.event.duplicate", event_id=event.id, job_id=exc.job_id, rule=rule.name)
+            log.warning(
+                "billing.event.duplicate", event_id=event.id, job_id=exc.job_id, rule=rule.name
+            )
             await self._counted("duplicate", event.id)
             return BillingResult(
-                event_id=event.id, event_type=event.type, result="duplicate", rule=rule.name,
+                event_id=event.id,
+                event_type=event.type,
+                result="duplicate",
+                rule=rule.name,
                 job_id=exc.job_id,
             )
         result: BillingOutcome = "joined" if created.how == "joined" else "enqueued"
         await self._counted(result, event.id)
-        log.info("billing.event.enqueued", event_id=event.id, event_type=event.type, rule=rule.name,
-                 job_id=created.job.id, how=created.how)
+        log.info(
+            "billing.event.enqueued",
+            event_id=event.id,
+            event_type=event.type,
+            rule=rule.name,
+            job_id=created.job.id,
+            how=created.how,
+        )
         return BillingResult(
-            event_id=event.id, event_type=event.type, result=result, rule=rule.name,
+            event_id=event.id,
+            event_type=event.type,
+            result=result,
+            rule=rule.name,
             job_id=created.job.id,
         )
 
@@ -153,7 +182,9 @@ class BillingProcessor:
         """An entry that failed ``deliveries`` times (the job store unreachable, a bug)."""
         event_id = _event_id_of(raw)
         error = FieldError(field="(entry)", message=f"not processed after {deliveries} deliveries")
-        return await self.dead_letter(event_id, raw, source, [error], error_type="BillingEventUndeliverable")
+        return await self.dead_letter(
+            event_id, raw, source, [error], error_type="BillingEventUndeliverable"
+        )
 
     async def dead_letter(
         self,
@@ -173,25 +204,53 @@ class BillingProcessor:
         message = "; ".join(f"{e.field}: {e.message}" for e in errors)
         await self.deps.dead_letters.add(
             DeadLetter(
-                id=dl_id, kind="billing_event", provider=rule.cancel.provider if rule else None,
-                step="billing", error_type=error_type, error=message,
+                id=dl_id,
+                kind="billing_event",
+                provider=rule.cancel.provider if rule else None,
+                step="billing",
+                error_type=error_type,
+                error=message,
                 errors=[e.model_dump() for e in errors],
                 payload={"event": body, "source": source, "rule": rule.name if rule else None},
             )
         )
         await self._counted("dead_lettered", identity)
-        log.warning("billing.event.dead_lettered", event_id=event_id, dead_letter_id=dl_id,
-                    error_type=error_type, error=message)
+        log.warning(
+            "billing.event.dead_lettered",
+            event_id=event_id,
+            dead_letter_id=dl_id,
+            error_type=error_type,
+            error=message,
+        )
         return BillingResult(
-            event_id=event_id, event_type=event_type, result="dead_lettered",
-            rule=rule.name if rule else None, dead_letter_id=dl_id, errors=errors,
+            event_id=event_id,
+            event_type=event_type,
+            result="dead_lettered",
+            rule=rule.name if rule else None,
+            dead_letter_id=dl_id,
+            errors=errors,
         )
 
     async def _counted(self, result: str, identity: str, *, event_type: str = "") -> None:
-        recent = json.dumps({"id": identity, "type": event_type, "at": isoformat(utcnow())}) if event_type else ""
+        recent = (
+            json.dumps({"id": identity, "type": event_type, "at": isoformat(utcnow())})
+            if event_type
+            else ""
+        )
         await self._count(
-            keys=[f"cf:billing:seen:{result}:{_sha(identity)}", COUNTS_KEY, IGNORED_KEY, RECENT_IGNORED_KEY],
-            args=[result, self.deps.settings.idempotency_ttl_s, event_type, recent, RECENT_IGNORED_MAX],
+            keys=[
+                f"cf:billing:seen:{result}:{_sha(identity)}",
+                COUNTS_KEY,
+                IGNORED_KEY,
+                RECENT_IGNORED_KEY,
+            ],
+            args=[
+                result,
+                self.deps.settings.idempotency_ttl_s,
+                event_type,
+                recent,
+                RECENT_IGNORED_MAX,
+            ],
         )
 
 
@@ -203,7 +262,7 @@ def _event_id_of(raw: bytes | str) -> str | None:
     return obj.get("id") if isinstance(obj, dict) and isinstance(obj.get("id"), str) else None
 
 
-Entry = tuple[str, dict[str, bytes]]
+Entry = tuple[str, dict[bytes, bytes]]
 
 
 def _s(value: Any) -> str:
@@ -243,8 +302,11 @@ class BillingConsumer:
         start = "0-0"
         while len(claimed) < self.conf.batch_size:
             reply = await self.redis.xautoclaim(
-                self.conf.stream, self.conf.group, self.name,
-                min_idle_time=int(self.conf.claim_idle_s * 1000), start_id=start,
+                self.conf.stream,
+                self.conf.group,
+                self.name,
+                min_idle_time=int(self.conf.claim_idle_s * 1000),
+                start_id=start,
                 count=self.conf.batch_size - len(claimed),
             )
             start, entries = _s(reply[0]), reply[1]
@@ -261,12 +323,19 @@ class BillingConsumer:
         source = {"stream": self.conf.stream, "entry_id": entry_id, "consumer": self.name}
         raw = fields.get(EVENT_FIELD.encode())
         if deliveries > self.conf.max_deliveries:
-            return await self.processor.dead_letter_undeliverable(raw or b"", source, deliveries=deliveries)
+            return await self.processor.dead_letter_undeliverable(
+                raw or b"", source, deliveries=deliveries
+            )
         if raw is None:
-            raw = json.dumps({_s(k): _s(v) for k, v in fields.items()})
             return await self.processor.dead_letter(
-                None, raw, source,
-                [FieldError(field=EVENT_FIELD, message=f"the stream entry has no {EVENT_FIELD!r} field")],
+                None,
+                json.dumps({_s(k): _s(v) for k, v in fields.items()}),
+                source,
+                [
+                    FieldError(
+                        field=EVENT_FIELD, message=f"the stream entry has no {EVENT_FIELD!r} field"
+                    )
+                ],
                 error_type="BillingEventUnreadable",
             )
         return await self.processor.process(raw, source=source)
@@ -284,7 +353,9 @@ class BillingConsumer:
             try:
                 await self.handle(entry, deliveries=deliveries.get(entry[0], 1))
             except (RedisError, OSError) as exc:
-                log.error("billing.entry.failed", entry_id=entry[0], error=f"{type(exc).__name__}: {exc}")
+                log.error(
+                    "billing.entry.failed", entry_id=entry[0], error=f"{type(exc).__name__}: {exc}"
+                )
                 return False
             await self.ack([entry[0]])
             return True
@@ -310,8 +381,13 @@ class BillingConsumer:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; Redis outages are waited out."""
         await self.ensure_group()
-        log.info("billing.consumer.started", stream=self.conf.stream, group=self.conf.group,
-                 consumer=self.name, rules=self.processor.rules.source)
+        log.info(
+            "billing.consumer.started",
+            stream=self.conf.stream,
+            group=self.conf.group,
+            consumer=self.name,
+            rules=self.processor.rules.source,
+        )
         while not stop.is_set():
             try:
                 await self.run_once()
@@ -322,8 +398,11 @@ class BillingConsumer:
 
     async def _read(self, start: str, *, block_ms: int | None) -> list[Entry]:
         reply = await self.redis.xreadgroup(
-            self.conf.group, self.name, {self.conf.stream: start},
-            count=self.conf.batch_size, block=block_ms,
+            self.conf.group,
+            self.name,
+            {self.conf.stream: start},
+            count=self.conf.batch_size,
+            block=block_ms,
         )
         entries: list[Entry] = []
         deleted: list[str] = []
@@ -343,7 +422,11 @@ class BillingConsumer:
             return {}
         ordered = sorted(entry_ids, key=lambda e: tuple(int(p) for p in e.split("-")))
         pending = await self.redis.xpending_range(
-            self.conf.stream, self.conf.group, min=ordered[0], max=ordered[-1],
-            count=len(ordered) + 100, consumername=self.name,
+            self.conf.stream,
+            self.conf.group,
+            min=ordered[0],
+            max=ordered[-1],
+            count=len(ordered) + 100,
+            consumername=self.name,
         )
         return {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -151,7 +151,10 @@ def placeholders(template: Scalar) -> list[str]:
     found = []
     for m in _PLACEHOLDER.finditer(template):
         if m.group(0) in ("{", "}"):
-            raise ValueError(f"stray {m.group(0)!r} at character {m.start() + 1}: quote a field as {{data.name}}, a brace as {{{{ or }}}}")
+            raise ValueError(
+                f"stray {m.group(0)!r} at character {m.start() + 1}: "
+                "quote a field as {data.name}, a brace as {{ or }}"
+            )
         if m.group(1):
             found.append(m.group(1))
     return found
@@ -198,44 +201,69 @@ def load_rules(path: Path, *, configured: Iterable[str] | None = None) -> Rules:
         data, locate = _parse_toml(text, path)
     else:
         raise RulesError(f"{path}: billing rules must be .yaml, .yml or .toml")
-    problems: list[tuple[Loc, str]] = []
-    try:
-        parsed = RulesFile.model_validate(data if data is not None else {})
-    except ValidationError as exc:
-        problems = [(tuple(e["loc"]), e["msg"]) for e in exc.errors(include_url=False)]
-    else:
-        problems = check(parsed, configured=None if configured is None else set(configured))
+    indexed, problems = _validate(data if data is not None else {})
+    problems += check(indexed, configured=None if configured is None else set(configured))
     if problems:
-        lines = []
-        for loc, message in problems:
-            line = locate(loc)
-            where = f"{path}:{line}" if line else str(path)
-            lines.append(f"  {where}: {_dotted(loc) or '(file)'}: {message}")
+        located = sorted(
+            ((locate(loc) or 0, loc, message) for loc, message in problems), key=lambda p: p[0]
+        )
+        lines = [
+            f"  {f'{path}:{line}' if line else path}: {_dotted(loc) or '(file)'}: {message}"
+            for line, loc, message in located
+        ]
         raise RulesError("invalid billing rules:\n" + "\n".join(lines))
-    return Rules(rules=tuple(parsed.rules), source=str(path))
+    return Rules(rules=tuple(rule for _, rule in indexed), source=str(path))
 
 
-def check(parsed: RulesFile, *, configured: set[str] | None) -> list[tuple[Loc, str]]:
+def _validate(data: Any) -> tuple[list[tuple[int, Rule]], list[tuple[Loc, str]]]:
+    """The rules that pass the schema (with their index), and what is wrong with the others:
+    rule by rule, so one bad rule does not hide the problems of the next."""
+    rules = data.get("rules") if isinstance(data, dict) else None
+    try:
+        RulesFile.model_validate({**data, "rules": []} if isinstance(rules, list) else data)
+    except ValidationError as exc:
+        return [], [(tuple(e["loc"]), e["msg"]) for e in exc.errors(include_url=False)]
+    valid: list[tuple[int, Rule]] = []
+    problems: list[tuple[Loc, str]] = []
+    names = Counter(
+        r.get("name") for r in rules or [] if isinstance(r, dict) and isinstance(r.get("name"), str)
+    )
+    for i, raw in enumerate(rules or []):
+        if isinstance(raw, dict) and names.get(raw.get("name"), 0) > 1:
+            problems.append(
+                (("rules", i, "name"), f"rule name {raw['name']!r} is used more than once")
+            )
+        try:
+            valid.append((i, Rule.model_validate(raw)))
+        except ValidationError as exc:
+            problems += [(("rules", i, *e["loc"]), e["msg"]) for e in exc.errors(include_url=False)]
+    return valid, problems
+
+
+def check(rules: list[tuple[int, Rule]], *, configured: set[str] | None) -> list[tuple[Loc, str]]:
     """What the schema cannot see: providers, reference fields and values, templates."""
     problems: list[tuple[Loc, str]] = []
-    names = Counter(r.name for r in parsed.rules)
-    for i, rule in enumerate(parsed.rules):
+    for i, rule in rules:
         at: Loc = ("rules", i)
-        if names[rule.name] > 1:
-            problems.append(((*at, "name"), f"rule name {rule.name!r} is used more than once"))
         for path in rule.when.fields:
             if not _PATH.match(path):
-                problems.append(((*at, "when", "fields", path), "not a dotted event path like data.provider"))
+                problems.append(
+                    ((*at, "when", "fields", path), "not a dotted event path like data.provider")
+                )
         problems += _check_cancel(rule.cancel, (*at, "cancel"), configured)
     return problems
 
 
 def _check_cancel(c: Cancel, at: Loc, configured: set[str] | None) -> list[tuple[Loc, str]]:
     problems: list[tuple[Loc, str]] = []
-    templates: list[tuple[Loc, Scalar]] = [((*at, "subscription", k), v) for k, v in c.subscription.items()]
+    templates: list[tuple[Loc, Scalar]] = [
+        ((*at, "subscription", k), v) for k, v in c.subscription.items()
+    ]
     templates += [((*at, "metadata", k), v) for k, v in c.metadata.items()]
     if c.reason is not None:
-        templates += [((*at, "reason", k), v) for k, v in c.reason.model_dump(exclude_none=True).items()]
+        templates += [
+            ((*at, "reason", k), v) for k, v in c.reason.model_dump(exclude_none=True).items()
+        ]
     quoted: dict[Loc, bool] = {}
     for loc, template in templates:
         try:
@@ -247,7 +275,13 @@ def _check_cancel(c: Cancel, at: Loc, configured: set[str] | None) -> list[tuple
     if spec is None:
         return [((*at, "provider"), f"unknown provider; one of {sorted(REGISTRY)}"), *problems]
     if configured is not None and c.provider not in configured:
-        problems.append(((*at, "provider"), f"provider {c.provider!r} is not configured here (CANCELFLOW_PROVIDERS__{c.provider.upper()}__…)"))
+        problems.append(
+            (
+                (*at, "provider"),
+                f"provider {c.provider!r} is not configured here "
+                f"(CANCELFLOW_PROVIDERS__{c.provider.upper()}__…)",
+            )
+        )
     fields = spec.reference.model_fields
     given = dict(c.subscription)
     if c.method is not None:
@@ -255,25 +289,37 @@ def _check_cancel(c: Cancel, at: Loc, configured: set[str] | None) -> list[tuple
         if method_field is None:
             problems.append(((*at, "method"), f"{c.provider} has no cancellation method to choose"))
         elif method_field in c.subscription:
-            problems.append(((*at, "method"), f"set either method or subscription.{method_field}, not both"))
+            problems.append(
+                ((*at, "method"), f"set either method or subscription.{method_field}, not both")
+            )
         else:
             given[method_field] = c.method
             problems += _check_value(spec.reference, method_field, c.method, (*at, "method"))
     for key, value in c.subscription.items():
         loc = (*at, "subscription", key)
         if key not in fields:
-            problems.append((loc, f"{c.provider} references have no field {key!r}; they have {sorted(fields)}"))
+            problems.append(
+                (loc, f"{c.provider} references have no field {key!r}; they have {sorted(fields)}")
+            )
         elif not quoted.get(loc):
             problems += _check_value(spec.reference, key, value, loc)
     for name, info in fields.items():
         if info.is_required() and name not in given:
-            problems.append(((*at, "subscription"), f"missing {name!r}, which {c.provider} references require"))
+            problems.append(
+                ((*at, "subscription"), f"missing {name!r}, which {c.provider} references require")
+            )
     return problems
 
 
 def _check_value(model: type[BaseModel], name: str, value: Any, loc: Loc) -> list[tuple[Loc, str]]:
     info = model.model_fields[name]
-    adapter: TypeAdapter[Any] = TypeAdapter(Annotated[(info.annotation, *info.metadata)])  # type: ignore[valid-type]
+    # The field's type with its constraints (a pattern, a length), checked on its own.
+    annotated: Any = (
+        cast(Any, Annotated)[(info.annotation, *info.metadata)]
+        if info.metadata
+        else info.annotation
+    )
+    adapter: TypeAdapter[Any] = TypeAdapter(annotated)
     try:
         adapter.validate_python(value)
     except ValidationError as exc:
@@ -300,7 +346,9 @@ def _parse_yaml(text: str, path: Path) -> tuple[Any, Locate]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise RulesError(f"invalid billing rules:\n  {where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        raise RulesError(
+            f"invalid billing rules:\n  {where}: not valid YAML: {getattr(exc, 'problem', exc)}"
+        ) from None
 
     def locate(loc: Loc) -> int | None:
         node = root
@@ -313,7 +361,11 @@ def _parse_yaml(text: str, path: Path) -> tuple[Any, Locate]:
                         break
                 else:
                     return line
-            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            elif (
+                isinstance(node, yaml.SequenceNode)
+                and isinstance(part, int)
+                and part < len(node.value)
+            ):
                 node = node.value[part]
                 line = node.start_mark.line + 1
             else:
@@ -324,7 +376,9 @@ def _parse_yaml(text: str, path: Path) -> tuple[Any, Locate]:
 
 
 _TOML_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-_TOML_KEY = re.compile(r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=""")
+_TOML_KEY = re.compile(
+    r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*="""
+)
 
 
 def _toml_keys(dotted: str) -> list[str]:
@@ -355,7 +409,7 @@ def _parse_toml(text: str, path: Path) -> tuple[Any, Locate]:
         if header:
             keys = _toml_keys(header.group(2))
             if header.group(1) == "[[":
-                base = resolve(keys[:-1]) + (keys[-1],)
+                base = (*resolve(keys[:-1]), keys[-1])
                 arrays[base] += 1
                 current = (*base, arrays[base] - 1)
             else:

@@ -69,12 +69,15 @@ def _nest(flat: dict[str, str]) -> dict[str, Any]:
 
 def _csv_rows(handle: IO[str]) -> Iterator[Row]:
     reader = csv.DictReader(handle)
+    _ = reader.fieldnames  # reads the header row
     start = reader.line_num + 1
     for record in reader:
         number = start
         start = reader.line_num + 1
         if None in record:
-            yield Row(number, error=f"more cells than the header has columns ({len(record[None]) } extra)")
+            yield Row(
+                number, error=f"more cells than the header has columns ({len(record[None])} extra)"
+            )
             continue
         try:
             yield Row(number, body=_nest(record))
@@ -174,9 +177,14 @@ class Summary:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "rows": self.rows, "with_job": self.with_job, "failed": self.failed,
-            "this_run": dict(self.this_run), "interrupted": self.interrupted,
-            "aborted": self.aborted, "elapsed_s": round(self.elapsed_s, 2), "report": self.report,
+            "rows": self.rows,
+            "with_job": self.with_job,
+            "failed": self.failed,
+            "this_run": dict(self.this_run),
+            "interrupted": self.interrupted,
+            "aborted": self.aborted,
+            "elapsed_s": round(self.elapsed_s, 2),
+            "report": self.report,
         }
 
 
@@ -226,7 +234,15 @@ async def run_bulk(
             request = CancellationRequest.model_validate(row.body)
         except ValidationError as exc:
             errors = field_errors(exc)
-            report.write({**base, "status": "error", "error": "invalid fields", "errors": errors, "retryable": False})
+            report.write(
+                {
+                    **base,
+                    "status": "error",
+                    "error": "invalid fields",
+                    "errors": errors,
+                    "retryable": False,
+                }
+            )
             summary.this_run["failed"] += 1
             return
         await pacer.wait()
@@ -235,8 +251,13 @@ async def run_bulk(
         except AuthError as exc:
             raise BulkAborted(str(exc)) from exc
         except ApiError as exc:
-            entry = {**base, "status": "error", "error": str(exc), "http_status": exc.status,
-                     "retryable": exc.status in (429, 502, 503, 504)}
+            entry = {
+                **base,
+                "status": "error",
+                "error": str(exc),
+                "http_status": exc.status,
+                "retryable": exc.status in (429, 502, 503, 504),
+            }
             if exc.problem.errors:
                 entry["errors"] = [e.model_dump() for e in exc.problem.errors]
             if exc.problem.job_id:
@@ -262,7 +283,9 @@ async def run_bulk(
         for row in read_rows(path, provider=provider, key_prefix=key_prefix):
             summary.rows += 1
             if row.body is None:
-                report.write({"row": row.number, "status": "error", "error": row.error, "retryable": False})
+                report.write(
+                    {"row": row.number, "status": "error", "error": row.error, "retryable": False}
+                )
                 summary.this_run["failed"] += 1
                 advance()
             elif report.finished(row):

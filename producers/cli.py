@@ -7,6 +7,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -49,7 +50,12 @@ def api(host: str, port: int) -> None:
     if not settings.api_tokens:
         click.echo("cancelflow: set CANCELFLOW_API_TOKENS: every route but /healthz needs a token", err=True)
         sys.exit(2)
-    web.run_app(create_app(settings), host=host, port=port, access_log=None, print=None)
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:  # the billing rules
+        click.echo(f"cancelflow: {exc}", err=True)
+        sys.exit(2)
+    web.run_app(app, host=host, port=port, access_log=None, print=None)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -121,8 +127,13 @@ def healthcheck() -> None:
 
 
 @healthcheck.command("worker")
-@click.option("--hostname", "-n", default="celery@%h", show_default=True, help="The worker's node name, as given to `cancelflow worker -n` (%h: this host).")
-@click.option("--timeout", default=5.0, show_default=True, type=float, help="Seconds to wait for the pong.")
+@click.option(
+    "--hostname", "-n", default="celery@%h", show_default=True,
+    help="The worker's node name, as given to `cancelflow worker -n` (%h: this host).",
+)
+@click.option(
+    "--timeout", default=5.0, show_default=True, type=float, help="Seconds to wait for the pong."
+)
 def healthcheck_worker(hostname: str, timeout: float) -> None:
     """Ping one worker by node name through the broker (Celery's control ``ping``)."""
     settings = _settings()
@@ -193,7 +204,7 @@ def _dl_filter(provider: str | None, kind: str | None, error_type: str | None, o
 
 _filters = [
     click.option("--provider"),
-    click.option("--kind", type=click.Choice(["job", "callback", "poison"])),
+    click.option("--kind", type=click.Choice(["job", "callback", "poison", "billing_event"])),
     click.option("--error-type"),
     click.option("--older-than", type=float, help="Seconds."),
 ]
@@ -301,6 +312,452 @@ def dlq_purge(dl_ids: tuple[str, ...], provider: str | None, kind: str | None, e
         return int(await deps.dead_letters.purge(_dl_filter(provider, kind, error_type, older_than)))
 
     click.echo(f"purged {_run(go)}")
+
+# --- producing through the API: enqueue, bulk, status, watch ---------------------------------
+#
+# These talk to the API with the Python client (``producers.client``), like any backend would:
+# they need only a URL and a token, go through the same validation, rate limits and auth, and
+# never need Redis credentials. Only ``billing-consumer`` reads Redis (the stream) directly.
+
+
+def _client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")(fn)
+    fn = click.option("--token", default=None, help="API token (default: CANCELFLOW_API_TOKEN).")(
+        fn
+    )
+    fn = click.option(
+        "--api-url",
+        default=None,
+        help="API base URL (default: CANCELFLOW_API_URL, else http://127.0.0.1:8080).",
+    )(fn)
+    return fn
+
+
+def _client_settings(api_url: str | None, token: str | None) -> Any:
+    from pydantic import SecretStr, ValidationError
+
+    from producers.client import ClientSettings
+
+    try:
+        conf = ClientSettings()
+    except ValidationError as exc:
+        click.echo(f"cancelflow: invalid client settings: {exc}", err=True)
+        sys.exit(2)
+    conf = conf.model_copy(
+        update={
+            **({"api_url": api_url} if api_url else {}),
+            **({"api_token": SecretStr(token)} if token else {}),
+        }
+    )
+    if conf.api_token is None:
+        click.echo("cancelflow: no API token: pass --token or set CANCELFLOW_API_TOKEN", err=True)
+        sys.exit(2)
+    return conf
+
+
+def _client(api_url: str | None, token: str | None) -> Any:
+    from producers.client import CancelflowClient
+
+    return CancelflowClient(settings=_client_settings(api_url, token))
+
+
+def _fail(exc: Exception, as_json: bool) -> None:
+    """Report a client error and exit 1 (2 for a refused token)."""
+    from producers.client import ApiError, AuthError
+
+    if as_json:
+        body = (
+            exc.problem.model_dump(mode="json", exclude_none=True)
+            if isinstance(exc, ApiError)
+            else {"error": str(exc)}
+        )
+        click.echo(json.dumps(body, indent=2))
+    else:
+        click.echo(f"cancelflow: {exc}", err=True)
+        if isinstance(exc, ApiError):
+            for error in exc.problem.errors or []:
+                click.echo(f"  {error.field}: {error.message}", err=True)
+    sys.exit(2 if isinstance(exc, AuthError) else 1)
+
+
+def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=what)
+        out[key] = value
+    return out
+
+
+def _print_job(job: Any, *, how: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    outcome = job.outcome.type.value if job.outcome else "-"
+    status = f"[cyan]{job.status.value}[/cyan]"
+    head = f"[bold]{job.id}[/bold]  {job.provider}  {status}  outcome: {outcome}"
+    console.print(head + (f"  ({how})" if how else ""))
+    console.print(f"subscription: {json.dumps(job.subscription)}")
+    if job.outcome and (job.outcome.reason or job.outcome.cancellation_type or job.outcome.error):
+        shown = job.outcome.model_dump(mode="json", exclude_none=True, exclude={"details"})
+        console.print(f"outcome: {json.dumps(shown)}")
+    console.print(f"created {job.created_at}, updated {job.updated_at}")
+    if job.timeline:
+        table = Table("at", "step", "event", "attempt", "error")
+        for e in job.timeline:
+            table.add_row(
+                e.at,
+                e.step,
+                e.event,
+                str(e.attempt),
+                (e.error or {}).get("message", "") if e.error else "",
+            )
+        console.print(table)
+
+
+@main.command()
+@click.option("--provider", "-p", required=True, help="Provider key, e.g. payway.")
+@click.option(
+    "--subscription",
+    "-s",
+    "sub_pairs",
+    multiple=True,
+    metavar="FIELD=VALUE",
+    help="A field of the provider's reference (repeat).",
+)
+@click.option("--subscription-json", default=None, help="The whole reference as a JSON object.")
+@click.option("--reason-code", default=None)
+@click.option("--reason-comment", default=None)
+@click.option("--callback-url", default=None)
+@click.option(
+    "--idempotency-key",
+    default=None,
+    help="Default: a fresh key (retries inside this command stay safe).",
+)
+@click.option("--metadata", "-m", "meta_pairs", multiple=True, metavar="KEY=VALUE", help="Repeat.")
+@click.option(
+    "--wait",
+    "wait_s",
+    default=None,
+    type=float,
+    metavar="SECONDS",
+    help="Wait up to this long for the job to finish.",
+)
+@_client_options
+def enqueue(
+    provider: str,
+    sub_pairs: tuple[str, ...],
+    subscription_json: str | None,
+    reason_code: str | None,
+    reason_comment: str | None,
+    callback_url: str | None,
+    idempotency_key: str | None,
+    meta_pairs: tuple[str, ...],
+    wait_s: float | None,
+    api_url: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Queue one cancellation."""
+    from cancelflow.contract import Reason
+    from producers.client import ClientError
+
+    subscription: dict[str, Any] = {}
+    if subscription_json:
+        try:
+            subscription = json.loads(subscription_json)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--subscription-json") from None
+    subscription.update(_pairs(sub_pairs, "--subscription"))
+    reason = (
+        Reason(code=reason_code, comment=reason_comment) if reason_code or reason_comment else None
+    )
+    with _client(api_url, token) as client:
+        try:
+            enqueued = client.enqueue(
+                provider,
+                subscription,
+                reason=reason,
+                callback_url=callback_url,
+                idempotency_key=idempotency_key,
+                metadata=_pairs(meta_pairs, "--metadata"),
+            )
+            job, how = enqueued.job, enqueued.how
+            if wait_s is not None:
+                job = client.wait(job.id, timeout=wait_s)
+        except ClientError as exc:
+            _fail(exc, as_json)
+    if as_json:
+        click.echo(json.dumps({"how": how, "job": job.model_dump(mode="json")}, indent=2))
+    else:
+        _print_job(job, how=how)
+
+
+@main.command()
+@click.argument("job_id")
+@_client_options
+def status(job_id: str, api_url: str | None, token: str | None, as_json: bool) -> None:
+    """Show one job: status, outcome, timeline."""
+    from producers.client import ClientError
+
+    with _client(api_url, token) as client:
+        try:
+            job = client.get(job_id)
+        except ClientError as exc:
+            _fail(exc, as_json)
+    if as_json:
+        click.echo(json.dumps(job.model_dump(mode="json"), indent=2))
+    else:
+        _print_job(job)
+
+
+def _stats_table(found: Any) -> Any:
+    from rich.table import Table
+
+    from cancelflow.contract import Status
+
+    statuses = [s.value for s in Status]
+    table = Table("provider", *statuses, "total", title=f"jobs created since {found.since}")
+    for provider, counts in found.jobs.items():
+        table.add_row(
+            provider, *(str(counts.get(s, 0) or "") for s in statuses), str(sum(counts.values()))
+        )
+    totals = [sum(c.get(s, 0) for c in found.jobs.values()) for s in statuses]
+    table.add_row(
+        "[bold]all[/bold]", *(str(t or "") for t in totals), f"[bold]{found.total}[/bold]"
+    )
+    billing = ", ".join(f"{k} {v}" for k, v in sorted(found.billing.items())) or "none"
+    table.caption = f"dead letters: {found.dead_letters}   billing events: {billing}"
+    return table
+
+
+@main.command()
+@click.option(
+    "--interval", default=2.0, show_default=True, type=float, help="Seconds between refreshes."
+)
+@click.option(
+    "--since",
+    "since_s",
+    default=24 * 3600.0,
+    show_default=True,
+    type=float,
+    help="Count jobs created in the last this many seconds.",
+)
+@click.option("--once", is_flag=True, help="Print the counts once and exit.")
+@_client_options
+def watch(
+    interval: float,
+    since_s: float,
+    once: bool,
+    api_url: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Live counts of jobs by provider and status (and dead letters, billing events).
+
+    With --json, one JSON object per refresh (JSON Lines)."""
+    import time
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from producers.client import ClientError
+
+    with _client(api_url, token) as client:
+
+        def fetch() -> Any:
+            try:
+                return client.stats(since_s=since_s)
+            except ClientError as exc:
+                _fail(exc, as_json)
+
+        if as_json or once:
+            while True:
+                found = fetch()
+                if as_json:
+                    click.echo(json.dumps(found.model_dump(mode="json")))
+                else:
+                    Console().print(_stats_table(found))
+                if once:
+                    return
+                time.sleep(interval)
+        try:
+            with Live(_stats_table(fetch()), refresh_per_second=4) as live:
+                while True:
+                    time.sleep(interval)
+                    live.update(_stats_table(fetch()))
+        except KeyboardInterrupt:
+            pass
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Per-row report, JSON Lines (default: FILE.report.jsonl); "
+    "also the journal a second run resumes from.",
+)
+@click.option(
+    "--rate",
+    default=50.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Rows sent per second, at most.",
+)
+@click.option(
+    "--concurrency",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1, 256),
+    help="Requests in flight.",
+)
+@click.option("--provider", default=None, help="Provider of rows that name none.")
+@click.option(
+    "--key-prefix",
+    default="",
+    help="Namespace for derived idempotency keys (to send the same rows again as new jobs).",
+)
+@_client_options
+def bulk(
+    file: Path,
+    report_path: Path | None,
+    rate: float,
+    concurrency: int,
+    provider: str | None,
+    key_prefix: str,
+    api_url: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Queue a cancellation per row of a CSV or JSON Lines FILE.
+
+    Exit status: 0 every row has a job, 1 some rows failed (see the report), 2 the token was
+    refused, 130 interrupted (run it again to go on)."""
+    import signal
+
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from producers.bulk import count_rows, run_bulk
+    from producers.client import AsyncCancelflowClient
+
+    conf = _client_settings(api_url, token)
+    report_path = report_path or file.with_name(file.name + ".report.jsonl")
+    err = Console(stderr=True)
+    progress = Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=as_json or not err.is_terminal,
+    )
+    task = progress.add_task(file.name, total=count_rows(file))
+
+    async def go() -> Any:
+        current = asyncio.current_task()
+        assert current is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, current.cancel)
+        async with AsyncCancelflowClient(settings=conf) as client:
+            return await run_bulk(
+                client,
+                file,
+                report_path=report_path,
+                rate=rate,
+                concurrency=concurrency,
+                provider=provider,
+                key_prefix=key_prefix,
+                advance=lambda: progress.advance(task),
+            )
+
+    with progress:
+        summary = _run(go)
+    if as_json:
+        click.echo(json.dumps(summary.as_dict(), indent=2))
+    else:
+        state = (
+            "interrupted"
+            if summary.interrupted
+            else ("aborted: " + summary.aborted if summary.aborted else "done")
+        )
+        this_run = (
+            ", ".join(f"{k} {v}" for k, v in sorted(summary.this_run.items())) or "nothing to do"
+        )
+        err.print(f"{state} in {summary.elapsed_s:.1f}s. This run: {this_run}.")
+        err.print(
+            f"{summary.rows} rows: {summary.with_job} with a job, {summary.failed} failed. "
+            f"Report: {summary.report}"
+        )
+    if summary.interrupted:
+        sys.exit(130)
+    if summary.aborted:
+        sys.exit(2)
+    sys.exit(1 if summary.failed else 0)
+
+
+# --- billing events -------------------------------------------------------------------------
+
+
+@main.command("billing-consumer")
+@click.option(
+    "--consumer",
+    default=None,
+    help="Consumer name in the group (default: CANCELFLOW_BILLING__CONSUMER, else the host name).",
+)
+@click.option("--check", is_flag=True, help="Check the rules file and exit.")
+def billing_consumer(consumer: str | None, check: bool) -> None:
+    """Turn billing events from the Redis Stream into cancellations (a consumer group member)."""
+    import signal
+
+    from producers.billing_rules import load_rules
+
+    settings = _settings()
+    configure_logging(fmt=settings.log_format, level=settings.log_level)
+    if settings.billing.rules_path is None:
+        click.echo(
+            "cancelflow: set CANCELFLOW_BILLING__RULES_PATH to a YAML or TOML rules file", err=True
+        )
+        sys.exit(2)
+    try:
+        rules = load_rules(settings.billing.rules_path, configured=settings.enabled_providers())
+    except ConfigError as exc:
+        click.echo(f"cancelflow: {exc}", err=True)
+        sys.exit(2)
+    if check:
+        click.echo(f"{settings.billing.rules_path}: {len(rules.rules)} rules, valid")
+        return
+    conf = (
+        settings.billing.model_copy(update={"consumer": consumer}) if consumer else settings.billing
+    )
+
+    async def go() -> None:
+        from cancelflow.messaging import create_celery
+        from cancelflow.wiring import build_deps, redis_client
+        from producers.billing import BillingConsumer, BillingProcessor
+
+        redis = redis_client(settings)
+        deps = build_deps(settings, redis=redis)
+        processor = BillingProcessor(deps, create_celery(settings), rules)
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        try:
+            await BillingConsumer(processor, redis, conf).run(stop)
+        finally:
+            await redis.aclose()
+
+    _run(go)
 
 
 if __name__ == "__main__":

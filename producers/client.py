@@ -81,7 +81,9 @@ class ApiError(ClientError):
     """The API answered with an error (``problem`` holds the problem details)."""
 
     def __init__(self, status: int, problem: Problem) -> None:
-        super().__init__(f"{status} {problem.title}" + (f": {problem.detail}" if problem.detail else ""))
+        super().__init__(
+            f"{status} {problem.title}" + (f": {problem.detail}" if problem.detail else "")
+        )
         self.status = status
         self.problem = problem
 
@@ -152,8 +154,14 @@ class WaitTimeout(ClientError):
 
 
 _BY_STATUS: dict[int, type[ApiError]] = {
-    400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict,
-    413: PayloadTooLarge, 422: ValidationFailed, 429: RateLimited,
+    400: BadRequest,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    413: PayloadTooLarge,
+    422: ValidationFailed,
+    429: RateLimited,
 }
 
 
@@ -217,8 +225,11 @@ class _Base:
         self.max_retry_after_s = max_retry_after_s
 
     def _headers(self, call: _Call) -> dict[str, str]:
-        headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json",
-                   "User-Agent": USER_AGENT}
+        headers = {
+            "Authorization": f"Bearer {self._token}",
+            "Accept": "application/json",
+            "User-Agent": USER_AGENT,
+        }
         if call.body is not None:
             headers["Content-Type"] = "application/json"
         return headers
@@ -233,8 +244,14 @@ class _Base:
             return None
         backoff = random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2**attempt))
         if isinstance(error, RateLimited):
-            return None if error.retry_after > self.max_retry_after_s else max(error.retry_after, backoff)
-        if isinstance(error, TransportError) or (isinstance(error, ApiError) and error.status in RETRY_STATUSES):
+            return (
+                None
+                if error.retry_after > self.max_retry_after_s
+                else max(error.retry_after, backoff)
+            )
+        if isinstance(error, TransportError) or (
+            isinstance(error, ApiError) and error.status in RETRY_STATUSES
+        ):
             return backoff
         return None
 
@@ -258,25 +275,36 @@ class _Base:
             request = provider
         else:
             try:
-                request = CancellationRequest.model_validate({
-                    "provider": provider, "subscription": dict(subscription or {}),
-                    "reason": reason, "callback_url": callback_url,
-                    "idempotency_key": idempotency_key, "metadata": dict(metadata or {}),
-                })
+                request = CancellationRequest.model_validate(
+                    {
+                        "provider": provider,
+                        "subscription": dict(subscription or {}),
+                        "reason": reason,
+                        "callback_url": callback_url,
+                        "idempotency_key": idempotency_key,
+                        "metadata": dict(metadata or {}),
+                    }
+                )
             except ValidationError as exc:
                 errors = [FieldError(**e) for e in field_errors(exc)]
-                problem = Problem(title="Invalid request (checked by the client)", status=422,
-                                  detail="invalid fields: " + ", ".join(e.field for e in errors), errors=errors)
+                problem = Problem(
+                    title="Invalid request (checked by the client)",
+                    status=422,
+                    detail="invalid fields: " + ", ".join(e.field for e in errors),
+                    errors=errors,
+                )
                 raise ValidationFailed(422, problem) from None
         if request.idempotency_key is None:
             # The key that makes retrying this enqueue safe.
             request = request.model_copy(update={"idempotency_key": f"client:{uuid.uuid4().hex}"})
-        return _Call("POST", "/v1/cancellations", request.model_dump(mode="json", exclude_none=True))
+        return _Call(
+            "POST", "/v1/cancellations", request.model_dump(mode="json", exclude_none=True)
+        )
 
     @staticmethod
     def _enqueued(answer: _Answer) -> Enqueued:
         how = answer.headers.get("cancelflow-enqueue", "created")
-        return Enqueued(job=JobRecord.model_validate(answer.json()), how=how)  # type: ignore[arg-type]
+        return Enqueued(job=JobRecord.model_validate(answer.json()), how=how)
 
     @staticmethod
     def _list_call(
@@ -336,8 +364,14 @@ class CancelflowClient(_Base):
     ) -> Enqueued:
         """Queue a cancellation (or a whole ``CancellationRequest``); the job and whether it
         was ``created``, an ``existing`` one (same key) or ``joined`` (already in flight)."""
-        call = self._enqueue_call(provider, subscription, reason=reason, callback_url=callback_url,
-                                  idempotency_key=idempotency_key, metadata=metadata)
+        call = self._enqueue_call(
+            provider,
+            subscription,
+            reason=reason,
+            callback_url=callback_url,
+            idempotency_key=idempotency_key,
+            metadata=metadata,
+        )
         return self._enqueued(self._call(call))
 
     def get(self, job_id: str) -> JobRecord:
@@ -345,7 +379,11 @@ class CancelflowClient(_Base):
         return JobRecord.model_validate(self._call(_Call("GET", _path(job_id))).json())
 
     def decide(
-        self, job_id: str, decision: Literal["accept", "reject"], *, survey: Mapping[str, Any] | None = None
+        self,
+        job_id: str,
+        decision: Literal["accept", "reject"],
+        *,
+        survey: Mapping[str, Any] | None = None,
     ) -> JobRecord:
         """Answer a retention offer; ``Conflict`` if the job is not awaiting a decision."""
         wanted = Decision(decision=decision, survey=dict(survey) if survey is not None else None)
@@ -405,7 +443,9 @@ class CancelflowClient(_Base):
 
     def stats(self, *, since_s: float = 24 * 3600) -> Stats:
         """Counts of the jobs created in the last ``since_s`` seconds, by provider and status."""
-        return Stats.model_validate(self._call(_Call("GET", "/v1/stats", query=[("since_s", str(since_s))])).json())
+        return Stats.model_validate(
+            self._call(_Call("GET", "/v1/stats", query=[("since_s", str(since_s))])).json()
+        )
 
     def _call(self, call: _Call) -> _Answer:
         attempt = 0
@@ -421,7 +461,9 @@ class CancelflowClient(_Base):
 
     def _send(self, call: _Call) -> _Answer:
         data = json.dumps(call.body).encode() if call.body is not None else None
-        request = urllib.request.Request(self._url(call), data=data, method=call.method, headers=self._headers(call))  # noqa: S310 - http(s) checked in __init__
+        request = urllib.request.Request(  # noqa: S310 - http(s) is checked in __init__
+            self._url(call), data=data, method=call.method, headers=self._headers(call)
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:  # noqa: S310
                 return _Answer(resp.status, _lower(resp.headers.items()), resp.read())
@@ -445,7 +487,10 @@ class AsyncCancelflowClient(_Base):
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.aclose()
 
@@ -465,8 +510,14 @@ class AsyncCancelflowClient(_Base):
         metadata: Mapping[str, Any] | None = None,
     ) -> Enqueued:
         """As ``CancelflowClient.enqueue``."""
-        call = self._enqueue_call(provider, subscription, reason=reason, callback_url=callback_url,
-                                  idempotency_key=idempotency_key, metadata=metadata)
+        call = self._enqueue_call(
+            provider,
+            subscription,
+            reason=reason,
+            callback_url=callback_url,
+            idempotency_key=idempotency_key,
+            metadata=metadata,
+        )
         return self._enqueued(await self._call(call))
 
     async def get(self, job_id: str) -> JobRecord:
@@ -474,7 +525,11 @@ class AsyncCancelflowClient(_Base):
         return JobRecord.model_validate((await self._call(_Call("GET", _path(job_id)))).json())
 
     async def decide(
-        self, job_id: str, decision: Literal["accept", "reject"], *, survey: Mapping[str, Any] | None = None
+        self,
+        job_id: str,
+        decision: Literal["accept", "reject"],
+        *,
+        survey: Mapping[str, Any] | None = None,
     ) -> JobRecord:
         """As ``CancelflowClient.decide``."""
         wanted = Decision(decision=decision, survey=dict(survey) if survey is not None else None)
@@ -490,7 +545,7 @@ class AsyncCancelflowClient(_Base):
     async def wait(
         self,
         job_id: str,
-        timeout: float = 60.0,
+        timeout: float = 60.0,  # noqa: ASYNC109 - the blocking client's signature: a deadline to poll to
         *,
         until: Collection[Status] = FINAL_STATUSES,
         poll_s: float = 0.25,
@@ -551,10 +606,14 @@ class AsyncCancelflowClient(_Base):
 
     async def _send(self, call: _Call) -> _Answer:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s)
+            )
         data = json.dumps(call.body).encode() if call.body is not None else None
         try:
-            async with self._session.request(call.method, self._url(call), data=data, headers=self._headers(call)) as resp:
+            async with self._session.request(
+                call.method, self._url(call), data=data, headers=self._headers(call)
+            ) as resp:
                 return _Answer(resp.status, _lower(resp.headers.items()), await resp.read())
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransportError(f"{call.method} {call.path}: {type(exc).__name__}: {exc}") from exc

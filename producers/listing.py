@@ -66,7 +66,9 @@ async def _walk(
             top = score
             ties = await redis.zrangebyscore(JOBS_INDEX, score, score)
             start = sum(1 for t in ties if _s(t) >= member)
-        batch = await redis.zrevrangebyscore(JOBS_INDEX, top, low, start=start, num=CHUNK, withscores=True)
+        batch = await redis.zrevrangebyscore(
+            JOBS_INDEX, top, low, start=start, num=CHUNK, withscores=True
+        )
         for raw, score in batch:
             entry = (float(score), _s(raw))
             yield entry
@@ -92,7 +94,7 @@ async def list_jobs(redis: Redis, query: JobQuery) -> JobPage:
         nonlocal last
         async with redis.pipeline(transaction=False) as pipe:
             for _, job_id in pending:
-                pipe.hmget(job_key(job_id), _FIELDS)
+                pipe.hmget(job_key(job_id), list(_FIELDS))
             rows = await pipe.execute()
         gone = []
         for (score, job_id), row in zip(pending, rows, strict=True):
@@ -100,7 +102,9 @@ async def list_jobs(redis: Redis, query: JobQuery) -> JobPage:
             if row[0] is None:
                 gone.append(job_id)
                 continue
-            summary = _summary(dict(zip(_FIELDS, (_s(v) if v is not None else None for v in row), strict=True)))
+            summary = _summary(
+                {k: _s(v) for k, v in zip(_FIELDS, row, strict=True) if v is not None}
+            )
             if (query.provider is None or summary.provider == query.provider) and (
                 statuses is None or summary.status.value in statuses
             ):
@@ -131,18 +135,18 @@ async def list_jobs(redis: Redis, query: JobQuery) -> JobPage:
     return JobPage(items=items, next_cursor=encode_cursor(*last))
 
 
-def _summary(h: dict[str, str | None]) -> JobSummary:
-    request = json.loads(h["request"] or "{}")
+def _summary(h: dict[str, str]) -> JobSummary:
+    request = json.loads(h.get("request") or "{}")
     outcome = json.loads(h["outcome"]) if h.get("outcome") else None
     return JobSummary(
-        id=h["id"] or "",
-        provider=h["provider"] or "",
+        id=h["id"],
+        provider=h.get("provider", ""),
         subscription=request.get("subscription") or {},
         status=Status(h["status"]),
         outcome=outcome["type"] if outcome else None,
         idempotency_key=request.get("idempotency_key"),
-        created_at=h["created_at"] or "",
-        updated_at=h["updated_at"] or "",
+        created_at=h.get("created_at", ""),
+        updated_at=h.get("updated_at", ""),
     )
 
 
@@ -156,7 +160,7 @@ async def stats(redis: Redis, *, since_s: float) -> Stats:
     async def flush() -> None:
         async with redis.pipeline(transaction=False) as pipe:
             for job_id in batch:
-                pipe.hmget(job_key(job_id), ("provider", "status"))
+                pipe.hmget(job_key(job_id), ["provider", "status"])
             rows = await pipe.execute()
         for provider, status in rows:
             if provider is not None and status is not None:

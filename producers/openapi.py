@@ -21,6 +21,7 @@ from producers.schemas import (
     JobPage,
     JobQuery,
     Problem,
+    ProviderStates,
     Replayed,
     Stats,
     StatsQuery,
@@ -43,10 +44,31 @@ _ERRORS = {
 
 
 def _models() -> list[tuple[type[BaseModel], JsonSchemaMode]]:
-    requests: list[type[BaseModel]] = [CancellationRequest, Decision, BillingEvent, JobQuery, StatsQuery, DeadLetterFilter]
-    answers: list[type[BaseModel]] = [JobRecord, JobPage, Problem, DeadLetter, DeadLetterPage, Replayed, Health, Stats, BillingResult]
+    requests: list[type[BaseModel]] = [
+        CancellationRequest,
+        Decision,
+        BillingEvent,
+        JobQuery,
+        StatsQuery,
+        DeadLetterFilter,
+    ]
+    answers: list[type[BaseModel]] = [
+        JobRecord,
+        JobPage,
+        Problem,
+        DeadLetter,
+        DeadLetterPage,
+        Replayed,
+        Health,
+        Stats,
+        BillingResult,
+        ProviderStates,
+    ]
     refs = [spec.reference for spec in REGISTRY.values()]
-    return [*((m, "validation") for m in (*requests, *refs)), *((m, "serialization") for m in answers)]
+    return [
+        *((m, "validation") for m in (*requests, *refs)),
+        *((m, "serialization") for m in answers),
+    ]
 
 
 def document(*, max_body_bytes: int) -> dict[str, Any]:
@@ -56,10 +78,15 @@ def document(*, max_body_bytes: int) -> dict[str, Any]:
     ref = {model: value["$ref"] for (model, _mode), value in keys.items()}
 
     def body(model: type[BaseModel], description: str) -> dict[str, Any]:
-        return {"required": True, "description": f"{description} At most {max_body_bytes} bytes.",
-                "content": {JSON: {"schema": {"$ref": ref[model]}}}}
+        return {
+            "required": True,
+            "description": f"{description} At most {max_body_bytes} bytes.",
+            "content": {JSON: {"schema": {"$ref": ref[model]}}},
+        }
 
-    def answer(model: type[BaseModel] | None, description: str, **headers: dict[str, Any]) -> dict[str, Any]:
+    def answer(
+        model: type[BaseModel] | None, description: str, **headers: dict[str, Any]
+    ) -> dict[str, Any]:
         out: dict[str, Any] = {"description": description}
         if model is not None:
             out["content"] = {JSON: {"schema": {"$ref": ref[model]}}}
@@ -70,9 +97,18 @@ def document(*, max_body_bytes: int) -> dict[str, Any]:
     def errors(*codes: int) -> dict[str, Any]:
         out = {}
         for code in codes:
-            item: dict[str, Any] = {"description": _ERRORS[code], "content": {PROBLEM_TYPE: {"schema": {"$ref": ref[Problem]}}}}
+            item: dict[str, Any] = {
+                "description": _ERRORS[code],
+                "content": {PROBLEM_TYPE: {"schema": {"$ref": ref[Problem]}}},
+            }
             if code == 429:
-                item["headers"] = {"Retry-After": {"required": True, "description": "seconds", "schema": {"type": "integer", "minimum": 1}}}
+                item["headers"] = {
+                    "Retry-After": {
+                        "required": True,
+                        "description": "seconds",
+                        "schema": {"type": "integer", "minimum": 1},
+                    }
+                }
             if code == 401:
                 item["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
             out[str(code)] = item
@@ -81,7 +117,13 @@ def document(*, max_body_bytes: int) -> dict[str, Any]:
     def params(model: type[BaseModel]) -> list[dict[str, Any]]:
         return _query_parameters(schemas[model.__name__])
 
-    job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}, "example": "job_" + "0" * 32}
+    job_id = {
+        "name": "job_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+        "example": "job_" + "0" * 32,
+    }
     dl_id = {"name": "dl_id", "in": "path", "required": True, "schema": {"type": "string"}}
     read = (401, 429)
     write = (401, 403, 429)
@@ -91,19 +133,40 @@ def document(*, max_body_bytes: int) -> dict[str, Any]:
             "post": {
                 "operationId": "createCancellation",
                 "summary": "Queue a cancellation",
-                "description": "The same `idempotency_key` with the same body returns the same job (200-class, `Cancelflow-Enqueue: existing`); with another body, 409. A request for a subscription whose job is in flight joins it (`Cancelflow-Enqueue: joined`).",
-                "requestBody": body(CancellationRequest, "`subscription` is the provider's reference (see the `*Ref` schemas)."),
+                "description": (
+                    "The same `idempotency_key` with the same body returns the same job "
+                    "(`Cancelflow-Enqueue: existing`); with another body, 409. A request for a "
+                    "subscription whose job is in flight joins it (`Cancelflow-Enqueue: joined`)."
+                ),
+                "requestBody": body(
+                    CancellationRequest,
+                    "`subscription` is the provider's reference (see the `*Ref` schemas).",
+                ),
                 "responses": {
-                    "202": answer(JobRecord, "the job (new, repeated or joined)",
-                                  Location={"required": True, "schema": {"type": "string"}},
-                                  **{"Cancelflow-Enqueue": {"required": True, "schema": {"type": "string", "enum": ["created", "existing", "joined"]}}}),
+                    "202": answer(
+                        JobRecord,
+                        "the job (new, repeated or joined)",
+                        Location={"required": True, "schema": {"type": "string"}},
+                        **{
+                            "Cancelflow-Enqueue": {
+                                "required": True,
+                                "schema": {
+                                    "type": "string",
+                                    "enum": ["created", "existing", "joined"],
+                                },
+                            }
+                        },
+                    ),
                     **errors(400, *write, 409, 413, 422),
                 },
             },
             "get": {
                 "operationId": "listCancellations",
                 "summary": "List jobs, newest first",
-                "description": "Filters combine. Follow `next_cursor` (with the same filters) until it is null; a page may be short, even empty, while it is not.",
+                "description": (
+                    "Filters combine. Follow `next_cursor` (with the same filters) until it is "
+                    "null; a page may be short, even empty, while it is not."
+                ),
                 "parameters": params(JobQuery),
                 "responses": {"200": answer(JobPage, "one page of jobs"), **errors(*read, 422)},
             },
@@ -121,14 +184,19 @@ def document(*, max_body_bytes: int) -> dict[str, Any]:
                 "operationId": "decideCancellation",
                 "summary": "The customer's answer to a retention offer",
                 "parameters": [job_id],
-                "requestBody": body(Decision, "Accept (the job ends `retained`) or reject (it goes on to confirm)."),
-                "responses": {"202": answer(JobRecord, "the job after the decision"), **errors(400, *write, 404, 409, 413, 422)},
+                "requestBody": body(
+                    Decision, "Accept (the job ends `retained`) or reject (it goes on to confirm)."
+                ),
+                "responses": {
+                    "202": answer(JobRecord, "the job after the decision"),
+                    **errors(400, *write, 404, 409, 413, 422),
+                },
             },
         },
         "/v1/stats": {
             "get": {
                 "operationId": "getStats",
-                "summary": "Counts of recent jobs by provider and status, dead letters, billing events",
+                "summary": "Counts of recent jobs by provider and status; dead letters; billing",
                 "parameters": params(StatsQuery),
                 "responses": {"200": answer(Stats, "the counts"), **errors(*read, 422)},
             },
@@ -137,14 +205,23 @@ def document(*, max_body_bytes: int) -> dict[str, Any]:
             "post": {
                 "operationId": "postBillingEvent",
                 "summary": "A billing event, mapped to a cancellation by the billing rules",
-                "description": "Signed, not token-authenticated: `Cancelflow-Signature: t=<unix>,v1=<hex HMAC-SHA256 of \"<t>.<body>\">` under the billing secret. The event id is the idempotency key: a redelivered event returns its first job.",
+                "description": (
+                    "Signed, not token-authenticated: `Cancelflow-Signature: t=<unix>,v1=<hex "
+                    'HMAC-SHA256 of "<t>.<body>">` under the billing secret. The event id is the '
+                    "idempotency key: a redelivered event returns its first job."
+                ),
                 "security": [{"billingSignature": []}],
                 "requestBody": body(BillingEvent, "The event."),
                 "responses": {
                     "200": answer(BillingResult, "no rule matches: ignored (and counted)"),
-                    "202": answer(BillingResult, "a job was created, or the event's job already exists"),
+                    "202": answer(
+                        BillingResult, "a job was created, or the event's job already exists"
+                    ),
                     **errors(400, 401, 413, 429),
-                    "422": {"description": "the event cannot make a valid request: dead-lettered", "content": {PROBLEM_TYPE: {"schema": {"$ref": ref[Problem]}}}},
+                    "422": {
+                        "description": "the event cannot make a valid request: dead-lettered",
+                        "content": {PROBLEM_TYPE: {"schema": {"$ref": ref[Problem]}}},
+                    },
                     **errors(503),
                 },
             },
@@ -153,8 +230,18 @@ def document(*, max_body_bytes: int) -> dict[str, Any]:
             "get": {
                 "operationId": "listDeadLetters",
                 "summary": "Dead letters, newest first",
-                "parameters": [*params(DeadLetterFilter), {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 1000}}],
-                "responses": {"200": answer(DeadLetterPage, "the dead letters"), **errors(*read, 422)},
+                "parameters": [
+                    *params(DeadLetterFilter),
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 1000},
+                    },
+                ],
+                "responses": {
+                    "200": answer(DeadLetterPage, "the dead letters"),
+                    **errors(*read, 422),
+                },
             },
         },
         "/v1/dead-letters/{dl_id}": {
@@ -173,17 +260,44 @@ def document(*, max_body_bytes: int) -> dict[str, Any]:
             "post": {
                 "operationId": "replayDeadLetter",
                 "parameters": [dl_id],
-                "responses": {"202": answer(Replayed, "replayed from the step it failed at"), **errors(*write, 404, 409)},
+                "responses": {
+                    "202": answer(Replayed, "replayed from the step it failed at"),
+                    **errors(*write, 404, 409),
+                },
             },
         },
-        "/healthz": {"get": {"operationId": "healthz", "security": public, "responses": {"200": answer(Health, "alive")}}},
+        "/v1/providers": {
+            "get": {
+                "operationId": "listProviders",
+                "summary": "Each configured provider's circuit breaker and calls in flight",
+                "responses": {"200": answer(ProviderStates, "the providers"), **errors(*read)},
+            },
+        },
+        "/healthz": {
+            "get": {
+                "operationId": "healthz",
+                "security": public,
+                "responses": {"200": answer(Health, "alive")},
+            }
+        },
         "/readyz": {
-            "get": {"operationId": "readyz", "security": public,
-                    "responses": {"200": answer(Health, "Redis answers"), **errors(503)}},
+            "get": {
+                "operationId": "readyz",
+                "security": public,
+                "responses": {"200": answer(Health, "Redis answers"), **errors(503)},
+            },
         },
         "/openapi.json": {
-            "get": {"operationId": "openapi", "security": public,
-                    "responses": {"200": {"description": "this document", "content": {JSON: {"schema": {"type": "object"}}}}}},
+            "get": {
+                "operationId": "openapi",
+                "security": public,
+                "responses": {
+                    "200": {
+                        "description": "this document",
+                        "content": {JSON: {"schema": {"type": "object"}}},
+                    }
+                },
+            },
         },
     }
     return {
@@ -191,15 +305,26 @@ def document(*, max_body_bytes: int) -> dict[str, Any]:
         "info": {
             "title": "Cancelflow",
             "version": "1",
-            "description": "Cancels subscriptions at third-party providers. Errors are `application/problem+json` (RFC 9457).",
+            "description": (
+                "Cancels subscriptions at third-party providers. "
+                "Errors are `application/problem+json` (RFC 9457)."
+            ),
         },
         "security": [{"bearer": []}],
         "paths": paths,
         "components": {
             "schemas": schemas,
             "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer", "description": "`token` (read and write) or a read-only token"},
-                "billingSignature": {"type": "apiKey", "in": "header", "name": "Cancelflow-Signature"},
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "`token` (read and write) or a read-only token",
+                },
+                "billingSignature": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "Cancelflow-Signature",
+                },
             },
         },
     }
@@ -216,7 +341,12 @@ def _query_parameters(schema: dict[str, Any]) -> list[dict[str, Any]]:
                 prop.update(branch)
         if "default" in prop and prop["default"] is None:
             del prop["default"]
-        param: dict[str, Any] = {"name": name, "in": "query", "required": name in required, "schema": prop}
+        param: dict[str, Any] = {
+            "name": name,
+            "in": "query",
+            "required": name in required,
+            "schema": prop,
+        }
         if prop.get("description"):
             param["description"] = prop["description"]
         if prop.get("type") == "array":

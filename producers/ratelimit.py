@@ -26,7 +26,8 @@ if tat < now then tat = now end
 local new_tat = tat + interval
 local wait = new_tat - tolerance - now
 if wait > 0 then return {0, math.ceil(wait)} end
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+local ttl_ms = math.ceil((new_tat - now) / 1000) + 1000
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', ttl_ms)
 return {1, 0}
 """
 

@@ -74,9 +74,15 @@ class JobQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     provider: str | None = Field(default=None, min_length=1, max_length=64)
-    status: list[Status] | None = Field(default=None, description="one or more (repeat the parameter, or separate with commas)")
-    created_after: datetime | None = Field(default=None, description="inclusive, ISO 8601 (UTC if no offset)")
-    created_before: datetime | None = Field(default=None, description="exclusive, ISO 8601 (UTC if no offset)")
+    status: list[Status] | None = Field(
+        default=None, description="one or more (repeat the parameter, or separate with commas)"
+    )
+    created_after: datetime | None = Field(
+        default=None, description="inclusive, ISO 8601 (UTC if no offset)"
+    )
+    created_before: datetime | None = Field(
+        default=None, description="exclusive, ISO 8601 (UTC if no offset)"
+    )
     limit: int = Field(default=50, ge=1, le=MAX_PAGE)
     cursor: str | None = Field(default=None, max_length=200)
 
@@ -91,18 +97,29 @@ class JobQuery(BaseModel):
 class StatsQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    since_s: float = Field(default=24 * 3600.0, gt=0, le=31 * 24 * 3600, description="count the jobs created in the last this many seconds")
+    since_s: float = Field(
+        default=24 * 3600.0,
+        gt=0,
+        le=31 * 24 * 3600,
+        description="count the jobs created in the last this many seconds",
+    )
 
 
 class Stats(BaseModel):
     """Live counts for ``cancelflow watch``."""
 
     since: str
-    jobs: dict[str, dict[str, int]] = Field(description="provider -> status -> jobs created since ``since``")
+    jobs: dict[str, dict[str, int]] = Field(
+        description="provider -> status -> jobs created since ``since``"
+    )
     total: int
     dead_letters: int
-    billing: dict[str, int] = Field(default_factory=dict, description="billing events by result, ever")
-    billing_ignored: dict[str, int] = Field(default_factory=dict, description="ignored billing events by type, ever")
+    billing: dict[str, int] = Field(
+        default_factory=dict, description="billing events by result, ever"
+    )
+    billing_ignored: dict[str, int] = Field(
+        default_factory=dict, description="ignored billing events by type, ever"
+    )
 
 
 class DeadLetterPage(BaseModel):
@@ -113,6 +130,21 @@ class Replayed(BaseModel):
     replayed: str
     job_id: str | None = None
     next: str | None = None
+
+
+class ProviderState(BaseModel):
+    """One provider's circuit breaker and calls in flight, shared by all workers."""
+
+    provider: str
+    circuit: Literal["open", "half_open", "closed"]
+    open_for_s: float
+    consecutive_failures: int
+    times_opened: int
+    in_flight: int
+
+
+class ProviderStates(BaseModel):
+    items: list[ProviderState]
 
 
 class Health(BaseModel):
@@ -126,7 +158,11 @@ class BillingEvent(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    id: str = Field(min_length=1, max_length=200, description="unique per event: a redelivered event carries the same id")
+    id: str = Field(
+        min_length=1,
+        max_length=200,
+        description="unique per event: a redelivered event carries the same id",
+    )
     type: str = Field(min_length=1, max_length=200, examples=["payment.final_failure"])
     created_at: str | None = None
     data: dict[str, Any] = Field(default_factory=dict)

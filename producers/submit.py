@@ -41,7 +41,13 @@ def validate_request(body: Any, settings: Settings) -> CancellationRequest | lis
     except ValidationError as exc:
         return field_errors(exc, prefix=("subscription",))
     if req.callback_url is not None and conf.callback_secret is None:
-        return [{"field": "callback_url", "message": "the provider has no callback secret configured; callbacks are always signed"}]
+        return [
+            {
+                "field": "callback_url",
+                "message": "the provider has no callback secret configured; "
+                "callbacks are always signed",
+            }
+        ]
     return req
 
 

@@ -73,7 +73,14 @@ class System:
             if job["status"] in wanted and (until or not _callback_pending(job)):
                 return job  # type: ignore[no-any-return]
             time.sleep(0.05)
-        raise AssertionError(f"job {job_id} still {job and job['status']} after {timeout_s}s:\n{json.dumps(job, indent=1)}\n--- worker log ---\n{self.procs.log_tail('worker')}")
+        raise AssertionError(f"job {job_id} still {job and job['status']} after {timeout_s}s:\n{json.dumps(job, indent=1)}\n--- worker log lines of this job ---\n{self.log_lines(job_id)}")
+
+    def log_lines(self, needle: str) -> str:
+        """Every line of every process log of this system that mentions ``needle``."""
+        out = []
+        for path in sorted(self.procs.log_dir.glob("*.log")):
+            out += [f"{path.stem}: {line}" for line in path.read_text(errors="replace").splitlines() if needle in line]
+        return "\n".join(out[-80:])
 
 
 def _callback_pending(job: dict[str, Any]) -> bool:

@@ -4,14 +4,17 @@ the step that comes next. Retry and dead-letter decisions are made by the error'
 from __future__ import annotations
 
 import random
+import time
 import traceback
 from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any
 
+import kombu.exceptions
+import redis.exceptions
 import structlog
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from cancelflow import steps
 from cancelflow.callbacks import CallbackRetryable
@@ -65,7 +68,31 @@ async def _bound(coro: Coroutine[Any, Any, Any], **context: Any) -> Any:
     return await coro
 
 
+# Redis (job store and broker) unreachable: not the job's fault, and nothing to record it in.
+INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    kombu.exceptions.OperationalError,
+)
+
+
 def run_step(task: Task, step: Step, call: StepCall, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Run one step; when Redis is unreachable mid-step, give the message back.
+
+    Celery drops a failed acks_late message (it rejects it without requeue), so an error
+    escaping here would lose the job. Steps are safe to run again (they resume from the job
+    record), so the message is requeued; if even that fails, it stays unacknowledged in
+    Redis and comes back after the visibility timeout.
+    """
+    try:
+        return _run_step(task, step, call, args, kwargs)
+    except INFRASTRUCTURE_ERRORS as exc:
+        log.error("step.redis_unreachable", error=f"{type(exc).__name__}: {exc}")
+        time.sleep(1.0)  # no hot loop while Redis comes back
+        raise Reject(f"redis unreachable: {exc}", requeue=True) from exc
+
+
+def _run_step(task: Task, step: Step, call: StepCall, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     rt = _runtime()
     context = {"task_id": task.request.id, "step": step.value}
     try:
@@ -86,9 +113,13 @@ def run_step(task: Task, step: Step, call: StepCall, args: tuple[Any, ...], kwar
         nxt = _retry_or_give_up(rt, task, step, job_id, error, exc, extra)
     except (ProviderError, CallbackRetryable) as exc:
         nxt = _retry_or_give_up(rt, task, step, job_id, exc, exc, extra)
+    except steps.StepBusy as exc:
+        raise task.retry(countdown=min(exc.retry_after + random.uniform(0, 0.5), rt.settings.limits().max_countdown_s), exc=exc, max_retries=None) from exc
     except steps.CallbackGiveUp as exc:
         rt.run(steps.dead_letter_callback(rt.deps, job_id, extra[0], error=str(exc), traceback=traceback.format_exc()))
         return {"job_id": job_id, "dead_lettered": "callback"}
+    except INFRASTRUCTURE_ERRORS:
+        raise
     except Exception as exc:  # noqa: BLE001 - any surprise goes to the dead-letter store
         log.exception("step.unexpected_error")
         nxt = rt.run(

@@ -4,6 +4,7 @@ the real callbacks session, and jobs driven to each state by the real steps."""
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,11 +21,15 @@ from cancelflow.hooks import Hook
 from cancelflow.providers.payway import PaywayRef
 from cancelflow.settings import Settings, load_settings
 from cancelflow.store import JobStore
-from sandboxes.receiver import DEMO_CALLBACK_SECRET, EVENTS_PATH, Receiver, create_app
-
-SCHEMA = json.loads(
-    (Path(__file__).parents[2] / "docs" / "callback-event.schema.json").read_text()
+from sandboxes.receiver import (
+    DEMO_CALLBACK_SECRET,
+    EVENTS_PATH,
+    Receiver,
+    ReceiverControl,
+    create_app,
 )
+
+SCHEMA = json.loads((Path(__file__).parents[2] / "docs" / "callback-event.schema.json").read_text())
 REF = PaywayRef(
     account_id="5cb80481a000000000000001",
     user_product_id="5cb80481b000000000000001",
@@ -68,7 +73,7 @@ class Harness:
             **request,
         )
         # One job per call: each gets a subscription identity of its own.
-        created = await self.deps.store.create(body, identity=f"test:{id(body)}")
+        created = await self.deps.store.create(body, identity=uuid.uuid4().hex)
         return created.job
 
     async def checking(self, **request: Any) -> JobRecord:
@@ -96,8 +101,13 @@ class Harness:
     async def dead_lettered(self, **request: Any) -> str:
         job = await self.checking(**request)
         await steps.dead_letter(
-            self.deps, job.id, step=Step.CONFIRM, error_type="ProviderUnavailable",
-            error="gave up after 8 attempts", traceback=None, payload={},
+            self.deps,
+            job.id,
+            step=Step.CONFIRM,
+            error_type="ProviderUnavailable",
+            error="gave up after 8 attempts",
+            traceback=None,
+            payload={},
         )
         return job.id
 
@@ -108,8 +118,7 @@ class Harness:
         return await self.deps.dead_letters.list()
 
     def configure(self, **control: Any) -> None:
-        from sandboxes.receiver import ReceiverControl
-
+        """Tell the receiver how to behave (`PUT /receiver/_control` in process)."""
         self.receiver.configure(ReceiverControl(**control))
 
 

@@ -49,7 +49,12 @@ def test_a_provider_gets_its_own_hooks_and_those_for_every_provider() -> None:
 
 def test_load_imports_the_modules_that_register() -> None:
     module = types.ModuleType("cancelflow_test_hooks_module")
-    exec("from cancelflow.hooks import register_hook\nasync def h(e): pass\nregister_hook('payway', h, name='from-module')", module.__dict__)  # noqa: S102
+    source = (
+        "from cancelflow.hooks import register_hook\n"
+        "async def h(e): pass\n"
+        "register_hook('payway', h, name='from-module')\n"
+    )
+    exec(source, module.__dict__)  # noqa: S102 - a module made on the spot
     sys.modules[module.__name__] = module
     try:
         loaded = hooks.load([module.__name__])
@@ -75,5 +80,5 @@ def test_run_maps_a_hook_s_failures_to_callback_errors() -> None:
         run(lambda e: raises(hooks.HookRejected("no thanks")))
     with pytest.raises(CallbackRetryable, match="KeyError"):
         run(lambda e: raises(KeyError("x")))
-    with pytest.raises(CallbackRetryable, match="within 0.05s"):
+    with pytest.raises(CallbackRetryable, match=r"within 0\.05s"):
         run(slow, timeout_s=0.05)

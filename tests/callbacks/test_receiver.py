@@ -57,7 +57,9 @@ def test_verifies_deduplicates_fails_on_demand_and_lists_what_it_got() -> None:
                 assert await put({"fail_next": -1}) == 422
                 assert await put({"secrets": ["rotated"]}) == 200
                 assert await post({**EVENT, "id": "evt_" + "4" * 32}, secret="rotated") == 200
-                async with http.get(f"{base}/_events", params={"job_id": "job_" + "2" * 32}) as resp:
+                async with http.get(
+                    f"{base}/_events", params={"job_id": "job_" + "2" * 32}
+                ) as resp:
                     got = await resp.json()
                 requests = [(r["status"], r["verified"], r["duplicate"]) for r in got["requests"]]
                 assert requests == [

@@ -113,8 +113,12 @@ def test_no_secret_is_a_programming_error() -> None:
         assert not isinstance(err.value, SignatureError)
 
 
-@given(body=st.binary(max_size=512), secret=st.text(min_size=1, max_size=40), flip=st.integers(0, 511))
-def test_any_body_signed_verifies_and_any_changed_byte_does_not(body: bytes, secret: str, flip: int) -> None:
+@given(
+    body=st.binary(max_size=512), secret=st.text(min_size=1, max_size=40), flip=st.integers(0, 511)
+)
+def test_any_body_signed_verifies_and_any_changed_byte_does_not(
+    body: bytes, secret: str, flip: int
+) -> None:
     header = sign(body, [secret], timestamp=T)
     assert verify_signature(body, header, [secret], now=T) == T
     if body:

@@ -11,7 +11,7 @@ import jsonschema_rs
 import pytest
 
 from cancelflow import callbacks, steps
-from cancelflow.contract import Decision, Outcome, OutcomeType
+from cancelflow.contract import Decision, Outcome, OutcomeType, Step
 from cancelflow.hooks import Hook, HookRejected
 from producers.signatures import verify_signature
 from sandboxes.receiver import DEMO_CALLBACK_SECRET
@@ -100,12 +100,16 @@ def test_each_event_type_is_delivered_signed_and_matches_the_schema(case: str) -
             assert body["id"] == callbacks.event_id(job, expected)
             data = body["data"]
             assert (data["job_id"], data["provider"], data["subscription"]) == (
-                job_id, "payway", job.subscription
+                job_id,
+                "payway",
+                job.subscription,
             )
             assert data["idempotency_key"] == job.idempotency_key
             [attempt] = job.callbacks
             assert (attempt.result, attempt.http_status, attempt.event_type) == (
-                "delivered", 200, expected
+                "delivered",
+                200,
+                expected,
             )
             assert attempt.latency_ms is not None and attempt.latency_ms >= 0
 
@@ -119,7 +123,8 @@ def test_dead_lettered_event_says_why_and_metadata_is_passed_through() -> None:
             await deliver_until_done(h, job_id)
             [body] = h.receiver.events.values()
             assert body["data"]["error"] == {
-                "type": "ProviderUnavailable", "message": "gave up after 8 attempts"
+                "type": "ProviderUnavailable",
+                "message": "gave up after 8 attempts",
             }
             assert body["data"]["metadata"] == {"order": 7}
             assert body["data"]["idempotency_key"] == "order-7"
@@ -200,7 +205,10 @@ def test_another_4xx_or_a_redirect_dead_letters_at_once_and_replays(status: int)
             assert results(await h.record(job_id)) == ["failed", "dead_lettered"]
             [dl] = await h.dead_letters()
             assert (dl.kind, dl.job_id, dl.error_type, dl.event) == (
-                "callback", job_id, "CallbackRejected", "outcome@webhook"
+                "callback",
+                job_id,
+                "CallbackRejected",
+                "outcome@webhook",
             )
             assert dl.errors[0]["status"] == status
             # A retried message does not send a dead-lettered event again...
@@ -208,7 +216,7 @@ def test_another_4xx_or_a_redirect_dead_letters_at_once_and_replays(status: int)
             assert len(h.receiver.requests) == 1
             # ...an operator's replay does.
             nxt = await steps.replay(h.deps, dl.id)
-            assert nxt.step is steps.Step.CALLBACK
+            assert nxt.step is Step.CALLBACK
             await deliver_until_done(h, job_id, *nxt.args)
             assert results(await h.record(job_id)) == ["failed", "dead_lettered", "delivered"]
             assert len(h.receiver.events) == 1
