@@ -36,6 +36,10 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
+bench: setup  ## Cancelflow against plain Celery chains: jobs/s, latency, worker memory, targets
+	$(UV) sync --frozen --group bench --quiet
+	scripts/with-redis $(VENV)/bin/python -m bench
+
 flower: setup  ## Flower against the same broker (CANCELFLOW_REDIS_URL)
 	$(VENV)/bin/celery -A worker.app flower --address=127.0.0.1 --port=$${FLOWER_PORT:-5555}
 

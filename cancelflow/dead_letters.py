@@ -1,7 +1,9 @@
 """The dead-letter store: jobs, callbacks and messages that could not finish, kept until purged.
 
-Keys: ``cf:dl:{id}`` (the entry as JSON) and ``cf:dl:index`` (ids by time). Nothing here
-expires: an operator lists, shows, replays or purges.
+Keys: ``cf:dl:{id}`` (the entry as JSON), ``cf:dl:index`` (ids by time) and
+``cf:dl:kind:{kind}`` (ids by kind, so counting them is one ``SCARD``: the
+``cancelflow_dead_letters`` gauge). Nothing here expires: an operator lists, shows, replays or
+purges.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field
 from redis import Redis as SyncRedis
@@ -20,10 +22,19 @@ from cancelflow.contract import isoformat, utcnow
 INDEX = "cf:dl:index"
 # "billing_event": a billing event that could not become a job (see producers/billing.py).
 Kind = Literal["job", "callback", "poison", "billing_event"]
+KINDS: tuple[str, ...] = get_args(Kind)
+# Set once the kind sets hold every entry (entries older than the sets are added by
+# ``index_kinds``).
+KINDS_INDEXED = "cf:dl:kinds-indexed"
 
 
 def _key(dl_id: str) -> str:
     return f"cf:dl:{dl_id}"
+
+
+def kind_key(kind: str) -> str:
+    """The set of the ids of one kind's entries (ids are ``dl_…``: no clash with ``_key``)."""
+    return f"cf:dl:kind:{kind}"
 
 
 class DeadLetter(BaseModel):
@@ -60,14 +71,32 @@ class DeadLetterFilter(BaseModel):
         )
 
 
+# One page of ``index_kinds``: the kind is read from the entry's JSON as pydantic writes it
+# (compact, ``id`` then ``kind`` first, so the first match is the entry's own field).
+_INDEX_KINDS = """
+local n = 0
+for _, id in ipairs(ARGV) do
+  local raw = redis.call('GET', 'cf:dl:' .. id)
+  local kind = raw and string.match(raw, '"kind":"([%w_]+)"')
+  if kind then
+    redis.call('SADD', 'cf:dl:kind:' .. kind, id)
+    n = n + 1
+  end
+end
+return n
+"""
+
+
 class DeadLetterStore:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
+        self._index_kinds = redis.register_script(_INDEX_KINDS)
 
     async def add(self, dl: DeadLetter) -> DeadLetter:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(_key(dl.id), dl.model_dump_json())
             pipe.zadd(INDEX, {dl.id: utcnow().timestamp()})
+            pipe.sadd(kind_key(dl.kind), dl.id)
             await pipe.execute()
         return dl
 
@@ -77,6 +106,7 @@ class DeadLetterStore:
         with client.pipeline(transaction=True) as pipe:
             pipe.set(_key(dl.id), dl.model_dump_json())
             pipe.zadd(INDEX, {dl.id: utcnow().timestamp()})
+            pipe.sadd(kind_key(dl.kind), dl.id)
             pipe.execute()
         return dl
 
@@ -111,7 +141,10 @@ class DeadLetterStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(_key(dl_id))
             pipe.zrem(INDEX, dl_id)
-            deleted, _ = await pipe.execute()
+            # The kind is in the entry; removing the id from every kind's set saves reading it.
+            for kind in KINDS:
+                pipe.srem(kind_key(kind), dl_id)
+            deleted, *_ = await pipe.execute()
         return bool(deleted)
 
     async def purge(self, flt: DeadLetterFilter | None = None) -> int:
@@ -124,6 +157,26 @@ class DeadLetterStore:
 
     async def count(self) -> int:
         return int(await self.redis.zcard(INDEX))
+
+    async def index_kinds(self) -> int:
+        """Add the entries written before the kind sets existed to them, once per Redis;
+        returns how many entries were indexed (0 when already done). Safe to run
+        concurrently and again: adding an id to a set twice changes nothing, and an entry
+        deleted meanwhile is not added (each page is one script)."""
+        if await self.redis.exists(KINDS_INDEXED):
+            return 0
+        # ZSCAN returns every entry present from start to end, whatever is added or deleted
+        # meanwhile (entries added meanwhile are in their kind's set already).
+        indexed, batch = 0, []
+        async for dl_id, _score in self.redis.zscan_iter(INDEX, count=500):
+            batch.append(dl_id)
+            if len(batch) == 500:
+                indexed += int(await self._index_kinds(args=batch))
+                batch = []
+        if batch:
+            indexed += int(await self._index_kinds(args=batch))
+        await self.redis.set(KINDS_INDEXED, "1")
+        return indexed
 
 
 def poison_payload(body: Any, headers: dict[str, Any] | None, content_type: str | None) -> dict[str, Any]:

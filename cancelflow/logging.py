@@ -62,6 +62,8 @@ def configure_logging(*, fmt: LogFormat = "auto", level: str = "INFO") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _redact_processor,
     ]
+    # Celery's and aiohttp's own records carry exc_info as a tuple: render it as text too.
+    foreign = [*shared, structlog.processors.format_exc_info]
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if use_json
@@ -81,7 +83,7 @@ def configure_logging(*, fmt: LogFormat = "auto", level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=shared,
+            foreign_pre_chain=foreign,
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )

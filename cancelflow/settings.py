@@ -42,6 +42,11 @@ class WorkerSettings(BaseModel):
     visibility_timeout_s: int = Field(default=3600, ge=10)
     # How often beat looks for parked jobs past their decision deadline.
     decision_sweep_s: float = Field(default=30.0, gt=0)
+    # Prometheus metrics of the worker process on http://<metrics_host>:<metrics_port>/metrics;
+    # 0 turns them off. Two workers on one host (not in containers) need a port each: the
+    # second finds the port taken, logs it and runs without metrics.
+    metrics_port: int = Field(default=9808, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - scraped from outside the pod or container
 
 
 class CallbackSettings(BaseModel):

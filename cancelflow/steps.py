@@ -95,6 +95,7 @@ def resume(status: Status, provider: str) -> Next:
         Status.CHECKING: Next(Step.ELIGIBILITY, provider),
         Status.CONFIRMING: Next(Step.CONFIRM, provider),
         Status.FINISHED: Next(Step.CALLBACK, provider, (EVENT_OUTCOME,)),
+        Status.DEAD_LETTERED: Next(Step.CALLBACK, provider, (EVENT_OUTCOME,)),
     }.get(status, Next.done())
 
 
@@ -248,6 +249,30 @@ async def stragglers(deps: Deps, *, older_than_s: float) -> list[Next]:
             out.append(Next(Step.ELIGIBILITY, job.provider, (job_id,)))
         else:
             await deps.store.mark_dispatched(job_id)  # it ran: the mark was just not cleared
+    return out
+
+
+async def resume_stalled(deps: Deps, *, quiet_for_s: float) -> list[Next]:
+    """Steps to re-send for jobs that stopped moving before they settled (mid-chain, or
+    ended with the result callback unsent): the watchdog behind every other guarantee (a
+    message lost in a broker's gap, a bug). Safe to send twice: a step that finds its job
+    moved on does nothing, and a callback already delivered is not delivered again."""
+    out = []
+    for job_id in await deps.store.stalled(quiet_for_s=quiet_for_s):
+        try:
+            job = await deps.store.get(job_id)
+        except JobNotFound:
+            continue
+        nxt = resume(job.status, job.provider)
+        if nxt.step is None:
+            await deps.store.settle(job_id)
+            continue
+        if job.status is Status.QUEUED and not await deps.store.dispatched(job_id):
+            continue  # never sent: the straggler sweep's case
+        await deps.store.record(job_id, _entry("watchdog", "resent", 0, details={"step": nxt.step.value, "quiet_for_s": quiet_for_s}))
+        await deps.store.touch(job_id)
+        log.warning("job.stalled.resent", job_id=job_id, step=nxt.step.value)
+        out.append(Next(nxt.step, nxt.provider, (job_id, *nxt.args)))
     return out
 
 
@@ -477,6 +502,8 @@ async def callback(deps: Deps, job_id: str, event: str, *, attempt: int = 0) -> 
     retry = [r for r in results if r is not None]
     if retry:
         raise max(retry, key=lambda exc: exc.retry_after or 0.0)
+    if kind == EVENT_OUTCOME and not only:
+        await deps.store.settle(job_id)
     return Next.done()
 
 

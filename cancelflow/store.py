@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 
@@ -22,6 +22,7 @@ from cancelflow.contract import (
     CallbackAttempt,
     CancellationRequest,
     JobRecord,
+    Outcome,
     Status,
     TimelineEntry,
     isoformat,
@@ -32,6 +33,9 @@ from cancelflow.errors import CancelflowError, JobNotFound
 
 PREFIX = "cf:"
 JOBS_INDEX = f"{PREFIX}jobs"
+# Jobs not yet settled (queued, mid-chain, or ended with the result callback pending), by
+# the time they last moved.
+ACTIVE = f"{PREFIX}active"
 # Jobs recorded whose first step no producer has confirmed sending, by creation time.
 UNDISPATCHED = f"{PREFIX}undispatched"
 # A subscription's in-flight marker is released when its job ends; this is only a safety net.
@@ -77,6 +81,7 @@ if KEYS[3] ~= '' then
 end
 redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])
 redis.call('ZADD', KEYS[6], ARGV[5], ARGV[1])
+redis.call('ZADD', KEYS[7], ARGV[5], ARGV[1])
 return {'created', ARGV[1]}
 """
 
@@ -93,8 +98,15 @@ end
 local status = cur
 if ARGV[1] ~= '' then status = ARGV[1] end
 local args = {'status', status, 'updated_at', ARGV[3]}
-for i = 7, #ARGV do args[#args + 1] = ARGV[i] end
+for i = 8, #ARGV do args[#args + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(args))
+-- Jobs not yet settled, by when they last moved: the watchdog's index (see ``stalled``).
+-- A parked job waits on purpose; an ended one stays until its result callback settles.
+if status == 'awaiting_decision' then
+  redis.call('ZREM', KEYS[5], ARGV[6])
+else
+  redis.call('ZADD', KEYS[5], ARGV[7], ARGV[6])
+end
 if ARGV[4] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[4]) end
 if KEYS[3] ~= '' and redis.call('GET', KEYS[3]) == ARGV[6] then redis.call('DEL', KEYS[3]) end
 local ttl = tonumber(ARGV[5])
@@ -108,6 +120,17 @@ elseif ttl < 0 then
   redis.call('PERSIST', KEYS[4])
 end
 return {'ok', cur}
+"""
+
+
+# One round trip for a callback attempt: appended, the record touched, and the attempts kept
+# as long as the record itself (a finished job's record expires after the retention).
+_ADD_CALLBACK = """
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[2])
+local ttl = redis.call('TTL', KEYS[1])
+if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+return ttl
 """
 
 
@@ -133,6 +156,18 @@ class Transition:
     previous: Status
 
 
+class JobObserver(Protocol):
+    """Told what the store records, after it is recorded; metrics plug in here
+    (``cancelflow.metrics.JobMetrics``). Called on the caller's event loop: must not block."""
+
+    def job_ended(self, provider: str, outcome: str) -> None:
+        """A job reached ``finished`` (``outcome``: its outcome's type) or ``dead_lettered``
+        (``outcome``: "dead_lettered")."""
+
+    def callback_attempted(self, result: str) -> None:
+        """A callback attempt was recorded on a job, with its result."""
+
+
 def _sha(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
@@ -152,19 +187,28 @@ def _dump(model: Any) -> str:
 class JobStore:
     """Reads and moves job records. Every write is one atomic script or pipeline."""
 
-    def __init__(self, redis: Redis, *, retention_s: int, idempotency_ttl_s: int) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        retention_s: int,
+        idempotency_ttl_s: int,
+        observer: JobObserver | None = None,
+    ) -> None:
         self.redis = redis
         self._retention = retention_s
         self._idem_ttl = idempotency_ttl_s
+        self._observer = observer
         self._create = redis.register_script(_CREATE)
         self._transition = redis.register_script(_TRANSITION)
+        self._add_callback = redis.register_script(_ADD_CALLBACK)
 
     async def create(self, request: CancellationRequest, *, identity: str) -> Created:
         """Record a new queued job, or return the job the request joins or repeats."""
         job_id = new_job_id()
         now = utcnow()
         at = isoformat(now)
-        entry = TimelineEntry(at=at, step="enqueue", event="queued", status=Status.QUEUED)
+        entry_json = _dump(TimelineEntry(at=at, step="enqueue", event="queued", status=Status.QUEUED))
         idem = f"{PREFIX}idem:{_sha(request.idempotency_key)}" if request.idempotency_key else ""
         fields = {
             "id": job_id,
@@ -182,6 +226,7 @@ class JobStore:
                 inflight_key(request.provider, identity),
                 JOBS_INDEX,
                 UNDISPATCHED,
+                ACTIVE,
             ],
             args=[
                 job_id,
@@ -189,13 +234,16 @@ class JobStore:
                 self._idem_ttl,
                 INFLIGHT_TTL_S,
                 now.timestamp(),
-                _dump(entry),
+                entry_json,
                 *[item for pair in fields.items() for item in pair],
             ],
         )
         how, found = _s(how), _s(found)
         if how == "conflict":
             raise IdempotencyConflict(found)
+        if how == "created":
+            # Exactly what the script wrote: no round trip to read it back.
+            return Created(job=_record(fields, [entry_json], []), how=how)
         return Created(job=await self.get(found), how=how)
 
     async def get(self, job_id: str) -> JobRecord:
@@ -208,25 +256,21 @@ class JobStore:
             raw, timeline, callbacks = await pipe.execute()
         if not raw:
             raise JobNotFound(job_id)
-        h = {_s(k): _s(v) for k, v in raw.items()}
-        request = json.loads(h["request"])
-        return JobRecord(
-            id=h["id"],
-            provider=h["provider"],
-            subscription=request["subscription"],
-            reason=request.get("reason"),
-            callback_url=request.get("callback_url"),
-            idempotency_key=request.get("idempotency_key"),
-            metadata=request.get("metadata") or {},
-            status=Status(h["status"]),
-            outcome=json.loads(h["outcome"]) if h.get("outcome") else None,
-            offer=json.loads(h["offer"]) if h.get("offer") else None,
-            decision=json.loads(h["decision"]) if h.get("decision") else None,
-            timeline=[json.loads(e) for e in timeline],
-            callbacks=[json.loads(c) for c in callbacks],
-            created_at=h["created_at"],
-            updated_at=h["updated_at"],
-        )
+        return _record({_s(k): _s(v) for k, v in raw.items()}, timeline, callbacks)
+
+    async def stalled(self, *, quiet_for_s: float, limit: int = 500) -> list[str]:
+        """Jobs mid-chain that have not moved for ``quiet_for_s`` (their message is lost)."""
+        cutoff = utcnow().timestamp() - quiet_for_s
+        raw = await self.redis.zrangebyscore(ACTIVE, "-inf", cutoff, 0, limit)
+        return [_s(r) for r in raw]
+
+    async def settle(self, job_id: str) -> None:
+        """The job ended and its result callback reached its end: nothing more to watch."""
+        await self.redis.zrem(ACTIVE, job_id)
+
+    async def touch(self, job_id: str) -> None:
+        """Restart a job's quiet time (after the watchdog re-sent its step)."""
+        await self.redis.zadd(ACTIVE, {job_id: utcnow().timestamp()}, xx=True)
 
     async def mark_dispatched(self, job_id: str) -> None:
         """The job's first step is on the broker."""
@@ -258,7 +302,7 @@ class JobStore:
         **fields: Any,
     ) -> Transition:
         """Move the job to ``to`` if the transition is allowed from where it is now."""
-        return await self._run(
+        moved = await self._run(
             job.id,
             to=to.value,
             allowed=TRANSITIONS[to],
@@ -268,6 +312,12 @@ class JobStore:
             ttl=self._retention if to is Status.FINISHED else 0,
             fields=fields,
         )
+        # Only the delivery that moved the job reports it: a redelivered step does not.
+        if moved.applied and _ends(to) and self._observer is not None:
+            outcome = fields.get("outcome")
+            ended = outcome.type.value if isinstance(outcome, Outcome) else to.value
+            self._observer.job_ended(job.provider, ended)
+        return moved
 
     async def record(
         self,
@@ -299,15 +349,11 @@ class JobStore:
         )
 
     async def add_callback_attempt(self, job_id: str, attempt: CallbackAttempt) -> None:
-        key = f"{job_key(job_id)}:callbacks"
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, _dump(attempt))
-            pipe.hset(job_key(job_id), "updated_at", attempt.at)
-            await pipe.execute()
-        # Keep the attempts as long as the record itself.
-        ttl = await self.redis.ttl(job_key(job_id))
-        if ttl and ttl > 0:
-            await self.redis.expire(key, ttl)
+        await self._add_callback(
+            keys=[job_key(job_id), f"{job_key(job_id)}:callbacks"], args=[_dump(attempt), attempt.at]
+        )
+        if self._observer is not None:
+            self._observer.callback_attempted(attempt.result)
 
     async def _run(
         self,
@@ -325,14 +371,15 @@ class JobStore:
         for name, value in fields.items():
             flat += [name, value if isinstance(value, str) else _dump(value)]
         result, previous = await self._transition(
-            keys=[key, f"{key}:timeline", release, f"{key}:callbacks"],
+            keys=[key, f"{key}:timeline", release, f"{key}:callbacks", ACTIVE],
             args=[
                 to,
                 " ".join(sorted(s.value for s in allowed)),
-                isoformat(utcnow()),
+                isoformat(now := utcnow()),
                 _dump(entry) if entry is not None else "",
                 ttl,
                 job_id,
+                now.timestamp(),
                 *flat,
             ],
         )
@@ -340,6 +387,28 @@ class JobStore:
         if result == "missing":
             raise JobNotFound(job_id)
         return Transition(applied=result == "ok", previous=Status(previous))
+
+
+def _record(h: dict[str, str], timeline: list[Any], callbacks: list[Any]) -> JobRecord:
+    """A job record from its hash fields and its timeline and callbacks lists (JSON items)."""
+    request = json.loads(h["request"])
+    return JobRecord(
+        id=h["id"],
+        provider=h["provider"],
+        subscription=request["subscription"],
+        reason=request.get("reason"),
+        callback_url=request.get("callback_url"),
+        idempotency_key=request.get("idempotency_key"),
+        metadata=request.get("metadata") or {},
+        status=Status(h["status"]),
+        outcome=json.loads(h["outcome"]) if h.get("outcome") else None,
+        offer=json.loads(h["offer"]) if h.get("offer") else None,
+        decision=json.loads(h["decision"]) if h.get("decision") else None,
+        timeline=[json.loads(e) for e in timeline],
+        callbacks=[json.loads(c) for c in callbacks],
+        created_at=h["created_at"],
+        updated_at=h["updated_at"],
+    )
 
 
 def _ends(status: Status) -> bool:

@@ -16,7 +16,7 @@ from cancelflow.providers import REGISTRY
 from cancelflow.providers.base import Provider
 from cancelflow.settings import Settings
 from cancelflow.steps import Deps
-from cancelflow.store import JobStore
+from cancelflow.store import JobObserver, JobStore
 
 
 def redis_client(settings: Settings) -> Redis:
@@ -68,13 +68,17 @@ def build_deps(
     redis: Redis,
     session: aiohttp.ClientSession | None = None,
     observer: CallObserver | None = None,
+    job_observer: JobObserver | None = None,
 ) -> Deps:
+    """What the steps need. ``observer`` is told of every provider call, ``job_observer`` of
+    jobs that end and callback attempts (both: metrics)."""
     return Deps(
         settings=settings,
         store=JobStore(
             redis,
             retention_s=settings.job_retention_s,
             idempotency_ttl_s=settings.idempotency_ttl_s,
+            observer=job_observer,
         ),
         dead_letters=DeadLetterStore(redis),
         providers=build_providers(settings, session, redis=redis, observer=observer) if session else {},

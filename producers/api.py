@@ -1,13 +1,16 @@
 """The producer HTTP API (aiohttp).
 
 Every route takes a bearer token but the health checks, ``/openapi.json`` (public: it holds
-nothing secret) and ``POST /v1/billing-events`` (signed by the billing system instead). Each
+nothing secret) and ``POST /v1/billing-events`` (signed by the billing system instead);
+``/metrics`` too (Prometheus sends one: a read-only token is enough). Each
 token is rate-limited (``ratelimit``); bodies over ``api.max_body_bytes`` get 413; every error
 is ``application/problem+json``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import math
@@ -18,7 +21,7 @@ from aiohttp import web
 from celery import Celery
 from pydantic import ValidationError
 
-from cancelflow import steps
+from cancelflow import metrics, steps
 from cancelflow.contract import Decision
 from cancelflow.dead_letters import DeadLetterFilter
 from cancelflow.errors import CancelflowError, JobNotFound
@@ -351,6 +354,24 @@ async def list_providers(request: web.Request) -> web.Response:
     return web.json_response(ProviderStates(items=items).model_dump(mode="json"))
 
 
+async def get_metrics(request: web.Request) -> web.Response:
+    """This process's metrics, and the shared state's gauges read from Redis now."""
+    snapshot = await metrics.read_store(request.app[DEPS].store.redis)
+    body = metrics.render(metrics.StoreGauges(snapshot))
+    return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
+async def _index_dead_letter_kinds(deps: steps.Deps) -> None:
+    # Dead letters written before the per-kind sets existed: counted once, in the background.
+    try:
+        indexed = await deps.dead_letters.index_kinds()
+    except Exception as exc:  # the next start-up tries again
+        log.warning("api.dead_letters.index_failed", error=f"{type(exc).__name__}: {exc}")
+        return
+    if indexed:
+        log.info("api.dead_letters.indexed", entries=indexed)
+
+
 async def healthz(_: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -381,13 +402,18 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
 
     async def lifecycle(app: web.Application) -> Any:
         redis = redis_client(settings)
-        app[DEPS] = build_deps(settings, redis=redis)
+        # Decisions end jobs in the API process (an accepted offer): counted here.
+        app[DEPS] = build_deps(settings, redis=redis, job_observer=metrics.JOB_METRICS)
         app[LIMITER] = RateLimiter(
             redis, rate_per_s=settings.api.rate_limit_per_s, burst=settings.api.rate_limit_burst
         )
         if RULES in app:
             app[BILLING] = BillingProcessor(app[DEPS], app[CELERY], app[RULES])
+        indexing = asyncio.create_task(_index_dead_letter_kinds(app[DEPS]))
         yield
+        indexing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await indexing
         await redis.aclose()
 
     app.cleanup_ctx.append(lifecycle)
@@ -405,4 +431,5 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
     app.router.add_post("/v1/dead-letters/{dl_id}/replay", replay_dead_letter)
     app.router.add_delete("/v1/dead-letters/{dl_id}", delete_dead_letter)
     app.router.add_get("/v1/providers", list_providers)
+    app.router.add_get("/metrics", get_metrics)
     return app

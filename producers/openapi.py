@@ -273,6 +273,20 @@ def document(*, max_body_bytes: int) -> dict[str, Any]:
                 "responses": {"200": answer(ProviderStates, "the providers"), **errors(*read)},
             },
         },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus metrics: this API process's, and queue depths, dead "
+                "letters and jobs awaiting a decision as read at this request",
+                "responses": {
+                    "200": {
+                        "description": "the Prometheus text exposition format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    **errors(*read),
+                },
+            },
+        },
         "/healthz": {
             "get": {
                 "operationId": "healthz",

@@ -11,6 +11,7 @@ from typing import Any
 from celery import Celery
 from pydantic import ValidationError
 
+from cancelflow import metrics
 from cancelflow.contract import CancellationRequest, Status, Step
 from cancelflow.logging import get_logger
 from cancelflow.messaging import send_step
@@ -73,4 +74,6 @@ async def submit(deps: Deps, celery: Celery, request: CancellationRequest) -> Cr
         send_step(celery, Step.ELIGIBILITY, job.id, request.provider)
         await deps.store.mark_dispatched(job.id)
         log.info("job.enqueued", job_id=job.id, provider=request.provider)
+    if created.how == "created":
+        metrics.job_enqueued(request.provider)
     return created

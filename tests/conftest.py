@@ -91,6 +91,9 @@ def system_env(redis_url: str, sandbox: Sandbox, **extra: str) -> dict[str, str]
         "CANCELFLOW_LOG_FORMAT": "json",
         "CANCELFLOW_CALLBACKS__ALLOW_HTTP": "true",
         "CANCELFLOW_CALLBACKS__ALLOWED_HOSTS": "127.0.0.1,localhost",
+        # No worker metrics endpoint unless a test asks for one on a free port: many workers
+        # (and other developers' test runs) share this host.
+        "CANCELFLOW_WORKER__METRICS_PORT": "0",
         **{k: v for k, v in provider_env(sandbox.url).items()},
         # Fast retries keep the suite quick; the policy itself is unit-tested.
         **{f"CANCELFLOW_PROVIDERS__{k}__RETRY_BASE_S": "0.2" for k in ("PAYWAY", "AZOTTE", "APPDIRECT", "AXELSPRINGER")},
@@ -125,7 +128,7 @@ def start_system(redis_url: str, sandbox: Sandbox, log_dir: Path) -> Iterator[St
     groups: list[ProcessGroup] = []
     dbs = ExitStack()
 
-    def start(*, workers: int = 1, concurrency: int = 16, worker_args: tuple[str, ...] = (), db_url: str | None = None, isolated: bool = False, **extra: str) -> System:
+    def start(*, workers: int = 1, concurrency: int = 16, worker_args: tuple[str, ...] = (), db_url: str | None = None, isolated: bool = False, beat: bool = False, **extra: str) -> System:
         """``isolated``: on a Redis DB of its own, so no other system's worker takes its jobs."""
         if isolated:
             db_url = dbs.enter_context(locked_db())
@@ -139,6 +142,8 @@ def start_system(redis_url: str, sandbox: Sandbox, log_dir: Path) -> Iterator[St
             name = "worker" if n == 0 else f"worker{n}"
             hostnames.append(f"{name}-{port}@{socket.gethostname()}")
             procs.start(name, cancelflow_command("worker", "-c", str(concurrency), "-n", hostnames[-1], *worker_args))
+        if beat:
+            procs.start("beat", cancelflow_command("beat", f"--schedule={procs.log_dir}/beat-schedule"))
         api_url = f"http://127.0.0.1:{port}"
         wait_until(lambda: http_ok(f"{api_url}/readyz"), timeout_s=30, what="api")
         wait_for_workers(db_url or redis_url, hostnames)

@@ -27,6 +27,12 @@ app.conf.beat_schedule = {
         "schedule": settings.worker.decision_sweep_s,
         "options": {"queue": "maintenance", "expires": settings.worker.decision_sweep_s},
     },
+    # Jobs mid-chain that stopped moving (a message lost anywhere): their step is re-sent.
+    "resume-stalled": {
+        "task": "cancelflow.resume_stalled",
+        "schedule": float(settings.limits().restore_interval_s),
+        "options": {"queue": "maintenance", "expires": float(settings.limits().restore_interval_s)},
+    },
     # Jobs recorded by a producer that died before sending their first step.
     "dispatch-stragglers": {
         "task": "cancelflow.dispatch_stragglers",
@@ -49,9 +55,21 @@ def _fresh_log_context(task_id: str | None = None, task: Any = None, **_: Any) -
     structlog.contextvars.bind_contextvars(task_id=task_id, task=getattr(task, "name", None))
 
 
+@signals.celeryd_after_setup.connect
+def _serve_metrics(**_: Any) -> None:
+    # The threads pool runs every task in this one process: one endpoint per worker. Sent
+    # once logging is set up and before the worker starts consuming (or forks an embedded
+    # beat).
+    from worker import metrics_server
+
+    metrics_server.start(settings.worker)
+
+
 @signals.worker_shutdown.connect
 @signals.worker_process_shutdown.connect
 def _close_runtime(**_: Any) -> None:
+    from worker import metrics_server
     from worker.runtime import shutdown_runtime
 
     shutdown_runtime()
+    metrics_server.stop()

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from cancelflow import callbacks, hooks
+from cancelflow import callbacks, hooks, metrics
 from cancelflow.logging import configure_logging, get_logger
 from cancelflow.settings import Settings
 from cancelflow.steps import Deps
@@ -40,7 +40,10 @@ class Runtime:
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=200, ttl_dns_cache=300),
         )
         self.redis = redis_client(self.settings)
-        deps = build_deps(self.settings, redis=self.redis, session=self.session)
+        deps = build_deps(
+            self.settings, redis=self.redis, session=self.session,
+            observer=metrics.observe_provider_call, job_observer=metrics.JOB_METRICS,
+        )
         self.callback_session = callbacks.open_session(self.settings.callbacks)
         deps.callback_session = self.callback_session
         deps.hooks = hooks.load(self.settings.callbacks.hook_modules)

@@ -16,7 +16,7 @@ import structlog
 from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
-from cancelflow import steps
+from cancelflow import metrics, steps
 from cancelflow.callbacks import CallbackRetryable
 from cancelflow.contract import JOB_ID_RE, Step, isoformat, utcnow
 from cancelflow.dead_letters import DeadLetter
@@ -84,12 +84,16 @@ def run_step(task: Task, step: Step, call: StepCall, args: tuple[Any, ...], kwar
     record), so the message is requeued; if even that fails, it stays unacknowledged in
     Redis and comes back after the visibility timeout.
     """
+    started = time.perf_counter()
     try:
         return _run_step(task, step, call, args, kwargs)
     except INFRASTRUCTURE_ERRORS as exc:
         log.error("step.redis_unreachable", error=f"{type(exc).__name__}: {exc}")
         time.sleep(1.0)  # no hot loop while Redis comes back
         raise Reject(f"redis unreachable: {exc}", requeue=True) from exc
+    finally:
+        # Every run, whatever its end (a retry is raised from inside).
+        metrics.step_ran(step.value, time.perf_counter() - started)
 
 
 def _run_step(task: Task, step: Step, call: StepCall, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -150,6 +154,7 @@ def _retry_or_give_up(
         delay = min(limits.max_countdown_s, (error.retry_after or 1.0) + random.uniform(0, 1))
         rt.run(steps.note_wait(rt.deps, job_id, step=step, reason=details, delay_s=delay))
         log.warning("step.waiting", reason=details["type"], delay_s=round(delay, 3))
+        metrics.retry_scheduled(job.provider, details["type"])
         raise task.retry(countdown=delay, exc=cause, max_retries=None)
     if step is Step.CALLBACK:
         policy = _callback_policy(rt)
@@ -166,6 +171,7 @@ def _retry_or_give_up(
             delay = policy.delay(attempt, retry_after=getattr(error, "retry_after", None))
             rt.run(steps.note_retry(rt.deps, job_id, step=step, attempt=attempt, error=details, delay_s=delay))
             log.warning("step.retry_scheduled", attempt=attempt, delay_s=round(delay, 3), error=details)
+            metrics.retry_scheduled(job.provider, details["type"])
             raise task.retry(countdown=delay, exc=cause, max_retries=None)
         reason = f"{why_not}; last error: {details.get('message')}"
         return rt.run(
@@ -284,3 +290,17 @@ def dispatch_stragglers(self: Task) -> dict[str, int]:
 # A producer sends the first step within milliseconds of recording the job; a minute
 # without it means the producer died in between.
 STRAGGLER_AGE_S = 60.0
+
+
+@app.task(name="cancelflow.resume_stalled", bind=True, ignore_result=True)
+def resume_stalled(self: Task) -> dict[str, int]:
+    """Re-send the pending step of jobs that stopped moving mid-chain."""
+    rt = _runtime()
+    limits = rt.settings.limits()
+    # Longer than any legitimate silence: a countdown, a run, and a redelivery.
+    quiet_for_s = limits.max_countdown_s + limits.task_time_limit_s + limits.visibility_timeout_s
+    found = rt.run(steps.resume_stalled(rt.deps, quiet_for_s=quiet_for_s))
+    for nxt in found:
+        assert nxt.step is not None
+        send_step(app, nxt.step, nxt.args[0], nxt.provider, *nxt.args[1:])
+    return {"resent": len(found)}

@@ -4,6 +4,7 @@ kombu decodes each list item (its JSON envelope) inside the consumer loop; an it
 not JSON raises there, stops the worker ("Unrecoverable error") and the item, already popped,
 is lost. This channel dead-letters such an item, parks it on the ``dead_letters`` list, and
 goes on. Follows ``kombu.transport.redis.Channel._brpop_read`` / ``_get`` of kombu 5.x.
+Built on ``cancelflow.messaging.Channel`` (one Redis client per pool, not one per publish).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
+from cancelflow import messaging
 from cancelflow.contract import DEAD_LETTER_QUEUE
 from cancelflow.dead_letters import DeadLetter, DeadLetterStore, poison_payload
 from cancelflow.logging import get_logger
@@ -21,7 +23,7 @@ from cancelflow.logging import get_logger
 log = get_logger(__name__)
 
 
-class Channel(kombu_redis.Channel):  # type: ignore[misc]
+class Channel(messaging.Channel):
     def _brpop_read(self, **options: Any) -> bool:
         try:
             try:
@@ -72,5 +74,5 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         return None
 
 
-class Transport(kombu_redis.Transport):  # type: ignore[misc]
+class Transport(messaging.Transport):
     Channel = Channel

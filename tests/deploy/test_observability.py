@@ -12,25 +12,16 @@ import jsonschema
 import promql_parser
 import pytest
 
+from cancelflow.metrics import sample_names
 from tests.deploy.support import DEPLOY, ROOT, setting_names, yaml_documents
 
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 DASHBOARD = DEPLOY / "grafana" / "cancelflow-dashboard.json"
 RUNBOOK = DEPLOY / "RUNBOOK.md"
 
-# The metrics issue 7 defines (histograms with their _bucket/_count/_sum series). When the
-# metrics module lands, these names should come from it instead.
-METRICS = {
-    "cancelflow_jobs_finished_total",
-    "cancelflow_provider_calls_total",
-    "cancelflow_dead_letters",
-    "cancelflow_queue_depth",
-    "cancelflow_retries_total",
-    "cancelflow_callback_deliveries_total",
-    "cancelflow_jobs_awaiting_decision",
-    *(f"cancelflow_step_duration_seconds{s}" for s in ("_bucket", "_count", "_sum")),
-    *(f"cancelflow_provider_call_duration_seconds{s}" for s in ("_bucket", "_count", "_sum")),
-}
+# Every series the code exports (histograms with their _bucket/_count/_sum series): rules and
+# panels may name these and no others.
+METRICS = sample_names()
 
 # What Prometheus requires of a rule file and what these rules promise on top of it.
 RULES_SCHEMA = {

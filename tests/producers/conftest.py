@@ -116,9 +116,11 @@ def billing_rules_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def billing_api(start_system: StartSystem, billing_rules_path: Path) -> Any:
-    """An API (no worker) with billing events on, and bodies limited to 4 KiB."""
+    """An API (no worker) with billing events on, and bodies limited to 4 KiB, on a Redis DB
+    of its own: no other system's worker may take (and finish) its jobs."""
     return start_system(
         workers=0,
+        isolated=True,
         CANCELFLOW_API__MAX_BODY_BYTES="4096",
         CANCELFLOW_BILLING__RULES_PATH=str(billing_rules_path),
         CANCELFLOW_BILLING__SECRET=BILLING_SECRET,
@@ -129,5 +131,5 @@ def billing_api(start_system: StartSystem, billing_rules_path: Path) -> Any:
 def limited_api(start_system: StartSystem) -> Any:
     """An API (no worker) allowing each token 2 requests per second, 5 at once."""
     return start_system(
-        workers=0, CANCELFLOW_API__RATE_LIMIT_PER_S="2", CANCELFLOW_API__RATE_LIMIT_BURST="5"
+        workers=0, isolated=True, CANCELFLOW_API__RATE_LIMIT_PER_S="2", CANCELFLOW_API__RATE_LIMIT_BURST="5"
     )

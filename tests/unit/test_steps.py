@@ -119,3 +119,28 @@ def test_callback_without_url_is_recorded_as_skipped_once() -> None:
         assert job.callbacks[0].event_type == "cancellation.succeeded"
 
     run(scenario)
+
+
+def test_the_watchdog_resends_the_step_of_a_job_that_stopped_moving() -> None:
+    async def scenario(deps: steps.Deps, state: Any) -> None:
+        moving = await enqueue(deps, "immediate")
+        await deps.store.mark_dispatched(moving)
+        stuck = await enqueue(deps, "autogiro")
+        await deps.store.mark_dispatched(stuck)
+        await steps.eligibility(deps, stuck)  # now confirming; its confirm message "lost"
+        never_sent = await enqueue(deps, "end_of_period")  # the straggler sweep's case
+        await asyncio.sleep(0.05)
+        found = await steps.resume_stalled(deps, quiet_for_s=0.01)
+        assert {n.args[0]: n.step for n in found} == {stuck: Step.CONFIRM, moving: Step.ELIGIBILITY}
+        assert never_sent not in {n.args[0] for n in found}
+        # Re-sent once, not again until it has been quiet that long again.
+        assert await steps.resume_stalled(deps, quiet_for_s=10) == []
+        # Finished, its result callback not yet sent: still watched...
+        await steps.confirm(deps, stuck, lease_s=30)
+        await asyncio.sleep(0.05)
+        assert {n.args for n in await steps.resume_stalled(deps, quiet_for_s=0.01) if n.args[0] == stuck} == {(stuck, steps.EVENT_OUTCOME)}
+        # ...until the callback step settles it.
+        await steps.callback(deps, stuck, steps.EVENT_OUTCOME)
+        assert stuck not in await deps.store.stalled(quiet_for_s=0)
+
+    run(scenario)

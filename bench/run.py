@@ -1,0 +1,319 @@
+"""``python -m bench``: run every scenario and the baseline in one run, report, check targets.
+
+Order of a run: Redis DB, sandboxes; the API's enqueue rate against a loop of ``send_task``
+(before any worker runs, so neither competes with jobs); then both kinds of workers and
+``--rounds`` rounds of [baseline, each scenario]; then the profile with counted workers.
+Medians over rounds; each ratio is the median of the ratios of the same round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import redis
+
+from bench import api_rate, profiling, report
+from bench.load import Flight, Run, make_requests, send_baseline, send_cancelflow
+from bench.system import BenchSystem, RssSampler, Workers, bench_db, redis_server, wait_idle
+from cancelflow.contract import CALLBACKS_QUEUE, provider_queue
+from cancelflow.logging import configure_logging
+from cancelflow.settings import Settings, load_settings
+from producers.local import http_json
+
+# Scenario -> the faults every sandbox in the mix gets (PUT /{key}/_sandbox/faults).
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "no_latency": {},
+    "latency_200ms": {"latency_ms": 200},
+    "fail_once_20": {"fail_once_rate": 0.2, "seed": 8},
+}
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass
+class Config:
+    jobs: int = 1000
+    rounds: int = 3
+    scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
+    # One worker process of each kind (``cancelflow worker`` as the README runs it): a worker
+    # has a core to itself while Redis, the sandboxes and this driver share the other.
+    workers: int = 1
+    concurrency: int = 32
+    window: int = 500
+    providers: list[str] = field(default_factory=lambda: ["payway"])
+    api_jobs: int = 1000
+    api_connections: int = 32
+    profile_jobs: int = 400
+    out: Path = RESULTS
+    baseline: bool = True
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def set_faults(sandbox_url: str, providers: list[str], faults: dict[str, Any]) -> None:
+    for key in providers:
+        status, body = http_json("PUT", f"{sandbox_url}/{key}/_sandbox/faults", faults)
+        if status != 200:
+            raise RuntimeError(f"sandbox {key} refused faults {faults}: {body}")
+
+
+def _timeout(cfg: Config) -> float:
+    return 120 + cfg.jobs * 0.5
+
+
+def measure_cancelflow(
+    system: BenchSystem, settings: Settings, cfg: Config, workers: Workers, scenario: str, tag: str
+) -> Run:
+    requests = make_requests(system.sandbox_url, cfg.jobs, cfg.providers, tag)
+    set_faults(system.sandbox_url, cfg.providers, SCENARIOS[scenario])
+    flight = Flight()
+    sampler = RssSampler(workers.pids, lambda: flight.count, cpu_pids=system.other_pids())
+    sampler.start()
+    try:
+        sent, records = asyncio.run(
+            send_cancelflow(
+                settings, requests, window=cfg.window, flight=flight, timeout_s=_timeout(cfg)
+            )
+        )
+    finally:
+        sampler.stop()
+        set_faults(system.sandbox_url, cfg.providers, {})
+    run = Run.of_cancelflow(scenario, sent, records)
+    run.peak_rss_mb, run.peak_rss_at_max_in_flight_mb = sampler.peak, sampler.peak_at_window
+    run.max_in_flight = sampler.max_in_flight
+    run.cpu_s = sampler.cpu_s
+    wait_idle(settings.redis_url, [provider_queue(k) for k in cfg.providers] + [CALLBACKS_QUEUE])
+    return run
+
+
+def measure_baseline(
+    system: BenchSystem, settings: Settings, cfg: Config, workers: Workers, tag: str
+) -> Run:
+    flight = Flight()
+    sampler = RssSampler(workers.pids, lambda: flight.count, cpu_pids=system.other_pids())
+    sampler.start()
+    try:
+        sent, done = asyncio.run(
+            send_baseline(
+                settings, cfg.jobs, tag, window=cfg.window, flight=flight, timeout_s=_timeout(cfg)
+            )
+        )
+    finally:
+        sampler.stop()
+    run = Run.of_baseline(sent, done)
+    run.peak_rss_mb, run.peak_rss_at_max_in_flight_mb = sampler.peak, sampler.peak_at_window
+    run.max_in_flight = sampler.max_in_flight
+    run.cpu_s = sampler.cpu_s
+    return run
+
+
+def _describe(run: Run) -> str:
+    s = run.summary()
+    lat = s["latency_ms"]
+    return (
+        f"{run.scenario}: {s['jobs_per_s']} jobs/s, p50 {lat['p50']} ms, p95 {lat['p95']} ms, "
+        f"p99 {lat['p99']} ms, peak RSS {s['peak_rss_mb']} MB, "
+        f"{s['completed']}/{s['jobs']} completed"
+    )
+
+
+def run_bench(cfg: Config) -> dict[str, Any]:
+    """Everything ``make bench`` measures, as the JSON document it writes."""
+    started = datetime.now(UTC)
+    log_dir = Path(tempfile.mkdtemp(prefix="cancelflow-bench-"))
+    base_url = os.environ.get("CANCELFLOW_REDIS_URL", "redis://127.0.0.1:6379")
+    runs: list[dict[str, Any]] = []
+    doc: dict[str, Any] = {}
+    with redis_server(base_url, log=log) as server, bench_db(server) as db_url:
+        system = BenchSystem(db_url, log_dir)
+        try:
+            system.start_sandbox()
+            # The bench's own producer uses the settings the workers get.
+            os.environ.update(system.env)
+            settings = load_settings()
+            configure_logging(fmt="json", level="WARNING")
+            log(f"Redis DB {db_url}, sandboxes {system.sandbox_url}, logs in {log_dir}")
+            if cfg.api_jobs:
+                system.start_api()
+                doc["api"] = api_rate.measure(
+                    system,
+                    settings,
+                    cfg.api_jobs,
+                    rounds=max(cfg.rounds, 3),
+                    connections=cfg.api_connections,
+                    log=log,
+                )
+                system.stop("api")
+                redis.Redis.from_url(db_url).flushdb()
+            ours = system.start_workers("cancelflow", cfg.workers, cfg.concurrency)
+            theirs = (
+                system.start_workers("baseline", cfg.workers, cfg.concurrency)
+                if cfg.baseline
+                else None
+            )
+            log(
+                f"workers: {cfg.workers} x cancelflow, {cfg.workers if theirs else 0} x baseline, "
+                f"threads pool, concurrency {cfg.concurrency}"
+            )
+            order = (["baseline"] if theirs is not None else []) + cfg.scenarios
+            for r in range(cfg.rounds):
+                # Each round starts with another scenario: a drift of the machine's load
+                # over a round does not always fall on the same one.
+                for scenario in order[r % len(order) :] + order[: r % len(order)]:
+                    if scenario == "baseline":
+                        assert theirs is not None
+                        run = measure_baseline(system, settings, cfg, theirs, f"r{r}")
+                    else:
+                        run = measure_cancelflow(
+                            system, settings, cfg, ours, scenario, f"r{r}-{scenario}"
+                        )
+                    log(f"round {r + 1}/{cfg.rounds} {_describe(run)}")
+                    runs.append(
+                        {"round": r, "system": run.system, "scenario": scenario, **run.summary()}
+                    )
+            system.stop_workers(ours)
+            if theirs is not None:
+                system.stop_workers(theirs)
+            if cfg.profile_jobs:
+                doc["profile"] = profiling.profile(system, settings, cfg, log=log)
+        finally:
+            system.close()
+        server_info: dict[str, Any] = redis.Redis.from_url(db_url).info("server")  # type: ignore[assignment]
+    doc.update(
+        {
+            "version": 1,
+            "started_at": started.isoformat(timespec="seconds"),
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "redis": server_info.get("redis_version"),
+                "platform": platform.platform(),
+            },
+            "config": {**asdict(cfg), "out": str(cfg.out)},
+            "runs": runs,
+        }
+    )
+    doc["scenarios"] = report.summarise(runs)
+    doc["targets"] = report.targets(doc, cfg.window)
+    return doc
+
+
+def _list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--jobs", envvar="BENCH_JOBS", default=Config.jobs, show_default=True, help="Jobs per run."
+)
+@click.option(
+    "--rounds",
+    envvar="BENCH_ROUNDS",
+    default=Config.rounds,
+    show_default=True,
+    help="Runs of each scenario (medians reported).",
+)
+@click.option(
+    "--scenarios", envvar="BENCH_SCENARIOS", default=",".join(SCENARIOS), show_default=True
+)
+@click.option(
+    "--workers",
+    envvar="BENCH_WORKERS",
+    default=Config.workers,
+    show_default=True,
+    help="Worker processes (each kind).",
+)
+@click.option(
+    "--concurrency",
+    envvar="BENCH_CONCURRENCY",
+    default=None,
+    type=int,
+    help="Threads per worker [CANCELFLOW_WORKER__CONCURRENCY's default: 32].",
+)
+@click.option(
+    "--window",
+    envvar="BENCH_WINDOW",
+    default=Config.window,
+    show_default=True,
+    help="Most jobs in flight.",
+)
+@click.option("--providers", envvar="BENCH_PROVIDERS", default="payway", show_default=True)
+@click.option(
+    "--api-jobs",
+    envvar="BENCH_API_JOBS",
+    default=Config.api_jobs,
+    show_default=True,
+    help="Requests per enqueue-rate run (0: skip).",
+)
+@click.option(
+    "--profile-jobs",
+    envvar="BENCH_PROFILE_JOBS",
+    default=Config.profile_jobs,
+    show_default=True,
+    help="Jobs of the profile run (0: skip).",
+)
+@click.option(
+    "--out",
+    envvar="BENCH_OUT",
+    default=str(RESULTS),
+    show_default=True,
+    type=click.Path(path_type=Path),
+)
+@click.option("--no-baseline", is_flag=True, help="Skip the baseline (ratios are then missing).")
+def main(
+    jobs: int,
+    rounds: int,
+    scenarios: str,
+    workers: int,
+    concurrency: int | None,
+    window: int,
+    providers: str,
+    api_jobs: int,
+    profile_jobs: int,
+    out: Path,
+    no_baseline: bool,
+) -> None:
+    """Benchmark Cancelflow against plain Celery chains; exit 1 if a target fails."""
+    unknown = set(_list(scenarios)) - set(SCENARIOS)
+    if unknown:
+        raise click.BadParameter(f"unknown scenarios {sorted(unknown)}; known: {list(SCENARIOS)}")
+    cfg = Config(
+        jobs=jobs,
+        rounds=rounds,
+        scenarios=_list(scenarios),
+        workers=workers,
+        concurrency=concurrency or Settings().worker.concurrency,
+        window=window,
+        providers=_list(providers),
+        api_jobs=api_jobs,
+        profile_jobs=min(profile_jobs, jobs) if profile_jobs else 0,
+        out=out,
+        baseline=not no_baseline,
+    )
+    doc = run_bench(cfg)
+    previous = report.load(out / "latest.json")
+    paths = report.write(doc, out)
+    print(report.table(doc))
+    print(report.profile_text(doc))
+    if previous is not None:
+        print(report.delta(previous, doc))
+    print(report.targets_text(doc))
+    for path in paths:
+        print(f"wrote {path}")
+    sys.exit(0 if all(t["status"] != "FAIL" for t in doc["targets"]) else 1)
+
+
+if __name__ == "__main__":
+    main()
