@@ -7,7 +7,7 @@ UV := $(BOOT)/bin/uv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: setup demo test test-unit test-integration lint typecheck chaos bench flower up down clean
+.PHONY: setup demo test test-unit lint typecheck chaos bench flower up down clean
 
 # uv (pinned, from PyPI) installs exactly what uv.lock says.
 $(UV):
@@ -28,6 +28,10 @@ test: setup  ## unit and integration tests against a real Redis (started if none
 
 test-unit: setup
 	$(VENV)/bin/pytest -m "not integration" $(PYTEST_ARGS)
+
+chaos: setup  ## the fault-injection suite at 5,000 jobs (CHAOS_JOBS to change)
+	CANCELFLOW_CHAOS_JOBS=$${CHAOS_JOBS:-5000} CANCELFLOW_CHAOS_REPORT=$${CHAOS_REPORT:-chaos-report.json} \
+		scripts/with-redis $(VENV)/bin/pytest -s tests/integration/test_chaos.py $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
