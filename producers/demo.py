@@ -147,6 +147,9 @@ def run_demo(*, keep_logs: bool = False) -> int:
         "CANCELFLOW_CALLBACKS__ALLOW_HTTP": "true",
         "CANCELFLOW_CALLBACKS__ALLOWED_HOSTS": "127.0.0.1",
         **provider_env(sandbox_url),
+        # Every result goes to the sandbox's receiver, which checks each signature.
+        **{f"CANCELFLOW_PROVIDERS__{key.upper()}__CALLBACK_URL": f"{sandbox_url}/receiver/events"
+           for key in ("payway", "azotte", "appdirect", "axelspringer")},
     }
     procs = ProcessGroup(env=env, log_dir=log_dir)
     try:
@@ -166,6 +169,19 @@ def run_demo(*, keep_logs: bool = False) -> int:
             f.unlink()
         log_dir.rmdir()
     return 0 if ok else 1
+
+
+def _callbacks_text(sandbox_url: str, job: dict[str, Any]) -> str:
+    """Each event the job sent, as the receiver saw it: delivered and signature verified?"""
+    _, seen = http_json("GET", f"{sandbox_url}/receiver/_events?job_id={job['id']}")
+    verified = {r["event_id"]: r.get("verified") for r in (seen or {}).get("requests", [])}
+    parts = []
+    for attempt in job["callbacks"]:
+        if attempt["result"] != "delivered":
+            continue
+        name = attempt["event_type"].removeprefix("cancellation.")
+        parts.append(f"{name}: delivered, {'verified' if verified.get(attempt['event_id']) else 'unverified'}")
+    return "; ".join(parts) or "-"
 
 
 def _decision(case: Case) -> str:
@@ -195,12 +211,14 @@ def _run_cases(sandbox_url: str, api_url: str, token: str) -> bool:
             _, job = http_json("GET", f"{api_url}/v1/cancellations/{answer['id']}", token=token)
             if job["status"] == "awaiting_decision" and case.decision:
                 http_json("POST", f"{api_url}/v1/cancellations/{answer['id']}/decision", {"decision": case.decision}, token=token)
-            elif job["status"] in ("finished", "dead_lettered") and job.get("callbacks"):
+            elif job["status"] in ("finished", "dead_lettered") and any(
+                c["result"] == "delivered" and c["event_type"] != "cancellation.offer_presented" for c in job.get("callbacks", [])
+            ):
                 finals[i] = job
         time.sleep(0.2)
 
     table = Table(title="Cancelflow demo: every outcome", show_lines=False)
-    for col in ("#", "provider", "input", "job", "status", "outcome", "callback", "ok"):
+    for col in ("#", "provider", "input", "job", "status", "outcome", "callbacks", "ok"):
         table.add_column(col, overflow="fold")
     all_ok = True
     for i, (case, status, answer) in enumerate(rows):
@@ -216,8 +234,9 @@ def _run_cases(sandbox_url: str, api_url: str, token: str) -> bool:
             else:
                 outcome = (job.get("outcome") or {}).get("type")
                 good = outcome == case.expect and (case.expect != "not_eligible" or job["outcome"]["reason"] == case.kind)
-                cb = job["callbacks"][-1]
-                table.add_row(str(i + 1), case.provider, case.kind + _decision(case), job["id"], job["status"], _outcome_text(job), cb["result"], "✓" if good else "✗")
+                callbacks = _callbacks_text(sandbox_url, job)
+                good = good and "unverified" not in callbacks and "delivered" in callbacks
+                table.add_row(str(i + 1), case.provider, case.kind + _decision(case), job["id"], job["status"], _outcome_text(job), callbacks, "✓" if good else "✗")
         all_ok &= good
     console.print(table)
     console.print("[bold green]every outcome as expected[/]" if all_ok else "[bold red]some outcomes were not as expected[/]")
