@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, create_model
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from cancelflow.errors import ConfigError
@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     callbacks: CallbackSettings = Field(default_factory=CallbackSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     billing: BillingSettings = Field(default_factory=BillingSettings)
+    # ``CANCELFLOW_BILLING_STREAM``, the name billing systems are told, for
+    # ``CANCELFLOW_BILLING__STREAM``; the nested one wins when both are set.
+    billing_stream: str | None = Field(default=None, min_length=1, exclude=True)
 
     @field_validator("api_tokens", mode="before")
     @classmethod
@@ -125,6 +128,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [t.strip() for t in value.split(",") if t.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _billing_stream_alias(self) -> Settings:
+        if self.billing_stream and "stream" not in self.billing.model_fields_set:
+            object.__setattr__(self, "billing", self.billing.model_copy(update={"stream": self.billing_stream}))
+        return self
 
     def provider(self, key: str) -> ProviderSettings:
         """The settings of a configured provider; ``KeyError`` when it is not configured."""

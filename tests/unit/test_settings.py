@@ -74,3 +74,10 @@ def test_limits_keep_countdowns_and_time_limits_under_the_visibility_timeout() -
 
 def test_env_name() -> None:
     assert env_name(("providers", "payway", "client_id")) == "CANCELFLOW_PROVIDERS__PAYWAY__CLIENT_ID"
+
+
+def test_billing_stream_has_the_name_billing_systems_are_told(env: pytest.MonkeyPatch) -> None:
+    env.setenv("CANCELFLOW_BILLING_STREAM", "billing:events")
+    assert load_settings().billing.stream == "billing:events"
+    env.setenv("CANCELFLOW_BILLING__STREAM", "nested:wins")
+    assert load_settings().billing.stream == "nested:wins"
