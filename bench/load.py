@@ -272,6 +272,8 @@ class Run:
     peak_rss_at_max_in_flight_mb: dict[str, float] = field(default_factory=dict)
     max_in_flight: int = 0
     cpu_s: dict[str, float] = field(default_factory=dict)  # by process: workers, sandbox, ...
+    # The machine's 1-minute load average when the run ended (how busy others kept it).
+    load_1m: float | None = None
 
     @classmethod
     def of_cancelflow(cls, scenario: str, sent: dict[str, float], records: list[JobRecord]) -> Run:
@@ -319,6 +321,7 @@ class Run:
             else None,
             "max_in_flight": self.max_in_flight,
             "cpu_ms_per_job": self._cpu_per_job(),
+            "load_1m": self.load_1m,
             "outcomes": dict(self.outcomes),
             "retries": self.retries,
             "segments_ms": {name: _pcts(v, (50, 95)) for name, v in self.segments.items() if v},

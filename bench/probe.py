@@ -48,6 +48,12 @@ def _script_names() -> dict[str, str]:
         "guard.admit": guard._ADMIT,
         "guard.release": guard._RELEASE,
         "ratelimit": ratelimit._GCRA,
+        # Scripts a given version of the store may not have.
+        **{
+            name: script
+            for name, attr in (("add_callback", "_ADD_CALLBACK"),)
+            if (script := getattr(store, attr, None)) is not None
+        },
     }
     return {hashlib.sha1(s.encode()).hexdigest(): name for name, s in scripts.items()}  # noqa: S324 - Redis's script id
 

@@ -54,6 +54,10 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "completed": sum(r["completed"] for r in items),
             "jobs": sum(r["jobs"] for r in items),
             "retries": sum(r.get("retries", 0) for r in items),
+            "cpu_ms_per_job": {
+                kind: _median([r.get("cpu_ms_per_job", {}).get(kind) for r in items])
+                for kind in sorted({k for r in items for k in r.get("cpu_ms_per_job", {})})
+            },
         }
         segments = {name for r in items for name in r.get("segments_ms", {})}
         if segments:
@@ -138,19 +142,27 @@ def _fmt(value: Any, digits: int = 1) -> str:
 def table(doc: dict[str, Any]) -> str:
     """The results as a Markdown table (what the README shows)."""
     head = (
-        "| scenario | jobs/s | p50 ms | p95 ms | p99 ms | peak RSS MB | jobs/s x baseline "
-        "| p50 x baseline | jobs/s x no-latency |"
+        "| scenario | jobs/s | p50 ms | p95 ms | p99 ms | peak RSS MB | worker CPU ms/job "
+        "| jobs/s x baseline | p50 x baseline | jobs/s x no-latency |"
     )
-    lines = [head, "|" + " --- |" * 9]
+    lines = [head, "|" + " --- |" * 10]
     for name, s in doc["scenarios"].items():
         rb = s.get("ratio_to_baseline", {})
         lines.append(
             f"| {name} | {_fmt(s['jobs_per_s'])} | {_fmt(s['latency_ms']['p50'], 0)} "
             f"| {_fmt(s['latency_ms']['p95'], 0)} | {_fmt(s['latency_ms']['p99'], 0)} "
-            f"| {_fmt(s['peak_rss_mb'], 0)} | {_fmt(rb.get('jobs_per_s'), 2)} "
+            f"| {_fmt(s['peak_rss_mb'], 0)} | {_fmt(s.get('cpu_ms_per_job', {}).get('workers'))} "
+            f"| {_fmt(rb.get('jobs_per_s'), 2)} "
             f"| {_fmt(rb.get('latency_p50'), 2)} "
             f"| {_fmt(s.get('ratio_to_no_latency', {}).get('jobs_per_s'), 2)} |"
         )
+    loads = [r["load_1m"] for r in doc.get("runs", []) if r.get("load_1m") is not None]
+    if loads:
+        lines += [
+            "",
+            f"Load average (1 min) at the end of the runs: {min(loads):.1f} to {max(loads):.1f} "
+            f"on {doc['machine']['cpus']} CPUs.",
+        ]
     api = doc.get("api")
     if api:
         lines += [

@@ -93,6 +93,7 @@ def measure_cancelflow(
     run.peak_rss_mb, run.peak_rss_at_max_in_flight_mb = sampler.peak, sampler.peak_at_window
     run.max_in_flight = sampler.max_in_flight
     run.cpu_s = sampler.cpu_s
+    run.load_1m = round(os.getloadavg()[0], 2)
     wait_idle(settings.redis_url, [provider_queue(k) for k in cfg.providers] + [CALLBACKS_QUEUE])
     return run
 
@@ -115,6 +116,7 @@ def measure_baseline(
     run.peak_rss_mb, run.peak_rss_at_max_in_flight_mb = sampler.peak, sampler.peak_at_window
     run.max_in_flight = sampler.max_in_flight
     run.cpu_s = sampler.cpu_s
+    run.load_1m = round(os.getloadavg()[0], 2)
     return run
 
 
@@ -124,7 +126,7 @@ def _describe(run: Run) -> str:
     return (
         f"{run.scenario}: {s['jobs_per_s']} jobs/s, p50 {lat['p50']} ms, p95 {lat['p95']} ms, "
         f"p99 {lat['p99']} ms, peak RSS {s['peak_rss_mb']} MB, "
-        f"{s['completed']}/{s['jobs']} completed"
+        f"{s['completed']}/{s['jobs']} completed, load {s['load_1m']}"
     )
 
 
