@@ -227,7 +227,6 @@ def _epoch(at: str) -> float:
 
 # The stretches of a job's life, from its timeline: (name, from, to), as "event@step" marks.
 SEGMENTS = (
-    ("enqueue", "sent", "queued@enqueue"),
     ("broker wait: eligibility", "queued@enqueue", "started@eligibility"),
     ("eligibility step", "started@eligibility", "eligible@eligibility"),
     ("broker wait: confirm", "eligible@eligibility", "started@confirm"),
