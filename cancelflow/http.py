@@ -121,6 +121,27 @@ class ProviderHttp:
         finally:
             await self._guard.release(admission, classify(error))
 
+    async def request_with_token(
+        self,
+        tokens: TokenCache,
+        fetch: Callable[[], Any],
+        method: str,
+        path: str,
+        **kwargs: Any,
+    ) -> HttpResponse:
+        """A bearer-token call: a 401 drops the cached token, fetches a new one and tries once
+        more. A second 401 is returned for the adapter to raise as its ``ProviderAuthError``."""
+        for attempt in (1, 2):
+            token = await tokens.get(fetch)
+            headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+            response = await self.request(method, path, headers=headers, **kwargs)
+            if response.status != 401:
+                return response
+            tokens.invalidate(token)
+            if attempt == 2:
+                return response
+        raise AssertionError("unreachable")
+
     async def _send(
         self,
         method: str,

@@ -103,19 +103,10 @@ class AxelSpringer:
 
     async def _call(self, method: str, path: str) -> HttpResponse:
         """An authenticated call; a 401 fetches a new token once, a second 401 is final."""
-        for attempt in (1, 2):
-            token = await self._tokens.get(self._fetch_token)
-            resp = await self._http.request(
-                method,
-                path,
-                headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
-            )
-            if resp.status != 401:
-                return resp
-            self._tokens.invalidate(token)
-            if attempt == 2:
-                raise self._error(resp, cls=ProviderAuthError)
-        raise AssertionError("unreachable")
+        resp = await self._http.request_with_token(self._tokens, self._fetch_token, method, path)
+        if resp.status == 401:
+            raise self._error(resp, cls=ProviderAuthError)
+        return resp
 
     def _path(self, template: str, ref: AxelSpringerRef) -> str:
         return template.format(
