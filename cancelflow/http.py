@@ -110,11 +110,15 @@ class ProviderHttp:
         timeouts, connection failures, 5xx and 429 are raised as retryable errors. The
         provider's guard (shared limits, circuit breaker) admits the call first."""
         if self._guard is None:
-            return await self._send(method, path, params=params, json_body=json_body, data=data, headers=headers)
+            return await self._send(
+                method, path, params=params, json_body=json_body, data=data, headers=headers
+            )
         admission = await self._guard.admit()
         error: BaseException | None = None
         try:
-            return await self._send(method, path, params=params, json_body=json_body, data=data, headers=headers)
+            return await self._send(
+                method, path, params=params, json_body=json_body, data=data, headers=headers
+            )
         except BaseException as exc:
             error = exc
             raise

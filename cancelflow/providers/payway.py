@@ -82,7 +82,9 @@ class Payway:
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> HttpResponse:
         """An authenticated call; a 401 fetches a new token once, a second 401 is final."""
-        resp = await self._http.request_with_token(self._tokens, self._fetch_token, method, path, **kwargs)
+        resp = await self._http.request_with_token(
+            self._tokens, self._fetch_token, method, path, **kwargs
+        )
         if resp.status == 401:
             raise self._error(resp, cls=ProviderAuthError)
         return resp
