@@ -2,7 +2,7 @@
 
 Redis: the server at ``CANCELFLOW_REDIS_URL`` when one answers, else a ``redis-server`` started
 here (as ``scripts/with-redis`` does). Either way the bench takes one DB (1-15) under the same
-lock the test fixtures use (``tests/conftest.locked_db``), so a bench and test sessions running
+lock the test fixtures use (``producers.local.locked_db``), so a bench and test sessions running
 on one server never share a DB, and it flushes only that DB.
 """
 
@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
 
@@ -33,19 +33,15 @@ from producers.local import (
     cancelflow_command,
     free_port,
     http_ok,
+    locked_db,
     redis_answers,
     wait_until,
+    with_db,
 )
 from sandboxes.env import provider_env
 
-DB_LOCK = "cancelflow:test-db-lock:{db}"  # shared with tests/conftest.py
 API_TOKEN = "bench-token"  # noqa: S105 - the local API of a bench run
 PROVIDERS = ("PAYWAY", "AZOTTE", "APPDIRECT", "AXELSPRINGER")
-
-
-def with_db(url: str, db: int) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, ""))
 
 
 @contextmanager
@@ -96,19 +92,8 @@ def redis_server(base_url: str, *, log: Callable[[str], None]) -> Iterator[str]:
 @contextmanager
 def bench_db(server_url: str) -> Iterator[str]:
     """A DB of the bench's own on ``server_url``, flushed before and after (only that DB)."""
-    admin = redis.Redis.from_url(with_db(server_url, 0))
-    for db in range(1, 16):
-        lock = DB_LOCK.format(db=db)
-        if admin.set(lock, f"bench:{os.getpid()}", nx=True, ex=3 * 3600):
-            url = with_db(server_url, db)
-            redis.Redis.from_url(url).flushdb()
-            try:
-                yield url
-            finally:
-                redis.Redis.from_url(url).flushdb()
-                admin.delete(lock)
-            return
-    raise RuntimeError("every Redis DB 1-15 is locked by a test session or another bench")
+    with locked_db(server_url, owner="bench") as url:
+        yield url
 
 
 def system_env(redis_url: str, sandbox_url: str) -> dict[str, str]:

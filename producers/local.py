@@ -15,10 +15,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -63,6 +65,40 @@ class EmbeddedRedis:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+
+
+def with_db(url: str, db: int) -> str:
+    """``url`` pointing at Redis database ``db``."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, ""))
+
+
+# One lock key for test sessions and bench runs alike: they share Redis servers, and a DB
+# taken by one must never be flushed by another.
+DB_LOCK = "cancelflow:test-db-lock:{db}"
+
+
+class NoFreeDb(RuntimeError):
+    """Every Redis DB 1-15 is held by another test session or bench run."""
+
+
+@contextmanager
+def locked_db(server_url: str, *, owner: str) -> Iterator[str]:
+    """A Redis DB (1-15) on ``server_url`` no other holder of the lock uses meanwhile,
+    flushed before and after use (only that DB)."""
+    admin = redis.Redis.from_url(with_db(server_url, 0))
+    for db in range(1, 16):
+        lock = DB_LOCK.format(db=db)
+        if admin.set(lock, f"{owner}:{os.getpid()}", nx=True, ex=3 * 3600):
+            url = with_db(server_url, db)
+            redis.Redis.from_url(url).flushdb()
+            try:
+                yield url
+            finally:
+                redis.Redis.from_url(url).flushdb()
+                admin.delete(lock)
+            return
+    raise NoFreeDb("every Redis DB 1-15 is locked by a test session or a bench run")
 
 
 def wait_until(check: Any, *, timeout_s: float, what: str, interval_s: float = 0.1) -> None:

@@ -8,7 +8,6 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import fakeredis
 import pytest
@@ -16,7 +15,17 @@ import redis
 
 from cancelflow.messaging import create_celery
 from cancelflow.settings import Settings
-from producers.local import ProcessGroup, cancelflow_command, free_port, http_ok, redis_answers, wait_until
+from producers.local import (
+    NoFreeDb,
+    ProcessGroup,
+    cancelflow_command,
+    free_port,
+    http_ok,
+    redis_answers,
+    wait_until,
+    with_db,
+)
+from producers.local import locked_db as shared_locked_db
 from sandboxes.env import provider_env
 from tests.support import Sandbox, System
 
@@ -25,31 +34,17 @@ API_TOKEN = "test-token"
 READ_TOKEN = "read-token"
 
 
-def _with_db(url: str, db: int) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, ""))
-
-
 @contextmanager
 def locked_db() -> Iterator[str]:
-    """A Redis DB no other test session uses at the same time (developers run suites in
-    parallel on one server), flushed before and after use."""
-    base = _with_db(BASE_REDIS_URL, 0)
-    if not redis_answers(base):
+    """A Redis DB no other test session (or bench run) uses at the same time: developers run
+    suites in parallel on one server."""
+    if not redis_answers(with_db(BASE_REDIS_URL, 0)):
         pytest.fail(f"no Redis answers at {BASE_REDIS_URL}: run the tests with `make test`, which starts one")
-    admin = redis.Redis.from_url(base)
-    for db in range(1, 16):
-        lock = f"cancelflow:test-db-lock:{db}"
-        if admin.set(lock, os.getpid(), nx=True, ex=3 * 3600):
-            url = _with_db(BASE_REDIS_URL, db)
-            redis.Redis.from_url(url).flushdb()
-            try:
-                yield url
-            finally:
-                redis.Redis.from_url(url).flushdb()
-                admin.delete(lock)
-            return
-    pytest.fail("every Redis DB 1-15 is locked by another test session")
+    try:
+        with shared_locked_db(BASE_REDIS_URL, owner="tests") as url:
+            yield url
+    except NoFreeDb as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="session")
