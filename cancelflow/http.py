@@ -236,6 +236,17 @@ class ProviderHttp:
         )
 
 
+def read_token(response: HttpResponse, provider: str) -> tuple[str, float]:
+    """``(access_token, expires_in)`` from an OAuth-style token answer; a typed error if absent."""
+    body = response.json(provider)
+    try:
+        return str(body["access_token"]), float(body["expires_in"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProviderProtocolError(
+            "token response lacks access_token or expires_in", provider=provider
+        ) from exc
+
+
 class TokenCache:
     """One bearer token per provider and process: fetched once, reused until it expires."""
 

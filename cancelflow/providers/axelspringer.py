@@ -15,7 +15,7 @@ from pydantic import Field, HttpUrl, SecretStr
 
 from cancelflow.contract import JobRecord, Outcome, OutcomeType
 from cancelflow.errors import ProviderAuthError, ProviderError, ProviderProtocolError
-from cancelflow.http import HttpResponse, ProviderHttp, TokenCache
+from cancelflow.http import HttpResponse, ProviderHttp, TokenCache, read_token
 from cancelflow.logging import redact
 from cancelflow.providers.base import (
     Confirmation,
@@ -92,14 +92,8 @@ class AxelSpringer:
         )
         if resp.status != 200:
             raise self._error(resp, cls=ProviderAuthError)
-        body = resp.json(self.key)
-        try:
-            # Tokens last 1 h and there is no refresh token: a new one is fetched after.
-            return str(body["access_token"]), float(body["expires_in"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProviderProtocolError(
-                "token response lacks access_token or expires_in", provider=self.key
-            ) from exc
+        # Tokens last 1 h and there is no refresh token: a new one is fetched after.
+        return read_token(resp, self.key)
 
     async def _call(self, method: str, path: str) -> HttpResponse:
         """An authenticated call; a 401 fetches a new token once, a second 401 is final."""

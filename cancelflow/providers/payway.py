@@ -12,7 +12,7 @@ from pydantic import SecretStr, StringConstraints
 
 from cancelflow.contract import JobRecord, Outcome, OutcomeType
 from cancelflow.errors import ProviderAuthError, ProviderError, ProviderProtocolError
-from cancelflow.http import HttpResponse, ProviderHttp, TokenCache
+from cancelflow.http import HttpResponse, ProviderHttp, TokenCache, read_token
 from cancelflow.logging import redact
 from cancelflow.providers.base import (
     Confirmation,
@@ -71,14 +71,8 @@ class Payway:
         )
         if resp.status != 200:
             raise self._error(resp, cls=ProviderAuthError)
-        body = resp.json(self.key)
-        try:
-            # Docs say 1 h in one place and 2 h in another: trust expires_in.
-            return str(body["access_token"]), float(body["expires_in"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProviderProtocolError(
-                "token response lacks access_token or expires_in", provider=self.key
-            ) from exc
+        # Docs say 1 h in one place and 2 h in another: trust expires_in.
+        return read_token(resp, self.key)
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> HttpResponse:
         """An authenticated call; a 401 fetches a new token once, a second 401 is final."""
