@@ -28,12 +28,13 @@ KINDS: tuple[str, ...] = get_args(Kind)
 KINDS_INDEXED = "cf:dl:kinds-indexed"
 
 
-def _key(dl_id: str) -> str:
+def key(dl_id: str) -> str:
+    """The key of one entry (its JSON)."""
     return f"cf:dl:{dl_id}"
 
 
 def kind_key(kind: str) -> str:
-    """The set of the ids of one kind's entries (ids are ``dl_…``: no clash with ``_key``)."""
+    """The set of the ids of one kind's entries (ids are ``dl_…``: no clash with ``key``)."""
     return f"cf:dl:kind:{kind}"
 
 
@@ -94,7 +95,7 @@ class DeadLetterStore:
 
     async def add(self, dl: DeadLetter) -> DeadLetter:
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(_key(dl.id), dl.model_dump_json())
+            pipe.set(key(dl.id), dl.model_dump_json())
             pipe.zadd(INDEX, {dl.id: utcnow().timestamp()})
             pipe.sadd(kind_key(dl.kind), dl.id)
             await pipe.execute()
@@ -104,14 +105,14 @@ class DeadLetterStore:
     def add_sync(client: SyncRedis, dl: DeadLetter) -> DeadLetter:
         """``add`` for synchronous callers (the broker transport has no event loop)."""
         with client.pipeline(transaction=True) as pipe:
-            pipe.set(_key(dl.id), dl.model_dump_json())
+            pipe.set(key(dl.id), dl.model_dump_json())
             pipe.zadd(INDEX, {dl.id: utcnow().timestamp()})
             pipe.sadd(kind_key(dl.kind), dl.id)
             pipe.execute()
         return dl
 
     async def get(self, dl_id: str) -> DeadLetter | None:
-        raw = await self.redis.get(_key(dl_id))
+        raw = await self.redis.get(key(dl_id))
         return DeadLetter.model_validate_json(raw) if raw else None
 
     async def list(self, flt: DeadLetterFilter | None = None, *, limit: int = 100) -> list[DeadLetter]:
@@ -126,7 +127,8 @@ class DeadLetterStore:
             if not ids:
                 break
             offset += len(ids)
-            raws = await self.redis.mget([_key(i.decode() if isinstance(i, bytes) else i) for i in ids])
+            names = [key(i.decode() if isinstance(i, bytes) else i) for i in ids]
+            raws = await self.redis.mget(names)
             for raw in raws:
                 if raw is None:
                     continue
@@ -139,7 +141,7 @@ class DeadLetterStore:
 
     async def delete(self, dl_id: str) -> bool:
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(_key(dl_id))
+            pipe.delete(key(dl_id))
             pipe.zrem(INDEX, dl_id)
             # The kind is in the entry; removing the id from every kind's set saves reading it.
             for kind in KINDS:

@@ -25,7 +25,6 @@ from cancelflow.contract import (
     CallbackAttempt,
     Decision,
     JobRecord,
-    Offer,
     Outcome,
     OutcomeType,
     Status,
@@ -40,7 +39,7 @@ from cancelflow.logging import get_logger, redact
 from cancelflow.providers import REGISTRY
 from cancelflow.providers.base import Provider, SubscriptionRef
 from cancelflow.settings import Settings
-from cancelflow.store import JobStore
+from cancelflow.store import TRANSITIONS, JobStore
 
 log = get_logger(__name__)
 
@@ -108,7 +107,10 @@ def _entry(step: Step | str, event: str, attempt: int, **kw: Any) -> TimelineEnt
 
 
 async def _load(deps: Deps, job_id: str) -> JobRecord:
-    job = await deps.store.get(job_id)
+    return _bind(await deps.store.get(job_id))
+
+
+def _bind(job: JobRecord) -> JobRecord:
     structlog.contextvars.bind_contextvars(provider=job.provider)
     return job
 
@@ -122,12 +124,13 @@ def _provider(deps: Deps, job: JobRecord) -> Provider:
 
 async def eligibility(deps: Deps, job_id: str, *, attempt: int = 0) -> Next:
     """Ask the provider whether the subscription can be cancelled."""
-    job = await _load(deps, job_id)
-    moved = await deps.store.transition(
-        job, Status.CHECKING, entry=_entry(Step.ELIGIBILITY, "started", attempt)
+    began = await deps.store.begin(
+        job_id, to=Status.CHECKING, allowed=TRANSITIONS[Status.CHECKING],
+        entry=_entry(Step.ELIGIBILITY, "started", attempt),
     )
-    if not moved.applied:
-        return resume(moved.previous, job.provider)
+    job = _bind(began.job)
+    if not began.applied:
+        return resume(began.previous, job.provider)
     ref = reference(job)
     answer = await _provider(deps, job).check(ref, job)
     response = redact(answer.response)
@@ -269,8 +272,8 @@ async def resume_stalled(deps: Deps, *, quiet_for_s: float) -> list[Next]:
             continue
         if job.status is Status.QUEUED and not await deps.store.dispatched(job_id):
             continue  # never sent: the straggler sweep's case
+        # (``stalled`` restarted its quiet time: the next sweep leaves it alone.)
         await deps.store.record(job_id, _entry("watchdog", "resent", 0, details={"step": nxt.step.value, "quiet_for_s": quiet_for_s}))
-        await deps.store.touch(job_id)
         log.warning("job.stalled.resent", job_id=job_id, step=nxt.step.value)
         out.append(Next(nxt.step, nxt.provider, (job_id, *nxt.args)))
     return out
@@ -284,29 +287,32 @@ async def due_decisions(deps: Deps, now: datetime, *, limit: int = 500) -> list[
 
 async def confirm(deps: Deps, job_id: str, *, attempt: int = 0, lease_s: float) -> Next:
     """Make the provider's cancel call, once: a lease keeps two deliveries from racing."""
-    job = await _load(deps, job_id)
-    if job.status is not Status.CONFIRMING:
-        return resume(job.status, job.provider)
     lease = f"cf:lease:{job_id}:confirm"
-    if not await deps.store.redis.set(lease, "1", nx=True, px=int(lease_s * 1000)):
+    began = await deps.store.begin(
+        job_id, to=None, allowed=frozenset({Status.CONFIRMING}),
+        entry=_entry(Step.CONFIRM, "started", attempt), lease=(lease, lease_s),
+    )
+    job = _bind(began.job)
+    if began.leased_for_ms is not None:
         # Another delivery is confirming, or died confirming and its lease has yet to
         # expire: come back when it has, and find the job finished or take over.
-        remaining_ms = await deps.store.redis.pttl(lease)
-        log.info("step.confirm.leased_elsewhere", retry_in_ms=remaining_ms)
-        raise StepBusy(f"confirm of {job_id} is leased elsewhere", retry_after=max(remaining_ms, 100) / 1000)
+        log.info("step.confirm.leased_elsewhere", retry_in_ms=began.leased_for_ms)
+        raise StepBusy(
+            f"confirm of {job_id} is leased elsewhere",
+            retry_after=max(began.leased_for_ms, 100) / 1000,
+        )
+    if not began.applied:
+        return resume(began.previous, job.provider)
     try:
-        moved = await deps.store.record(
-            job_id, _entry(Step.CONFIRM, "started", attempt), expect=frozenset({Status.CONFIRMING})
-        )
-        if not moved.applied:
-            return resume(moved.previous, job.provider)
         answer = await _provider(deps, job).confirm(reference(job), job)
-        return await finish(
-            deps, job, answer.outcome, step=Step.CONFIRM, attempt=attempt,
-            response=redact(answer.response),
-        )
-    finally:
+    except BaseException:
         await deps.store.redis.delete(lease)
+        raise
+    # The move to finished deletes the lease in the same round trip.
+    return await finish(
+        deps, job, answer.outcome, step=Step.CONFIRM, attempt=attempt,
+        response=redact(answer.response), release_lease=lease,
+    )
 
 
 async def finish(
@@ -318,6 +324,7 @@ async def finish(
     attempt: int,
     response: Any = None,
     details: dict[str, Any] | None = None,
+    release_lease: str | None = None,
     **fields: Any,
 ) -> Next:
     """Record the job's final outcome; the callback step follows."""
@@ -329,6 +336,7 @@ async def finish(
             details={"outcome": outcome.type.value, **(details or {})},
         ),
         identity=reference(job).identity(),
+        release_lease=release_lease,
         outcome=outcome,
         **fields,
     )
@@ -392,25 +400,25 @@ async def dead_letter(
     """Move a job that cannot finish to the dead-letter store, with every attempt's error."""
     job = await _load(deps, job_id)
     errors = [e.error for e in job.timeline if e.error is not None and e.step == step]
+    dl = DeadLetter(
+        kind="job", job_id=job_id, provider=job.provider, step=step.value,
+        queue=None, error_type=error_type, error=error,
+        errors=[*errors, {"type": error_type, "message": error}],
+        traceback=traceback, payload=payload,
+    )
+    # The entry is written with the move (one script): a crash leaves both or neither.
     moved = await deps.store.transition(
         job,
         Status.DEAD_LETTERED,
         entry=_entry(step, "dead_lettered", len(errors), status=Status.DEAD_LETTERED,
                      error={"type": error_type, "message": error}),
         identity=reference(job).identity(),
+        dead_letter=dl,
     )
     if not moved.applied:
         log.warning("job.dead_letter.skipped", status=moved.previous.value)
         return resume(moved.previous, job.provider)
-    await deps.dead_letters.add(
-        DeadLetter(
-            kind="job", job_id=job_id, provider=job.provider, step=step.value,
-            queue=None, error_type=error_type, error=error,
-            errors=[*errors, {"type": error_type, "message": error}],
-            traceback=traceback, payload=payload,
-        )
-    )
-    log.error("job.dead_lettered", error_type=error_type, error=error)
+    log.error("job.dead_lettered", error_type=error_type, error=error, dead_letter_id=dl.id)
     return Next(Step.CALLBACK, job.provider, (EVENT_OUTCOME,))
 
 
@@ -497,30 +505,44 @@ async def callback(deps: Deps, job_id: str, event: str, *, attempt: int = 0) -> 
         provider_hooks = hooks.for_provider(deps.hooks, job.provider)
         targets = [WEBHOOK, *(h.target for h in provider_hooks)]
     pending = [t for t in targets if _pending(job, body["id"], t, replay=bool(only))]
+    settles = kind == EVENT_OUTCOME and not only
+    # One target (the common case): its delivery settles the job in the same round trip.
+    settle_with = settles and len(pending) == 1
     # Concurrently: a slow or failing target never holds up another.
-    results = await asyncio.gather(*(_deliver(deps, job, kind, body, t, attempt) for t in pending))
-    retry = [r for r in results if r is not None]
+    results = await asyncio.gather(
+        *(_deliver(deps, job, kind, body, t, attempt, settle=settle_with) for t in pending)
+    )
+    retry = [r for r in results if isinstance(r, callbacks.CallbackRetryable)]
     if retry:
         raise max(retry, key=lambda exc: exc.retry_after or 0.0)
-    if kind == EVENT_OUTCOME and not only:
+    if settles and SETTLED not in results:
         await deps.store.settle(job_id)
     return Next.done()
 
 
+# What ``_deliver`` answers when its delivery settled the job.
+SETTLED = "settled"
+
+
 async def _deliver(
-    deps: Deps, job: JobRecord, kind: str, body: dict[str, Any], target: str, attempt: int
-) -> callbacks.CallbackRetryable | None:
-    """One attempt at one target, recorded on the job; the error to retry on, if any."""
+    deps: Deps, job: JobRecord, kind: str, body: dict[str, Any], target: str, attempt: int,
+    *, settle: bool = False,
+) -> callbacks.CallbackRetryable | str | None:
+    """One attempt at one target, recorded on the job: the error to retry on, if any, or
+    ``SETTLED`` when ``settle`` is set and the delivery settled the job with its record."""
     eid, etype = body["id"], body["type"]
     url = _webhook_url(deps, job) if target == WEBHOOK else target
     fields = {"target": target, "event_type": etype, "event_id": eid}
 
-    async def note(result: str, elapsed_s: float | None = None, **kw: Any) -> None:
+    async def note(
+        result: str, elapsed_s: float | None = None, *, settles: bool = False, **kw: Any
+    ) -> None:
         latency = round(elapsed_s * 1000, 1) if elapsed_s is not None else None
         await deps.store.add_callback_attempt(
             job.id,
             CallbackAttempt(at=isoformat(utcnow()), event_id=eid, event_type=etype, url=url,
                             attempt=attempt, result=result, latency_ms=latency, **kw),
+            settle=settles,
         )
 
     async def give_up(error_type: str, error: str) -> None:
@@ -554,9 +576,9 @@ async def _deliver(
             return None
         log.warning("callback.failed", http_status=exc.status, error=str(exc), **fields)
         return exc
-    await note("delivered", elapsed, http_status=status)
+    await note("delivered", elapsed, settles=settle, http_status=status)
     log.info("callback.delivered", http_status=status, **fields)
-    return None
+    return SETTLED if settle else None
 
 
 async def _post(deps: Deps, job: JobRecord, url: str, body: dict[str, Any]) -> tuple[int, float]:

@@ -29,6 +29,9 @@ from cancelflow.contract import (
     new_job_id,
     utcnow,
 )
+from cancelflow.dead_letters import INDEX as DL_INDEX
+from cancelflow.dead_letters import DeadLetter, kind_key
+from cancelflow.dead_letters import key as dead_letter_key
 from cancelflow.errors import CancelflowError, JobNotFound
 
 PREFIX = "cf:"
@@ -85,20 +88,40 @@ redis.call('ZADD', KEYS[7], ARGV[5], ARGV[1])
 return {'created', ARGV[1]}
 """
 
+# Every move of a job is this one script, so each step costs as few round trips as it can:
+#   KEYS: 1 job hash, 2 timeline, 3 in-flight marker to release (or ''), 4 callbacks list,
+#         5 ACTIVE, 6 confirm lease (or ''), 7-9 dead letter: entry key, index, kind set (or '')
+#   ARGV: 1 to-status ('' keeps it), 2 allowed statuses (space separated, '' any),
+#         3 now (ISO), 4 timeline entry (JSON or ''), 5 ttl, 6 job id, 7 now (epoch s),
+#         8 lease: '' none, 'release' (always deleted first) or milliseconds to take it for,
+#         9 '1' to answer with the record, 10 dead letter id, 11 dead letter JSON, 12... fields
+# Answers {verdict, previous status, lease ms left, [hash, timeline, callbacks]}; verdict is
+# 'ok', 'rejected' (not in an allowed status), 'leased' (the lease is held) or 'missing'.
 _TRANSITION = """
+if ARGV[8] == 'release' then redis.call('DEL', KEYS[6]) end
 local cur = redis.call('HGET', KEYS[1], 'status')
-if not cur then return {'missing', ''} end
+if not cur then return {'missing', '', 0} end
+local function answer(verdict, left)
+  if ARGV[9] ~= '1' then return {verdict, cur, left} end
+  return {verdict, cur, left, redis.call('HGETALL', KEYS[1]),
+          redis.call('LRANGE', KEYS[2], 0, -1), redis.call('LRANGE', KEYS[4], 0, -1)}
+end
 if ARGV[2] ~= '' then
   local ok = false
   for s in string.gmatch(ARGV[2], '%S+') do
     if s == cur then ok = true break end
   end
-  if not ok then return {'rejected', cur} end
+  if not ok then return answer('rejected', 0) end
+end
+if ARGV[8] ~= '' and ARGV[8] ~= 'release' then
+  if not redis.call('SET', KEYS[6], '1', 'NX', 'PX', ARGV[8]) then
+    return answer('leased', redis.call('PTTL', KEYS[6]))
+  end
 end
 local status = cur
 if ARGV[1] ~= '' then status = ARGV[1] end
 local args = {'status', status, 'updated_at', ARGV[3]}
-for i = 8, #ARGV do args[#args + 1] = ARGV[i] end
+for i = 12, #ARGV do args[#args + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(args))
 -- Jobs not yet settled, by when they last moved: the watchdog's index (see ``stalled``).
 -- A parked job waits on purpose; an ended one stays until its result callback settles.
@@ -109,6 +132,12 @@ else
 end
 if ARGV[4] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[4]) end
 if KEYS[3] ~= '' and redis.call('GET', KEYS[3]) == ARGV[6] then redis.call('DEL', KEYS[3]) end
+-- The job's dead letter is written with the move, so no crash can leave one without the other.
+if KEYS[7] ~= '' then
+  redis.call('SET', KEYS[7], ARGV[11])
+  redis.call('ZADD', KEYS[8], ARGV[7], ARGV[10])
+  redis.call('SADD', KEYS[9], ARGV[10])
+end
 local ttl = tonumber(ARGV[5])
 if ttl > 0 then
   redis.call('EXPIRE', KEYS[1], ttl)
@@ -119,7 +148,7 @@ elseif ttl < 0 then
   redis.call('PERSIST', KEYS[2])
   redis.call('PERSIST', KEYS[4])
 end
-return {'ok', cur}
+return answer('ok', 0)
 """
 
 
@@ -130,7 +159,16 @@ redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[2])
 local ttl = redis.call('TTL', KEYS[1])
 if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+if ARGV[3] ~= '' then redis.call('ZREM', KEYS[3], ARGV[3]) end
 return ttl
+"""
+
+# The watchdog's claim: jobs quiet since the cutoff, each marked as moved now in the same
+# script, so two sweeps running at once never both pick (and re-send) the same job.
+_CLAIM_STALLED = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], 'XX', ARGV[2], id) end
+return ids
 """
 
 
@@ -154,6 +192,17 @@ class Created:
 class Transition:
     applied: bool
     previous: Status
+
+
+@dataclass(frozen=True)
+class Began:
+    """A step's start: whether the job moved, and the record as it is after the move."""
+
+    applied: bool
+    previous: Status
+    job: JobRecord
+    # Milliseconds left on the lease another delivery holds (``begin(lease=...)``), or None.
+    leased_for_ms: int | None = None
 
 
 class JobObserver(Protocol):
@@ -202,6 +251,7 @@ class JobStore:
         self._create = redis.register_script(_CREATE)
         self._transition = redis.register_script(_TRANSITION)
         self._add_callback = redis.register_script(_ADD_CALLBACK)
+        self._claim_stalled = redis.register_script(_CLAIM_STALLED)
 
     async def create(self, request: CancellationRequest, *, identity: str) -> Created:
         """Record a new queued job, or return the job the request joins or repeats."""
@@ -259,18 +309,15 @@ class JobStore:
         return _record({_s(k): _s(v) for k, v in raw.items()}, timeline, callbacks)
 
     async def stalled(self, *, quiet_for_s: float, limit: int = 500) -> list[str]:
-        """Jobs mid-chain that have not moved for ``quiet_for_s`` (their message is lost)."""
-        cutoff = utcnow().timestamp() - quiet_for_s
-        raw = await self.redis.zrangebyscore(ACTIVE, "-inf", cutoff, 0, limit)
+        """Claim the jobs mid-chain that have not moved for ``quiet_for_s`` (their message is
+        lost): each one's quiet time restarts, so a concurrent sweep does not pick it too."""
+        now = utcnow().timestamp()
+        raw = await self._claim_stalled(keys=[ACTIVE], args=[now - quiet_for_s, now, limit])
         return [_s(r) for r in raw]
 
     async def settle(self, job_id: str) -> None:
         """The job ended and its result callback reached its end: nothing more to watch."""
         await self.redis.zrem(ACTIVE, job_id)
-
-    async def touch(self, job_id: str) -> None:
-        """Restart a job's quiet time (after the watchdog re-sent its step)."""
-        await self.redis.zadd(ACTIVE, {job_id: utcnow().timestamp()}, xx=True)
 
     async def mark_dispatched(self, job_id: str) -> None:
         """The job's first step is on the broker."""
@@ -292,6 +339,29 @@ class JobStore:
             raise JobNotFound(job_id)
         return Status(_s(raw))
 
+    async def begin(
+        self,
+        job_id: str,
+        *,
+        to: Status | None,
+        allowed: frozenset[Status],
+        entry: TimelineEntry,
+        lease: tuple[str, float] | None = None,
+    ) -> Began:
+        """A step's first write and its read in one round trip: move the job to ``to`` (or
+        only note ``entry``) if it is in ``allowed``, taking ``lease`` (key, seconds) if
+        given, and answer with the record as it stands after."""
+        result, previous, left, job = await self._run(
+            job_id, to=to.value if to else "", allowed=allowed, entry=entry, release="", ttl=0,
+            fields={}, lease=(lease[0], str(int(lease[1] * 1000))) if lease else None,
+            with_record=True,
+        )
+        assert job is not None
+        return Began(
+            applied=result == "ok", previous=previous, job=job,
+            leased_for_ms=max(left, 1) if result == "leased" else None,
+        )
+
     async def transition(
         self,
         job: JobRecord,
@@ -299,10 +369,16 @@ class JobStore:
         *,
         entry: TimelineEntry | None = None,
         identity: str | None = None,
+        release_lease: str | None = None,
+        dead_letter: DeadLetter | None = None,
         **fields: Any,
     ) -> Transition:
-        """Move the job to ``to`` if the transition is allowed from where it is now."""
-        moved = await self._run(
+        """Move the job to ``to`` if the transition is allowed from where it is now.
+
+        ``release_lease``: a confirm lease deleted in the same round trip, whatever the
+        answer. ``dead_letter``: the job's entry in the dead-letter store, written only if
+        the job moves (with it, atomically)."""
+        result, previous, _, _ = await self._run(
             job.id,
             to=to.value,
             allowed=TRANSITIONS[to],
@@ -311,7 +387,10 @@ class JobStore:
             release=inflight_key(job.provider, identity) if identity and _ends(to) else "",
             ttl=self._retention if to is Status.FINISHED else 0,
             fields=fields,
+            lease=(release_lease, "release") if release_lease else None,
+            dead_letter=dead_letter,
         )
+        moved = Transition(applied=result == "ok", previous=previous)
         # Only the delivery that moved the job reports it: a redelivered step does not.
         if moved.applied and _ends(to) and self._observer is not None:
             outcome = fields.get("outcome")
@@ -329,16 +408,17 @@ class JobStore:
     ) -> Transition:
         """Append a timeline entry (and set fields) without moving the job, only while it is
         in ``expect`` (any status when ``expect`` is None)."""
-        return await self._run(
+        result, previous, _, _ = await self._run(
             job_id, to="", allowed=expect or frozenset(), entry=entry, release="", ttl=0,
             fields=fields,
         )
+        return Transition(applied=result == "ok", previous=previous)
 
     async def replay(self, job_id: str, to: Status, entry: TimelineEntry) -> Transition:
         """An operator's replay: a dead-lettered job goes back to ``to``, keeping its id."""
         if to not in REPLAYABLE_TO:
             raise ValueError(f"cannot replay to {to}")
-        return await self._run(
+        result, previous, _, _ = await self._run(
             job_id,
             to=to.value,
             allowed=frozenset({Status.DEAD_LETTERED}),
@@ -347,10 +427,16 @@ class JobStore:
             ttl=0,
             fields={},
         )
+        return Transition(applied=result == "ok", previous=previous)
 
-    async def add_callback_attempt(self, job_id: str, attempt: CallbackAttempt) -> None:
+    async def add_callback_attempt(
+        self, job_id: str, attempt: CallbackAttempt, *, settle: bool = False
+    ) -> None:
+        """Record a callback attempt; ``settle``: the job's result callback is at its end,
+        so the watchdog stops watching it (``settle``), in the same round trip."""
         await self._add_callback(
-            keys=[job_key(job_id), f"{job_key(job_id)}:callbacks"], args=[_dump(attempt), attempt.at]
+            keys=[job_key(job_id), f"{job_key(job_id)}:callbacks", ACTIVE],
+            args=[_dump(attempt), attempt.at, job_id if settle else ""],
         )
         if self._observer is not None:
             self._observer.callback_attempted(attempt.result)
@@ -365,13 +451,22 @@ class JobStore:
         release: str,
         ttl: int,
         fields: dict[str, Any],
-    ) -> Transition:
+        lease: tuple[str, str] | None = None,
+        with_record: bool = False,
+        dead_letter: DeadLetter | None = None,
+    ) -> tuple[str, Status, int, JobRecord | None]:
         key = job_key(job_id)
         flat: list[str] = []
         for name, value in fields.items():
             flat += [name, value if isinstance(value, str) else _dump(value)]
-        result, previous = await self._transition(
-            keys=[key, f"{key}:timeline", release, f"{key}:callbacks", ACTIVE],
+        dl_keys = (
+            [dead_letter_key(dead_letter.id), DL_INDEX, kind_key(dead_letter.kind)]
+            if dead_letter is not None
+            else ["", "", ""]
+        )
+        answer = await self._transition(
+            keys=[key, f"{key}:timeline", release, f"{key}:callbacks", ACTIVE,
+                  lease[0] if lease else "", *dl_keys],
             args=[
                 to,
                 " ".join(sorted(s.value for s in allowed)),
@@ -380,13 +475,22 @@ class JobStore:
                 ttl,
                 job_id,
                 now.timestamp(),
+                lease[1] if lease else "",
+                "1" if with_record else "",
+                dead_letter.id if dead_letter is not None else "",
+                dead_letter.model_dump_json() if dead_letter is not None else "",
                 *flat,
             ],
         )
-        result, previous = _s(result), _s(previous)
+        result, previous = _s(answer[0]), _s(answer[1])
         if result == "missing":
             raise JobNotFound(job_id)
-        return Transition(applied=result == "ok", previous=Status(previous))
+        job = None
+        if with_record:
+            raw, timeline, callbacks = answer[3:6]
+            fields_of = {_s(raw[i]): _s(raw[i + 1]) for i in range(0, len(raw), 2)}
+            job = _record(fields_of, timeline, callbacks)
+        return result, Status(previous), int(answer[2]), job
 
 
 def _record(h: dict[str, str], timeline: list[Any], callbacks: list[Any]) -> JobRecord:

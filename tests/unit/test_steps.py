@@ -8,13 +8,16 @@ from typing import Any
 
 import aiohttp
 import fakeredis
+import pytest
 from aiohttp.test_utils import TestServer
 
 from cancelflow import steps
 from cancelflow.contract import CancellationRequest, Status, Step
+from cancelflow.errors import ProviderUnavailable
 from cancelflow.settings import Settings
 from cancelflow.wiring import build_deps
 from sandboxes import payway as payway_sandbox
+from sandboxes.faults import FaultSettings
 from sandboxes.server import PROVIDER_APPS, build_app
 
 Scenario = Callable[[steps.Deps, Any], Awaitable[None]]
@@ -142,5 +145,67 @@ def test_the_watchdog_resends_the_step_of_a_job_that_stopped_moving() -> None:
         # ...until the callback step settles it.
         await steps.callback(deps, stuck, steps.EVENT_OUTCOME)
         assert stuck not in await deps.store.stalled(quiet_for_s=0)
+
+    run(scenario)
+
+
+def test_two_watchdog_sweeps_at_once_resend_each_job_once() -> None:
+    async def scenario(deps: steps.Deps, state: Any) -> None:
+        stuck = []
+        for kind in ("immediate", "autogiro", "end_of_period"):
+            job_id = await enqueue(deps, kind)
+            await deps.store.mark_dispatched(job_id)
+            stuck.append(job_id)
+        await asyncio.sleep(0.05)
+        # Two beat runs overlapping (a backlog on the maintenance queue): a job one of them
+        # claimed is not claimed by the other.
+        assert sorted(await deps.store.stalled(quiet_for_s=0.01)) == sorted(stuck)
+        assert await deps.store.stalled(quiet_for_s=0.01) == []
+        await asyncio.sleep(0.05)
+        a, b = await asyncio.gather(*(steps.resume_stalled(deps, quiet_for_s=0.01) for _ in range(2)))
+        assert sorted(n.args[0] for n in (*a, *b)) == sorted(stuck)
+
+    run(scenario)
+
+
+def test_a_dead_letter_is_written_with_the_move_and_only_once() -> None:
+    async def scenario(deps: steps.Deps, state: Any) -> None:
+        job_id = await enqueue(deps)
+        args = {"step": Step.ELIGIBILITY, "error_type": "ProviderUnavailable", "error": "503",
+                "traceback": None, "payload": {"args": [job_id]}}
+        assert (await steps.dead_letter(deps, job_id, **args)).step is Step.CALLBACK
+        # The same step delivered again after a crash: the job has moved, nothing more is written.
+        assert (await steps.dead_letter(deps, job_id, **args)).step is Step.CALLBACK
+        letters = await deps.dead_letters.list()
+        assert [(dl.kind, dl.job_id, dl.step) for dl in letters] == [("job", job_id, "eligibility")]
+        assert (await deps.store.get(job_id)).status is Status.DEAD_LETTERED
+
+        # A job that finished meanwhile is not dead-lettered, and gets no entry.
+        done = await enqueue(deps, "immediate")
+        await steps.eligibility(deps, done)
+        await steps.confirm(deps, done, lease_s=30)
+        await steps.dead_letter(deps, done, **{**args, "step": Step.CONFIRM})
+        assert (await deps.store.get(done)).status is Status.FINISHED
+        assert len(await deps.dead_letters.list()) == 1
+
+    run(scenario)
+
+
+def test_confirm_releases_its_lease_when_it_finishes_or_fails() -> None:
+    async def scenario(deps: steps.Deps, state: Any) -> None:
+        job_id = await enqueue(deps, "immediate")
+        await steps.eligibility(deps, job_id)
+        await steps.confirm(deps, job_id, lease_s=30)
+        assert not await deps.store.redis.exists(f"cf:lease:{job_id}:confirm")
+
+        failing = await enqueue(deps, "autogiro")
+        await steps.eligibility(deps, failing)
+        state.faults.replace(FaultSettings(error_rate=1))
+        with pytest.raises(ProviderUnavailable):
+            await steps.confirm(deps, failing, lease_s=30)
+        assert not await deps.store.redis.exists(f"cf:lease:{failing}:confirm")
+        # So the retry takes the lease at once and cancels.
+        state.faults.replace(FaultSettings())
+        assert (await steps.confirm(deps, failing, lease_s=30)).step is Step.CALLBACK
 
     run(scenario)
