@@ -53,17 +53,21 @@ def _redact_processor(
 
 
 def configure_logging(*, fmt: LogFormat = "auto", level: str = "INFO") -> None:
-    """Configure structlog and the stdlib root logger (Celery, aiohttp) to share one format."""
+    """Configure structlog and the stdlib root logger (Celery, aiohttp) to share one format.
+
+    Our own lines go straight from structlog to stderr (no stdlib record, handler or
+    formatter on the way: a worker writes several per job); the stdlib's records (Celery,
+    aiohttp) pass the same processors through ``ProcessorFormatter``.
+    """
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
+        structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _redact_processor,
     ]
     # Celery's and aiohttp's own records carry exc_info as a tuple: render it as text too.
-    foreign = [*shared, structlog.processors.format_exc_info]
+    foreign = [*shared, structlog.stdlib.add_logger_name, structlog.processors.format_exc_info]
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if use_json
@@ -72,12 +76,13 @@ def configure_logging(*, fmt: LogFormat = "auto", level: str = "INFO") -> None:
     structlog.configure(
         processors=[
             *shared,
+            structlog.stdlib.add_logger_name,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+            renderer,
         ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        logger_factory=_NamedWriteLoggerFactory(file=sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
@@ -92,8 +97,24 @@ def configure_logging(*, fmt: LogFormat = "auto", level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # aiohttp's access log repeats what our own request logging says.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # Celery's "Task ... received" and "... succeeded in" lines, two per task, repeat what
+    # the steps' own lines say with the job id, and cost a worker more CPU than those: shown
+    # at DEBUG only. Failures and warnings still come through.
+    quiet = logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING
+    for name in ("celery.worker.strategy", "celery.app.trace"):
+        logging.getLogger(name).setLevel(quiet)
 
 
 def get_logger(name: str) -> Any:
     """A structlog logger; context bound with ``bind_contextvars`` rides along."""
     return structlog.get_logger(name)
+
+
+class _NamedWriteLoggerFactory(structlog.WriteLoggerFactory):
+    """structlog's writer to a file, named as ``get_logger`` was called (``add_logger_name``
+    reads the name, as it does a stdlib logger's)."""
+
+    def __call__(self, *args: Any) -> structlog.WriteLogger:
+        logger = super().__call__()
+        logger.name = str(args[0]) if args else "root"  # type: ignore[attr-defined]
+        return logger

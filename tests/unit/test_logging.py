@@ -22,7 +22,23 @@ def test_log_lines_are_json_with_context_and_without_secrets(capsys: pytest.Capt
     finally:
         structlog.contextvars.clear_contextvars()
         logging.getLogger().handlers.clear()
+        # The configuration writes to capsys's stream, closed after this test.
+        structlog.reset_defaults()
     line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert line["event"] == "provider.token.fetched"
     assert line["job_id"] == "job_1" and line["provider"] == "payway"
     assert "sekrit" not in json.dumps(line)
+
+
+def test_celery_task_lines_show_at_debug_only() -> None:
+    # Two lines per task ("received", "succeeded in") that the steps' own lines cover.
+    try:
+        configure_logging(fmt="json", level="INFO")
+        assert not logging.getLogger("celery.app.trace").isEnabledFor(logging.INFO)
+        assert not logging.getLogger("celery.worker.strategy").isEnabledFor(logging.INFO)
+        assert logging.getLogger("celery.app.trace").isEnabledFor(logging.WARNING)
+        configure_logging(fmt="json", level="DEBUG")
+        assert logging.getLogger("celery.app.trace").isEnabledFor(logging.INFO)
+    finally:
+        logging.getLogger().handlers.clear()
+        structlog.reset_defaults()
