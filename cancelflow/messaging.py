@@ -137,9 +137,13 @@ def send_step(
     countdown: float | None = None,
 ) -> None:
     """Enqueue one step of a job by task name on its provider's queue."""
+    task_args = [job_id, *args]
     app.send_task(
         STEP_TASKS[step],
-        args=[job_id, *args],
+        args=task_args,
+        # Our own repr of the arguments (short strings): Celery's saferepr costs more.
+        argsrepr=repr(task_args),
+        kwargsrepr="{}",
         queue=queue_for(step, provider),
         countdown=countdown,
         # Shown in Flower, and lets a poison-message handler name the job.

@@ -20,7 +20,13 @@ from cancelflow import metrics, steps
 from cancelflow.callbacks import CallbackRetryable
 from cancelflow.contract import JOB_ID_RE, Step, isoformat, utcnow
 from cancelflow.dead_letters import DeadLetter
-from cancelflow.errors import CircuitOpen, JobNotFound, ProviderAuthError, ProviderError, ProviderTimeout
+from cancelflow.errors import (
+    CircuitOpen,
+    JobNotFound,
+    ProviderAuthError,
+    ProviderError,
+    ProviderTimeout,
+)
 from cancelflow.guard import ProviderThrottled
 from cancelflow.logging import get_logger
 from cancelflow.messaging import send_step
@@ -76,7 +82,7 @@ INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def run_step(task: Task, step: Step, call: StepCall, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+def run_step(task: Task, step: Step, call: StepCall, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     """Run one step; when Redis is unreachable mid-step, give the message back.
 
     Celery drops a failed acks_late message (it rejects it without requeue), so an error
@@ -96,14 +102,14 @@ def run_step(task: Task, step: Step, call: StepCall, args: tuple[Any, ...], kwar
         metrics.step_ran(step.value, time.perf_counter() - started)
 
 
-def _run_step(task: Task, step: Step, call: StepCall, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+def _run_step(task: Task, step: Step, call: StepCall, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     rt = _runtime()
     context = {"task_id": task.request.id, "step": step.value}
     try:
         job_id, extra = _parse(step, args, kwargs)
     except Poison as exc:
         _dead_letter_poison(rt, task, exc, args, kwargs)
-        return {"dead_lettered": "poison"}
+        return "dead-lettered: poison"
     context["job_id"] = job_id
     structlog.contextvars.bind_contextvars(**context)
     attempt = task.request.retries
@@ -111,7 +117,7 @@ def _run_step(task: Task, step: Step, call: StepCall, args: tuple[Any, ...], kwa
         nxt = rt.run(_bound(call(rt.deps, job_id, *extra, attempt=attempt), **context))
     except JobNotFound as exc:
         _dead_letter_poison(rt, task, exc, args, kwargs)
-        return {"dead_lettered": "poison"}
+        return "dead-lettered: poison"
     except SoftTimeLimitExceeded as exc:
         error = ProviderTimeout("step ran past its soft time limit", provider="")
         nxt = _retry_or_give_up(rt, task, step, job_id, error, exc, extra)
@@ -121,10 +127,10 @@ def _run_step(task: Task, step: Step, call: StepCall, args: tuple[Any, ...], kwa
         raise task.retry(countdown=min(exc.retry_after + random.uniform(0, 0.5), rt.settings.limits().max_countdown_s), exc=exc, max_retries=None) from exc
     except steps.CallbackGiveUp as exc:
         rt.run(steps.dead_letter_callback(rt.deps, job_id, extra[0], error=str(exc), traceback=traceback.format_exc()))
-        return {"job_id": job_id, "dead_lettered": "callback"}
+        return f"{job_id} dead-lettered: callback"
     except INFRASTRUCTURE_ERRORS:
         raise
-    except Exception as exc:  # noqa: BLE001 - any surprise goes to the dead-letter store
+    except Exception as exc:  # any surprise goes to the dead-letter store
         log.exception("step.unexpected_error")
         nxt = rt.run(
             steps.dead_letter(
@@ -132,9 +138,11 @@ def _run_step(task: Task, step: Step, call: StepCall, args: tuple[Any, ...], kwa
                 traceback=traceback.format_exc(), payload={"args": list(args)},
             )
         )
-    if nxt.step is not None:
-        send_step(app, nxt.step, job_id, nxt.provider, *nxt.args)
-    return {"job_id": job_id, "next": nxt.step.value if nxt.step else None}
+    if nxt.step is None:
+        return f"{job_id} done"
+    send_step(app, nxt.step, job_id, nxt.provider, *nxt.args)
+    # A short string: Celery writes the result's repr into each task-succeeded event.
+    return f"{job_id} next: {nxt.step.value}"
 
 
 def _retry_or_give_up(
@@ -228,19 +236,19 @@ def _safe(value: Any) -> Any:
 
 
 @app.task(name="cancelflow.eligibility", base=StepTask, bind=True)
-def eligibility(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+def eligibility(self: Task, *args: Any, **kwargs: Any) -> str:
     """Ask the provider whether the subscription can be cancelled."""
     return run_step(self, Step.ELIGIBILITY, steps.eligibility, args, kwargs)
 
 
 @app.task(name="cancelflow.retention_offer", base=StepTask, bind=True)
-def retention_offer(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+def retention_offer(self: Task, *args: Any, **kwargs: Any) -> str:
     """Park the job on the provider's retention offer until the customer decides."""
     return run_step(self, Step.RETENTION_OFFER, steps.retention_offer, args, kwargs)
 
 
 @app.task(name="cancelflow.confirm", base=StepTask, bind=True)
-def confirm(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+def confirm(self: Task, *args: Any, **kwargs: Any) -> str:
     """Make the provider's cancel call."""
     lease = _runtime().settings.limits().task_time_limit_s
 
@@ -251,7 +259,7 @@ def confirm(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 
 
 @app.task(name="cancelflow.callback", base=StepTask, bind=True)
-def callback(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+def callback(self: Task, *args: Any, **kwargs: Any) -> str:
     """Deliver the job's signed result callback."""
     return run_step(self, Step.CALLBACK, steps.callback, args, kwargs)
 
