@@ -11,12 +11,14 @@ Keys (all under ``cf:``):
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from cancelflow.contract import (
     CallbackAttempt,
@@ -33,6 +35,9 @@ from cancelflow.dead_letters import INDEX as DL_INDEX
 from cancelflow.dead_letters import DeadLetter, kind_key
 from cancelflow.dead_letters import key as dead_letter_key
 from cancelflow.errors import CancelflowError, JobNotFound
+from cancelflow.logging import get_logger
+
+log = get_logger(__name__)
 
 PREFIX = "cf:"
 JOBS_INDEX = f"{PREFIX}jobs"
@@ -252,6 +257,8 @@ class JobStore:
         self._transition = redis.register_script(_TRANSITION)
         self._add_callback = redis.register_script(_ADD_CALLBACK)
         self._claim_stalled = redis.register_script(_CLAIM_STALLED)
+        self._marks: list[str] = []
+        self._marking: asyncio.Task[None] | None = None
 
     async def create(self, request: CancellationRequest, *, identity: str) -> Created:
         """Record a new queued job, or return the job the request joins or repeats."""
@@ -322,6 +329,29 @@ class JobStore:
     async def mark_dispatched(self, job_id: str) -> None:
         """The job's first step is on the broker."""
         await self.redis.zrem(UNDISPATCHED, job_id)
+
+    def mark_dispatched_soon(self, job_id: str) -> None:
+        """``mark_dispatched`` for a producer's hot path: the marks of every job sent while
+        one round trip is under way go in the next one (one ``ZREM`` for many jobs). A mark
+        lost to a crash or a Redis error only lets the straggler sweep re-send the step of a
+        job still queued a minute later, which a step that finds its job moved on ignores."""
+        self._marks.append(job_id)
+        if self._marking is None or self._marking.done():
+            self._marking = asyncio.get_running_loop().create_task(self._flush_marks())
+
+    async def flush_marks(self) -> None:
+        """Wait for the marks not yet written (a producer shutting down)."""
+        if self._marking is not None:
+            await self._marking
+
+    async def _flush_marks(self) -> None:
+        await asyncio.sleep(0)  # the other requests of this loop turn add theirs first
+        while self._marks:
+            batch, self._marks = self._marks, []
+            try:
+                await self.redis.zrem(UNDISPATCHED, *batch)
+            except RedisError as exc:
+                log.warning("job.dispatch_marks.failed", jobs=len(batch), error=str(exc))
 
     async def dispatched(self, job_id: str) -> bool:
         return await self.redis.zscore(UNDISPATCHED, job_id) is None

@@ -196,8 +196,10 @@ async def create_cancellation(request: web.Request) -> web.Response:
         created = await submit(deps, request.app[CELERY], checked)
     except IdempotencyConflict as exc:
         return problem(409, "Idempotency key reused", str(exc), job_id=exc.job_id)
-    return web.json_response(
-        created.job.model_dump(mode="json"),
+    return web.Response(
+        # pydantic's own JSON: the busiest route, and twice as fast as dump + json.dumps.
+        body=created.job.model_dump_json(),
+        content_type="application/json",
         status=202,
         headers={
             "Location": f"/v1/cancellations/{created.job.id}",
@@ -414,6 +416,7 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
         indexing.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await indexing
+        await app[DEPS].store.flush_marks()
         await redis.aclose()
 
     app.cleanup_ctx.append(lifecycle)

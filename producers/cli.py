@@ -755,6 +755,7 @@ def billing_consumer(consumer: str | None, check: bool) -> None:
         try:
             await BillingConsumer(processor, redis, conf).run(stop)
         finally:
+            await deps.store.flush_marks()
             await redis.aclose()
 
     _run(go)

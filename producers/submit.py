@@ -72,7 +72,7 @@ async def submit(deps: Deps, celery: Celery, request: CancellationRequest) -> Cr
             log.warning("job.first_step.resent", job_id=job.id)
     if first:
         send_step(celery, Step.ELIGIBILITY, job.id, request.provider)
-        await deps.store.mark_dispatched(job.id)
+        deps.store.mark_dispatched_soon(job.id)
         log.info("job.enqueued", job_id=job.id, provider=request.provider)
     if created.how == "created":
         metrics.job_enqueued(request.provider)

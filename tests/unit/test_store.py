@@ -130,3 +130,42 @@ def test_concurrent_transitions_apply_once(fake_redis: fakeredis.FakeAsyncRedis)
         assert sum(r.applied for r in results) == 1
 
     run(go())
+
+
+def test_begin_moves_and_reads_in_one_and_the_lease_is_exclusive(fake_redis: fakeredis.FakeAsyncRedis) -> None:
+    async def go() -> None:
+        s = store(fake_redis)
+        job = (await s.create(request(), identity="sub-1")).job
+        began = await s.begin(job.id, to=Status.CHECKING, allowed=frozenset({Status.QUEUED}), entry=entry("started"))
+        assert began.applied and began.previous is Status.QUEUED and began.leased_for_ms is None
+        assert began.job.status is Status.CHECKING
+        assert [e.event for e in began.job.timeline] == ["queued", "started"]
+        # Not in an allowed status: nothing written, the record still read.
+        again = await s.begin(job.id, to=Status.CHECKING, allowed=frozenset({Status.QUEUED}), entry=entry("started"))
+        assert not again.applied and again.previous is Status.CHECKING
+        assert len(again.job.timeline) == 2
+
+        lease = ("cf:lease:test", 30.0)
+        first = await s.begin(job.id, to=None, allowed=frozenset({Status.CHECKING}), entry=entry("confirm"), lease=lease)
+        second = await s.begin(job.id, to=None, allowed=frozenset({Status.CHECKING}), entry=entry("confirm"), lease=lease)
+        assert first.applied and first.leased_for_ms is None
+        assert not second.applied and second.leased_for_ms is not None and 0 < second.leased_for_ms <= 30_000
+        assert [e.event for e in second.job.timeline].count("confirm") == 1
+        # The move that ends the step gives the lease back, whether or not it applies.
+        await s.transition(job, Status.AWAITING_DECISION, release_lease=lease[0])
+        assert not await fake_redis.exists(lease[0])
+
+    run(go())
+
+
+def test_dispatch_marks_are_batched_and_flushed(fake_redis: fakeredis.FakeAsyncRedis) -> None:
+    async def go() -> None:
+        s = store(fake_redis)
+        jobs = [(await s.create(request(), identity=f"sub-{i}")).job.id for i in range(5)]
+        assert all([not await s.dispatched(j) for j in jobs])
+        for job_id in jobs:
+            s.mark_dispatched_soon(job_id)
+        await s.flush_marks()
+        assert all([await s.dispatched(j) for j in jobs])
+
+    run(go())
