@@ -5,7 +5,7 @@ and visibility timeout as ``cancelflow.messaging.celery_config``; only the queue
 bench runs its workers exactly as ``cancelflow worker`` runs ours (threads pool, same
 concurrency and flags), so the comparison measures what Cancelflow adds to a chain of tasks:
 
-    celery -A bench.baseline worker --pool=threads --concurrency=32 -Q bench.baseline ...
+    celery -A bench.baseline worker --pool=threads --concurrency=100 -Q bench.baseline ...
 """
 
 from __future__ import annotations

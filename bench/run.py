@@ -47,7 +47,7 @@ class Config:
     # One worker process of each kind (``cancelflow worker`` as the README runs it): a worker
     # has a core to itself while Redis, the sandboxes and this driver share the other.
     workers: int = 1
-    concurrency: int = 32
+    concurrency: int = 100
     window: int = 500
     providers: list[str] = field(default_factory=lambda: ["payway"])
     api_jobs: int = 1000
@@ -242,7 +242,7 @@ def _list(value: str) -> list[str]:
     envvar="BENCH_CONCURRENCY",
     default=None,
     type=int,
-    help="Threads per worker [CANCELFLOW_WORKER__CONCURRENCY's default: 32].",
+    help="Threads per worker [CANCELFLOW_WORKER__CONCURRENCY's default: 100].",
 )
 @click.option(
     "--window",

@@ -36,7 +36,7 @@ class WorkerSettings(BaseModel):
 
     # Threads per worker process. Provider I/O runs on one event loop per process, so a
     # thread only waits; many threads cost little memory.
-    concurrency: int = Field(default=32, ge=1, le=1000)
+    concurrency: int = Field(default=100, ge=1, le=1000)
     # Redis redelivers a message not acknowledged within this many seconds (a worker died).
     # Every countdown and task time limit is kept well under it: see ``limits()``.
     visibility_timeout_s: int = Field(default=3600, ge=10)
