@@ -235,7 +235,9 @@ def inflight_key(provider: str, identity: str) -> str:
 
 
 def _dump(model: Any) -> str:
-    return json.dumps(model.model_dump(mode="json"), separators=(",", ":"))
+    # pydantic's own JSON (compact, as json.dumps with tight separators wrote it), without
+    # the round through Python dicts.
+    return str(model.model_dump_json())
 
 
 class JobStore:
