@@ -186,9 +186,14 @@ def _address_public(address: str) -> bool:
 
 
 def _refuse(host: str, address: str) -> UnsafeCallbackUrl:
+    where = (
+        f"callback address {host} is"
+        if host == address
+        else f"callback host {host} resolves to {address},"
+    )
     return UnsafeCallbackUrl(
-        f"callback host {host} resolves to {address}, a private, loopback or link-local "
-        "address; allow-list it in CANCELFLOW_CALLBACKS__ALLOWED_HOSTS if intended"
+        f"{where} a private, loopback or link-local address; allow-list it in "
+        "CANCELFLOW_CALLBACKS__ALLOWED_HOSTS if intended"
     )
 
 
@@ -202,8 +207,11 @@ def check_addresses(host: str, addresses: Iterable[str], allowed_hosts: Sequence
             raise _refuse(host, address)
 
 
-async def check_url(url: str, *, allow_http: bool, allowed_hosts: Sequence[str]) -> None:
-    """Refuse URLs a producer could use to aim the worker at internal services."""
+def check_url_form(url: str, *, allow_http: bool, allowed_hosts: Sequence[str]) -> None:
+    """What can be told of a callback URL without resolving its host: an absolute https URL
+    (http only where allowed), and not a private, loopback or link-local address literal
+    unless allow-listed. Producers check this when a job is submitted; ``check_url`` (and
+    the callbacks session's resolver) check the addresses a name resolves to at delivery."""
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise UnsafeCallbackUrl(f"callback URL must be an absolute https URL: {url!r}")
@@ -212,6 +220,18 @@ async def check_url(url: str, *, allow_http: bool, allowed_hosts: Sequence[str])
             "callback URL must use https (set CANCELFLOW_CALLBACKS__ALLOW_HTTP for local use)"
         )
     host = parts.hostname
+    try:
+        ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return  # a name: its addresses are checked when it is resolved
+    check_addresses(host, [host], allowed_hosts)
+
+
+async def check_url(url: str, *, allow_http: bool, allowed_hosts: Sequence[str]) -> None:
+    """Refuse URLs a producer could use to aim the worker at internal services."""
+    check_url_form(url, allow_http=allow_http, allowed_hosts=allowed_hosts)
+    parts = urlsplit(url)
+    host = parts.hostname or ""
     if _host_allowed(host, allowed_hosts):
         return
     try:

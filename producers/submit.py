@@ -12,6 +12,7 @@ from celery import Celery
 from pydantic import ValidationError
 
 from cancelflow import metrics
+from cancelflow.callbacks import UnsafeCallbackUrl, check_url_form
 from cancelflow.contract import CancellationRequest, Status, Step
 from cancelflow.logging import get_logger
 from cancelflow.messaging import send_step
@@ -49,6 +50,14 @@ def validate_request(body: Any, settings: Settings) -> CancellationRequest | lis
                 "callbacks are always signed",
             }
         ]
+    if req.callback_url is not None:
+        cb = settings.callbacks
+        try:
+            check_url_form(
+                str(req.callback_url), allow_http=cb.allow_http, allowed_hosts=cb.allowed_hosts
+            )
+        except UnsafeCallbackUrl as exc:
+            return [{"field": "callback_url", "message": str(exc)}]
     return req
 
 

@@ -4,6 +4,7 @@ sandbox's receiver over HTTP, plus the in-process hooks of tests.callbacks.hooks
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -318,10 +319,24 @@ def test_a_rejecting_hook_is_dead_lettered_and_the_job_is_untouched(cb_system: S
 # --- URL safety ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "10.20.30.40"])
-def test_an_internal_callback_url_is_refused_unless_allow_listed(
+@pytest.mark.parametrize("host", ["127.0.0.1", "10.20.30.40", "[::1]"])
+def test_an_internal_address_is_refused_when_the_job_is_submitted(
     cb_system: System, host: str
 ) -> None:
+    body = {"provider": "payway", "subscription": payway(cb_system, "end_of_period"),
+            "callback_url": receiver_url(cb_system, host)}
+    status, problem = cb_system.post("/v1/cancellations", body)
+    assert status == 422, problem
+    [error] = problem["errors"]
+    assert error["field"] == "callback_url" and "ALLOWED_HOSTS" in error["message"]
+
+
+def test_a_name_resolving_to_an_internal_address_is_refused_at_delivery(
+    cb_system: System,
+) -> None:
+    # The machine's own name resolves to a loopback or private address, and is not
+    # allow-listed (only "localhost" is): the URL passes at submission, its addresses do not.
+    host = socket.gethostname()
     job_id = enqueue(
         cb_system,
         "payway",

@@ -164,3 +164,26 @@ def test_a_name_that_rebinds_to_loopback_is_refused_at_connection_time() -> None
             await runner.cleanup()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed", "refused"),
+    [
+        ("https://10.0.0.1/hook", (), True),
+        ("https://[fe80::1]/hook", (), True),
+        ("http://example.com/hook", (), True),
+        ("example.com/hook", (), True),
+        ("https://10.0.0.1/hook", ("10.0.0.1",), False),
+        (f"https://{PUBLIC}/hook", (), False),
+        # A name is not resolved at submission: its addresses are checked at delivery.
+        ("https://localhost/hook", (), False),
+    ],
+)
+def test_the_form_check_at_submission_needs_no_resolver(
+    url: str, allowed: tuple[str, ...], refused: bool
+) -> None:
+    if refused:
+        with pytest.raises(UnsafeCallbackUrl):
+            callbacks.check_url_form(url, allow_http=False, allowed_hosts=allowed)
+    else:
+        callbacks.check_url_form(url, allow_http=False, allowed_hosts=allowed)
