@@ -115,7 +115,9 @@ class DeadLetterStore:
         raw = await self.redis.get(key(dl_id))
         return DeadLetter.model_validate_json(raw) if raw else None
 
-    async def list(self, flt: DeadLetterFilter | None = None, *, limit: int = 100) -> list[DeadLetter]:
+    async def list(
+        self, flt: DeadLetterFilter | None = None, *, limit: int = 100
+    ) -> list[DeadLetter]:
         """Newest first, filtered by provider, kind, error type and age."""
         flt = flt or DeadLetterFilter()
         high = flt.older_than.timestamp() if flt.older_than else "+inf"
@@ -181,7 +183,9 @@ class DeadLetterStore:
         return indexed
 
 
-def poison_payload(body: Any, headers: dict[str, Any] | None, content_type: str | None) -> dict[str, Any]:
+def poison_payload(
+    body: Any, headers: dict[str, Any] | None, content_type: str | None
+) -> dict[str, Any]:
     """A message's body as JSON-safe data: text when it decodes, else its repr."""
     if isinstance(body, bytes | bytearray):
         try:
@@ -192,4 +196,8 @@ def poison_payload(body: Any, headers: dict[str, Any] | None, content_type: str 
         json.dumps(body)
     except (TypeError, ValueError):
         body = repr(body)
-    return {"body": body, "headers": {k: str(v) for k, v in (headers or {}).items()}, "content_type": content_type}
+    return {
+        "body": body,
+        "headers": {k: str(v) for k, v in (headers or {}).items()},
+        "content_type": content_type,
+    }

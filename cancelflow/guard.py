@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from redis.asyncio import Redis
 
@@ -105,7 +106,12 @@ class ProviderGuard:
         while True:
             verdict, value, failures = await self._admit(
                 keys=self._keys,
-                args=[int(lim.calls_per_second or 0), lim.max_in_flight or 0, int(lim.lease_s * 1000), token],
+                args=[
+                    int(lim.calls_per_second or 0),
+                    lim.max_in_flight or 0,
+                    int(lim.lease_s * 1000),
+                    token,
+                ],
             )
             verdict = verdict.decode() if isinstance(verdict, bytes) else str(verdict)
             if verdict == "ok":
@@ -125,14 +131,25 @@ class ProviderGuard:
 
     async def release(self, admission: Admission, result: Result) -> None:
         """Free the in-flight slot and feed the breaker (no round trip when nothing changes)."""
-        if not admission.token and (result == "neutral" or (result == "success" and admission.failures == 0)):
+        if not admission.token and (
+            result == "neutral" or (result == "success" and admission.failures == 0)
+        ):
             return
         outcome = await self._release(
             keys=[self._keys[0], self._keys[2]],
-            args=[admission.token, result, self._limits.breaker_failures, int(self._limits.breaker_cooldown_s * 1000)],
+            args=[
+                admission.token,
+                result,
+                self._limits.breaker_failures,
+                int(self._limits.breaker_cooldown_s * 1000),
+            ],
         )
         if (outcome.decode() if isinstance(outcome, bytes) else outcome) == "opened":
-            log.error("provider.circuit.opened", provider=self.provider, cooldown_s=self._limits.breaker_cooldown_s)
+            log.error(
+                "provider.circuit.opened",
+                provider=self.provider,
+                cooldown_s=self._limits.breaker_cooldown_s,
+            )
 
 
 def classify(error: BaseException | None) -> Result:
@@ -146,12 +163,20 @@ def classify(error: BaseException | None) -> Result:
 
 async def breaker_state(redis: Redis, provider: str) -> dict[str, Any]:
     """The breaker and limits as an operator sees them (``GET /v1/providers``)."""
-    raw = await redis.hgetall(f"cf:cb:{provider}")
-    h = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in raw.items()}
+    # redis-py types each command for the sync and the async client at once.
+    raw = await cast("Awaitable[dict[Any, Any]]", redis.hgetall(f"cf:cb:{provider}"))
+    h = {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in raw.items()
+    }
     open_until = int(h.get("open_until", 0)) / 1000
     now = time.time()
     return {
-        "circuit": "open" if open_until > now else ("half_open" if h.get("opened") and int(h.get("failures", 0)) > 0 else "closed"),
+        "circuit": (
+            "open"
+            if open_until > now
+            else ("half_open" if h.get("opened") and int(h.get("failures", 0)) > 0 else "closed")
+        ),
         "open_for_s": round(max(0.0, open_until - now), 3),
         "consecutive_failures": int(h.get("failures", 0)),
         "times_opened": int(h.get("opened", 0)),

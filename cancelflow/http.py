@@ -263,6 +263,7 @@ class TokenCache:
         async with self._lock:
             if self._token is not None and time.monotonic() < self._expires_at:
                 return self._token
+            token: str
             token, expires_in = await fetch()
             # Refresh a little early so a token never expires between check and use.
             self._expires_at = time.monotonic() + max(0.0, float(expires_in) - self._margin)

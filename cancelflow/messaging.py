@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
 from cancelflow.contract import (
@@ -23,8 +23,9 @@ from cancelflow.contract import (
 from cancelflow.providers import REGISTRY
 from cancelflow.settings import Settings
 
-EXCHANGE = Exchange("cancelflow", type="direct", durable=True)
-DEAD_LETTER_EXCHANGE = Exchange(DEAD_LETTER_QUEUE, type="direct", durable=True)
+# kombu ships py.typed but leaves Exchange and Queue unannotated: hence the ignores below.
+EXCHANGE = Exchange("cancelflow", type="direct", durable=True)  # type: ignore[no-untyped-call]
+DEAD_LETTER_EXCHANGE = Exchange(DEAD_LETTER_QUEUE, type="direct", durable=True)  # type: ignore[no-untyped-call]
 
 
 class Channel(kombu_redis.Channel):
@@ -59,12 +60,15 @@ TRANSPORT = f"{__name__}:Transport"
 def queues() -> list[Queue]:
     """One queue per provider, the callbacks queue, maintenance, and the dead-letter queue."""
     return [
-        *(Queue(provider_queue(key), EXCHANGE, routing_key=provider_queue(key)) for key in REGISTRY),
-        Queue(CALLBACKS_QUEUE, EXCHANGE, routing_key=CALLBACKS_QUEUE),
-        Queue(MAINTENANCE_QUEUE, EXCHANGE, routing_key=MAINTENANCE_QUEUE),
+        *(
+            Queue(provider_queue(key), EXCHANGE, routing_key=provider_queue(key))  # type: ignore[no-untyped-call]
+            for key in REGISTRY
+        ),
+        Queue(CALLBACKS_QUEUE, EXCHANGE, routing_key=CALLBACKS_QUEUE),  # type: ignore[no-untyped-call]
+        Queue(MAINTENANCE_QUEUE, EXCHANGE, routing_key=MAINTENANCE_QUEUE),  # type: ignore[no-untyped-call]
         # Raw messages that could not be decoded are parked here byte for byte (besides
         # their entry in the dead-letter store); no worker consumes it.
-        Queue(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, routing_key=DEAD_LETTER_QUEUE),
+        Queue(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, routing_key=DEAD_LETTER_QUEUE),  # type: ignore[no-untyped-call]
     ]
 
 

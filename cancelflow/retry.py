@@ -14,7 +14,9 @@ class RetryPolicy:
     # Every delay is capped so no countdown outlives the broker's visibility timeout.
     cap_s: float
 
-    def delay(self, attempt: int, *, retry_after: float | None = None, rng: random.Random | None = None) -> float:
+    def delay(
+        self, attempt: int, *, retry_after: float | None = None, rng: random.Random | None = None
+    ) -> float:
         """Seconds to wait before attempt ``attempt + 1`` (``attempt`` counts from 0).
 
         Full jitter (AWS architecture blog, "Exponential Backoff And Jitter"): a uniform

@@ -6,8 +6,16 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, create_model
-from pydantic import field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from cancelflow.errors import ConfigError
@@ -23,7 +31,7 @@ def _providers_model() -> type[BaseModel]:
     fields: dict[str, Any] = {
         key: (spec.settings | None, None) for key, spec in REGISTRY.items()
     }
-    return create_model(  # type: ignore[call-overload, no-any-return]
+    return create_model(
         "ProvidersSettings", __config__=ConfigDict(extra="forbid", frozen=True), **fields
     )
 
@@ -132,7 +140,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _billing_stream_alias(self) -> Settings:
         if self.billing_stream and "stream" not in self.billing.model_fields_set:
-            object.__setattr__(self, "billing", self.billing.model_copy(update={"stream": self.billing_stream}))
+            object.__setattr__(
+                self, "billing", self.billing.model_copy(update={"stream": self.billing_stream})
+            )
         return self
 
     def provider(self, key: str) -> ProviderSettings:
@@ -204,8 +214,9 @@ def load_settings(**overrides: Any) -> Settings:
         if conf.timeout_s * 2 > soft:
             raise ConfigError(
                 f"invalid settings:\n  {env_name(('providers', key, 'timeout_s'))}: "
-                f"{conf.timeout_s:g}s is too long: two calls must fit in the task soft time limit of "
-                f"{soft:g}s (a fifth of CANCELFLOW_WORKER__VISIBILITY_TIMEOUT_S, at most 240s)"
+                f"{conf.timeout_s:g}s is too long: two calls must fit in the task soft time "
+                f"limit of {soft:g}s (a fifth of CANCELFLOW_WORKER__VISIBILITY_TIMEOUT_S, "
+                "at most 240s)"
             )
     for key, spec in REGISTRY.items():
         configured = getattr(settings.providers, key, None)
@@ -213,7 +224,8 @@ def load_settings(**overrides: Any) -> Settings:
             try:
                 spec.validate_settings(configured)
             except ValueError as exc:
-                raise ConfigError(f"invalid settings:\n  {env_name(('providers', key))}: {exc}")
+                # The message carries exc; how the error chains is left as it was.
+                raise ConfigError(f"invalid settings:\n  {env_name(('providers', key))}: {exc}")  # noqa: B904
     return settings
 
 

@@ -1,4 +1,5 @@
-"""The chain's steps as plain async functions: eligibility -> retention_offer -> confirm -> callback.
+"""The chain's steps as plain async functions:
+eligibility -> retention_offer -> confirm -> callback.
 
 Each step reads the job record, calls its provider through the adapter, moves the job
 forward atomically and says which step comes next. The Celery tasks in ``worker.tasks`` are
@@ -119,7 +120,9 @@ def _provider(deps: Deps, job: JobRecord) -> Provider:
     try:
         return deps.providers[job.provider]
     except KeyError:
-        raise CancelflowError(f"provider {job.provider!r} is not configured on this worker") from None
+        raise CancelflowError(
+            f"provider {job.provider!r} is not configured on this worker"
+        ) from None
 
 
 async def eligibility(deps: Deps, job_id: str, *, attempt: int = 0) -> Next:
@@ -147,7 +150,11 @@ async def eligibility(deps: Deps, job_id: str, *, attempt: int = 0) -> Next:
             expect=frozenset({Status.CHECKING}),
             offer=answer.offer,
         )
-        return Next(Step.RETENTION_OFFER, job.provider) if moved.applied else resume(moved.previous, job.provider)
+        return (
+            Next(Step.RETENTION_OFFER, job.provider)
+            if moved.applied
+            else resume(moved.previous, job.provider)
+        )
     moved = await deps.store.transition(
         job,
         Status.CONFIRMING,
@@ -155,7 +162,9 @@ async def eligibility(deps: Deps, job_id: str, *, attempt: int = 0) -> Next:
             Step.ELIGIBILITY, "eligible", attempt, status=Status.CONFIRMING, response=response
         ),
     )
-    return Next(Step.CONFIRM, job.provider) if moved.applied else resume(moved.previous, job.provider)
+    return (
+        Next(Step.CONFIRM, job.provider) if moved.applied else resume(moved.previous, job.provider)
+    )
 
 
 async def retention_offer(deps: Deps, job_id: str, *, attempt: int = 0) -> Next:
@@ -273,7 +282,15 @@ async def resume_stalled(deps: Deps, *, quiet_for_s: float) -> list[Next]:
         if job.status is Status.QUEUED and not await deps.store.dispatched(job_id):
             continue  # never sent: the straggler sweep's case
         # (``stalled`` restarted its quiet time: the next sweep leaves it alone.)
-        await deps.store.record(job_id, _entry("watchdog", "resent", 0, details={"step": nxt.step.value, "quiet_for_s": quiet_for_s}))
+        await deps.store.record(
+            job_id,
+            _entry(
+                "watchdog",
+                "resent",
+                0,
+                details={"step": nxt.step.value, "quiet_for_s": quiet_for_s},
+            ),
+        )
         log.warning("job.stalled.resent", job_id=job_id, step=nxt.step.value)
         out.append(Next(nxt.step, nxt.provider, (job_id, *nxt.args)))
     return out
@@ -383,7 +400,9 @@ async def note_retry(
     """Record on the timeline that a step will run again after ``delay_s``."""
     await deps.store.record(
         job_id,
-        _entry(step, "retry_scheduled", attempt, error=error, details={"delay_s": round(delay_s, 3)}),
+        _entry(
+            step, "retry_scheduled", attempt, error=error, details={"delay_s": round(delay_s, 3)}
+        ),
     )
 
 
@@ -436,7 +455,9 @@ async def replay(deps: Deps, dl_id: str) -> Next:
         return Next(Step.CALLBACK, job.provider, (dl.event or EVENT_OUTCOME,))
     to = Status.CONFIRMING if dl.step == Step.CONFIRM.value else Status.QUEUED
     moved = await deps.store.replay(
-        job.id, to, _entry(dl.step or "replay", "replayed", 0, status=to, details={"dead_letter": dl_id})
+        job.id,
+        to,
+        _entry(dl.step or "replay", "replayed", 0, status=to, details={"dead_letter": dl_id}),
     )
     await deps.dead_letters.delete(dl_id)
     if not moved.applied:

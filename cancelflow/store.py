@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -267,7 +268,9 @@ class JobStore:
         job_id = new_job_id()
         now = utcnow()
         at = isoformat(now)
-        entry_json = _dump(TimelineEntry(at=at, step="enqueue", event="queued", status=Status.QUEUED))
+        entry_json = _dump(
+            TimelineEntry(at=at, step="enqueue", event="queued", status=Status.QUEUED)
+        )
         idem = f"{PREFIX}idem:{_sha(request.idempotency_key)}" if request.idempotency_key else ""
         fields = {
             "id": job_id,
@@ -366,7 +369,10 @@ class JobStore:
         return [_s(r) for r in raw]
 
     async def status(self, job_id: str) -> Status:
-        raw = await self.redis.hget(job_key(job_id), "status")
+        # redis-py types each command for the sync and the async client at once.
+        raw = await cast(
+            "Awaitable[bytes | str | None]", self.redis.hget(job_key(job_id), "status")
+        )
         if raw is None:
             raise JobNotFound(job_id)
         return Status(_s(raw))

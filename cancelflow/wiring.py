@@ -22,12 +22,13 @@ from cancelflow.store import JobObserver, JobStore
 def redis_client(settings: Settings) -> Redis:
     """The async Redis client: a dropped connection (a Redis restart, a failover) is retried
     with backoff on a fresh connection instead of failing the step."""
-    return Redis.from_url(
+    client: Redis = Redis.from_url(
         settings.redis_url,
         health_check_interval=30,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 6),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+    return client
 
 
 def build_providers(
@@ -81,6 +82,8 @@ def build_deps(
             observer=job_observer,
         ),
         dead_letters=DeadLetterStore(redis),
-        providers=build_providers(settings, session, redis=redis, observer=observer) if session else {},
+        providers=(
+            build_providers(settings, session, redis=redis, observer=observer) if session else {}
+        ),
         session=session,
     )

@@ -48,7 +48,10 @@ def api(host: str, port: int) -> None:
     settings = _settings()
     configure_logging(fmt=settings.log_format, level=settings.log_level)
     if not settings.api_tokens:
-        click.echo("cancelflow: set CANCELFLOW_API_TOKENS: every route but /healthz needs a token", err=True)
+        click.echo(
+            "cancelflow: set CANCELFLOW_API_TOKENS: every route but /healthz needs a token",
+            err=True,
+        )
         sys.exit(2)
     try:
         app = create_app(settings)
@@ -59,9 +62,25 @@ def api(host: str, port: int) -> None:
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.option("--queues", "-Q", default=None, help="Comma-separated queues (default: every configured provider's, callbacks, maintenance).")
-@click.option("--concurrency", "-c", default=None, type=int, help="Threads (default: CANCELFLOW_WORKER__CONCURRENCY).")
-@click.option("--beat", "-B", is_flag=True, help="Also run the periodic tasks (decision deadlines) in this worker.")
+@click.option(
+    "--queues",
+    "-Q",
+    default=None,
+    help="Comma-separated queues (default: every configured provider's, callbacks, maintenance).",
+)
+@click.option(
+    "--concurrency",
+    "-c",
+    default=None,
+    type=int,
+    help="Threads (default: CANCELFLOW_WORKER__CONCURRENCY).",
+)
+@click.option(
+    "--beat",
+    "-B",
+    is_flag=True,
+    help="Also run the periodic tasks (decision deadlines) in this worker.",
+)
 @click.pass_context
 def worker(ctx: click.Context, queues: str | None, concurrency: int | None, beat: bool) -> None:
     """Run a Celery worker; further options go to ``celery worker`` unchanged."""
@@ -69,7 +88,13 @@ def worker(ctx: click.Context, queues: str | None, concurrency: int | None, beat
     from cancelflow.contract import CALLBACKS_QUEUE, MAINTENANCE_QUEUE, provider_queue
 
     if queues is None:
-        queues = ",".join([*(provider_queue(k) for k in settings.enabled_providers()), CALLBACKS_QUEUE, MAINTENANCE_QUEUE])
+        queues = ",".join(
+            [
+                *(provider_queue(k) for k in settings.enabled_providers()),
+                CALLBACKS_QUEUE,
+                MAINTENANCE_QUEUE,
+            ]
+        )
     from worker.app import app
 
     argv = [
@@ -190,14 +215,16 @@ def dlq() -> None:
     """Inspect, replay and purge dead letters."""
 
 
-def _dl_filter(provider: str | None, kind: str | None, error_type: str | None, older_than: float | None) -> Any:
+def _dl_filter(
+    provider: str | None, kind: str | None, error_type: str | None, older_than: float | None
+) -> Any:
     from datetime import timedelta
 
     from cancelflow.contract import utcnow
     from cancelflow.dead_letters import DeadLetterFilter
 
     return DeadLetterFilter(
-        provider=provider, kind=kind, error_type=error_type,  # type: ignore[arg-type]
+        provider=provider, kind=kind, error_type=error_type,
         older_than=utcnow() - timedelta(seconds=older_than) if older_than else None,
     )
 
@@ -226,13 +253,22 @@ async def _deps(settings: Settings) -> Any:
 @_with_filters
 @click.option("--limit", default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def dlq_list(provider: str | None, kind: str | None, error_type: str | None, older_than: float | None, limit: int, as_json: bool) -> None:
+def dlq_list(
+    provider: str | None,
+    kind: str | None,
+    error_type: str | None,
+    older_than: float | None,
+    limit: int,
+    as_json: bool,
+) -> None:
     """List dead letters, newest first."""
     settings = _settings()
 
     async def go() -> Any:
         deps = await _deps(settings)
-        return await deps.dead_letters.list(_dl_filter(provider, kind, error_type, older_than), limit=limit)
+        return await deps.dead_letters.list(
+            _dl_filter(provider, kind, error_type, older_than), limit=limit
+        )
 
     items = _run(go)
     if as_json:
@@ -243,7 +279,9 @@ def dlq_list(provider: str | None, kind: str | None, error_type: str | None, old
 
     table = Table("id", "kind", "provider", "step", "error type", "job", "created")
     for d in items:
-        table.add_row(d.id, d.kind, d.provider or "", d.step or "", d.error_type, d.job_id or "", d.created_at)
+        table.add_row(
+            d.id, d.kind, d.provider or "", d.step or "", d.error_type, d.job_id or "", d.created_at
+        )
     Console().print(table)
 
 
@@ -266,7 +304,13 @@ def dlq_show(dl_id: str) -> None:
 @dlq.command("replay")
 @click.argument("dl_ids", nargs=-1)
 @_with_filters
-def dlq_replay(dl_ids: tuple[str, ...], provider: str | None, kind: str | None, error_type: str | None, older_than: float | None) -> None:
+def dlq_replay(
+    dl_ids: tuple[str, ...],
+    provider: str | None,
+    kind: str | None,
+    error_type: str | None,
+    older_than: float | None,
+) -> None:
     """Replay dead letters (by id, or all the filters match) from the step they failed at."""
     settings = _settings()
     from cancelflow import steps
@@ -277,7 +321,12 @@ def dlq_replay(dl_ids: tuple[str, ...], provider: str | None, kind: str | None, 
 
     async def go() -> list[tuple[str, str]]:
         deps = await _deps(settings)
-        ids = list(dl_ids) or [d.id for d in await deps.dead_letters.list(_dl_filter(provider, kind, error_type, older_than), limit=100_000)]
+        ids = list(dl_ids) or [
+            d.id
+            for d in await deps.dead_letters.list(
+                _dl_filter(provider, kind, error_type, older_than), limit=100_000
+            )
+        ]
         results = []
         for dl_id in ids:
             dl = await deps.dead_letters.get(dl_id)
@@ -288,7 +337,9 @@ def dlq_replay(dl_ids: tuple[str, ...], provider: str | None, kind: str | None, 
                 continue
             if nxt.step is not None and dl is not None and dl.job_id:
                 send_step(celery, nxt.step, dl.job_id, nxt.provider, *nxt.args)
-            results.append((dl_id, f"replayed -> {nxt.step.value if nxt.step else 'nothing to do'}"))
+            results.append(
+                (dl_id, f"replayed -> {nxt.step.value if nxt.step else 'nothing to do'}")
+            )
         return results
 
     for dl_id, result in _run(go):
@@ -299,7 +350,14 @@ def dlq_replay(dl_ids: tuple[str, ...], provider: str | None, kind: str | None, 
 @click.argument("dl_ids", nargs=-1)
 @_with_filters
 @click.option("--yes", is_flag=True, help="Do not ask.")
-def dlq_purge(dl_ids: tuple[str, ...], provider: str | None, kind: str | None, error_type: str | None, older_than: float | None, yes: bool) -> None:
+def dlq_purge(
+    dl_ids: tuple[str, ...],
+    provider: str | None,
+    kind: str | None,
+    error_type: str | None,
+    older_than: float | None,
+    yes: bool,
+) -> None:
     """Delete dead letters (by id, or all the filters match)."""
     settings = _settings()
     if not dl_ids and not yes:
@@ -309,7 +367,9 @@ def dlq_purge(dl_ids: tuple[str, ...], provider: str | None, kind: str | None, e
         deps = await _deps(settings)
         if dl_ids:
             return sum([await deps.dead_letters.delete(i) for i in dl_ids])
-        return int(await deps.dead_letters.purge(_dl_filter(provider, kind, error_type, older_than)))
+        return int(
+            await deps.dead_letters.purge(_dl_filter(provider, kind, error_type, older_than))
+        )
 
     click.echo(f"purged {_run(go)}")
 

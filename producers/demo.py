@@ -86,15 +86,44 @@ def _cases() -> list[Case]:
         Case("axelspringer", "redeemed", "cancelled"),
         Case("axelspringer", "canceled", "already_cancelled"),
         Case("axelspringer", "unknown", "not_found"),
-        Case("payway", "bad account id", "422", body={"provider": "payway", "subscription": {"account_id": "not-hex", "user_product_id": "5cb80481b000000000000001", "cancellation_reason_id": PAYWAY_REASON}}),
+        Case(
+            "payway",
+            "bad account id",
+            "422",
+            body={
+                "provider": "payway",
+                "subscription": {
+                    "account_id": "not-hex",
+                    "user_product_id": "5cb80481b000000000000001",
+                    "cancellation_reason_id": PAYWAY_REASON,
+                },
+            },
+        ),
         Case("payway", "missing fields", "422", body={"provider": "payway", "subscription": {}}),
-        Case("azotte", "bad method", "422", body={"provider": "azotte", "subscription": {"order_identifier": "or_1", "cancelation_method": "Sometime"}}),
-        Case("acme", "unknown provider", "422", body={"provider": "acme", "subscription": {"id": "1"}}),
+        Case(
+            "azotte",
+            "bad method",
+            "422",
+            body={
+                "provider": "azotte",
+                "subscription": {"order_identifier": "or_1", "cancelation_method": "Sometime"},
+            },
+        ),
+        Case(
+            "acme",
+            "unknown provider",
+            "422",
+            body={"provider": "acme", "subscription": {"id": "1"}},
+        ),
     ]
 
 
 # How each provider's sandbox reference becomes the request's subscription.
-REFERENCE_FIELD = {"azotte": "order_identifier", "appdirect": "subscription_id", "axelspringer": "purchase_ref"}
+REFERENCE_FIELD = {
+    "azotte": "order_identifier",
+    "appdirect": "subscription_id",
+    "axelspringer": "purchase_ref",
+}
 # Kinds that exist by not existing: a fresh id the sandbox has never seen.
 UNKNOWN_KINDS = {"not_found", "unknown"}
 
@@ -102,7 +131,11 @@ UNKNOWN_KINDS = {"not_found", "unknown"}
 def _subscription(sandbox_url: str, case: Case) -> dict[str, Any]:
     if case.kind in UNKNOWN_KINDS:
         return {REFERENCE_FIELD[case.provider]: f"unknown-{secrets.token_hex(6)}"}
-    status, created = http_json("POST", f"{sandbox_url}/{case.provider}/_sandbox/subscriptions", {"count": 1, "kind": case.kind})
+    status, created = http_json(
+        "POST",
+        f"{sandbox_url}/{case.provider}/_sandbox/subscriptions",
+        {"count": 1, "kind": case.kind},
+    )
     if status != 200:
         raise RuntimeError(f"sandbox refused to create a {case.provider} {case.kind}: {created}")
     ref = created["references"][0]
@@ -133,7 +166,9 @@ def run_demo(*, keep_logs: bool = False) -> int:
     else:
         embedded = EmbeddedRedis().start()
         redis_url = embedded.url
-        console.print(f"[bold]Redis[/]: none answered; started an embedded one (fakeredis) at {redis_url}")
+        console.print(
+            f"[bold]Redis[/]: none answered; started an embedded one (fakeredis) at {redis_url}"
+        )
     token = secrets.token_urlsafe(24)
     sandbox_port, api_port = free_port(), free_port()
     sandbox_url = f"http://127.0.0.1:{sandbox_port}"
@@ -158,7 +193,10 @@ def run_demo(*, keep_logs: bool = False) -> int:
         procs.start("worker", cancelflow_command("worker", "--beat", "-c", "16"))
         procs.start("api", cancelflow_command("api", "--port", str(api_port)))
         wait_until(lambda: http_ok(f"{api_url}/readyz"), timeout_s=30, what="API")
-        console.print(f"[bold]Started[/]: sandboxes {sandbox_url}, API {api_url}, a worker (logs in {log_dir})")
+        console.print(
+            f"[bold]Started[/]: sandboxes {sandbox_url}, API {api_url}, "
+            f"a worker (logs in {log_dir})"
+        )
         ok = _run_cases(sandbox_url, api_url, token)
     finally:
         procs.stop_all()
@@ -180,7 +218,10 @@ def _callbacks_text(sandbox_url: str, job: dict[str, Any]) -> str:
         if attempt["result"] != "delivered":
             continue
         name = attempt["event_type"].removeprefix("cancellation.")
-        parts.append(f"{name}: delivered, {'verified' if verified.get(attempt['event_id']) else 'unverified'}")
+        parts.append(
+            f"{name}: delivered, "
+            f"{'verified' if verified.get(attempt['event_id']) else 'unverified'}"
+        )
     return "; ".join(parts) or "-"
 
 
@@ -192,13 +233,21 @@ def _run_cases(sandbox_url: str, api_url: str, token: str) -> bool:
     rows: list[tuple[Case, int, Any]] = []
     for case in _cases():
         if case.body is not None:
-            status, answer = http_json("POST", f"{api_url}/v1/cancellations", case.body, token=token)
+            status, answer = http_json(
+                "POST", f"{api_url}/v1/cancellations", case.body, token=token
+            )
         else:
             subscription = _subscription(sandbox_url, case)
             status, answer = http_json(
-                "POST", f"{api_url}/v1/cancellations",
-                {"provider": case.provider, "subscription": subscription, "reason": {"code": "too_expensive", "comment": "demo"},
-                 "idempotency_key": f"demo-{secrets.token_hex(8)}", "metadata": {"demo_case": case.kind}},
+                "POST",
+                f"{api_url}/v1/cancellations",
+                {
+                    "provider": case.provider,
+                    "subscription": subscription,
+                    "reason": {"code": "too_expensive", "comment": "demo"},
+                    "idempotency_key": f"demo-{secrets.token_hex(8)}",
+                    "metadata": {"demo_case": case.kind},
+                },
                 token=token,
             )
         rows.append((case, status, answer))
@@ -210,9 +259,15 @@ def _run_cases(sandbox_url: str, api_url: str, token: str) -> bool:
                 continue
             _, job = http_json("GET", f"{api_url}/v1/cancellations/{answer['id']}", token=token)
             if job["status"] == "awaiting_decision" and case.decision:
-                http_json("POST", f"{api_url}/v1/cancellations/{answer['id']}/decision", {"decision": case.decision}, token=token)
+                http_json(
+                    "POST",
+                    f"{api_url}/v1/cancellations/{answer['id']}/decision",
+                    {"decision": case.decision},
+                    token=token,
+                )
             elif job["status"] in ("finished", "dead_lettered") and any(
-                c["result"] == "delivered" and c["event_type"] != "cancellation.offer_presented" for c in job.get("callbacks", [])
+                c["result"] == "delivered" and c["event_type"] != "cancellation.offer_presented"
+                for c in job.get("callbacks", [])
             ):
                 finals[i] = job
         time.sleep(0.2)
@@ -225,19 +280,52 @@ def _run_cases(sandbox_url: str, api_url: str, token: str) -> bool:
         if status != 202:
             fields = ", ".join(e["field"] for e in (answer or {}).get("errors", []))
             good = case.expect == str(status)
-            table.add_row(str(i + 1), case.provider, case.kind + _decision(case), "-", f"rejected {status}", fields or str(answer), "-", "✓" if good else "✗")
+            table.add_row(
+                str(i + 1),
+                case.provider,
+                case.kind + _decision(case),
+                "-",
+                f"rejected {status}",
+                fields or str(answer),
+                "-",
+                "✓" if good else "✗",
+            )
         else:
             job = finals.get(i)
             if job is None:
                 good = False
-                table.add_row(str(i + 1), case.provider, case.kind + _decision(case), answer["id"], "unfinished", "-", "-", "✗")
+                table.add_row(
+                    str(i + 1),
+                    case.provider,
+                    case.kind + _decision(case),
+                    answer["id"],
+                    "unfinished",
+                    "-",
+                    "-",
+                    "✗",
+                )
             else:
                 outcome = (job.get("outcome") or {}).get("type")
-                good = outcome == case.expect and (case.expect != "not_eligible" or job["outcome"]["reason"] == case.kind)
+                good = outcome == case.expect and (
+                    case.expect != "not_eligible" or job["outcome"]["reason"] == case.kind
+                )
                 callbacks = _callbacks_text(sandbox_url, job)
                 good = good and "unverified" not in callbacks and "delivered" in callbacks
-                table.add_row(str(i + 1), case.provider, case.kind + _decision(case), job["id"], job["status"], _outcome_text(job), callbacks, "✓" if good else "✗")
+                table.add_row(
+                    str(i + 1),
+                    case.provider,
+                    case.kind + _decision(case),
+                    job["id"],
+                    job["status"],
+                    _outcome_text(job),
+                    callbacks,
+                    "✓" if good else "✗",
+                )
         all_ok &= good
     console.print(table)
-    console.print("[bold green]every outcome as expected[/]" if all_ok else "[bold red]some outcomes were not as expected[/]")
+    console.print(
+        "[bold green]every outcome as expected[/]"
+        if all_ok
+        else "[bold red]some outcomes were not as expected[/]"
+    )
     return all_ok

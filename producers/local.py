@@ -33,7 +33,9 @@ def free_port() -> int:
 
 def redis_answers(url: str, *, timeout_s: float = 0.5) -> bool:
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        client = redis.Redis.from_url(
+            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+        )
         return bool(client.ping())
     except (redis.RedisError, OSError):
         return False
@@ -56,7 +58,9 @@ class EmbeddedRedis:
 
         self._server = TcpFakeServer(("127.0.0.1", self.port), server_type="redis")
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True, name="embedded-redis")
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, daemon=True, name="embedded-redis"
+        )
         self._thread.start()
         wait_until(lambda: redis_answers(self.url), timeout_s=10, what="embedded redis")
         return self
@@ -113,7 +117,8 @@ def wait_until(check: Any, *, timeout_s: float, what: str, interval_s: float = 0
 def http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - our own localhost URL
-            return 200 <= resp.status < 300
+            status: int = resp.status
+            return 200 <= status < 300
     except OSError:
         return False
 
@@ -160,7 +165,9 @@ class ProcessGroup:
     log_dir: Path
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    def start(self, name: str, argv: Sequence[str], *, extra_env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, argv: Sequence[str], *, extra_env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = (self.log_dir / f"{name}.log").open("ab")
         proc = subprocess.Popen(  # noqa: S603 - argv built by us

@@ -28,7 +28,9 @@ def problem(
     )
 
 
-def field_errors(exc: ValidationError, *, prefix: tuple[str | int, ...] = ()) -> list[dict[str, str]]:
+def field_errors(
+    exc: ValidationError, *, prefix: tuple[str | int, ...] = ()
+) -> list[dict[str, str]]:
     """Each invalid field with its dotted path and what is wrong with it."""
     out = []
     for err in exc.errors(include_url=False):

@@ -39,7 +39,10 @@ def locked_db() -> Iterator[str]:
     """A Redis DB no other test session (or bench run) uses at the same time: developers run
     suites in parallel on one server."""
     if not redis_answers(with_db(BASE_REDIS_URL, 0)):
-        pytest.fail(f"no Redis answers at {BASE_REDIS_URL}: run the tests with `make test`, which starts one")
+        pytest.fail(
+            f"no Redis answers at {BASE_REDIS_URL}: "
+            "run the tests with `make test`, which starts one"
+        )
     try:
         with shared_locked_db(BASE_REDIS_URL, owner="tests") as url:
             yield url
@@ -91,7 +94,10 @@ def system_env(redis_url: str, sandbox: Sandbox, **extra: str) -> dict[str, str]
         "CANCELFLOW_WORKER__METRICS_PORT": "0",
         **{k: v for k, v in provider_env(sandbox.url).items()},
         # Fast retries keep the suite quick; the policy itself is unit-tested.
-        **{f"CANCELFLOW_PROVIDERS__{k}__RETRY_BASE_S": "0.2" for k in ("PAYWAY", "AZOTTE", "APPDIRECT", "AXELSPRINGER")},
+        **{
+            f"CANCELFLOW_PROVIDERS__{k}__RETRY_BASE_S": "0.2"
+            for k in ("PAYWAY", "AZOTTE", "APPDIRECT", "AXELSPRINGER")
+        },
         **extra,
     }
 
@@ -123,7 +129,16 @@ def start_system(redis_url: str, sandbox: Sandbox, log_dir: Path) -> Iterator[St
     groups: list[ProcessGroup] = []
     dbs = ExitStack()
 
-    def start(*, workers: int = 1, concurrency: int = 16, worker_args: tuple[str, ...] = (), db_url: str | None = None, isolated: bool = False, beat: bool = False, **extra: str) -> System:
+    def start(
+        *,
+        workers: int = 1,
+        concurrency: int = 16,
+        worker_args: tuple[str, ...] = (),
+        db_url: str | None = None,
+        isolated: bool = False,
+        beat: bool = False,
+        **extra: str,
+    ) -> System:
         """``isolated``: on a Redis DB of its own, so no other system's worker takes its jobs."""
         if isolated:
             db_url = dbs.enter_context(locked_db())
@@ -136,13 +151,27 @@ def start_system(redis_url: str, sandbox: Sandbox, log_dir: Path) -> Iterator[St
         for n in range(workers):
             name = "worker" if n == 0 else f"worker{n}"
             hostnames.append(f"{name}-{port}@{socket.gethostname()}")
-            procs.start(name, cancelflow_command("worker", "-c", str(concurrency), "-n", hostnames[-1], *worker_args))
+            procs.start(
+                name,
+                cancelflow_command(
+                    "worker", "-c", str(concurrency), "-n", hostnames[-1], *worker_args
+                ),
+            )
         if beat:
-            procs.start("beat", cancelflow_command("beat", f"--schedule={procs.log_dir}/beat-schedule"))
+            procs.start(
+                "beat", cancelflow_command("beat", f"--schedule={procs.log_dir}/beat-schedule")
+            )
         api_url = f"http://127.0.0.1:{port}"
         wait_until(lambda: http_ok(f"{api_url}/readyz"), timeout_s=30, what="api")
         wait_for_workers(db_url or redis_url, hostnames)
-        return System(api_url=api_url, token=API_TOKEN, sandbox=sandbox, redis_url=db_url or redis_url, procs=procs, env=env)
+        return System(
+            api_url=api_url,
+            token=API_TOKEN,
+            sandbox=sandbox,
+            redis_url=db_url or redis_url,
+            procs=procs,
+            env=env,
+        )
 
     try:
         yield start

@@ -46,7 +46,11 @@ class System:
 
     def env_providers(self) -> set[str]:
         """Keys of the providers this system is configured with."""
-        return {k.split("__")[1].lower() for k in self.env if k.startswith("CANCELFLOW_PROVIDERS__") and k.endswith("__BASE_URL")}
+        return {
+            k.split("__")[1].lower()
+            for k in self.env
+            if k.startswith("CANCELFLOW_PROVIDERS__") and k.endswith("__BASE_URL")
+        }
 
     def sandbox_post(self, path: str, body: Any = None) -> tuple[int, Any]:
         return http_json("POST", f"{self.sandbox.url}{path}", body)
@@ -62,7 +66,9 @@ class System:
         assert status == 202, job
         return job  # type: ignore[no-any-return]
 
-    def wait(self, job_id: str, *, timeout_s: float = 30, until: set[str] | None = None) -> dict[str, Any]:
+    def wait(
+        self, job_id: str, *, timeout_s: float = 30, until: set[str] | None = None
+    ) -> dict[str, Any]:
         """Poll the job until it reaches a final status (or one of ``until``)."""
         wanted = until or {s.value for s in FINAL_STATUSES}
         deadline = time.monotonic() + timeout_s
@@ -73,13 +79,21 @@ class System:
             if job["status"] in wanted and (until or not _callback_pending(job)):
                 return job  # type: ignore[no-any-return]
             time.sleep(0.05)
-        raise AssertionError(f"job {job_id} still {job and job['status']} after {timeout_s}s:\n{json.dumps(job, indent=1)}\n--- worker log lines of this job ---\n{self.log_lines(job_id)}")
+        raise AssertionError(
+            f"job {job_id} still {job and job['status']} after {timeout_s}s:\n"
+            f"{json.dumps(job, indent=1)}\n"
+            f"--- worker log lines of this job ---\n{self.log_lines(job_id)}"
+        )
 
     def log_lines(self, needle: str) -> str:
         """Every line of every process log of this system that mentions ``needle``."""
         out = []
         for path in sorted(self.procs.log_dir.glob("*.log")):
-            out += [f"{path.stem}: {line}" for line in path.read_text(errors="replace").splitlines() if needle in line]
+            out += [
+                f"{path.stem}: {line}"
+                for line in path.read_text(errors="replace").splitlines()
+                if needle in line
+            ]
         return "\n".join(out[-80:])
 
 

@@ -19,7 +19,9 @@ app.conf.include = ["worker.tasks"]
 app.conf.worker_consumer = "worker.consumer:Consumer"
 app.conf.broker_transport = "worker.transport:Transport"
 # Interval schedules only: the state file is a scratch file, one per process.
-app.conf.beat_schedule_filename = os.path.join(tempfile.gettempdir(), f"cancelflow-beat-{os.getpid()}")
+app.conf.beat_schedule_filename = os.path.join(
+    tempfile.gettempdir(), f"cancelflow-beat-{os.getpid()}"
+)
 app.conf.beat_schedule = {
     # Jobs parked on a retention offer past their deadline get their default action.
     "expire-decisions": {
@@ -42,20 +44,21 @@ app.conf.beat_schedule = {
 }
 
 
-@signals.setup_logging.connect
+# Celery is untyped: its signal decorators hide the handlers' types from mypy.
+@signals.setup_logging.connect  # type: ignore[untyped-decorator]
 def _setup_logging(**_: Any) -> None:
     # Connecting here stops Celery from installing its own handlers: one format for all.
     configure_logging(fmt=settings.log_format, level=settings.log_level)
 
 
-@signals.task_prerun.connect
+@signals.task_prerun.connect  # type: ignore[untyped-decorator]
 def _fresh_log_context(task_id: str | None = None, task: Any = None, **_: Any) -> None:
     # Threads are reused across tasks: no task's job id may ride on the next one's lines.
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(task_id=task_id, task=getattr(task, "name", None))
 
 
-@signals.celeryd_after_setup.connect
+@signals.celeryd_after_setup.connect  # type: ignore[untyped-decorator]
 def _serve_metrics(**_: Any) -> None:
     # The threads pool runs every task in this one process: one endpoint per worker. Sent
     # once logging is set up and before the worker starts consuming (or forks an embedded
@@ -65,8 +68,8 @@ def _serve_metrics(**_: Any) -> None:
     metrics_server.start(settings.worker)
 
 
-@signals.worker_shutdown.connect
-@signals.worker_process_shutdown.connect
+@signals.worker_shutdown.connect  # type: ignore[untyped-decorator]
+@signals.worker_process_shutdown.connect  # type: ignore[untyped-decorator]
 def _close_runtime(**_: Any) -> None:
     from worker import metrics_server
     from worker.runtime import shutdown_runtime

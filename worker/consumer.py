@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
-from kombu import Producer
+from kombu.messaging import Producer
 
 from cancelflow.contract import DEAD_LETTER_QUEUE
 from cancelflow.dead_letters import DeadLetter, poison_payload
@@ -47,7 +47,9 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
             queue=queue,
             error_type=error_type,
             error=error,
-            payload=poison_payload(raw, getattr(message, "headers", None), getattr(message, "content_type", None)),
+            payload=poison_payload(
+                raw, getattr(message, "headers", None), getattr(message, "content_type", None)
+            ),
         )
         try:
             runtime = get_runtime(settings)
@@ -58,13 +60,19 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
             # delivered again after the visibility timeout, rather than lose it.
             log.exception("message.dead_letter_failed", queue=queue, error_type=error_type)
             return
-        log.error("message.dead_lettered", queue=queue, error_type=error_type, error=error, dead_letter_id=dl.id)
+        log.error(
+            "message.dead_lettered",
+            queue=queue,
+            error_type=error_type,
+            error=error,
+            dead_letter_id=dl.id,
+        )
         message.ack()
 
     def _park(self, message: Any) -> None:
         with self.app.producer_or_acquire() as producer:
             assert isinstance(producer, Producer)
-            producer.publish(
+            producer.publish(  # type: ignore[no-untyped-call]  # kombu leaves it unannotated
                 message.body,
                 exchange=DEAD_LETTER_EXCHANGE,
                 routing_key=DEAD_LETTER_QUEUE,

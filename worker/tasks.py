@@ -59,10 +59,14 @@ def _runtime() -> Runtime:
     return get_runtime(settings)
 
 
-def _parse(step: Step, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+def _parse(
+    step: Step, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[str, tuple[str, ...]]:
     want = 2 if step is Step.CALLBACK else 1
     if kwargs or len(args) != want or not all(isinstance(a, str) for a in args):
-        raise Poison(f"{step.value} takes {want} string argument(s), got args={args!r} kwargs={kwargs!r}")
+        raise Poison(
+            f"{step.value} takes {want} string argument(s), got args={args!r} kwargs={kwargs!r}"
+        )
     if not JOB_ID_RE.match(args[0]):
         raise Poison(f"not a job id: {args[0]!r}")
     return args[0], tuple(args[1:])
@@ -82,7 +86,9 @@ INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def run_step(task: Task, step: Step, call: StepCall, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+def run_step(
+    task: Task, step: Step, call: StepCall, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> str:
     """Run one step; when Redis is unreachable mid-step, give the message back.
 
     Celery drops a failed acks_late message (it rejects it without requeue), so an error
@@ -102,7 +108,9 @@ def run_step(task: Task, step: Step, call: StepCall, args: tuple[Any, ...], kwar
         metrics.step_ran(step.value, time.perf_counter() - started)
 
 
-def _run_step(task: Task, step: Step, call: StepCall, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+def _run_step(
+    task: Task, step: Step, call: StepCall, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> str:
     rt = _runtime()
     context = {"task_id": task.request.id, "step": step.value}
     try:
@@ -124,9 +132,19 @@ def _run_step(task: Task, step: Step, call: StepCall, args: tuple[Any, ...], kwa
     except (ProviderError, CallbackRetryable) as exc:
         nxt = _retry_or_give_up(rt, task, step, job_id, exc, exc, extra)
     except steps.StepBusy as exc:
-        raise task.retry(countdown=min(exc.retry_after + random.uniform(0, 0.5), rt.settings.limits().max_countdown_s), exc=exc, max_retries=None) from exc
+        raise task.retry(
+            countdown=min(
+                exc.retry_after + random.uniform(0, 0.5), rt.settings.limits().max_countdown_s
+            ),
+            exc=exc,
+            max_retries=None,
+        ) from exc
     except steps.CallbackGiveUp as exc:
-        rt.run(steps.dead_letter_callback(rt.deps, job_id, extra[0], error=str(exc), traceback=traceback.format_exc()))
+        rt.run(
+            steps.dead_letter_callback(
+                rt.deps, job_id, extra[0], error=str(exc), traceback=traceback.format_exc()
+            )
+        )
         return f"{job_id} dead-lettered: callback"
     except INFRASTRUCTURE_ERRORS:
         raise
@@ -134,8 +152,13 @@ def _run_step(task: Task, step: Step, call: StepCall, args: tuple[Any, ...], kwa
         log.exception("step.unexpected_error")
         nxt = rt.run(
             steps.dead_letter(
-                rt.deps, job_id, step=step, error_type=type(exc).__name__, error=str(exc),
-                traceback=traceback.format_exc(), payload={"args": list(args)},
+                rt.deps,
+                job_id,
+                step=step,
+                error_type=type(exc).__name__,
+                error=str(exc),
+                traceback=traceback.format_exc(),
+                payload={"args": list(args)},
             )
         )
     if nxt.step is None:
@@ -155,7 +178,11 @@ def _retry_or_give_up(
     # Attempts are the failures recorded for this step (not Celery's retry count, which
     # also counts waits on our own limits and knows nothing of a replay).
     attempt = steps.attempts(job, step)
-    details = error.as_dict() if isinstance(error, ProviderError) else {"type": type(error).__name__, "message": str(error)}
+    details = (
+        error.as_dict()
+        if isinstance(error, ProviderError)
+        else {"type": type(error).__name__, "message": str(error)}
+    )
     limits = rt.settings.limits()
     if isinstance(error, CircuitOpen | ProviderThrottled):
         # Our own protection of the provider: the job waits, no attempt is spent.
@@ -177,8 +204,14 @@ def _retry_or_give_up(
         why_not = policy.exhausted(attempt, age_s=age) if step is not Step.CALLBACK else None
         if why_not is None:
             delay = policy.delay(attempt, retry_after=getattr(error, "retry_after", None))
-            rt.run(steps.note_retry(rt.deps, job_id, step=step, attempt=attempt, error=details, delay_s=delay))
-            log.warning("step.retry_scheduled", attempt=attempt, delay_s=round(delay, 3), error=details)
+            rt.run(
+                steps.note_retry(
+                    rt.deps, job_id, step=step, attempt=attempt, error=details, delay_s=delay
+                )
+            )
+            log.warning(
+                "step.retry_scheduled", attempt=attempt, delay_s=round(delay, 3), error=details
+            )
             metrics.retry_scheduled(job.provider, details["type"])
             raise task.retry(countdown=delay, exc=cause, max_retries=None)
         reason = f"{why_not}; last error: {details.get('message')}"
@@ -235,19 +268,20 @@ def _safe(value: Any) -> Any:
 # --- the chain -------------------------------------------------------------------------------
 
 
-@app.task(name="cancelflow.eligibility", base=StepTask, bind=True)
+# Celery is untyped: its task decorator hides each task's signature from mypy.
+@app.task(name="cancelflow.eligibility", base=StepTask, bind=True)  # type: ignore[untyped-decorator]
 def eligibility(self: Task, *args: Any, **kwargs: Any) -> str:
     """Ask the provider whether the subscription can be cancelled."""
     return run_step(self, Step.ELIGIBILITY, steps.eligibility, args, kwargs)
 
 
-@app.task(name="cancelflow.retention_offer", base=StepTask, bind=True)
+@app.task(name="cancelflow.retention_offer", base=StepTask, bind=True)  # type: ignore[untyped-decorator]
 def retention_offer(self: Task, *args: Any, **kwargs: Any) -> str:
     """Park the job on the provider's retention offer until the customer decides."""
     return run_step(self, Step.RETENTION_OFFER, steps.retention_offer, args, kwargs)
 
 
-@app.task(name="cancelflow.confirm", base=StepTask, bind=True)
+@app.task(name="cancelflow.confirm", base=StepTask, bind=True)  # type: ignore[untyped-decorator]
 def confirm(self: Task, *args: Any, **kwargs: Any) -> str:
     """Make the provider's cancel call."""
     lease = _runtime().settings.limits().task_time_limit_s
@@ -258,13 +292,13 @@ def confirm(self: Task, *args: Any, **kwargs: Any) -> str:
     return run_step(self, Step.CONFIRM, call, args, kwargs)
 
 
-@app.task(name="cancelflow.callback", base=StepTask, bind=True)
+@app.task(name="cancelflow.callback", base=StepTask, bind=True)  # type: ignore[untyped-decorator]
 def callback(self: Task, *args: Any, **kwargs: Any) -> str:
     """Deliver the job's signed result callback."""
     return run_step(self, Step.CALLBACK, steps.callback, args, kwargs)
 
 
-@app.task(name="cancelflow.expire_decisions", bind=True, ignore_result=True)
+@app.task(name="cancelflow.expire_decisions", bind=True, ignore_result=True)  # type: ignore[untyped-decorator]
 def expire_decisions(self: Task) -> dict[str, int]:
     """Apply each provider's default action to parked jobs past their decision deadline."""
     rt = _runtime()
@@ -281,7 +315,7 @@ def expire_decisions(self: Task) -> dict[str, int]:
     return {"due": len(due), "applied": applied}
 
 
-@app.task(name="cancelflow.dispatch_stragglers", bind=True, ignore_result=True)
+@app.task(name="cancelflow.dispatch_stragglers", bind=True, ignore_result=True)  # type: ignore[untyped-decorator]
 def dispatch_stragglers(self: Task) -> dict[str, int]:
     """Send the first step of jobs whose producer died between recording and sending them."""
     rt = _runtime()
@@ -300,7 +334,7 @@ def dispatch_stragglers(self: Task) -> dict[str, int]:
 STRAGGLER_AGE_S = 60.0
 
 
-@app.task(name="cancelflow.resume_stalled", bind=True, ignore_result=True)
+@app.task(name="cancelflow.resume_stalled", bind=True, ignore_result=True)  # type: ignore[untyped-decorator]
 def resume_stalled(self: Task) -> dict[str, int]:
     """Re-send the pending step of jobs that stopped moving mid-chain."""
     rt = _runtime()

@@ -9,9 +9,11 @@ Built on ``cancelflow.messaging.Channel`` (one Redis client per pool, not one pe
 
 from __future__ import annotations
 
+from queue import Empty  # what kombu.transport.redis raises (it imports it from here)
 from typing import Any
 
-from kombu.transport import redis as kombu_redis
+# kombu ships py.typed but leaves these (and its Channel's helpers) unannotated: hence the
+# no-untyped-call ignores below.
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
@@ -32,45 +34,49 @@ class Channel(messaging.Channel):
                 self.client.connection.disconnect()
                 raise
             if not dest__item:
-                raise kombu_redis.Empty()
+                raise Empty()
             dest, item = dest__item
-            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]  # type: ignore[no-untyped-call]
             self._queue_cycle.rotate(dest)
             envelope = self._decode_or_dead_letter(item, dest)
             if envelope is not None:
                 self.connection._deliver(envelope, dest)
             return True
         finally:
-            self._in_poll = None
+            # As kombu does, though it declares _in_poll a bool.
+            self._in_poll = None  # type: ignore[assignment]
             flush = getattr(self, "_flush_brpop_reauth", None)
             if flush is not None:
                 flush()
 
-    def _get(self, queue: str) -> Any:
+    # kombu's own Redis channel drops the base class's timeout parameter too.
+    def _get(self, queue: str) -> Any:  # type: ignore[override]
         with self.conn_or_acquire() as client:
             for pri in self.priority_steps:
-                item = client.rpop(self._q_for_pri(queue, pri))
+                item = client.rpop(self._q_for_pri(queue, pri))  # type: ignore[no-untyped-call]
                 if item:
                     envelope = self._decode_or_dead_letter(item, queue)
                     if envelope is None:
                         continue
                     return envelope
-            raise kombu_redis.Empty()
+            raise Empty()
 
     def _decode_or_dead_letter(self, item: bytes, queue: str) -> Any:
         try:
-            envelope = loads(bytes_to_str(item))
+            envelope = loads(bytes_to_str(item))  # type: ignore[no-untyped-call]
             if isinstance(envelope, dict) and "properties" in envelope:
                 return envelope
             error = "list item is JSON but not a kombu message envelope"
-        except Exception as exc:  # noqa: BLE001 - whatever the item is, it must not stop us
+        except Exception as exc:  # whatever the item is, it must not stop us
             error = f"list item is not a kombu message: {type(exc).__name__}: {exc}"
         dl = DeadLetter(kind="poison", queue=queue, error_type="UnreadableEnvelope", error=error,
                         payload=poison_payload(item, None, None))
         with self.conn_or_acquire() as client:
             DeadLetterStore.add_sync(client, dl)
             client.lpush(DEAD_LETTER_QUEUE, item)
-        log.error("message.dead_lettered", queue=queue, error_type=dl.error_type, dead_letter_id=dl.id)
+        log.error(
+            "message.dead_lettered", queue=queue, error_type=dl.error_type, dead_letter_id=dl.id
+        )
         return None
 
 

@@ -25,7 +25,7 @@ from cancelflow.providers.base import (
 # Payway ids are Mongo object ids: "/^[a-f\d]{24}$/i" in the docs.
 Hex24 = Annotated[str, StringConstraints(pattern=r"^[a-fA-F0-9]{24}$")]
 
-TOKEN_PATH = "/api/authorization/access_token"
+TOKEN_PATH = "/api/authorization/access_token"  # noqa: S105 - a URL path, not a secret
 CAN_CANCEL_PATH = "/external/api/v1/subscription_system/can_cancel_subscription"
 CANCEL_PATH = "/external/api/v1/subscription_system/cancel_subscription"
 SCOPES = "/external/subscription_system/r /external/subscription_system/w"

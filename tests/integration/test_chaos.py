@@ -35,7 +35,11 @@ FAULTS = {"error_rate": 0.20, "hang_rate": 0.05, "hang_s": 1.5}
 BURST = {**FAULTS, "error_rate": 0.15, "rate_limit_rate": 0.5, "retry_after_s": 1}
 # (provider, sandbox kind, how a sandbox reference becomes the subscription)
 MIX: list[tuple[str, str, Any]] = [
-    ("payway", "end_of_period", lambda r: {**r, "cancellation_reason_id": "5cb80481c00000000000000a"}),
+    (
+        "payway",
+        "end_of_period",
+        lambda r: {**r, "cancellation_reason_id": "5cb80481c00000000000000a"},
+    ),
     ("payway", "immediate", lambda r: {**r, "cancellation_reason_id": "5cb80481c00000000000000a"}),
     ("azotte", "processed", lambda r: {"order_identifier": r}),
     ("azotte", "app_store", lambda r: {"order_identifier": r}),
@@ -117,10 +121,17 @@ def wait_final(client: redis.Redis, jobs: list[str], *, quiet_s: float) -> list[
 @pytest.mark.timeout(600 + JOBS)
 def test_chaos(start_system: StartSystem) -> None:
     system = start_system(
-        isolated=True, workers=2, concurrency=16, beat=True,
-        CANCELFLOW_API__RATE_LIMIT_PER_S="100000", CANCELFLOW_API__RATE_LIMIT_BURST="100000",
+        isolated=True,
+        workers=2,
+        concurrency=16,
+        beat=True,
+        CANCELFLOW_API__RATE_LIMIT_PER_S="100000",
+        CANCELFLOW_API__RATE_LIMIT_BURST="100000",
         # Few attempts, so some jobs do end in the dead-letter store and get replayed.
-        **{f"CANCELFLOW_PROVIDERS__{k}__MAX_ATTEMPTS": "3" for k in ("PAYWAY", "AZOTTE", "APPDIRECT", "AXELSPRINGER")},
+        **{
+            f"CANCELFLOW_PROVIDERS__{k}__MAX_ATTEMPTS": "3"
+            for k in ("PAYWAY", "AZOTTE", "APPDIRECT", "AXELSPRINGER")
+        },
         **FAST_REDELIVERY,
     )
     client = redis.Redis.from_url(system.redis_url)
@@ -130,7 +141,11 @@ def test_chaos(start_system: StartSystem) -> None:
     subscriptions: list[tuple[str, dict[str, Any]]] = []
     per_kind = JOBS // len(MIX) + 1
     for provider, kind, to_sub in MIX:
-        status, created = http_json("POST", f"{system.sandbox.url}/{provider}/_sandbox/subscriptions", {"count": per_kind, "kind": kind})
+        status, created = http_json(
+            "POST",
+            f"{system.sandbox.url}/{provider}/_sandbox/subscriptions",
+            {"count": per_kind, "kind": kind},
+        )
         assert status == 200, created
         subscriptions += [(provider, to_sub(r)) for r in created["references"]]
     subscriptions = subscriptions[:JOBS]
@@ -142,7 +157,11 @@ def test_chaos(start_system: StartSystem) -> None:
     jobs = []
     try:
         for i, (provider, sub) in enumerate(subscriptions):
-            jobs.append(system.enqueue({"provider": provider, "subscription": sub, "idempotency_key": f"chaos-{i}"})["id"])
+            jobs.append(
+                system.enqueue(
+                    {"provider": provider, "subscription": sub, "idempotency_key": f"chaos-{i}"}
+                )["id"]
+            )
         assert len(set(jobs)) == len(jobs) == JOBS
         first = wait_final(client, jobs, quiet_s=QUIET_S)
     finally:
@@ -188,11 +207,20 @@ def test_chaos(start_system: StartSystem) -> None:
     stuck = [j for j, st in zip(jobs, final, strict=True) if st != b"finished"]
     for job_id in stuck[:3]:
         _, job = system.get(f"/v1/cancellations/{job_id}")
-        print("STUCK", job_id, job["status"], [(e["step"], e["event"], e["at"]) for e in job["timeline"]])
+        print(
+            "STUCK",
+            job_id,
+            job["status"],
+            [(e["step"], e["event"], e["at"]) for e in job["timeline"]],
+        )
         print(system.log_lines(job_id))
     assert lost == [], f"{len(lost)} jobs neither final nor dead-lettered: {lost[:5]}"
     assert all(s == b"finished" for s in final), Counter(final)
     assert figures["subscriptions_cancelled_more_than_once"] == 0
-    assert set(outcomes) <= {"cancelled", "already_cancelled", "pending_provider_confirmation"}, outcomes
+    assert set(outcomes) <= {"cancelled", "already_cancelled", "pending_provider_confirmation"}, (
+        outcomes
+    )
     assert effective[1] == JOBS
-    assert chaos.kills >= 1 and chaos.bursts >= 1 and sum(sum(f.values()) for f in faults.values()) > 0
+    assert (
+        chaos.kills >= 1 and chaos.bursts >= 1 and sum(sum(f.values()) for f in faults.values()) > 0
+    )

@@ -25,15 +25,25 @@ pytestmark = pytest.mark.integration
 # calls must then be short too (two must fit in the 2 s soft time limit).
 FAST_REDELIVERY = {
     "CANCELFLOW_WORKER__VISIBILITY_TIMEOUT_S": "10",
-    **{f"CANCELFLOW_PROVIDERS__{k}__TIMEOUT_S": "0.9" for k in ("PAYWAY", "AZOTTE", "APPDIRECT", "AXELSPRINGER")},
+    **{
+        f"CANCELFLOW_PROVIDERS__{k}__TIMEOUT_S": "0.9"
+        for k in ("PAYWAY", "AZOTTE", "APPDIRECT", "AXELSPRINGER")
+    },
 }
 
 
 def payway_jobs(system: System, count: int, kind: str = "end_of_period") -> list[str]:
-    status, created = system.sandbox_post(f"/payway/_sandbox/subscriptions", {"count": count, "kind": kind})
+    status, created = system.sandbox_post(
+        "/payway/_sandbox/subscriptions", {"count": count, "kind": kind}
+    )
     assert status == 200, created
     return [
-        system.enqueue({"provider": "payway", "subscription": {**ref, "cancellation_reason_id": DEMO.reason_id}})["id"]
+        system.enqueue(
+            {
+                "provider": "payway",
+                "subscription": {**ref, "cancellation_reason_id": DEMO.reason_id},
+            }
+        )["id"]
         for ref in created["references"]
     ]
 
@@ -58,7 +68,9 @@ def liveness_probe(system: System, name: str, hostname: str) -> str:
         return start_worker(system, f"{name}-replaced")
 
 
-def assert_cancelled_once(system: System, jobs: list[str], timeout_s: float = 90) -> list[dict[str, Any]]:
+def assert_cancelled_once(
+    system: System, jobs: list[str], timeout_s: float = 90
+) -> list[dict[str, Any]]:
     done = [system.wait(j, timeout_s=timeout_s) for j in jobs]
     assert all(j["status"] == "finished" for j in done), [j["status"] for j in done]
     # A confirm replayed after a crash may find the cancel already made: still a success.
@@ -121,7 +133,9 @@ def aof_redis() -> Iterator[tuple[str, Any]]:
         shutil.rmtree(data, ignore_errors=True)
 
 
-def test_redis_crash_with_aof_loses_no_queued_or_running_job(start_system: StartSystem, aof_redis: tuple[str, Any]) -> None:
+def test_redis_crash_with_aof_loses_no_queued_or_running_job(
+    start_system: StartSystem, aof_redis: tuple[str, Any]
+) -> None:
     url, crash_and_restart = aof_redis
     system = start_system(db_url=url, concurrency=8, beat=True, **FAST_REDELIVERY)
     system.sandbox.reset("payway")
@@ -145,7 +159,9 @@ def test_redis_crash_with_aof_loses_no_queued_or_running_job(start_system: Start
 def test_warm_shutdown_finishes_or_returns_in_flight_work(start_system: StartSystem) -> None:
     # A long visibility timeout: had SIGTERM dropped in-flight messages, they would not come
     # back within this test's wait.
-    system = start_system(isolated=True, concurrency=8, CANCELFLOW_WORKER__VISIBILITY_TIMEOUT_S="600")
+    system = start_system(
+        isolated=True, concurrency=8, CANCELFLOW_WORKER__VISIBILITY_TIMEOUT_S="600"
+    )
     system.sandbox.reset("payway")
     system.sandbox.faults("payway", latency_ms=700)
     try:

@@ -21,7 +21,12 @@ def fresh_azotte(system: System) -> Iterator[None]:
 
 
 def body(order: str, **extra: Any) -> dict[str, Any]:
-    return {"provider": "azotte", "subscription": {"order_identifier": order}, "reason": {"code": "PRICE", "comment": "too dear"}, **extra}
+    return {
+        "provider": "azotte",
+        "subscription": {"order_identifier": order},
+        "reason": {"code": "PRICE", "comment": "too dear"},
+        **extra,
+    }
 
 
 def park(system: System, order: str) -> dict[str, Any]:
@@ -46,7 +51,10 @@ def test_offer_parks_the_job_and_accept_ends_it_retained(system: System) -> None
 
 def test_reject_resumes_the_chain_at_confirm_with_the_survey(system: System) -> None:
     job = park(system, DEMO.offer)
-    status, _ = system.post(f"/v1/cancellations/{job['id']}/decision", {"decision": "reject", "survey": {"comment": "no thanks"}})
+    status, _ = system.post(
+        f"/v1/cancellations/{job['id']}/decision",
+        {"decision": "reject", "survey": {"comment": "no thanks"}},
+    )
     assert status == 202
     done = system.wait(job["id"])
     assert done["outcome"]["type"] == "cancelled"
@@ -67,14 +75,24 @@ def test_a_decision_for_a_job_not_waiting_gets_409(system: System) -> None:
     status, problem = system.post(f"/v1/cancellations/{job['id']}/decision", {"decision": "accept"})
     assert status == 409, problem
     parked = park(system, DEMO.offer)
-    status, problem = system.post(f"/v1/cancellations/{parked['id']}/decision", {"decision": "maybe"})
+    status, problem = system.post(
+        f"/v1/cancellations/{parked['id']}/decision", {"decision": "maybe"}
+    )
     assert status == 422 and problem["errors"][0]["field"] == "decision"
-    assert system.post(f"/v1/cancellations/{parked['id']}/decision", {"decision": "accept"})[0] == 202
-    assert system.post(f"/v1/cancellations/{parked['id']}/decision", {"decision": "reject"})[0] == 409
+    assert (
+        system.post(f"/v1/cancellations/{parked['id']}/decision", {"decision": "accept"})[0] == 202
+    )
+    assert (
+        system.post(f"/v1/cancellations/{parked['id']}/decision", {"decision": "reject"})[0] == 409
+    )
 
 
-@pytest.mark.parametrize(("default", "outcome"), [("confirm", "cancelled"), ("abandon", "abandoned")])
-def test_the_deadline_applies_the_default_action(start_system: StartSystem, default: str, outcome: str) -> None:
+@pytest.mark.parametrize(
+    ("default", "outcome"), [("confirm", "cancelled"), ("abandon", "abandoned")]
+)
+def test_the_deadline_applies_the_default_action(
+    start_system: StartSystem, default: str, outcome: str
+) -> None:
     system = start_system(
         isolated=True,
         worker_args=("--beat",),

@@ -52,7 +52,9 @@ NOT_ELIGIBLE = [
 
 
 @pytest.mark.parametrize(("kind", "cancellation_type"), CANCELLED)
-def test_cancelled_with_the_type_the_invoice_rules_give(system: System, kind: str, cancellation_type: str) -> None:
+def test_cancelled_with_the_type_the_invoice_rules_give(
+    system: System, kind: str, cancellation_type: str
+) -> None:
     job = system.wait(system.enqueue(body(getattr(DEMO, kind)))["id"])
     assert job["status"] == "finished"
     assert job["outcome"]["type"] == "cancelled"
@@ -108,13 +110,36 @@ def test_5xx_then_success_is_retried(system: System) -> None:
 
 
 def test_bad_input_is_rejected_with_each_field_named(system: System) -> None:
-    status, problem = system.post("/v1/cancellations", {"provider": "payway", "subscription": {"account_id": "xyz", "user_product_id": DEMO.immediate.user_product_id}, "reason": {"code": ""}, "surprise": 1})
+    status, problem = system.post(
+        "/v1/cancellations",
+        {
+            "provider": "payway",
+            "subscription": {
+                "account_id": "xyz",
+                "user_product_id": DEMO.immediate.user_product_id,
+            },
+            "reason": {"code": ""},
+            "surprise": 1,
+        },
+    )
     assert status == 422
     fields = {e["field"] for e in problem["errors"]}
     assert {"reason.code", "surprise"} <= fields
-    status, problem = system.post("/v1/cancellations", {"provider": "payway", "subscription": {"account_id": "xyz", "user_product_id": DEMO.immediate.user_product_id}})
+    status, problem = system.post(
+        "/v1/cancellations",
+        {
+            "provider": "payway",
+            "subscription": {
+                "account_id": "xyz",
+                "user_product_id": DEMO.immediate.user_product_id,
+            },
+        },
+    )
     assert status == 422
-    assert {e["field"] for e in problem["errors"]} == {"subscription.account_id", "subscription.cancellation_reason_id"}
+    assert {e["field"] for e in problem["errors"]} == {
+        "subscription.account_id",
+        "subscription.cancellation_reason_id",
+    }
     status, problem = system.post("/v1/cancellations", raw=b"{not json")
     assert status == 400
     status, problem = system.post("/v1/cancellations", {"provider": "nope", "subscription": {}})
@@ -130,7 +155,9 @@ def test_idempotency_key_returns_the_same_job_or_409(system: System) -> None:
     assert status == 409
     assert problem["job_id"] == first["id"]
     system.wait(first["id"])
-    assert system.sandbox.state("payway")["effective_cancels"] == {DEMO.end_of_period.user_product_id: 1}
+    assert system.sandbox.state("payway")["effective_cancels"] == {
+        DEMO.end_of_period.user_product_id: 1
+    }
 
 
 def test_a_second_request_for_a_subscription_in_flight_joins_it(system: System) -> None:
@@ -146,7 +173,15 @@ def test_routes_need_a_token_but_health_does_not(system: System) -> None:
 
     assert http_json("GET", f"{system.api_url}/healthz")[0] == 200
     assert http_json("GET", f"{system.api_url}/v1/cancellations/job_{'0' * 32}")[0] == 401
-    assert http_json("GET", f"{system.api_url}/v1/cancellations/job_{'0' * 32}", token="wrong")[0] == 401
-    assert http_json("GET", f"{system.api_url}/v1/cancellations/job_{'0' * 32}", token=system.token)[0] == 404
-    status, _ = http_json("POST", f"{system.api_url}/v1/cancellations", body(DEMO.immediate), token="read-token")
+    assert (
+        http_json("GET", f"{system.api_url}/v1/cancellations/job_{'0' * 32}", token="wrong")[0]
+        == 401
+    )
+    assert (
+        http_json("GET", f"{system.api_url}/v1/cancellations/job_{'0' * 32}", token=system.token)[0]
+        == 404
+    )
+    status, _ = http_json(
+        "POST", f"{system.api_url}/v1/cancellations", body(DEMO.immediate), token="read-token"
+    )
     assert status == 403

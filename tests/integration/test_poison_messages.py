@@ -22,11 +22,36 @@ JSON = {"content_type": "application/json", "content_encoding": "utf-8", "serial
 POISON = [
     ("raw", b"garbage{", None),
     ("raw", b'{"json": "but not a kombu envelope"}', None),
-    ("publish", b"{not json", {"headers": {"task": "cancelflow.eligibility", "id": "p1", "lang": "py"}, **JSON}),
-    ("publish", b"[[], {}, {}]", {"headers": {"task": "cancelflow.no_such_task", "id": "p2", "lang": "py"}, **JSON}),
-    ("publish", b"\x80\x04K\x01.", {"headers": {"task": "cancelflow.eligibility", "id": "p3", "lang": "py"}, "content_type": "application/x-python-serialize", "content_encoding": "binary", "serializer": None}),
-    ("publish", b'[["not-a-job-id"], {}, {}]', {"headers": {"task": "cancelflow.confirm", "id": "p4", "lang": "py"}, **JSON}),
-    ("publish", b'[[1, 2, 3], {"x": 1}, {}]', {"headers": {"task": "cancelflow.callback", "id": "p5", "lang": "py"}, **JSON}),
+    (
+        "publish",
+        b"{not json",
+        {"headers": {"task": "cancelflow.eligibility", "id": "p1", "lang": "py"}, **JSON},
+    ),
+    (
+        "publish",
+        b"[[], {}, {}]",
+        {"headers": {"task": "cancelflow.no_such_task", "id": "p2", "lang": "py"}, **JSON},
+    ),
+    (
+        "publish",
+        b"\x80\x04K\x01.",
+        {
+            "headers": {"task": "cancelflow.eligibility", "id": "p3", "lang": "py"},
+            "content_type": "application/x-python-serialize",
+            "content_encoding": "binary",
+            "serializer": None,
+        },
+    ),
+    (
+        "publish",
+        b'[["not-a-job-id"], {}, {}]',
+        {"headers": {"task": "cancelflow.confirm", "id": "p4", "lang": "py"}, **JSON},
+    ),
+    (
+        "publish",
+        b'[[1, 2, 3], {"x": 1}, {}]',
+        {"headers": {"task": "cancelflow.callback", "id": "p5", "lang": "py"}, **JSON},
+    ),
     ("publish", b'{"hello": 1}', {"headers": {}, **JSON}),
 ]
 
@@ -43,10 +68,20 @@ def test_poison_on_every_queue_is_dead_lettered_and_good_jobs_still_run(system: 
                     client.lpush(queue, body)
                 else:
                     assert options is not None
-                    producer.publish(body, exchange=EXCHANGE, routing_key=queue, declare=[Queue(queue, EXCHANGE, routing_key=queue)], **options)
+                    producer.publish(
+                        body,
+                        exchange=EXCHANGE,
+                        routing_key=queue,
+                        declare=[Queue(queue, EXCHANGE, routing_key=queue)],
+                        **options,
+                    )
     # Queues of providers this system's worker does not serve stay untouched: only count
     # what the worker consumes.
-    served = [q for q in queues if q.split(".", 1)[-1] in system.env_providers() or not q.startswith("cancellations.")]
+    served = [
+        q
+        for q in queues
+        if q.split(".", 1)[-1] in system.env_providers() or not q.startswith("cancellations.")
+    ]
     expected = before + len(served) * len(POISON)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and client.zcard("cf:dl:index") < expected:
@@ -62,5 +97,12 @@ def test_poison_on_every_queue_is_dead_lettered_and_good_jobs_still_run(system: 
     status, listing = system.get("/v1/dead-letters?kind=poison&limit=1000")
     assert status == 200
     kinds = {d["error_type"] for d in listing["items"]}
-    assert {"UnreadableEnvelope", "DecodeError", "UnknownTask", "ContentDisallowed", "Poison", "UnknownMessage"} <= kinds
+    assert {
+        "UnreadableEnvelope",
+        "DecodeError",
+        "UnknownTask",
+        "ContentDisallowed",
+        "Poison",
+        "UnknownMessage",
+    } <= kinds
     assert {d["queue"] for d in listing["items"]} >= set(served)

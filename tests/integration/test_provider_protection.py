@@ -12,7 +12,9 @@ from tests.conftest import StartSystem
 pytestmark = pytest.mark.integration
 
 
-def test_breaker_opens_leaves_jobs_waiting_and_they_finish_after_recovery(start_system: StartSystem) -> None:
+def test_breaker_opens_leaves_jobs_waiting_and_they_finish_after_recovery(
+    start_system: StartSystem,
+) -> None:
     system = start_system(
         isolated=True,
         CANCELFLOW_PROVIDERS__PAYWAY__BREAKER_FAILURES="3",

@@ -31,7 +31,9 @@ def test_a_job_recorded_but_never_sent_is_sent_by_the_sweeper(system: System) ->
         client = redis_client(settings)
         try:
             store = JobStore(client, retention_s=3600, idempotency_ttl_s=86400)
-            created = await store.create(request, identity=f"{DEMO.immediate.account_id}|{DEMO.immediate.user_product_id}")
+            created = await store.create(
+                request, identity=f"{DEMO.immediate.account_id}|{DEMO.immediate.user_product_id}"
+            )
             return created.job.id
         finally:
             await client.aclose()

@@ -131,5 +131,8 @@ def billing_api(start_system: StartSystem, billing_rules_path: Path) -> Any:
 def limited_api(start_system: StartSystem) -> Any:
     """An API (no worker) allowing each token 2 requests per second, 5 at once."""
     return start_system(
-        workers=0, isolated=True, CANCELFLOW_API__RATE_LIMIT_PER_S="2", CANCELFLOW_API__RATE_LIMIT_BURST="5"
+        workers=0,
+        isolated=True,
+        CANCELFLOW_API__RATE_LIMIT_PER_S="2",
+        CANCELFLOW_API__RATE_LIMIT_BURST="5",
     )

@@ -10,15 +10,27 @@ from cancelflow.logging import REDACTED, configure_logging, get_logger, redact
 
 
 def test_redact_replaces_secret_keys_recursively() -> None:
-    data = {"access_token": "abc", "item": {"client_secret": "x", "ok": 1}, "list": [{"Authorization": "Bearer y"}]}
-    assert redact(data) == {"access_token": REDACTED, "item": {"client_secret": REDACTED, "ok": 1}, "list": [{"Authorization": REDACTED}]}
+    data = {
+        "access_token": "abc",
+        "item": {"client_secret": "x", "ok": 1},
+        "list": [{"Authorization": "Bearer y"}],
+    }
+    assert redact(data) == {
+        "access_token": REDACTED,
+        "item": {"client_secret": REDACTED, "ok": 1},
+        "list": [{"Authorization": REDACTED}],
+    }
 
 
-def test_log_lines_are_json_with_context_and_without_secrets(capsys: pytest.CaptureFixture[str]) -> None:
+def test_log_lines_are_json_with_context_and_without_secrets(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     configure_logging(fmt="json", level="INFO")
     structlog.contextvars.bind_contextvars(job_id="job_1", provider="payway")
     try:
-        get_logger("t").info("provider.token.fetched", token="sekrit", response={"access_token": "sekrit2"})
+        get_logger("t").info(
+            "provider.token.fetched", token="sekrit", response={"access_token": "sekrit2"}
+        )
     finally:
         structlog.contextvars.clear_contextvars()
         logging.getLogger().handlers.clear()

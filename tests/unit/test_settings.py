@@ -40,7 +40,9 @@ def test_a_missing_setting_names_the_variable(env: pytest.MonkeyPatch) -> None:
     assert "CANCELFLOW_PROVIDERS__PAYWAY__CLIENT_SECRET" in str(err.value)
 
 
-def test_an_invalid_value_names_the_variable_but_never_echoes_a_secret(env: pytest.MonkeyPatch) -> None:
+def test_an_invalid_value_names_the_variable_but_never_echoes_a_secret(
+    env: pytest.MonkeyPatch,
+) -> None:
     for k, v in PAYWAY.items():
         env.setenv(k, v)
     env.setenv("CANCELFLOW_PROVIDERS__PAYWAY__TIMEOUT_S", "soon")
@@ -73,7 +75,9 @@ def test_limits_keep_countdowns_and_time_limits_under_the_visibility_timeout() -
 
 
 def test_env_name() -> None:
-    assert env_name(("providers", "payway", "client_id")) == "CANCELFLOW_PROVIDERS__PAYWAY__CLIENT_ID"
+    assert (
+        env_name(("providers", "payway", "client_id")) == "CANCELFLOW_PROVIDERS__PAYWAY__CLIENT_ID"
+    )
 
 
 def test_billing_stream_has_the_name_billing_systems_are_told(env: pytest.MonkeyPatch) -> None:

@@ -46,7 +46,9 @@ async def enqueue(deps: steps.Deps, kind: str = "end_of_period") -> str:
         "account_id": ref.account_id, "user_product_id": ref.user_product_id,
         "cancellation_reason_id": payway_sandbox.DEMO.reason_id,
     })
-    created = await deps.store.create(req, identity=steps.REGISTRY["payway"].reference.model_validate(req.subscription).identity())
+    created = await deps.store.create(
+        req, identity=steps.REGISTRY["payway"].reference.model_validate(req.subscription).identity()
+    )
     return created.job.id
 
 
@@ -62,7 +64,11 @@ def test_the_chain_and_its_next_steps() -> None:
         nxt = await steps.confirm(deps, job_id, lease_s=30)
         assert nxt == steps.Next(Step.CALLBACK, "payway", (steps.EVENT_OUTCOME,))
         job = await deps.store.get(job_id)
-        assert job.status is Status.FINISHED and job.outcome and job.outcome.cancellation_type == "at_end_of_period"
+        assert (
+            job.status is Status.FINISHED
+            and job.outcome
+            and job.outcome.cancellation_type == "at_end_of_period"
+        )
 
     run(scenario)
 
@@ -78,9 +84,13 @@ def test_a_redelivered_step_calls_no_provider_and_resends_what_follows() -> None
         await steps.confirm(deps, job_id, lease_s=30)
         before = calls(state)
         # Confirm delivered again after the job finished: no second cancel call.
-        assert await steps.confirm(deps, job_id, lease_s=30) == steps.Next(Step.CALLBACK, "payway", (steps.EVENT_OUTCOME,))
+        assert await steps.confirm(deps, job_id, lease_s=30) == steps.Next(
+            Step.CALLBACK, "payway", (steps.EVENT_OUTCOME,)
+        )
         assert calls(state) == before
-        assert state.state()["effective_cancels"] == {payway_sandbox.DEMO.end_of_period.user_product_id: 1}
+        assert state.state()["effective_cancels"] == {
+            payway_sandbox.DEMO.end_of_period.user_product_id: 1
+        }
 
     run(scenario)
 
@@ -89,13 +99,17 @@ def test_two_deliveries_of_confirm_at_once_make_one_cancel_call() -> None:
     async def scenario(deps: steps.Deps, state: Any) -> None:
         job_id = await enqueue(deps, "immediate")
         await steps.eligibility(deps, job_id)
-        results = await asyncio.gather(*(steps.confirm(deps, job_id, lease_s=30) for _ in range(5)), return_exceptions=True)
+        results = await asyncio.gather(
+            *(steps.confirm(deps, job_id, lease_s=30) for _ in range(5)), return_exceptions=True
+        )
         assert calls(state).get("cancel_subscription") == 1
         assert sum(isinstance(r, steps.Next) and r.step is Step.CALLBACK for r in results) == 1
         # The others are told to come back once the lease is gone; then they find it done.
         busy = [r for r in results if isinstance(r, steps.StepBusy)]
         assert len(busy) == 4 and all(0 < b.retry_after <= 30 for b in busy)
-        assert await steps.confirm(deps, job_id, lease_s=30) == steps.Next(Step.CALLBACK, "payway", (steps.EVENT_OUTCOME,))
+        assert await steps.confirm(deps, job_id, lease_s=30) == steps.Next(
+            Step.CALLBACK, "payway", (steps.EVENT_OUTCOME,)
+        )
 
     run(scenario)
 
@@ -105,7 +119,10 @@ def test_not_eligible_finishes_at_eligibility() -> None:
         job_id = await enqueue(deps, "not_web_originated")
         assert (await steps.eligibility(deps, job_id)).step is Step.CALLBACK
         job = await deps.store.get(job_id)
-        assert job.outcome and (job.outcome.type.value, job.outcome.reason) == ("not_eligible", "not_web_originated")
+        assert job.outcome and (job.outcome.type.value, job.outcome.reason) == (
+            "not_eligible",
+            "not_web_originated",
+        )
         assert "cancel_subscription" not in calls(state)
 
     run(scenario)
@@ -141,7 +158,9 @@ def test_the_watchdog_resends_the_step_of_a_job_that_stopped_moving() -> None:
         # Finished, its result callback not yet sent: still watched...
         await steps.confirm(deps, stuck, lease_s=30)
         await asyncio.sleep(0.05)
-        assert {n.args for n in await steps.resume_stalled(deps, quiet_for_s=0.01) if n.args[0] == stuck} == {(stuck, steps.EVENT_OUTCOME)}
+        assert {
+            n.args for n in await steps.resume_stalled(deps, quiet_for_s=0.01) if n.args[0] == stuck
+        } == {(stuck, steps.EVENT_OUTCOME)}
         # ...until the callback step settles it.
         await steps.callback(deps, stuck, steps.EVENT_OUTCOME)
         assert stuck not in await deps.store.stalled(quiet_for_s=0)
@@ -162,7 +181,9 @@ def test_two_watchdog_sweeps_at_once_resend_each_job_once() -> None:
         assert sorted(await deps.store.stalled(quiet_for_s=0.01)) == sorted(stuck)
         assert await deps.store.stalled(quiet_for_s=0.01) == []
         await asyncio.sleep(0.05)
-        a, b = await asyncio.gather(*(steps.resume_stalled(deps, quiet_for_s=0.01) for _ in range(2)))
+        a, b = await asyncio.gather(
+            *(steps.resume_stalled(deps, quiet_for_s=0.01) for _ in range(2))
+        )
         assert sorted(n.args[0] for n in (*a, *b)) == sorted(stuck)
 
     run(scenario)

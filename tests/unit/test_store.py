@@ -41,7 +41,9 @@ def test_create_then_get(fake_redis: fakeredis.FakeAsyncRedis) -> None:
     run(go())
 
 
-def test_idempotency_same_body_same_job_other_body_conflict(fake_redis: fakeredis.FakeAsyncRedis) -> None:
+def test_idempotency_same_body_same_job_other_body_conflict(
+    fake_redis: fakeredis.FakeAsyncRedis,
+) -> None:
     async def go() -> None:
         s = store(fake_redis)
         first = await s.create(request(idempotency_key="k1"), identity="sub-1")
@@ -56,7 +58,9 @@ def test_idempotency_same_body_same_job_other_body_conflict(fake_redis: fakeredi
     run(go())
 
 
-def test_second_request_for_a_subscription_in_flight_joins_until_it_ends(fake_redis: fakeredis.FakeAsyncRedis) -> None:
+def test_second_request_for_a_subscription_in_flight_joins_until_it_ends(
+    fake_redis: fakeredis.FakeAsyncRedis,
+) -> None:
     async def go() -> None:
         s = store(fake_redis)
         first = await s.create(request(), identity="sub-1")
@@ -66,7 +70,9 @@ def test_second_request_for_a_subscription_in_flight_joins_until_it_ends(fake_re
         assert other.how == "created"
         job = first.job
         await s.transition(job, Status.CHECKING)
-        await s.transition(job, Status.FINISHED, identity="sub-1", outcome=Outcome(type=OutcomeType.CANCELLED))
+        await s.transition(
+            job, Status.FINISHED, identity="sub-1", outcome=Outcome(type=OutcomeType.CANCELLED)
+        )
         assert not await fake_redis.exists(inflight_key("payway", "sub-1"))
         fresh = await s.create(request(), identity="sub-1")
         assert fresh.how == "created" and fresh.job.id != first.job.id
@@ -83,9 +89,17 @@ def test_transitions_only_move_forward(fake_redis: fakeredis.FakeAsyncRedis) -> 
         # A late, duplicate eligibility task cannot move the job back.
         late = await s.transition(job, Status.CHECKING, entry=entry("late"))
         assert not late.applied and late.previous is Status.CONFIRMING
-        done = await s.transition(job, Status.FINISHED, outcome=Outcome(type=OutcomeType.CANCELLED), identity="sub-1")
+        done = await s.transition(
+            job, Status.FINISHED, outcome=Outcome(type=OutcomeType.CANCELLED), identity="sub-1"
+        )
         assert done.applied
-        for to in (Status.CHECKING, Status.CONFIRMING, Status.AWAITING_DECISION, Status.FINISHED, Status.DEAD_LETTERED):
+        for to in (
+            Status.CHECKING,
+            Status.CONFIRMING,
+            Status.AWAITING_DECISION,
+            Status.FINISHED,
+            Status.DEAD_LETTERED,
+        ):
             assert not (await s.transition(job, to)).applied
         record = await s.get(job.id)
         assert record.status is Status.FINISHED
@@ -126,30 +140,54 @@ def test_concurrent_transitions_apply_once(fake_redis: fakeredis.FakeAsyncRedis)
         s = store(fake_redis)
         job = (await s.create(request(), identity="sub-1")).job
         await s.transition(job, Status.CHECKING)
-        results = await asyncio.gather(*(s.transition(job, Status.AWAITING_DECISION) for _ in range(20)))
+        results = await asyncio.gather(
+            *(s.transition(job, Status.AWAITING_DECISION) for _ in range(20))
+        )
         assert sum(r.applied for r in results) == 1
 
     run(go())
 
 
-def test_begin_moves_and_reads_in_one_and_the_lease_is_exclusive(fake_redis: fakeredis.FakeAsyncRedis) -> None:
+def test_begin_moves_and_reads_in_one_and_the_lease_is_exclusive(
+    fake_redis: fakeredis.FakeAsyncRedis,
+) -> None:
     async def go() -> None:
         s = store(fake_redis)
         job = (await s.create(request(), identity="sub-1")).job
-        began = await s.begin(job.id, to=Status.CHECKING, allowed=frozenset({Status.QUEUED}), entry=entry("started"))
+        began = await s.begin(
+            job.id, to=Status.CHECKING, allowed=frozenset({Status.QUEUED}), entry=entry("started")
+        )
         assert began.applied and began.previous is Status.QUEUED and began.leased_for_ms is None
         assert began.job.status is Status.CHECKING
         assert [e.event for e in began.job.timeline] == ["queued", "started"]
         # Not in an allowed status: nothing written, the record still read.
-        again = await s.begin(job.id, to=Status.CHECKING, allowed=frozenset({Status.QUEUED}), entry=entry("started"))
+        again = await s.begin(
+            job.id, to=Status.CHECKING, allowed=frozenset({Status.QUEUED}), entry=entry("started")
+        )
         assert not again.applied and again.previous is Status.CHECKING
         assert len(again.job.timeline) == 2
 
         lease = ("cf:lease:test", 30.0)
-        first = await s.begin(job.id, to=None, allowed=frozenset({Status.CHECKING}), entry=entry("confirm"), lease=lease)
-        second = await s.begin(job.id, to=None, allowed=frozenset({Status.CHECKING}), entry=entry("confirm"), lease=lease)
+        first = await s.begin(
+            job.id,
+            to=None,
+            allowed=frozenset({Status.CHECKING}),
+            entry=entry("confirm"),
+            lease=lease,
+        )
+        second = await s.begin(
+            job.id,
+            to=None,
+            allowed=frozenset({Status.CHECKING}),
+            entry=entry("confirm"),
+            lease=lease,
+        )
         assert first.applied and first.leased_for_ms is None
-        assert not second.applied and second.leased_for_ms is not None and 0 < second.leased_for_ms <= 30_000
+        assert (
+            not second.applied
+            and second.leased_for_ms is not None
+            and 0 < second.leased_for_ms <= 30_000
+        )
         assert [e.event for e in second.job.timeline].count("confirm") == 1
         # The move that ends the step gives the lease back, whether or not it applies.
         await s.transition(job, Status.AWAITING_DECISION, release_lease=lease[0])
