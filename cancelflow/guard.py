@@ -119,13 +119,15 @@ class ProviderGuard:
             wait_ms = int(value)
             if verdict == "open":
                 raise CircuitOpen(
-                    f"circuit open for {self.provider}", provider=self.provider,
+                    f"circuit open for {self.provider}",
+                    provider=self.provider,
                     retry_after=int(wait_ms) / 1000,
                 )
             if time.monotonic() + int(wait_ms) / 1000 > deadline:
                 raise ProviderThrottled(
                     f"waited {lim.max_wait_s:g}s for a slot under {self.provider}'s limits",
-                    provider=self.provider, retry_after=1.0,
+                    provider=self.provider,
+                    retry_after=1.0,
                 )
             await asyncio.sleep(int(wait_ms) / 1000)
 

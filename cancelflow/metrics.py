@@ -42,7 +42,7 @@ JOBS_ENQUEUED = Counter(
 )
 JOBS_FINISHED = Counter(
     "cancelflow_jobs_finished_total",
-    "Jobs that reached their end, by outcome; outcome=\"dead_lettered\" for jobs moved to the "
+    'Jobs that reached their end, by outcome; outcome="dead_lettered" for jobs moved to the '
     "dead-letter store (a replayed job that then finishes is counted again).",
     ["provider", "outcome"],
 )
@@ -54,7 +54,7 @@ STEP_DURATION = Histogram(
 )
 PROVIDER_CALLS = Counter(
     "cancelflow_provider_calls_total",
-    "HTTP calls to providers, by result: the HTTP status, \"timeout\" or \"connection_error\".",
+    'HTTP calls to providers, by result: the HTTP status, "timeout" or "connection_error".',
     ["provider", "method", "result"],
 )
 PROVIDER_CALL_DURATION = Histogram(
@@ -232,4 +232,3 @@ def serve_worker_metrics(host: str, port: int) -> MetricsServer:
     """Serve this process's metrics on ``host:port``; ``OSError`` when the port is taken."""
     server, _thread = prometheus_client.start_http_server(port, addr=host)
     return MetricsServer(server, int(server.server_address[1]))
-

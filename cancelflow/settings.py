@@ -28,9 +28,7 @@ DAY = 24 * 3600
 
 def _providers_model() -> type[BaseModel]:
     # One optional field per registered provider: a provider is enabled when configured.
-    fields: dict[str, Any] = {
-        key: (spec.settings | None, None) for key, spec in REGISTRY.items()
-    }
+    fields: dict[str, Any] = {key: (spec.settings | None, None) for key, spec in REGISTRY.items()}
     return create_model(
         "ProvidersSettings", __config__=ConfigDict(extra="forbid", frozen=True), **fields
     )

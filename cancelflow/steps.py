@@ -128,7 +128,9 @@ def _provider(deps: Deps, job: JobRecord) -> Provider:
 async def eligibility(deps: Deps, job_id: str, *, attempt: int = 0) -> Next:
     """Ask the provider whether the subscription can be cancelled."""
     began = await deps.store.begin(
-        job_id, to=Status.CHECKING, allowed=TRANSITIONS[Status.CHECKING],
+        job_id,
+        to=Status.CHECKING,
+        allowed=TRANSITIONS[Status.CHECKING],
         entry=_entry(Step.ELIGIBILITY, "started", attempt),
     )
     job = _bind(began.job)
@@ -207,7 +209,12 @@ async def decide(deps: Deps, job_id: str, decision: Decision, *, by: str = "cust
             details=job.offer.details,
         )
         result = await finish(
-            deps, job, outcome, step=Step.RETENTION_OFFER, attempt=0, details=entry_details,
+            deps,
+            job,
+            outcome,
+            step=Step.RETENTION_OFFER,
+            attempt=0,
+            details=entry_details,
             decision=decision,
         )
     else:
@@ -215,7 +222,10 @@ async def decide(deps: Deps, job_id: str, decision: Decision, *, by: str = "cust
             job,
             Status.CONFIRMING,
             entry=_entry(
-                Step.RETENTION_OFFER, "rejected", 0, status=Status.CONFIRMING,
+                Step.RETENTION_OFFER,
+                "rejected",
+                0,
+                status=Status.CONFIRMING,
                 details=entry_details,
             ),
             decision=decision,
@@ -233,7 +243,11 @@ async def abandon(deps: Deps, job_id: str) -> Next:
     if job.status is not Status.AWAITING_DECISION:
         raise DecisionConflict(f"job {job_id} is {job.status}, not awaiting a decision")
     result = await finish(
-        deps, job, Outcome(type=OutcomeType.ABANDONED), step=Step.RETENTION_OFFER, attempt=0,
+        deps,
+        job,
+        Outcome(type=OutcomeType.ABANDONED),
+        step=Step.RETENTION_OFFER,
+        attempt=0,
         details={"by": "deadline"},
     )
     await deps.store.redis.zrem(AWAITING_KEY, job_id)
@@ -306,8 +320,11 @@ async def confirm(deps: Deps, job_id: str, *, attempt: int = 0, lease_s: float) 
     """Make the provider's cancel call, once: a lease keeps two deliveries from racing."""
     lease = f"cf:lease:{job_id}:confirm"
     began = await deps.store.begin(
-        job_id, to=None, allowed=frozenset({Status.CONFIRMING}),
-        entry=_entry(Step.CONFIRM, "started", attempt), lease=(lease, lease_s),
+        job_id,
+        to=None,
+        allowed=frozenset({Status.CONFIRMING}),
+        entry=_entry(Step.CONFIRM, "started", attempt),
+        lease=(lease, lease_s),
     )
     job = _bind(began.job)
     if began.leased_for_ms is not None:
@@ -327,8 +344,13 @@ async def confirm(deps: Deps, job_id: str, *, attempt: int = 0, lease_s: float) 
         raise
     # The move to finished deletes the lease in the same round trip.
     return await finish(
-        deps, job, answer.outcome, step=Step.CONFIRM, attempt=attempt,
-        response=redact(answer.response), release_lease=lease,
+        deps,
+        job,
+        answer.outcome,
+        step=Step.CONFIRM,
+        attempt=attempt,
+        response=redact(answer.response),
+        release_lease=lease,
     )
 
 
@@ -349,7 +371,11 @@ async def finish(
         job,
         Status.FINISHED,
         entry=_entry(
-            step, "finished", attempt, status=Status.FINISHED, response=response,
+            step,
+            "finished",
+            attempt,
+            status=Status.FINISHED,
+            response=response,
             details={"outcome": outcome.type.value, **(details or {})},
         ),
         identity=reference(job).identity(),
@@ -363,13 +389,14 @@ async def finish(
     return Next(Step.CALLBACK, job.provider, (EVENT_OUTCOME,))
 
 
-async def fail(
-    deps: Deps, job_id: str, error: ProviderError, *, step: Step, attempt: int
-) -> Next:
+async def fail(deps: Deps, job_id: str, error: ProviderError, *, step: Step, attempt: int) -> Next:
     """A permanent provider error: the job ends ``failed`` with the error, no retry."""
     job = await _load(deps, job_id)
     return await finish(
-        deps, job, Outcome(type=OutcomeType.FAILED, error=error.as_dict()), step=step,
+        deps,
+        job,
+        Outcome(type=OutcomeType.FAILED, error=error.as_dict()),
+        step=step,
         attempt=attempt,
     )
 
@@ -420,17 +447,28 @@ async def dead_letter(
     job = await _load(deps, job_id)
     errors = [e.error for e in job.timeline if e.error is not None and e.step == step]
     dl = DeadLetter(
-        kind="job", job_id=job_id, provider=job.provider, step=step.value,
-        queue=None, error_type=error_type, error=error,
+        kind="job",
+        job_id=job_id,
+        provider=job.provider,
+        step=step.value,
+        queue=None,
+        error_type=error_type,
+        error=error,
         errors=[*errors, {"type": error_type, "message": error}],
-        traceback=traceback, payload=payload,
+        traceback=traceback,
+        payload=payload,
     )
     # The entry is written with the move (one script): a crash leaves both or neither.
     moved = await deps.store.transition(
         job,
         Status.DEAD_LETTERED,
-        entry=_entry(step, "dead_lettered", len(errors), status=Status.DEAD_LETTERED,
-                     error={"type": error_type, "message": error}),
+        entry=_entry(
+            step,
+            "dead_lettered",
+            len(errors),
+            status=Status.DEAD_LETTERED,
+            error={"type": error_type, "message": error},
+        ),
         identity=reference(job).identity(),
         dead_letter=dl,
     )
@@ -546,8 +584,14 @@ SETTLED = "settled"
 
 
 async def _deliver(
-    deps: Deps, job: JobRecord, kind: str, body: dict[str, Any], target: str, attempt: int,
-    *, settle: bool = False,
+    deps: Deps,
+    job: JobRecord,
+    kind: str,
+    body: dict[str, Any],
+    target: str,
+    attempt: int,
+    *,
+    settle: bool = False,
 ) -> callbacks.CallbackRetryable | str | None:
     """One attempt at one target, recorded on the job: the error to retry on, if any, or
     ``SETTLED`` when ``settle`` is set and the delivery settled the job with its record."""
@@ -561,8 +605,16 @@ async def _deliver(
         latency = round(elapsed_s * 1000, 1) if elapsed_s is not None else None
         await deps.store.add_callback_attempt(
             job.id,
-            CallbackAttempt(at=isoformat(utcnow()), event_id=eid, event_type=etype, url=url,
-                            attempt=attempt, result=result, latency_ms=latency, **kw),
+            CallbackAttempt(
+                at=isoformat(utcnow()),
+                event_id=eid,
+                event_type=etype,
+                url=url,
+                attempt=attempt,
+                result=result,
+                latency_ms=latency,
+                **kw,
+            ),
             settle=settles,
         )
 
@@ -651,18 +703,41 @@ async def dead_letter_callback(
     attempts = _since_dead_letter(_history(job, eid, target))
     dl = await deps.dead_letters.add(
         DeadLetter(
-            kind="callback", job_id=job_id, provider=job.provider, step=Step.CALLBACK.value,
-            error_type=error_type, error=error, traceback=traceback,
-            payload={"event": kind, "event_type": etype, "event_id": eid, "target": target,
-                     "url": url},
+            kind="callback",
+            job_id=job_id,
+            provider=job.provider,
+            step=Step.CALLBACK.value,
+            error_type=error_type,
+            error=error,
+            traceback=traceback,
+            payload={
+                "event": kind,
+                "event_type": etype,
+                "event_id": eid,
+                "target": target,
+                "url": url,
+            },
             event=f"{kind}@{target}",
             errors=[{"at": c.at, "status": c.http_status, "error": c.error} for c in attempts],
         )
     )
     await deps.store.add_callback_attempt(
         job_id,
-        CallbackAttempt(at=isoformat(utcnow()), event_id=eid, event_type=etype, url=url,
-                        result="dead_lettered", error=error),
+        CallbackAttempt(
+            at=isoformat(utcnow()),
+            event_id=eid,
+            event_type=etype,
+            url=url,
+            result="dead_lettered",
+            error=error,
+        ),
     )
-    log.error("callback.dead_lettered", target=target, event_type=etype, event_id=eid,
-              error_type=error_type, error=error, dead_letter_id=dl.id)
+    log.error(
+        "callback.dead_lettered",
+        target=target,
+        event_type=etype,
+        event_id=eid,
+        error_type=error_type,
+        error=error,
+        dead_letter_id=dl.id,
+    )

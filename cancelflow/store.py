@@ -390,13 +390,21 @@ class JobStore:
         only note ``entry``) if it is in ``allowed``, taking ``lease`` (key, seconds) if
         given, and answer with the record as it stands after."""
         result, previous, left, job = await self._run(
-            job_id, to=to.value if to else "", allowed=allowed, entry=entry, release="", ttl=0,
-            fields={}, lease=(lease[0], str(int(lease[1] * 1000))) if lease else None,
+            job_id,
+            to=to.value if to else "",
+            allowed=allowed,
+            entry=entry,
+            release="",
+            ttl=0,
+            fields={},
+            lease=(lease[0], str(int(lease[1] * 1000))) if lease else None,
             with_record=True,
         )
         assert job is not None
         return Began(
-            applied=result == "ok", previous=previous, job=job,
+            applied=result == "ok",
+            previous=previous,
+            job=job,
             leased_for_ms=max(left, 1) if result == "leased" else None,
         )
 
@@ -447,7 +455,12 @@ class JobStore:
         """Append a timeline entry (and set fields) without moving the job, only while it is
         in ``expect`` (any status when ``expect`` is None)."""
         result, previous, _, _ = await self._run(
-            job_id, to="", allowed=expect or frozenset(), entry=entry, release="", ttl=0,
+            job_id,
+            to="",
+            allowed=expect or frozenset(),
+            entry=entry,
+            release="",
+            ttl=0,
             fields=fields,
         )
         return Transition(applied=result == "ok", previous=previous)
@@ -503,8 +516,15 @@ class JobStore:
             else ["", "", ""]
         )
         answer = await self._transition(
-            keys=[key, f"{key}:timeline", release, f"{key}:callbacks", ACTIVE,
-                  lease[0] if lease else "", *dl_keys],
+            keys=[
+                key,
+                f"{key}:timeline",
+                release,
+                f"{key}:callbacks",
+                ACTIVE,
+                lease[0] if lease else "",
+                *dl_keys,
+            ],
             args=[
                 to,
                 " ".join(sorted(s.value for s in allowed)),

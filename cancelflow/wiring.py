@@ -44,13 +44,17 @@ def build_providers(
     for key, conf in settings.enabled_providers().items():
         guard = None
         if redis is not None:
-            guard = ProviderGuard(redis, key, GuardLimits(
-                calls_per_second=conf.calls_per_second,
-                max_in_flight=conf.max_in_flight,
-                breaker_failures=conf.breaker_failures,
-                breaker_cooldown_s=conf.breaker_cooldown_s,
-                lease_s=settings.limits().task_time_limit_s,
-            ))
+            guard = ProviderGuard(
+                redis,
+                key,
+                GuardLimits(
+                    calls_per_second=conf.calls_per_second,
+                    max_in_flight=conf.max_in_flight,
+                    breaker_failures=conf.breaker_failures,
+                    breaker_cooldown_s=conf.breaker_cooldown_s,
+                    lease_s=settings.limits().task_time_limit_s,
+                ),
+            )
         http = ProviderHttp(
             session,
             provider=key,

@@ -153,7 +153,10 @@ def healthcheck() -> None:
 
 @healthcheck.command("worker")
 @click.option(
-    "--hostname", "-n", default="celery@%h", show_default=True,
+    "--hostname",
+    "-n",
+    default="celery@%h",
+    show_default=True,
     help="The worker's node name, as given to `cancelflow worker -n` (%h: this host).",
 )
 @click.option(
@@ -224,7 +227,9 @@ def _dl_filter(
     from cancelflow.dead_letters import DeadLetterFilter
 
     return DeadLetterFilter(
-        provider=provider, kind=kind, error_type=error_type,
+        provider=provider,
+        kind=kind,
+        error_type=error_type,
         older_than=utcnow() - timedelta(seconds=older_than) if older_than else None,
     )
 
@@ -372,6 +377,7 @@ def dlq_purge(
         )
 
     click.echo(f"purged {_run(go)}")
+
 
 # --- producing through the API: enqueue, bulk, status, watch ---------------------------------
 #

@@ -60,6 +60,7 @@ PAYWAY_NOT_ELIGIBLE = (
     "not_web_originated",
 )
 
+
 def _cases() -> list[Case]:
     payway = {"cancellation_reason_id": PAYWAY_REASON}
     return [
@@ -183,8 +184,10 @@ def run_demo(*, keep_logs: bool = False) -> int:
         "CANCELFLOW_CALLBACKS__ALLOWED_HOSTS": "127.0.0.1",
         **provider_env(sandbox_url),
         # Every result goes to the sandbox's receiver, which checks each signature.
-        **{f"CANCELFLOW_PROVIDERS__{key.upper()}__CALLBACK_URL": f"{sandbox_url}/receiver/events"
-           for key in ("payway", "azotte", "appdirect", "axelspringer")},
+        **{
+            f"CANCELFLOW_PROVIDERS__{key.upper()}__CALLBACK_URL": f"{sandbox_url}/receiver/events"
+            for key in ("payway", "azotte", "appdirect", "axelspringer")
+        },
     }
     procs = ProcessGroup(env=env, log_dir=log_dir)
     try:

@@ -41,8 +41,11 @@ class Runtime:
         )
         self.redis = redis_client(self.settings)
         deps = build_deps(
-            self.settings, redis=self.redis, session=self.session,
-            observer=metrics.observe_provider_call, job_observer=metrics.JOB_METRICS,
+            self.settings,
+            redis=self.redis,
+            session=self.session,
+            observer=metrics.observe_provider_call,
+            job_observer=metrics.JOB_METRICS,
         )
         self.callback_session = callbacks.open_session(self.settings.callbacks)
         deps.callback_session = self.callback_session

@@ -169,7 +169,12 @@ def _run_step(
 
 
 def _retry_or_give_up(
-    rt: Runtime, task: Task, step: Step, job_id: str, error: Exception, cause: BaseException,
+    rt: Runtime,
+    task: Task,
+    step: Step,
+    job_id: str,
+    error: Exception,
+    cause: BaseException,
     extra: tuple[str, ...],
 ) -> steps.Next:
     """Retry a transient failure with backoff, or end the job as the error's type says."""
@@ -196,7 +201,9 @@ def _retry_or_give_up(
     else:
         conf = rt.settings.provider(job.provider)
         policy = RetryPolicy(
-            base_s=conf.retry_base_s, max_attempts=conf.max_attempts, max_age_s=conf.max_age_s,
+            base_s=conf.retry_base_s,
+            max_attempts=conf.max_attempts,
+            max_age_s=conf.max_age_s,
             cap_s=limits.max_countdown_s,
         )
     if retryable:
@@ -217,16 +224,26 @@ def _retry_or_give_up(
         reason = f"{why_not}; last error: {details.get('message')}"
         return rt.run(
             steps.dead_letter(
-                rt.deps, job_id, step=step, error_type=details["type"], error=reason,
-                traceback=_format(cause), payload={"args": [job_id, *extra]},
+                rt.deps,
+                job_id,
+                step=step,
+                error_type=details["type"],
+                error=reason,
+                traceback=_format(cause),
+                payload={"args": [job_id, *extra]},
             )
         )
     if isinstance(error, ProviderAuthError):
         # Credentials are an operator's to fix; the job can be replayed after.
         return rt.run(
             steps.dead_letter(
-                rt.deps, job_id, step=step, error_type=details["type"], error=str(error),
-                traceback=_format(cause), payload={"args": [job_id, *extra]},
+                rt.deps,
+                job_id,
+                step=step,
+                error_type=details["type"],
+                error=str(error),
+                traceback=_format(cause),
+                payload={"args": [job_id, *extra]},
             )
         )
     assert isinstance(error, ProviderError)
@@ -235,8 +252,12 @@ def _retry_or_give_up(
 
 def _callback_policy(rt: Runtime) -> RetryPolicy:
     # The horizon (not a count) ends callback retries: see steps.callback.
-    return RetryPolicy(base_s=2.0, max_attempts=10**6, max_age_s=float("inf"),
-                       cap_s=min(3600.0, rt.settings.limits().max_countdown_s))
+    return RetryPolicy(
+        base_s=2.0,
+        max_attempts=10**6,
+        max_age_s=float("inf"),
+        cap_s=min(3600.0, rt.settings.limits().max_countdown_s),
+    )
 
 
 def _format(exc: BaseException) -> str:
@@ -246,8 +267,11 @@ def _format(exc: BaseException) -> str:
 def _dead_letter_poison(rt: Runtime, task: Task, exc: Exception, args: Any, kwargs: Any) -> None:
     delivery = task.request.delivery_info or {}
     dl = DeadLetter(
-        kind="poison", step=task.name, queue=delivery.get("routing_key"),
-        error_type=type(exc).__name__, error=str(exc),
+        kind="poison",
+        step=task.name,
+        queue=delivery.get("routing_key"),
+        error_type=type(exc).__name__,
+        error=str(exc),
         payload={"task": task.name, "args": _safe(args), "kwargs": _safe(kwargs)},
         created_at=isoformat(utcnow()),
     )

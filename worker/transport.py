@@ -69,8 +69,13 @@ class Channel(messaging.Channel):
             error = "list item is JSON but not a kombu message envelope"
         except Exception as exc:  # whatever the item is, it must not stop us
             error = f"list item is not a kombu message: {type(exc).__name__}: {exc}"
-        dl = DeadLetter(kind="poison", queue=queue, error_type="UnreadableEnvelope", error=error,
-                        payload=poison_payload(item, None, None))
+        dl = DeadLetter(
+            kind="poison",
+            queue=queue,
+            error_type="UnreadableEnvelope",
+            error=error,
+            payload=poison_payload(item, None, None),
+        )
         with self.conn_or_acquire() as client:
             DeadLetterStore.add_sync(client, dl)
             client.lpush(DEAD_LETTER_QUEUE, item)

@@ -164,9 +164,7 @@ def _parse_xml(resp: HttpResponse, provider: str) -> dict[str, str]:
     if error is None:
         return {}
     return {
-        name: text
-        for name in ("code", "message")
-        if (text := (error.findtext(name) or "").strip())
+        name: text for name in ("code", "message") if (text := (error.findtext(name) or "").strip())
     }
 
 

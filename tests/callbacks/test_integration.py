@@ -323,8 +323,11 @@ def test_a_rejecting_hook_is_dead_lettered_and_the_job_is_untouched(cb_system: S
 def test_an_internal_address_is_refused_when_the_job_is_submitted(
     cb_system: System, host: str
 ) -> None:
-    body = {"provider": "payway", "subscription": payway(cb_system, "end_of_period"),
-            "callback_url": receiver_url(cb_system, host)}
+    body = {
+        "provider": "payway",
+        "subscription": payway(cb_system, "end_of_period"),
+        "callback_url": receiver_url(cb_system, host),
+    }
     status, problem = cb_system.post("/v1/cancellations", body)
     assert status == 422, problem
     [error] = problem["errors"]

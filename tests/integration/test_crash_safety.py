@@ -109,11 +109,27 @@ def aof_redis() -> Iterator[tuple[str, Any]]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def start() -> None:
-        procs.append(subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [
+                    "redis-server",
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    str(data),
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                    "--save",
+                    "",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         wait_until(lambda: redis_answers(url), timeout_s=10, what="redis with AOF")
 
     def crash_and_restart(down_s: float = 1.0) -> None:

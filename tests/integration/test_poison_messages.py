@@ -89,9 +89,18 @@ def test_poison_on_every_queue_is_dead_lettered_and_good_jobs_still_run(system: 
     assert client.zcard("cf:dl:index") == expected
 
     system.sandbox.reset("payway")
-    job = system.wait(system.enqueue({"provider": "payway", "subscription": {
-        "account_id": DEMO.immediate.account_id, "user_product_id": DEMO.immediate.user_product_id,
-        "cancellation_reason_id": DEMO.reason_id}})["id"])
+    job = system.wait(
+        system.enqueue(
+            {
+                "provider": "payway",
+                "subscription": {
+                    "account_id": DEMO.immediate.account_id,
+                    "user_product_id": DEMO.immediate.user_product_id,
+                    "cancellation_reason_id": DEMO.reason_id,
+                },
+            }
+        )["id"]
+    )
     assert job["outcome"]["type"] == "cancelled"
 
     status, listing = system.get("/v1/dead-letters?kind=poison&limit=1000")

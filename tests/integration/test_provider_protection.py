@@ -26,9 +26,19 @@ def test_breaker_opens_leaves_jobs_waiting_and_they_finish_after_recovery(
     system.sandbox.faults("payway", error_rate=1.0)
     try:
         refs = [DEMO.end_of_period, DEMO.autogiro, DEMO.immediate, DEMO.end_of_period_with_credit]
-        jobs = [system.enqueue({"provider": "payway", "subscription": {
-            "account_id": r.account_id, "user_product_id": r.user_product_id,
-            "cancellation_reason_id": DEMO.reason_id}})["id"] for r in refs]
+        jobs = [
+            system.enqueue(
+                {
+                    "provider": "payway",
+                    "subscription": {
+                        "account_id": r.account_id,
+                        "user_product_id": r.user_product_id,
+                        "cancellation_reason_id": DEMO.reason_id,
+                    },
+                }
+            )["id"]
+            for r in refs
+        ]
         deadline = time.monotonic() + 30
         state: dict[str, object] = {}
         while time.monotonic() < deadline:

@@ -21,9 +21,14 @@ pytestmark = pytest.mark.integration
 
 def test_a_job_recorded_but_never_sent_is_sent_by_the_sweeper(system: System) -> None:
     system.sandbox.reset("payway")
-    request = CancellationRequest(provider="payway", subscription={
-        "account_id": DEMO.immediate.account_id, "user_product_id": DEMO.immediate.user_product_id,
-        "cancellation_reason_id": DEMO.reason_id})
+    request = CancellationRequest(
+        provider="payway",
+        subscription={
+            "account_id": DEMO.immediate.account_id,
+            "user_product_id": DEMO.immediate.user_product_id,
+            "cancellation_reason_id": DEMO.reason_id,
+        },
+    )
 
     async def record_only() -> str:
         # What the API does before it dies: the record, no message.

@@ -137,8 +137,10 @@ def test_each_token_is_rate_limited_across_every_api_process(
 ) -> None:
     # A second API process on the same Redis shares the counts (2/s, burst 5).
     twin = start_system(
-        workers=0, db_url=limited_api.redis_url,
-        CANCELFLOW_API__RATE_LIMIT_PER_S="2", CANCELFLOW_API__RATE_LIMIT_BURST="5",
+        workers=0,
+        db_url=limited_api.redis_url,
+        CANCELFLOW_API__RATE_LIMIT_PER_S="2",
+        CANCELFLOW_API__RATE_LIMIT_BURST="5",
     )
     token = READ_TOKEN
     first = _burst(limited_api.api_url, token, 4)

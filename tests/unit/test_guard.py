@@ -14,8 +14,12 @@ from cancelflow.guard import GuardLimits, ProviderGuard, ProviderThrottled, brea
 
 def limits(**kw: float | int | None) -> GuardLimits:
     base: dict[str, float | int | None] = {
-        "calls_per_second": None, "max_in_flight": None, "breaker_failures": 3,
-        "breaker_cooldown_s": 0.5, "lease_s": 30.0, "max_wait_s": 10.0,
+        "calls_per_second": None,
+        "max_in_flight": None,
+        "breaker_failures": 3,
+        "breaker_cooldown_s": 0.5,
+        "lease_s": 30.0,
+        "max_wait_s": 10.0,
     }
     base.update(kw)
     return GuardLimits(**base)  # type: ignore[arg-type]

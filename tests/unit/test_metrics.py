@@ -82,8 +82,14 @@ def test_the_store_reports_a_job_ending_once_and_callback_attempts(
         assert (await store.transition(other, Status.DEAD_LETTERED)).applied
         await store.add_callback_attempt(
             job.id,
-            CallbackAttempt(at="2026-01-01T00:00:00Z", event_id="e", event_type="t",
-                            url=None, attempt=0, result="delivered"),
+            CallbackAttempt(
+                at="2026-01-01T00:00:00Z",
+                event_id="e",
+                event_type="t",
+                url=None,
+                attempt=0,
+                result="delivered",
+            ),
         )
 
     run(go())

@@ -28,11 +28,13 @@ def run(scenario: Scenario) -> None:
         app = build_app()
         async with TestServer(app) as server, aiohttp.ClientSession() as session:
             settings = Settings(
-                providers={"payway": {
-                    "base_url": str(server.make_url("/payway")),
-                    "client_id": payway_sandbox.DEMO_CLIENT_ID,
-                    "client_secret": payway_sandbox.DEMO_CLIENT_SECRET,
-                }}
+                providers={
+                    "payway": {
+                        "base_url": str(server.make_url("/payway")),
+                        "client_id": payway_sandbox.DEMO_CLIENT_ID,
+                        "client_secret": payway_sandbox.DEMO_CLIENT_SECRET,
+                    }
+                }
             )
             deps = build_deps(settings, redis=fakeredis.FakeAsyncRedis(), session=session)
             await scenario(deps, app[PROVIDER_APPS]["payway"][payway_sandbox.PAYWAY_STATE])
@@ -42,10 +44,14 @@ def run(scenario: Scenario) -> None:
 
 async def enqueue(deps: steps.Deps, kind: str = "end_of_period") -> str:
     ref = getattr(payway_sandbox.DEMO, kind)
-    req = CancellationRequest(provider="payway", subscription={
-        "account_id": ref.account_id, "user_product_id": ref.user_product_id,
-        "cancellation_reason_id": payway_sandbox.DEMO.reason_id,
-    })
+    req = CancellationRequest(
+        provider="payway",
+        subscription={
+            "account_id": ref.account_id,
+            "user_product_id": ref.user_product_id,
+            "cancellation_reason_id": payway_sandbox.DEMO.reason_id,
+        },
+    )
     created = await deps.store.create(
         req, identity=steps.REGISTRY["payway"].reference.model_validate(req.subscription).identity()
     )
@@ -192,8 +198,13 @@ def test_two_watchdog_sweeps_at_once_resend_each_job_once() -> None:
 def test_a_dead_letter_is_written_with_the_move_and_only_once() -> None:
     async def scenario(deps: steps.Deps, state: Any) -> None:
         job_id = await enqueue(deps)
-        args = {"step": Step.ELIGIBILITY, "error_type": "ProviderUnavailable", "error": "503",
-                "traceback": None, "payload": {"args": [job_id]}}
+        args = {
+            "step": Step.ELIGIBILITY,
+            "error_type": "ProviderUnavailable",
+            "error": "503",
+            "traceback": None,
+            "payload": {"args": [job_id]},
+        }
         assert (await steps.dead_letter(deps, job_id, **args)).step is Step.CALLBACK
         # The same step delivered again after a crash: the job has moved, nothing more is written.
         assert (await steps.dead_letter(deps, job_id, **args)).step is Step.CALLBACK
