@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -44,17 +42,6 @@ rules:
       method: Immediate
       subscription: {order_identifier: "{data.order_id}"}
 """
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
-    """Run a coroutine test in a fresh event loop; leave sync tests to pytest."""
-    function = pyfuncitem.obj
-    if not inspect.iscoroutinefunction(function):
-        return None
-    names = pyfuncitem._fixtureinfo.argnames
-    asyncio.run(function(**{name: pyfuncitem.funcargs[name] for name in names}))
-    return True
 
 
 @pytest.fixture
