@@ -9,6 +9,7 @@ from typing import Any
 
 from cancelflow.contract import FINAL_STATUSES
 from producers.local import ProcessGroup, http_json
+from sandboxes.payway import DEMO, PaywayRef
 
 
 @dataclass
@@ -100,3 +101,16 @@ class System:
 def _callback_pending(job: dict[str, Any]) -> bool:
     # A finished job's result callback is recorded shortly after; wait for it too.
     return not job.get("callbacks")
+
+
+def payway_body(ref: PaywayRef, **extra: Any) -> dict[str, Any]:
+    """A cancellation request for one of the Payway sandbox's demo subscriptions."""
+    return {
+        "provider": "payway",
+        "subscription": {
+            "account_id": ref.account_id,
+            "user_product_id": ref.user_product_id,
+            "cancellation_reason_id": DEMO.reason_id,
+        },
+        **extra,
+    }

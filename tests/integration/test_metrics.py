@@ -7,7 +7,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -17,9 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from cancelflow.dead_letters import KINDS
 from cancelflow.messaging import queues
 from producers.local import free_port, http_json
-from sandboxes.payway import DEMO, PaywayRef
+from sandboxes.payway import DEMO
 from tests.conftest import READ_TOKEN, StartSystem
-from tests.support import System
+from tests.support import System, payway_body
 
 pytestmark = pytest.mark.integration
 
@@ -72,18 +71,6 @@ def total(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
 
 
-def body(ref: PaywayRef, **extra: Any) -> dict[str, Any]:
-    return {
-        "provider": "payway",
-        "subscription": {
-            "account_id": ref.account_id,
-            "user_product_id": ref.user_product_id,
-            "cancellation_reason_id": DEMO.reason_id,
-        },
-        **extra,
-    }
-
-
 def test_counters_histograms_and_gauges_move_with_the_jobs(metered: tuple[System, int]) -> None:
     system, port = metered
     worker_url = f"http://127.0.0.1:{port}/metrics"
@@ -94,13 +81,13 @@ def test_counters_histograms_and_gauges_move_with_the_jobs(metered: tuple[System
 
     # Two cancelled (one with a callback URL), one not eligible, one retried after a 5xx.
     jobs = [
-        system.enqueue(body(DEMO.end_of_period, callback_url=f"{receiver}/events"))["id"],
-        system.enqueue(body(DEMO.immediate))["id"],
-        system.enqueue(body(DEMO.account_not_found))["id"],
+        system.enqueue(payway_body(DEMO.end_of_period, callback_url=f"{receiver}/events"))["id"],
+        system.enqueue(payway_body(DEMO.immediate))["id"],
+        system.enqueue(payway_body(DEMO.account_not_found))["id"],
     ]
     finished = [system.wait(job_id) for job_id in jobs]
     system.sandbox.faults("payway", fail_once_rate=1.0)
-    retried = system.wait(system.enqueue(body(DEMO.autogiro))["id"], timeout_s=60)
+    retried = system.wait(system.enqueue(payway_body(DEMO.autogiro))["id"], timeout_s=60)
     system.sandbox.faults("payway")
     assert [j["outcome"]["type"] for j in finished] == ["cancelled", "cancelled", "not_eligible"]
     assert retried["outcome"]["type"] == "cancelled"

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
-from sandboxes.payway import DEMO, PaywayRef
-from tests.support import System
+from sandboxes.payway import DEMO
+from tests.support import System, payway_body
 
 pytestmark = pytest.mark.integration
 
@@ -19,18 +18,6 @@ def fresh_payway(system: System) -> Iterator[None]:
     system.sandbox.faults("payway")
     yield
     system.sandbox.faults("payway")
-
-
-def body(ref: PaywayRef, **extra: Any) -> dict[str, Any]:
-    return {
-        "provider": "payway",
-        "subscription": {
-            "account_id": ref.account_id,
-            "user_product_id": ref.user_product_id,
-            "cancellation_reason_id": DEMO.reason_id,
-        },
-        **extra,
-    }
 
 
 CANCELLED = [
@@ -55,7 +42,7 @@ NOT_ELIGIBLE = [
 def test_cancelled_with_the_type_the_invoice_rules_give(
     system: System, kind: str, cancellation_type: str
 ) -> None:
-    job = system.wait(system.enqueue(body(getattr(DEMO, kind)))["id"])
+    job = system.wait(system.enqueue(payway_body(getattr(DEMO, kind)))["id"])
     assert job["status"] == "finished"
     assert job["outcome"]["type"] == "cancelled"
     assert job["outcome"]["cancellation_type"] == cancellation_type
@@ -74,7 +61,7 @@ def test_cancelled_with_the_type_the_invoice_rules_give(
 
 @pytest.mark.parametrize("reason", NOT_ELIGIBLE)
 def test_every_reason_ends_not_eligible_without_retry(system: System, reason: str) -> None:
-    job = system.wait(system.enqueue(body(getattr(DEMO, reason)))["id"])
+    job = system.wait(system.enqueue(payway_body(getattr(DEMO, reason)))["id"])
     assert job["outcome"]["type"] == "not_eligible"
     assert job["outcome"]["reason"] == reason
     assert not any(e["event"] == "retry_scheduled" for e in job["timeline"])
@@ -82,16 +69,16 @@ def test_every_reason_ends_not_eligible_without_retry(system: System, reason: st
 
 
 def test_already_cancelled_subscription(system: System) -> None:
-    job = system.wait(system.enqueue(body(DEMO.already_cancelled))["id"])
+    job = system.wait(system.enqueue(payway_body(DEMO.already_cancelled))["id"])
     assert job["outcome"]["type"] == "already_cancelled"
 
 
 def test_expired_token_is_fetched_anew(system: System) -> None:
-    first = system.wait(system.enqueue(body(DEMO.end_of_period))["id"])
+    first = system.wait(system.enqueue(payway_body(DEMO.end_of_period))["id"])
     assert first["outcome"]["type"] == "cancelled"
     tokens_before = system.sandbox.state("payway")["calls"].get("access_token", 0)
     system.sandbox.expire_tokens("payway")
-    second = system.wait(system.enqueue(body(DEMO.immediate))["id"])
+    second = system.wait(system.enqueue(payway_body(DEMO.immediate))["id"])
     assert second["outcome"]["type"] == "cancelled"
     state = system.sandbox.state("payway")
     # The worker's cached token was refused (401) and exactly one new token was fetched
@@ -101,7 +88,7 @@ def test_expired_token_is_fetched_anew(system: System) -> None:
 
 def test_5xx_then_success_is_retried(system: System) -> None:
     system.sandbox.faults("payway", fail_once_rate=1.0)
-    job = system.wait(system.enqueue(body(DEMO.autogiro))["id"], timeout_s=60)
+    job = system.wait(system.enqueue(payway_body(DEMO.autogiro))["id"], timeout_s=60)
     assert job["outcome"]["type"] == "cancelled"
     retries = [e for e in job["timeline"] if e["event"] == "retry_scheduled"]
     assert retries, job["timeline"]
@@ -147,7 +134,7 @@ def test_bad_input_is_rejected_with_each_field_named(system: System) -> None:
 
 
 def test_idempotency_key_returns_the_same_job_or_409(system: System) -> None:
-    request = body(DEMO.end_of_period, idempotency_key="order-42-cancel")
+    request = payway_body(DEMO.end_of_period, idempotency_key="order-42-cancel")
     first = system.enqueue(request)
     again = system.enqueue(request)
     assert again["id"] == first["id"]
@@ -162,8 +149,8 @@ def test_idempotency_key_returns_the_same_job_or_409(system: System) -> None:
 
 def test_a_second_request_for_a_subscription_in_flight_joins_it(system: System) -> None:
     system.sandbox.faults("payway", latency_ms=300)
-    first = system.enqueue(body(DEMO.immediate))
-    second = system.enqueue(body(DEMO.immediate, metadata={"from": "billing"}))
+    first = system.enqueue(payway_body(DEMO.immediate))
+    second = system.enqueue(payway_body(DEMO.immediate, metadata={"from": "billing"}))
     assert second["id"] == first["id"]
     system.wait(first["id"])
 
@@ -182,6 +169,9 @@ def test_routes_need_a_token_but_health_does_not(system: System) -> None:
         == 404
     )
     status, _ = http_json(
-        "POST", f"{system.api_url}/v1/cancellations", body(DEMO.immediate), token="read-token"
+        "POST",
+        f"{system.api_url}/v1/cancellations",
+        payway_body(DEMO.immediate),
+        token="read-token",
     )
     assert status == 403
