@@ -2,8 +2,9 @@
 
 Same broker, serializer, acks (``acks_late``, ``reject_on_worker_lost``, prefetch 1), events
 and visibility timeout as ``cancelflow.messaging.celery_config``; only the queue differs. The
-bench runs its workers exactly as ``cancelflow worker`` runs ours (threads pool, same
-concurrency and flags), so the comparison measures what Cancelflow adds to a chain of tasks:
+bench runs its workers as ``cancelflow worker`` runs ours (same concurrency and flags) on
+Celery's stock threads pool, so the comparison measures what Cancelflow adds to a chain of
+tasks:
 
     celery -A bench.baseline worker --pool=threads --concurrency=100 -Q bench.baseline ...
 """

@@ -8,9 +8,10 @@ the scored scenarios run plain workers.
   command, a pipeline or a script call; labelled by its commands (scripts by name). Sync
   connections are the broker's (kombu, Celery events), async ones the job store's and the
   guard's (``redis.asyncio``).
-- Each is counted against the step whose task made it (a context variable set when the task
-  starts, which the coroutine handed to the runtime's loop inherits), or ``consumer`` for the
-  worker's own consuming, acknowledging and event sending.
+- Each is counted against the step whose task made it (a context variable set when
+  ``worker.pool`` starts the task on the loop; its coroutine, Celery's tracer, the next
+  step's send and the acknowledgement all run in it), or ``consumer`` for the worker's own
+  consuming and event sending.
 - Time: per step, the task's whole run and the time spent awaiting the job store, the guard,
   the provider's HTTP, the callback's HTTP, and sending the next step.
 """
@@ -150,8 +151,6 @@ def _timed_sync(owner: Any, name: str, category: str) -> None:
 def install_worker_timers() -> None:
     """Time the job store, the guard, provider and callback HTTP, and sending the next step,
     per step; and each task as a whole."""
-    from celery import signals
-
     import worker.tasks
     from cancelflow import callbacks
     from cancelflow.guard import ProviderGuard
@@ -166,22 +165,29 @@ def install_worker_timers() -> None:
     _timed_async(callbacks, "deliver", "callback_http")
     _timed_async(callbacks, "check_url", "callback_url_check")
     _timed_sync(worker.tasks, "send_step", "send_next_step")
-    started: dict[str, tuple[float, contextvars.Token[str]]] = {}
+    _time_tasks()
 
-    @signals.task_prerun.connect(weak=False)  # type: ignore[untyped-decorator]
-    def _prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
-        step = str(getattr(task, "name", "?")).rsplit(".", 1)[-1]
-        started[str(task_id)] = (time.perf_counter(), STEP.set(step))
 
-    @signals.task_postrun.connect(weak=False)  # type: ignore[untyped-decorator]
-    def _postrun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
-        found = started.pop(str(task_id), None)
-        if found is None:
-            return
-        add_time("task", time.perf_counter() - found[0])
-        with _lock:
-            TASKS[STEP.get()] += 1
-        STEP.reset(found[1])
+def _time_tasks() -> None:
+    """Each step task as a whole, from the pool starting it on the loop to its ack; the
+    step's name is set for everything it does (the tracer runs in the same context)."""
+    from worker.pool import TaskPool
+
+    apply = TaskPool._apply
+
+    async def timed_apply(self: Any, task: Any, *args: Any, **kwargs: Any) -> Any:
+        step = str(task.name).rsplit(".", 1)[-1]
+        token = STEP.set(step)
+        started = time.perf_counter()
+        try:
+            return await apply(self, task, *args, **kwargs)
+        finally:
+            add_time("task", time.perf_counter() - started)
+            with _lock:
+                TASKS[step] += 1
+            STEP.reset(token)
+
+    TaskPool._apply = timed_apply  # type: ignore[method-assign]
 
 
 def snapshot() -> dict[str, Any]:

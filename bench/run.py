@@ -166,7 +166,7 @@ def run_bench(cfg: Config) -> dict[str, Any]:
             )
             log(
                 f"workers: {cfg.workers} x cancelflow, {cfg.workers if theirs else 0} x baseline, "
-                f"threads pool, concurrency {cfg.concurrency}"
+                f"concurrency {cfg.concurrency}"
             )
             order = (["baseline"] if theirs is not None else []) + cfg.scenarios
             for r in range(cfg.rounds):

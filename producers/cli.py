@@ -73,7 +73,7 @@ def api(host: str, port: int) -> None:
     "-c",
     default=None,
     type=int,
-    help="Threads (default: CANCELFLOW_WORKER__CONCURRENCY).",
+    help="Steps in flight (default: CANCELFLOW_WORKER__CONCURRENCY).",
 )
 @click.option(
     "--beat",
@@ -99,7 +99,6 @@ def worker(ctx: click.Context, queues: str | None, concurrency: int | None, beat
 
     argv = [
         "worker",
-        "--pool=threads",
         f"--concurrency={concurrency or settings.worker.concurrency}",
         f"--queues={queues}",
         "--task-events",

@@ -18,6 +18,8 @@ app = create_celery(settings)
 app.conf.include = ["worker.tasks"]
 app.conf.worker_consumer = "worker.consumer:Consumer"
 app.conf.broker_transport = "worker.transport:Transport"
+# Steps run on the runtime's event loop, other tasks in threads (see worker.pool).
+app.conf.worker_pool = "worker.pool:TaskPool"
 # Interval schedules only: the state file is a scratch file, one per process.
 app.conf.beat_schedule_filename = os.path.join(
     tempfile.gettempdir(), f"cancelflow-beat-{os.getpid()}"
@@ -60,7 +62,7 @@ def _fresh_log_context(task_id: str | None = None, task: Any = None, **_: Any) -
 
 @signals.celeryd_after_setup.connect  # type: ignore[untyped-decorator]
 def _serve_metrics(**_: Any) -> None:
-    # The threads pool runs every task in this one process: one endpoint per worker. Sent
+    # The pool runs every task in this one process: one endpoint per worker. Sent
     # once logging is set up and before the worker starts consuming (or forks an embedded
     # beat).
     from worker import metrics_server

@@ -1,8 +1,9 @@
 """Per-process runtime: one asyncio loop in a thread, one aiohttp session, one Redis pool.
 
-Celery runs tasks in threads (``--pool threads``); a task hands its coroutine to this loop
-and waits. Provider I/O of all tasks of a process then runs concurrently on one event loop
-and one connection pool, instead of one blocking call per thread.
+The worker's pool (``worker.pool``) runs each step's coroutine on this loop; code in other
+threads (maintenance tasks, a task run by another pool) hands its coroutine over with ``run``
+and waits. Provider I/O of all tasks of a process runs concurrently on one event loop and one
+connection pool, instead of one blocking call per thread.
 """
 
 from __future__ import annotations

@@ -1,12 +1,16 @@
-"""The task shells. Each names itself, turns its message into ids, calls one step, and sends
-the step that comes next. Retry and dead-letter decisions are made by the error's type."""
+"""The task shells. Each names its step; ``execute`` (a coroutine, run on the runtime's loop by
+``worker.pool``) turns the message into ids, runs the step and decides by the error's type
+whether to retry or dead-letter; the task's body then settles that ``Outcome`` with Celery:
+sends the next step, or retries, or gives the message back."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -31,6 +35,7 @@ from cancelflow.guard import ProviderThrottled
 from cancelflow.logging import get_logger
 from cancelflow.messaging import send_step
 from cancelflow.retry import RetryPolicy
+from worker import pool
 from worker.app import app, settings
 from worker.runtime import Runtime, get_runtime
 
@@ -41,18 +46,6 @@ StepCall = Callable[..., Coroutine[Any, Any, steps.Next]]
 
 class Poison(Exception):
     """A message whose arguments are not what its task takes."""
-
-
-class StepTask(Task):  # type: ignore[misc]
-    acks_late = True
-    reject_on_worker_lost = True
-    ignore_result = True
-    # No Celery cap: the RetryPolicy (for callbacks, the horizon) decides when to stop.
-    # retry(max_retries=None) means "the task's default", which Celery sets to 3.
-    max_retries = None
-    # Arguments are checked by the shell, so a malformed message is dead-lettered, not
-    # failed by Celery's own arity check.
-    typing = False
 
 
 def _runtime() -> Runtime:
@@ -72,12 +65,6 @@ def _parse(
     return args[0], tuple(args[1:])
 
 
-async def _bound(coro: Coroutine[Any, Any, Any], **context: Any) -> Any:
-    # Runs as its own asyncio task: the bound context stays with this job's log lines.
-    structlog.contextvars.bind_contextvars(**context)
-    return await coro
-
-
 # Redis (job store and broker) unreachable: not the job's fault, and nothing to record it in.
 INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
@@ -86,10 +73,76 @@ INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def run_step(
-    task: Task, step: Step, call: StepCall, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> str:
-    """Run one step; when Redis is unreachable mid-step, give the message back.
+@dataclass(frozen=True)
+class Delivery:
+    """The parts of a step's message its run needs (Celery's request, as plain values)."""
+
+    task_id: str
+    task_name: str
+    retries: int
+    queue: str | None
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    @classmethod
+    def of(cls, task_name: str, request: Mapping[str, Any], args: Any, kwargs: Any) -> Delivery:
+        delivery = request.get("delivery_info") or {}
+        return cls(
+            task_id=str(request.get("id")),
+            task_name=task_name,
+            retries=int(request.get("retries") or 0),
+            queue=delivery.get("routing_key"),
+            args=tuple(args or ()),
+            kwargs=dict(kwargs or {}),
+        )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a step's run leaves for Celery to do: send the next step, retry, or requeue."""
+
+    summary: str  # the task's result: short, Celery writes its repr into task events
+    job_id: str = ""
+    next: steps.Next | None = None
+    retry_in_s: float | None = None
+    cause: BaseException | None = None
+    requeue: bool = False
+
+
+class StepTask(Task):  # type: ignore[misc]
+    acks_late = True
+    reject_on_worker_lost = True
+    ignore_result = True
+    # No Celery cap: the RetryPolicy (for callbacks, the horizon) decides when to stop.
+    # retry(max_retries=None) means "the task's default", which Celery sets to 3.
+    max_retries = None
+    # Arguments are checked by the shell, so a malformed message is dead-lettered, not
+    # failed by Celery's own arity check.
+    typing = False
+    step: Step  # set per task, by the decorator
+
+    async def run_async(self, args: Any, kwargs: Any, request: Mapping[str, Any]) -> Outcome:
+        """The step's whole work, on the runtime's loop: ``worker.pool`` awaits it there
+        before Celery runs the task, whose body then only settles the outcome."""
+        return await execute(self.step, Delivery.of(self.name, request, args, kwargs))
+
+
+def run_step(task: StepTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """A step task's body: settle what ``run_async`` came to, running it first if no pool
+    did (another pool than ``worker.pool``, or a task called eagerly)."""
+    outcome = pool.prepared(task.request.id)
+    if outcome is None:
+        request = {
+            "id": task.request.id,
+            "retries": task.request.retries,
+            "delivery_info": task.request.delivery_info,
+        }
+        outcome = _runtime().run(task.run_async(args, kwargs, request))
+    return settle(task, outcome)
+
+
+async def execute(step: Step, delivery: Delivery) -> Outcome:
+    """Run one step; when Redis is unreachable mid-step, ask for the message to be requeued.
 
     Celery drops a failed acks_late message (it rejects it without requeue), so an error
     escaping here would lose the job. Steps are safe to run again (they resume from the job
@@ -98,88 +151,94 @@ def run_step(
     """
     started = time.perf_counter()
     try:
-        return _run_step(task, step, call, args, kwargs)
+        return await _execute(step, delivery)
     except INFRASTRUCTURE_ERRORS as exc:
         log.error("step.redis_unreachable", error=f"{type(exc).__name__}: {exc}")
-        time.sleep(1.0)  # no hot loop while Redis comes back
-        raise Reject(f"redis unreachable: {exc}", requeue=True) from exc
+        await asyncio.sleep(1.0)  # no hot loop while Redis comes back
+        return Outcome("requeued: redis unreachable", cause=exc, requeue=True)
     finally:
-        # Every run, whatever its end (a retry is raised from inside).
+        # Every run, whatever its end.
         metrics.step_ran(step.value, time.perf_counter() - started)
 
 
-def _run_step(
-    task: Task, step: Step, call: StepCall, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> str:
+async def _execute(step: Step, delivery: Delivery) -> Outcome:
     rt = _runtime()
-    context = {"task_id": task.request.id, "step": step.value}
+    call = STEP_CALLS[step]
+    structlog.contextvars.bind_contextvars(task_id=delivery.task_id, step=step.value)
     try:
-        job_id, extra = _parse(step, args, kwargs)
+        job_id, extra = _parse(step, delivery.args, delivery.kwargs)
     except Poison as exc:
-        _dead_letter_poison(rt, task, exc, args, kwargs)
-        return "dead-lettered: poison"
-    context["job_id"] = job_id
-    structlog.contextvars.bind_contextvars(**context)
-    attempt = task.request.retries
+        await _dead_letter_poison(rt, delivery, exc)
+        return Outcome("dead-lettered: poison")
+    structlog.contextvars.bind_contextvars(job_id=job_id)
     try:
-        nxt = rt.run(_bound(call(rt.deps, job_id, *extra, attempt=attempt), **context))
+        nxt = await call(rt.deps, job_id, *extra, attempt=delivery.retries)
     except JobNotFound as exc:
-        _dead_letter_poison(rt, task, exc, args, kwargs)
-        return "dead-lettered: poison"
+        await _dead_letter_poison(rt, delivery, exc)
+        return Outcome("dead-lettered: poison")
     except SoftTimeLimitExceeded as exc:
         error = ProviderTimeout("step ran past its soft time limit", provider="")
-        nxt = _retry_or_give_up(rt, task, step, job_id, error, exc, extra)
+        return await _retry_or_give_up(rt, step, job_id, error, exc, extra)
     except (ProviderError, CallbackRetryable) as exc:
-        nxt = _retry_or_give_up(rt, task, step, job_id, exc, exc, extra)
+        return await _retry_or_give_up(rt, step, job_id, exc, exc, extra)
     except steps.StepBusy as exc:
-        raise task.retry(
-            countdown=min(
-                exc.retry_after + random.uniform(0, 0.5), rt.settings.limits().max_countdown_s
-            ),
-            exc=exc,
-            max_retries=None,
-        ) from exc
+        delay = min(exc.retry_after + random.uniform(0, 0.5), rt.settings.limits().max_countdown_s)
+        return Outcome(f"{job_id} busy", retry_in_s=delay, cause=exc)
     except steps.CallbackGiveUp as exc:
-        rt.run(
-            steps.dead_letter_callback(
-                rt.deps, job_id, extra[0], error=str(exc), traceback=traceback.format_exc()
-            )
+        await steps.dead_letter_callback(
+            rt.deps, job_id, extra[0], error=str(exc), traceback=traceback.format_exc()
         )
-        return f"{job_id} dead-lettered: callback"
+        return Outcome(f"{job_id} dead-lettered: callback")
     except INFRASTRUCTURE_ERRORS:
         raise
     except Exception as exc:  # any surprise goes to the dead-letter store
         log.exception("step.unexpected_error")
-        nxt = rt.run(
-            steps.dead_letter(
-                rt.deps,
-                job_id,
-                step=step,
-                error_type=type(exc).__name__,
-                error=str(exc),
-                traceback=traceback.format_exc(),
-                payload={"args": list(args)},
-            )
+        nxt = await steps.dead_letter(
+            rt.deps,
+            job_id,
+            step=step,
+            error_type=type(exc).__name__,
+            error=str(exc),
+            traceback=traceback.format_exc(),
+            payload={"args": list(delivery.args)},
         )
+    return _then(job_id, nxt)
+
+
+def _then(job_id: str, nxt: steps.Next) -> Outcome:
     if nxt.step is None:
-        return f"{job_id} done"
-    send_step(app, nxt.step, job_id, nxt.provider, *nxt.args)
-    # A short string: Celery writes the result's repr into each task-succeeded event.
-    return f"{job_id} next: {nxt.step.value}"
+        return Outcome(f"{job_id} done")
+    return Outcome(f"{job_id} next: {nxt.step.value}", job_id=job_id, next=nxt)
 
 
-def _retry_or_give_up(
+def settle(task: Task, outcome: Outcome) -> str:
+    """Do with Celery what the step's run asked: send its next step, retry it, requeue it."""
+    if outcome.requeue:
+        raise Reject(outcome.summary, requeue=True) from outcome.cause
+    if outcome.retry_in_s is not None:
+        raise task.retry(countdown=outcome.retry_in_s, exc=outcome.cause, max_retries=None)
+    nxt = outcome.next
+    if nxt is not None:
+        assert nxt.step is not None
+        try:
+            send_step(app, nxt.step, outcome.job_id, nxt.provider, *nxt.args)
+        except INFRASTRUCTURE_ERRORS as exc:
+            log.error("step.redis_unreachable", error=f"{type(exc).__name__}: {exc}")
+            raise Reject(f"redis unreachable: {exc}", requeue=True) from exc
+    return outcome.summary
+
+
+async def _retry_or_give_up(
     rt: Runtime,
-    task: Task,
     step: Step,
     job_id: str,
     error: Exception,
     cause: BaseException,
     extra: tuple[str, ...],
-) -> steps.Next:
+) -> Outcome:
     """Retry a transient failure with backoff, or end the job as the error's type says."""
     retryable = getattr(error, "retryable", isinstance(error, CallbackRetryable))
-    job = rt.run(rt.deps.store.get(job_id))
+    job = await rt.deps.store.get(job_id)
     # Attempts are the failures recorded for this step (not Celery's retry count, which
     # also counts waits on our own limits and knows nothing of a replay).
     attempt = steps.attempts(job, step)
@@ -192,10 +251,10 @@ def _retry_or_give_up(
     if isinstance(error, CircuitOpen | ProviderThrottled):
         # Our own protection of the provider: the job waits, no attempt is spent.
         delay = min(limits.max_countdown_s, (error.retry_after or 1.0) + random.uniform(0, 1))
-        rt.run(steps.note_wait(rt.deps, job_id, step=step, reason=details, delay_s=delay))
+        await steps.note_wait(rt.deps, job_id, step=step, reason=details, delay_s=delay)
         log.warning("step.waiting", reason=details["type"], delay_s=round(delay, 3))
         metrics.retry_scheduled(job.provider, details["type"])
-        raise task.retry(countdown=delay, exc=cause, max_retries=None)
+        return Outcome(f"{job_id} waiting", retry_in_s=delay, cause=cause)
     if step is Step.CALLBACK:
         policy = _callback_policy(rt)
     else:
@@ -211,43 +270,39 @@ def _retry_or_give_up(
         why_not = policy.exhausted(attempt, age_s=age) if step is not Step.CALLBACK else None
         if why_not is None:
             delay = policy.delay(attempt, retry_after=getattr(error, "retry_after", None))
-            rt.run(
-                steps.note_retry(
-                    rt.deps, job_id, step=step, attempt=attempt, error=details, delay_s=delay
-                )
+            await steps.note_retry(
+                rt.deps, job_id, step=step, attempt=attempt, error=details, delay_s=delay
             )
             log.warning(
                 "step.retry_scheduled", attempt=attempt, delay_s=round(delay, 3), error=details
             )
             metrics.retry_scheduled(job.provider, details["type"])
-            raise task.retry(countdown=delay, exc=cause, max_retries=None)
+            return Outcome(f"{job_id} retrying", retry_in_s=delay, cause=cause)
         reason = f"{why_not}; last error: {details.get('message')}"
-        return rt.run(
-            steps.dead_letter(
-                rt.deps,
-                job_id,
-                step=step,
-                error_type=details["type"],
-                error=reason,
-                traceback=_format(cause),
-                payload={"args": [job_id, *extra]},
-            )
+        nxt = await steps.dead_letter(
+            rt.deps,
+            job_id,
+            step=step,
+            error_type=details["type"],
+            error=reason,
+            traceback=_format(cause),
+            payload={"args": [job_id, *extra]},
         )
-    if isinstance(error, ProviderAuthError):
+    elif isinstance(error, ProviderAuthError):
         # Credentials are an operator's to fix; the job can be replayed after.
-        return rt.run(
-            steps.dead_letter(
-                rt.deps,
-                job_id,
-                step=step,
-                error_type=details["type"],
-                error=str(error),
-                traceback=_format(cause),
-                payload={"args": [job_id, *extra]},
-            )
+        nxt = await steps.dead_letter(
+            rt.deps,
+            job_id,
+            step=step,
+            error_type=details["type"],
+            error=str(error),
+            traceback=_format(cause),
+            payload={"args": [job_id, *extra]},
         )
-    assert isinstance(error, ProviderError)
-    return rt.run(steps.fail(rt.deps, job_id, error, step=step, attempt=attempt))
+    else:
+        assert isinstance(error, ProviderError)
+        nxt = await steps.fail(rt.deps, job_id, error, step=step, attempt=attempt)
+    return _then(job_id, nxt)
 
 
 def _callback_policy(rt: Runtime) -> RetryPolicy:
@@ -264,19 +319,24 @@ def _format(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc))
 
 
-def _dead_letter_poison(rt: Runtime, task: Task, exc: Exception, args: Any, kwargs: Any) -> None:
-    delivery = task.request.delivery_info or {}
+async def _dead_letter_poison(rt: Runtime, delivery: Delivery, exc: Exception) -> None:
     dl = DeadLetter(
         kind="poison",
-        step=task.name,
-        queue=delivery.get("routing_key"),
+        step=delivery.task_name,
+        queue=delivery.queue,
         error_type=type(exc).__name__,
         error=str(exc),
-        payload={"task": task.name, "args": _safe(args), "kwargs": _safe(kwargs)},
+        payload={
+            "task": delivery.task_name,
+            "args": _safe(list(delivery.args)),
+            "kwargs": _safe(delivery.kwargs),
+        },
         created_at=isoformat(utcnow()),
     )
-    rt.run(rt.deps.dead_letters.add(dl))
-    log.error("message.dead_lettered", task=task.name, error=str(exc), dead_letter_id=dl.id)
+    await rt.deps.dead_letters.add(dl)
+    log.error(
+        "message.dead_lettered", task=delivery.task_name, error=str(exc), dead_letter_id=dl.id
+    )
 
 
 def _safe(value: Any) -> Any:
@@ -292,34 +352,43 @@ def _safe(value: Any) -> Any:
 # --- the chain -------------------------------------------------------------------------------
 
 
-# Celery is untyped: its task decorator hides each task's signature from mypy.
-@app.task(name="cancelflow.eligibility", base=StepTask, bind=True)  # type: ignore[untyped-decorator]
-def eligibility(self: Task, *args: Any, **kwargs: Any) -> str:
+async def _confirm(deps: steps.Deps, job_id: str, *, attempt: int) -> steps.Next:
+    lease = deps.settings.limits().task_time_limit_s
+    return await steps.confirm(deps, job_id, attempt=attempt, lease_s=lease)
+
+
+STEP_CALLS: dict[Step, StepCall] = {
+    Step.ELIGIBILITY: steps.eligibility,
+    Step.RETENTION_OFFER: steps.retention_offer,
+    Step.CONFIRM: _confirm,
+    Step.CALLBACK: steps.callback,
+}
+
+
+# Celery is untyped: its task decorator hides each task's signature from mypy. Options it
+# does not know (step) become attributes of the task's class.
+@app.task(name="cancelflow.eligibility", base=StepTask, bind=True, step=Step.ELIGIBILITY)  # type: ignore[untyped-decorator]
+def eligibility(self: StepTask, *args: Any, **kwargs: Any) -> str:
     """Ask the provider whether the subscription can be cancelled."""
-    return run_step(self, Step.ELIGIBILITY, steps.eligibility, args, kwargs)
+    return run_step(self, args, kwargs)
 
 
-@app.task(name="cancelflow.retention_offer", base=StepTask, bind=True)  # type: ignore[untyped-decorator]
-def retention_offer(self: Task, *args: Any, **kwargs: Any) -> str:
+@app.task(name="cancelflow.retention_offer", base=StepTask, bind=True, step=Step.RETENTION_OFFER)  # type: ignore[untyped-decorator]
+def retention_offer(self: StepTask, *args: Any, **kwargs: Any) -> str:
     """Park the job on the provider's retention offer until the customer decides."""
-    return run_step(self, Step.RETENTION_OFFER, steps.retention_offer, args, kwargs)
+    return run_step(self, args, kwargs)
 
 
-@app.task(name="cancelflow.confirm", base=StepTask, bind=True)  # type: ignore[untyped-decorator]
-def confirm(self: Task, *args: Any, **kwargs: Any) -> str:
+@app.task(name="cancelflow.confirm", base=StepTask, bind=True, step=Step.CONFIRM)  # type: ignore[untyped-decorator]
+def confirm(self: StepTask, *args: Any, **kwargs: Any) -> str:
     """Make the provider's cancel call."""
-    lease = _runtime().settings.limits().task_time_limit_s
-
-    async def call(deps: steps.Deps, job_id: str, *, attempt: int) -> steps.Next:
-        return await steps.confirm(deps, job_id, attempt=attempt, lease_s=lease)
-
-    return run_step(self, Step.CONFIRM, call, args, kwargs)
+    return run_step(self, args, kwargs)
 
 
-@app.task(name="cancelflow.callback", base=StepTask, bind=True)  # type: ignore[untyped-decorator]
-def callback(self: Task, *args: Any, **kwargs: Any) -> str:
+@app.task(name="cancelflow.callback", base=StepTask, bind=True, step=Step.CALLBACK)  # type: ignore[untyped-decorator]
+def callback(self: StepTask, *args: Any, **kwargs: Any) -> str:
     """Deliver the job's signed result callback."""
-    return run_step(self, Step.CALLBACK, steps.callback, args, kwargs)
+    return run_step(self, args, kwargs)
 
 
 @app.task(name="cancelflow.expire_decisions", bind=True, ignore_result=True)  # type: ignore[untyped-decorator]

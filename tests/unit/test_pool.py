@@ -1,0 +1,133 @@
+"""worker.pool: a task's coroutine half runs on the loop, then Celery's tracer runs the task
+there with its outcome; other tasks run in threads; a stop waits for steps under way.
+
+The pool is driven as a Celery worker drives it (``apply_async`` with Celery's own tracer and
+the task message's parts), on a real event loop in its own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+from celery import Celery, Task
+from celery.app.trace import trace_task_ret
+
+from worker import pool as pool_module
+from worker.pool import TaskPool
+
+app = Celery("pool-test", broker="memory://", set_as_current=False)
+app.conf.accept_content = ["json"]
+seen: dict[str, Any] = {}
+gate = asyncio.Event()
+
+
+class TwoHalves(Task):  # type: ignore[misc]
+    async def run_async(self, args: Any, kwargs: Any, request: Any) -> str:
+        seen["coroutine"] = threading.current_thread()
+        seen["request_id"] = request["id"]
+        if args[0] == "fail":
+            raise ValueError("the coroutine failed")
+        if args[0] == "wait":
+            await gate.wait()
+        return f"prepared {args[0]}"
+
+
+@app.task(base=TwoHalves, bind=True, name="test.two_halves")  # type: ignore[untyped-decorator]
+def two_halves(self: Task, *args: Any) -> Any:
+    seen["body"] = threading.current_thread()
+    return pool_module.prepared(self.request.id)
+
+
+@app.task(name="test.plain")  # type: ignore[untyped-decorator]
+def plain(x: int) -> int:
+    seen["plain"] = threading.current_thread()
+    return x * 2
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="test-loop", daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.close()
+
+
+@pytest.fixture
+def pool(loop: asyncio.AbstractEventLoop) -> Iterator[TaskPool]:
+    seen.clear()
+    p = TaskPool(limit=4, app=app, loop=loop)
+    p.start()
+    yield p
+    p.stop()
+
+
+def apply(pool: TaskPool, name: str, task_id: str, *args: Any) -> Future[Any]:
+    """Hand one task message to the pool as Celery's worker does; resolves to the tracer's
+    (failed, result, runtime) given to the callback."""
+    done: Future[Any] = Future()
+    accepted: list[int] = []
+    body = json.dumps([list(args), {}, {}])
+    pool.apply_async(
+        trace_task_ret,
+        args=(name, task_id, {"id": task_id}, body, "application/json", "utf-8"),
+        kwargs={"app": app},
+        callback=done.set_result,
+        accept_callback=lambda pid, when: accepted.append(pid),
+    )
+    done.add_done_callback(lambda _: seen.setdefault("accepted", accepted))
+    return done
+
+
+def test_the_coroutine_runs_on_the_loop_and_the_task_settles_its_outcome(
+    pool: TaskPool, loop: asyncio.AbstractEventLoop
+) -> None:
+    failed, result, _ = apply(pool, "test.two_halves", "id-1", "a").result(10)
+    assert (failed, result) == (0, "'prepared a'")
+    loop_thread = seen["coroutine"]
+    assert loop_thread.name == "test-loop"
+    assert seen["body"] is loop_thread, "Celery's tracer ran the task on the loop too"
+    assert seen["request_id"] == "id-1"
+    assert seen["accepted"], "the worker was told the task started"
+
+
+def test_an_exception_of_the_coroutine_is_raised_by_the_task(pool: TaskPool) -> None:
+    failed, info, _ = apply(pool, "test.two_halves", "id-2", "fail").result(10)
+    assert failed == 1
+    assert isinstance(info.exception, ValueError)
+    assert "the coroutine failed" in str(info.exception)
+
+
+def test_a_task_without_a_coroutine_half_runs_in_a_thread(pool: TaskPool) -> None:
+    failed, result, _ = apply(pool, "test.plain", "id-3", 21).result(10)
+    assert (failed, result) == (0, "42")
+    assert seen["plain"].name != "test-loop"
+    assert seen["plain"] is not threading.main_thread()
+
+
+def test_outside_the_pool_a_task_finds_nothing_prepared() -> None:
+    assert pool_module.prepared("id-4") is None
+
+
+def test_stop_waits_for_the_steps_under_way(
+    pool: TaskPool, loop: asyncio.AbstractEventLoop
+) -> None:
+    loop.call_soon_threadsafe(gate.clear)
+    done = apply(pool, "test.two_halves", "id-5", "wait")
+    stopper = threading.Thread(target=pool.stop)
+    stopper.start()
+    stopper.join(0.5)
+    assert stopper.is_alive(), "stop returned while a step was still running"
+    assert not done.done()
+    loop.call_soon_threadsafe(gate.set)
+    stopper.join(10)
+    assert not stopper.is_alive()
+    assert done.result(0)[:2] == (0, "'prepared wait'")
