@@ -6,9 +6,13 @@ and the visibility timeout; producers never import ``worker``.
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import weakref
 from typing import Any
 
 from celery import Celery
+from celery.events.dispatcher import EventDispatcher
 from kombu.entity import Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
@@ -20,8 +24,11 @@ from cancelflow.contract import (
     Step,
     provider_queue,
 )
+from cancelflow.logging import get_logger
 from cancelflow.providers import REGISTRY
 from cancelflow.settings import Settings
+
+log = get_logger(__name__)
 
 # kombu ships py.typed but leaves Exchange and Queue unannotated: hence the ignores below.
 EXCHANGE = Exchange("cancelflow", type="direct", durable=True)  # type: ignore[no-untyped-call]
@@ -132,6 +139,81 @@ def queue_for(step: Step, provider: str) -> str:
     return CALLBACKS_QUEUE if step is Step.CALLBACK else provider_queue(provider)
 
 
+class SentEvents(EventDispatcher):  # type: ignore[misc]  # Celery is untyped
+    """Celery's ``task-sent`` events (for Flower), published in batches.
+
+    Celery publishes one event per message sent, right after it: one more Redis round trip
+    per message, during which the sender (the API's event loop, a worker's) waits. Sent from
+    an event loop, the events here wait in a buffer published as one message, a list of
+    events (as Celery's workers send their own task events, and as Flower reads them), once
+    ``limit`` are waiting or ``delay_s`` after the first. Sent from a thread without a loop
+    (a maintenance task), an event is published at once. Events are monitoring: a batch
+    that cannot be published is logged and dropped, never retried in the sender's way.
+    """
+
+    def __init__(self, app: Celery, *, limit: int = 100, delay_s: float = 0.05) -> None:
+        super().__init__(app=app, connection=app.connection_for_write(), buffer_while_offline=False)
+        self.limit = limit
+        self.delay_s = delay_s
+        self._pending: list[Any] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._lock = threading.Lock()
+
+    def publish(self, type: str, fields: dict[str, Any], producer: Any, **kwargs: Any) -> Any:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if type != "task-sent" or loop is None:
+            return super().publish(type, fields, producer, **kwargs)
+        event = self._prepare_event(type, fields)
+        with self._lock:
+            self._pending.append(event)
+            full = len(self._pending) >= self.limit
+            if not full and self._timer is None:
+                self._timer = loop.call_later(self.delay_s, self.flush_sent)
+        if full:
+            self.flush_sent()
+        return None
+
+    def flush_sent(self) -> None:
+        """Publish the events waiting (the API and the workers call it as they stop)."""
+        with self._lock:
+            # A timer still due finds nothing to publish (not cancelled: it may belong to
+            # another thread's loop).
+            batch, self._pending, self._timer = self._pending, [], None
+        if not batch:
+            return
+        try:
+            with self.mutex:
+                self._publish(batch, self.producer, "task.multi")
+        except Exception as exc:  # monitoring only: never fail or block a send for it
+            log.warning("events.sent.dropped", events=len(batch), error=type(exc).__name__)
+
+
+_sent_events: weakref.WeakKeyDictionary[Celery, SentEvents] = weakref.WeakKeyDictionary()
+_sent_events_lock = threading.Lock()
+
+
+def sent_events(app: Celery) -> SentEvents:
+    """The app's batching dispatcher of ``task-sent`` events (one per app, made on first use)."""
+    found = _sent_events.get(app)
+    if found is None:
+        with _sent_events_lock:
+            found = _sent_events.get(app)
+            if found is None:
+                found = _sent_events[app] = SentEvents(app)
+    return found
+
+
+def flush_sent_events(app: Celery | None = None) -> None:
+    """Publish the waiting ``task-sent`` events of ``app`` (of every app if None), as a
+    process stops: its loop will not run the timer that would have."""
+    for found in [_sent_events.get(app)] if app is not None else list(_sent_events.values()):
+        if found is not None:
+            found.flush_sent()
+
+
 def send_step(
     app: Celery,
     step: Step,
@@ -156,4 +238,5 @@ def send_step(
         # send_task subscribes to the task's result channel and unsubscribes again: two
         # more Redis round trips per message (the Redis backend's on_task_call).
         ignore_result=True,
+        event_dispatcher=sent_events(app),
     )

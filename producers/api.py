@@ -27,7 +27,7 @@ from cancelflow.dead_letters import DeadLetterFilter
 from cancelflow.errors import CancelflowError, JobNotFound
 from cancelflow.guard import breaker_state
 from cancelflow.logging import get_logger
-from cancelflow.messaging import create_celery, send_step
+from cancelflow.messaging import create_celery, flush_sent_events, send_step
 from cancelflow.settings import Settings
 from cancelflow.store import IdempotencyConflict
 from cancelflow.wiring import build_deps, redis_client
@@ -417,6 +417,7 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
         with contextlib.suppress(asyncio.CancelledError):
             await indexing
         await app[DEPS].store.flush_marks()
+        flush_sent_events(app[CELERY])
         await redis.aclose()
 
     app.cleanup_ctx.append(lifecycle)

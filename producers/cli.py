@@ -28,7 +28,12 @@ def _settings() -> Settings:
 
 
 def _run(coro_fn: Callable[[], Any]) -> Any:
-    return asyncio.run(coro_fn())
+    from cancelflow.messaging import flush_sent_events
+
+    try:
+        return asyncio.run(coro_fn())
+    finally:
+        flush_sent_events()  # the loop that would have published them has ended
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

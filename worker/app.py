@@ -10,7 +10,7 @@ import structlog
 from celery import signals
 
 from cancelflow.logging import configure_logging
-from cancelflow.messaging import create_celery
+from cancelflow.messaging import create_celery, flush_sent_events
 from cancelflow.settings import load_settings
 
 settings = load_settings()
@@ -76,5 +76,6 @@ def _close_runtime(**_: Any) -> None:
     from worker import metrics_server
     from worker.runtime import shutdown_runtime
 
+    flush_sent_events(app)
     shutdown_runtime()
     metrics_server.stop()
