@@ -6,6 +6,12 @@ Breaker: after ``breaker_failures`` consecutive transient failures (connection, 
 the provider is not called for ``breaker_cooldown_s``; its jobs wait (they are re-sent after
 the cool-down, no attempt spent) instead of failing. After the cool-down calls resume
 ("half-open"): one more failure opens it again at once, one success closes it.
+
+With no rate or in-flight limit (the default), admitting a call only reads the breaker; a
+process reuses a read that found it closed and clean for ``breaker_read_s`` (0.5 s), so most
+calls cost no round trip. A breaker another process opened is then seen up to that late, and
+that process's failures may not be reset by this one's successes for as long; this process's
+own failures update its view at once.
 """
 
 from __future__ import annotations
@@ -87,6 +93,7 @@ class GuardLimits:
     breaker_cooldown_s: float
     lease_s: float  # an in-flight slot of a dead process frees itself after this
     max_wait_s: float = 30.0
+    breaker_read_s: float = 0.5  # how long a read finding the breaker closed and clean holds
 
 
 class ProviderGuard:
@@ -97,10 +104,15 @@ class ProviderGuard:
         self._admit = redis.register_script(_ADMIT)
         self._release = redis.register_script(_RELEASE)
         self._redis = redis
+        # Until when (monotonic) the last read's "closed, no failures" holds: see the module.
+        self._clean_until = 0.0
 
     async def admit(self) -> Admission:
         """Wait for a slot under the limits; ``CircuitOpen`` while the breaker is open."""
         lim = self._limits
+        breaker_only = not lim.calls_per_second and not lim.max_in_flight
+        if breaker_only and time.monotonic() < self._clean_until:
+            return Admission("", 0)
         token = uuid.uuid4().hex if lim.max_in_flight else ""
         deadline = time.monotonic() + lim.max_wait_s
         while True:
@@ -115,6 +127,8 @@ class ProviderGuard:
             )
             verdict = verdict.decode() if isinstance(verdict, bytes) else str(verdict)
             if verdict == "ok":
+                if breaker_only and int(failures) == 0:
+                    self._clean_until = time.monotonic() + lim.breaker_read_s
                 return Admission(token, int(failures), int(value))
             wait_ms = int(value)
             if verdict == "open":
@@ -137,6 +151,7 @@ class ProviderGuard:
             result == "neutral" or (result == "success" and admission.failures == 0)
         ):
             return
+        self._clean_until = 0.0  # the breaker changes: the next admission reads it
         outcome = await self._release(
             keys=[self._keys[0], self._keys[2]],
             args=[

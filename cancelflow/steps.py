@@ -567,10 +567,13 @@ async def callback(deps: Deps, job_id: str, event: str, *, attempt: int = 0) -> 
     settles = kind == EVENT_OUTCOME and not only
     # One target (the common case): its delivery settles the job in the same round trip.
     settle_with = settles and len(pending) == 1
-    # Concurrently: a slow or failing target never holds up another.
-    results = await asyncio.gather(
-        *(_deliver(deps, job, kind, body, t, attempt, settle=settle_with) for t in pending)
-    )
+    if len(pending) == 1:
+        results = [await _deliver(deps, job, kind, body, pending[0], attempt, settle=settle_with)]
+    else:
+        # Concurrently: a slow or failing target never holds up another.
+        results = await asyncio.gather(
+            *(_deliver(deps, job, kind, body, t, attempt, settle=settle_with) for t in pending)
+        )
     retry = [r for r in results if isinstance(r, callbacks.CallbackRetryable)]
     if retry:
         raise max(retry, key=lambda exc: exc.retry_after or 0.0)

@@ -116,3 +116,43 @@ def test_only_signs_of_a_provider_down_count_as_failures() -> None:
     assert classify(ProviderUnavailable("503", provider="p")) == "failure"
     assert classify(ProviderTimeout("slow", provider="p")) == "failure"
     assert classify(ProviderRejected("400", provider="p")) == "neutral"
+
+
+def test_a_clean_breaker_read_is_reused_for_a_while_and_another_process_opening_it_is_seen() -> (
+    None
+):
+    async def go() -> None:
+        redis = fakeredis.FakeAsyncRedis()
+        ours = ProviderGuard(redis, "payway", limits(breaker_read_s=0.3))
+        other = ProviderGuard(redis, "payway", limits(breaker_read_s=0.3))  # another process
+        await ours.release(await ours.admit(), "success")  # reads: closed, no failures
+        for _ in range(3):
+            await other.release(await other.admit(), "failure")
+        assert (await breaker_state(redis, "payway"))["circuit"] == "open"
+        await ours.admit()  # its clean read still holds: no round trip, admitted
+        await asyncio.sleep(0.35)
+        with pytest.raises(CircuitOpen):
+            await ours.admit()  # read again: the other process opened it
+
+    asyncio.run(go())
+
+
+def test_a_read_is_not_reused_once_the_process_itself_failed_or_with_limits() -> None:
+    async def go() -> None:
+        redis = fakeredis.FakeAsyncRedis()
+        guard = ProviderGuard(redis, "payway", limits(breaker_failures=2, breaker_read_s=60))
+        await guard.release(await guard.admit(), "failure")
+        await guard.release(await guard.admit(), "failure")
+        with pytest.raises(CircuitOpen):
+            await guard.admit()  # its own failures opened it: seen at once
+        limited = ProviderGuard(redis, "azotte", limits(calls_per_second=2, breaker_read_s=60))
+        verdicts = Counter()
+        for _ in range(5):  # within milliseconds: one second's 2 calls, or two seconds' 4
+            try:
+                await asyncio.wait_for(limited.admit(), 0.05)
+                verdicts["admitted"] += 1
+            except TimeoutError:
+                verdicts["waiting"] += 1
+        assert verdicts["waiting"] >= 1, "a rate limit is asked every call"
+
+    asyncio.run(go())
