@@ -1,19 +1,31 @@
-"""kombu's Redis transport, made to survive an unreadable item on a queue list.
+"""kombu's Redis transport, made to survive an unreadable item on a queue list, and to
+acknowledge in batches.
 
 kombu decodes each list item (its JSON envelope) inside the consumer loop; an item that is
 not JSON raises there, stops the worker ("Unrecoverable error") and the item, already popped,
 is lost. This channel dead-letters such an item, parks it on the ``dead_letters`` list, and
 goes on. Follows ``kombu.transport.redis.Channel._brpop_read`` / ``_get`` of kombu 5.x.
 Built on ``cancelflow.messaging.Channel`` (one Redis client per pool, not one per publish).
+
+Acknowledging a message removes it from Redis's unacked hash and index, in a round trip of
+its own in kombu. Acknowledged on an event loop (the steps, in ``worker.pool``), removals
+here wait and go in one pipeline: ``ACK_BATCH`` of them, or ``ACK_DELAY_S`` after the first.
+A worker killed before writing a batch leaves those messages in the hash: Redis delivers them
+again after the visibility timeout, and their steps find their jobs moved on (as after any
+crash between a step's end and its acknowledgement). Closing the channel writes the batch.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from queue import Empty  # what kombu.transport.redis raises (it imports it from here)
 from typing import Any
 
 # kombu ships py.typed but leaves these (and its Channel's helpers) unannotated: hence the
 # no-untyped-call ignores below.
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
@@ -24,8 +36,56 @@ from cancelflow.logging import get_logger
 
 log = get_logger(__name__)
 
+ACK_BATCH = 100
+ACK_DELAY_S = 0.02
+
+
+# kombu leaves QoS and Channel unannotated: hence the no-untyped-call ignores below.
+class QoS(kombu_redis.QoS):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._acks: list[str] = []
+        self._acks_timer: asyncio.TimerHandle | None = None
+        self._acks_lock = threading.Lock()
+
+    def ack(self, delivery_tag: str) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            super().ack(delivery_tag)  # type: ignore[no-untyped-call]  # no loop: at once, as kombu
+            return
+        virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]  # bookkeeping only
+        with self._acks_lock:
+            self._acks.append(delivery_tag)
+            full = len(self._acks) >= ACK_BATCH
+            if not full and self._acks_timer is None:
+                self._acks_timer = loop.call_later(ACK_DELAY_S, self.flush_acks)
+        if full:
+            self.flush_acks()
+
+    def flush_acks(self) -> None:
+        """Write the waiting acknowledgements in one pipeline."""
+        with self._acks_lock:
+            # A timer still due finds nothing to write (not cancelled: another thread's).
+            tags, self._acks, self._acks_timer = self._acks, [], None
+        if not tags:
+            return
+        try:
+            with self.pipe_or_acquire() as pipe:
+                pipe.zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags).execute()
+        except Exception as exc:  # as kombu's own ack failing: redelivered after the timeout
+            log.warning("message.ack_failed", messages=len(tags), error=type(exc).__name__)
+
 
 class Channel(messaging.Channel):
+    QoS = QoS
+
+    def close(self) -> None:
+        qos = self.__dict__.get("_qos")  # only if the channel ever made one
+        if qos is not None:
+            qos.flush_acks()
+        super().close()  # type: ignore[no-untyped-call]
+
     def _brpop_read(self, **options: Any) -> bool:
         try:
             try:
