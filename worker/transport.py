@@ -8,22 +8,23 @@ goes on. Follows ``kombu.transport.redis.Channel._brpop_read`` / ``_get`` of kom
 Built on ``cancelflow.messaging.Channel`` (one Redis client per pool, not one per publish).
 
 Acknowledging a message removes it from Redis's unacked hash and index, in a round trip of
-its own in kombu. Acknowledged on an event loop (the steps, in ``worker.pool``), removals
-here wait and go in one pipeline: ``ACK_BATCH`` of them, or ``ACK_DELAY_S`` after the first.
-A worker killed before writing a batch leaves those messages in the hash: Redis delivers them
-again after the visibility timeout, and their steps find their jobs moved on (as after any
-crash between a step's end and its acknowledgement). Closing the channel writes the batch.
+its own in kombu. Celery makes its acknowledgements (``acks_late``: after each task) on the
+consumer's event loop (kombu's hub, the worker's main thread); there, removals here wait and
+go in one pipeline: ``ACK_BATCH`` of them, or ``ACK_DELAY_S`` after the first. A worker
+killed before writing a batch leaves those messages in the hash: Redis delivers them again
+after the visibility timeout, and their steps find their jobs moved on (as after any crash
+between a step's end and its acknowledgement). Closing the channel writes the batch.
 """
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from queue import Empty  # what kombu.transport.redis raises (it imports it from here)
 from typing import Any
 
 # kombu ships py.typed but leaves these (and its Channel's helpers) unannotated: hence the
 # no-untyped-call ignores below.
+from kombu.asynchronous import get_event_loop
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
@@ -45,29 +46,30 @@ class QoS(kombu_redis.QoS):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self._acks: list[str] = []
-        self._acks_timer: asyncio.TimerHandle | None = None
+        self._acks_due = False
         self._acks_lock = threading.Lock()
 
     def ack(self, delivery_tag: str) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            super().ack(delivery_tag)  # type: ignore[no-untyped-call]  # no loop: at once, as kombu
+        hub = get_event_loop()
+        if hub is None or threading.current_thread() is not threading.main_thread():
+            super().ack(delivery_tag)  # type: ignore[no-untyped-call]  # at once, as kombu
             return
         virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]  # bookkeeping only
         with self._acks_lock:
             self._acks.append(delivery_tag)
             full = len(self._acks) >= ACK_BATCH
-            if not full and self._acks_timer is None:
-                self._acks_timer = loop.call_later(ACK_DELAY_S, self.flush_acks)
+            schedule = not full and not self._acks_due
+            self._acks_due = self._acks_due or schedule
         if full:
             self.flush_acks()
+        elif schedule:
+            hub.call_later(ACK_DELAY_S, self.flush_acks)  # type: ignore[no-untyped-call]
 
     def flush_acks(self) -> None:
         """Write the waiting acknowledgements in one pipeline."""
         with self._acks_lock:
-            # A timer still due finds nothing to write (not cancelled: another thread's).
-            tags, self._acks, self._acks_timer = self._acks, [], None
+            # A timer still due after a full batch was written finds nothing to write.
+            tags, self._acks, self._acks_due = self._acks, [], False
         if not tags:
             return
         try:

@@ -1,20 +1,23 @@
-"""The worker's channel (worker.transport) acknowledges in batches from an event loop.
+"""The worker's channel (worker.transport) acknowledges in batches on the consumer's hub.
 
-Real Redis, real kombu consumer: messages taken are recorded in Redis's unacked hash (what
-Redis redelivers after the visibility timeout); an acknowledgement made on a loop leaves
-them there for a moment and a batch removes them in one pipeline; one made in a thread
-without a loop removes them at once; closing the channel writes a batch still waiting.
+Real Redis, real kombu consumer and hub: messages taken are recorded in Redis's unacked hash
+(what Redis redelivers after the visibility timeout); an acknowledgement made on the hub's
+thread (as Celery makes them) leaves them there for a moment and a batch removes them in
+one pipeline; one made without a hub, or in another thread, removes them at once; closing
+the channel writes a batch still waiting.
 """
 
 from __future__ import annotations
 
-import asyncio
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
+from kombu.asynchronous import Hub, set_event_loop
 
 from tests.conftest import locked_db
 from worker import transport
@@ -50,44 +53,53 @@ def taken(url: str, n: int) -> tuple[Connection, Any, list[Any]]:
     return conn, channel, messages
 
 
+@pytest.fixture
+def hub() -> Iterator[Hub]:
+    """kombu's event loop, as Celery's consumer sets it up (its timers fired by hand here)."""
+    hub = Hub()
+    set_event_loop(hub)
+    yield hub
+    set_event_loop(None)
+    hub.close()
+
+
 def unacked(url: str) -> int:
     return int(redis.Redis.from_url(url).hlen("unacked"))
 
 
-def test_acks_on_a_loop_are_written_together_a_moment_later(url: str) -> None:
+def test_acks_on_the_hub_are_written_together_a_moment_later(url: str, hub: Hub) -> None:
     conn, _, messages = taken(url, 5)
     assert unacked(url) == 5
-
-    async def ack_all() -> None:
-        for m in messages:
-            m.ack()
-        assert unacked(url) == 5, "waiting for the batch"
-        await asyncio.sleep(transport.ACK_DELAY_S * 5)
-        assert unacked(url) == 0, "written by the batch"
-
-    asyncio.run(ack_all())
+    for m in messages:
+        m.ack()
+    assert unacked(url) == 5, "waiting for the batch"
+    time.sleep(transport.ACK_DELAY_S * 2)
+    hub.fire_timers()
+    assert unacked(url) == 0, "written by the batch"
     assert redis.Redis.from_url(url).zcard("unacked_index") == 0
     conn.release()
 
 
-def test_acks_without_a_loop_are_written_at_once(url: str) -> None:
+def test_acks_without_a_hub_or_off_its_thread_are_written_at_once(url: str) -> None:
     conn, _, messages = taken(url, 3)
     messages[0].ack()
     assert unacked(url) == 2
-    for m in messages[1:]:
-        m.ack()
+    set_event_loop(Hub())
+    try:
+        other = threading.Thread(target=lambda: [m.ack() for m in messages[1:]])
+        other.start()
+        other.join()
+    finally:
+        set_event_loop(None)
     assert unacked(url) == 0
     conn.release()
 
 
-def test_closing_the_channel_writes_the_batch_waiting(url: str) -> None:
+def test_closing_the_channel_writes_the_batch_waiting(url: str, hub: Hub) -> None:
     conn, channel, messages = taken(url, 4)
-
-    async def ack_then_close() -> None:
-        for m in messages:
-            m.ack()
-        channel.close()
-        assert unacked(url) == 0
-
-    asyncio.run(ack_then_close())
+    for m in messages:
+        m.ack()
+    assert unacked(url) == 4
+    channel.close()
+    assert unacked(url) == 0
     conn.release()
