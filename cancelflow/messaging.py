@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
-from typing import Any
+from typing import Any, Generic, Literal, TypeVar
 
 from celery import Celery
 from celery.events.dispatcher import EventDispatcher
@@ -29,6 +29,7 @@ from cancelflow.providers import REGISTRY
 from cancelflow.settings import Settings
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 # kombu ships py.typed but leaves Exchange and Queue unannotated: hence the ignores below.
 EXCHANGE = Exchange("cancelflow", type="direct", durable=True)  # type: ignore[no-untyped-call]
@@ -139,6 +140,34 @@ def queue_for(step: Step, provider: str) -> str:
     return CALLBACKS_QUEUE if step is Step.CALLBACK else provider_queue(provider)
 
 
+class Batch(Generic[T]):
+    """Items written to Redis together (events, acknowledgements): ``add`` answers "now" for
+    the ``limit``-th item (write the batch at once), "later" for the first of a batch (write
+    it after a delay), else None; ``take`` empties it. Safe across threads."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: list[T] = []
+        self._due = False
+        self._lock = threading.Lock()
+
+    def add(self, item: T) -> Literal["now", "later"] | None:
+        with self._lock:
+            self._items.append(item)
+            if len(self._items) >= self.limit:
+                return "now"
+            if self._due:
+                return None
+            self._due = True
+            return "later"
+
+    def take(self) -> list[T]:
+        # A write still due after a full batch was written finds nothing to write.
+        with self._lock:
+            items, self._items, self._due = self._items, [], False
+        return items
+
+
 class SentEvents(EventDispatcher):  # type: ignore[misc]  # Celery is untyped
     """Celery's ``task-sent`` events (for Flower), published in batches.
 
@@ -153,11 +182,8 @@ class SentEvents(EventDispatcher):  # type: ignore[misc]  # Celery is untyped
 
     def __init__(self, app: Celery, *, limit: int = 100, delay_s: float = 0.05) -> None:
         super().__init__(app=app, connection=app.connection_for_write(), buffer_while_offline=False)
-        self.limit = limit
         self.delay_s = delay_s
-        self._pending: list[Any] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._lock = threading.Lock()
+        self._batch: Batch[Any] = Batch(limit)
 
     def publish(self, type: str, fields: dict[str, Any], producer: Any, **kwargs: Any) -> Any:
         try:
@@ -166,22 +192,16 @@ class SentEvents(EventDispatcher):  # type: ignore[misc]  # Celery is untyped
             loop = None
         if type != "task-sent" or loop is None:
             return super().publish(type, fields, producer, **kwargs)
-        event = self._prepare_event(type, fields)
-        with self._lock:
-            self._pending.append(event)
-            full = len(self._pending) >= self.limit
-            if not full and self._timer is None:
-                self._timer = loop.call_later(self.delay_s, self.flush_sent)
-        if full:
+        when = self._batch.add(self._prepare_event(type, fields))
+        if when == "now":
             self.flush_sent()
+        elif when == "later":
+            loop.call_later(self.delay_s, self.flush_sent)
         return None
 
     def flush_sent(self) -> None:
         """Publish the events waiting (the API and the workers call it as they stop)."""
-        with self._lock:
-            # A timer still due finds nothing to publish (not cancelled: it may belong to
-            # another thread's loop).
-            batch, self._pending, self._timer = self._pending, [], None
+        batch = self._batch.take()
         if not batch:
             return
         try:

@@ -45,9 +45,7 @@ ACK_DELAY_S = 0.02
 class QoS(kombu_redis.QoS):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
-        self._acks: list[str] = []
-        self._acks_due = False
-        self._acks_lock = threading.Lock()
+        self._acks: messaging.Batch[str] = messaging.Batch(ACK_BATCH)
 
     def ack(self, delivery_tag: str) -> None:
         hub = get_event_loop()
@@ -55,21 +53,15 @@ class QoS(kombu_redis.QoS):
             super().ack(delivery_tag)  # type: ignore[no-untyped-call]  # at once, as kombu
             return
         virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]  # bookkeeping only
-        with self._acks_lock:
-            self._acks.append(delivery_tag)
-            full = len(self._acks) >= ACK_BATCH
-            schedule = not full and not self._acks_due
-            self._acks_due = self._acks_due or schedule
-        if full:
+        when = self._acks.add(delivery_tag)
+        if when == "now":
             self.flush_acks()
-        elif schedule:
+        elif when == "later":
             hub.call_later(ACK_DELAY_S, self.flush_acks)  # type: ignore[no-untyped-call]
 
     def flush_acks(self) -> None:
         """Write the waiting acknowledgements in one pipeline."""
-        with self._acks_lock:
-            # A timer still due after a full batch was written finds nothing to write.
-            tags, self._acks, self._acks_due = self._acks, [], False
+        tags = self._acks.take()
         if not tags:
             return
         try:
