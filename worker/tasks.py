@@ -223,7 +223,12 @@ def settle(task: Task, outcome: Outcome) -> str:
         try:
             send_step(app, nxt.step, outcome.job_id, nxt.provider, *nxt.args)
         except INFRASTRUCTURE_ERRORS as exc:
-            log.error("step.redis_unreachable", error=f"{type(exc).__name__}: {exc}")
+            # Celery's tracer cleared the log context the step's run had bound.
+            log.error(
+                "step.redis_unreachable",
+                job_id=outcome.job_id,
+                error=f"{type(exc).__name__}: {exc}",
+            )
             raise Reject(f"redis unreachable: {exc}", requeue=True) from exc
     return outcome.summary
 
