@@ -209,3 +209,5 @@ class JobRecord(BaseModel):
     callbacks: list[CallbackAttempt] = Field(default_factory=list)
     created_at: str
     updated_at: str
+    # The worker process running the job's step now, if one is (see worker.leases).
+    held_by: str | None = None

@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 
 from cancelflow.dead_letters import KINDS, kind_key
 from cancelflow.messaging import queues
-from cancelflow.steps import AWAITING_KEY
+from cancelflow.store import AWAITING
 
 # ``_created`` series double the number of series for a timestamp nobody queries.
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -166,7 +166,7 @@ async def read_store(redis: Redis) -> StoreSnapshot:
             pipe.llen(name)
         for kind in KINDS:
             pipe.scard(kind_key(kind))
-        pipe.zcard(AWAITING_KEY)
+        pipe.zcard(AWAITING)
         found: list[Any] = await pipe.execute()
     depths, rest = found[: len(names)], found[len(names) :]
     return StoreSnapshot(

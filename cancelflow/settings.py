@@ -46,6 +46,14 @@ class WorkerSettings(BaseModel):
     # Redis redelivers a message not acknowledged within this many seconds (a worker died).
     # Every countdown and task time limit is kept well under it: see ``limits()``.
     visibility_timeout_s: int = Field(default=3600, ge=10)
+    # Each worker process beats every ``heartbeat_s``; one silent for ``lease_s`` is dead:
+    # another worker puts the messages it held (steps under way, retries waiting on their
+    # countdown, prefetched ones) back on their queues and takes over its confirm leases.
+    # A process sends a provider request only while its last beat is under
+    # ``2 * heartbeat_s`` old, so ``lease_s`` must cover that plus one request: see
+    # ``load_settings``. A killed worker's jobs move again within ``lease_s`` plus one sweep.
+    lease_s: float = Field(default=30.0, ge=3)
+    heartbeat_s: float = Field(default=5.0, gt=0)
     # How often beat looks for parked jobs past their decision deadline.
     decision_sweep_s: float = Field(default=30.0, gt=0)
     # Prometheus metrics of the worker process on http://<metrics_host>:<metrics_port>/metrics;
@@ -215,6 +223,22 @@ def load_settings(**overrides: Any) -> Settings:
                 f"{conf.timeout_s:g}s is too long: two calls must fit in the task soft time "
                 f"limit of {soft:g}s (a fifth of CANCELFLOW_WORKER__VISIBILITY_TIMEOUT_S, "
                 "at most 240s)"
+            )
+    worker = settings.worker
+    if worker.lease_s < 3 * worker.heartbeat_s:
+        raise ConfigError(
+            "invalid settings:\n  CANCELFLOW_WORKER__LEASE_S: "
+            f"{worker.lease_s:g}s is shorter than three heartbeats "
+            f"(CANCELFLOW_WORKER__HEARTBEAT_S={worker.heartbeat_s:g}s)"
+        )
+    for key, conf in settings.enabled_providers().items():
+        # A request sent by a process whose beat is just under 2 heartbeats old must end
+        # before its lease can be taken over (see WorkerSettings.lease_s).
+        if 2 * worker.heartbeat_s + conf.timeout_s > worker.lease_s:
+            raise ConfigError(
+                f"invalid settings:\n  {env_name(('providers', key, 'timeout_s'))}: "
+                f"{conf.timeout_s:g}s is too long for CANCELFLOW_WORKER__LEASE_S="
+                f"{worker.lease_s:g}s: two heartbeats plus one request must fit in a lease"
             )
     for key, spec in REGISTRY.items():
         configured = getattr(settings.providers, key, None)

@@ -185,15 +185,12 @@ async def retention_offer(deps: Deps, job_id: str, *, attempt: int = 0) -> Next:
             status=Status.AWAITING_DECISION,
             details={"deadline_s": deadline_s, "kind": job.offer.kind},
         ),
+        # Indexed by the same script that parks the job: no crash leaves one without the other.
+        deadline=utcnow().timestamp() + deadline_s,
     )
     if not moved.applied and moved.previous is not Status.AWAITING_DECISION:
         return resume(moved.previous, job.provider)
-    deadline = utcnow().timestamp() + deadline_s
-    await deps.store.redis.zadd(AWAITING_KEY, {job_id: deadline}, nx=True)
     return Next(Step.CALLBACK, job.provider, (EVENT_OFFER,))
-
-
-AWAITING_KEY = "cf:awaiting"
 
 
 async def decide(deps: Deps, job_id: str, decision: Decision, *, by: str = "customer") -> Next:
@@ -233,7 +230,6 @@ async def decide(deps: Deps, job_id: str, decision: Decision, *, by: str = "cust
         if not moved.applied:
             raise DecisionConflict(f"job {job_id} is {moved.previous}, not awaiting a decision")
         result = Next(Step.CONFIRM, job.provider)
-    await deps.store.redis.zrem(AWAITING_KEY, job_id)
     return result
 
 
@@ -250,13 +246,20 @@ async def abandon(deps: Deps, job_id: str) -> Next:
         attempt=0,
         details={"by": "deadline"},
     )
-    await deps.store.redis.zrem(AWAITING_KEY, job_id)
     return result
 
 
 async def expire_decision(deps: Deps, job_id: str) -> Next:
-    """The deadline passed without a decision: apply the provider's default action."""
-    job = await _load(deps, job_id)
+    """The deadline passed without a decision: apply the provider's default action. A job
+    that no longer waits (or no longer exists) loses its stale deadline: ``DecisionConflict``."""
+    try:
+        job = await _load(deps, job_id)
+    except JobNotFound:
+        await deps.store.drop_deadline(job_id)
+        raise DecisionConflict(f"job {job_id} no longer exists") from None
+    if job.status is not Status.AWAITING_DECISION:
+        await deps.store.drop_deadline(job_id)
+        raise DecisionConflict(f"job {job_id} is {job.status}, not awaiting a decision")
     if deps.settings.provider(job.provider).decision_default == "confirm":
         return await decide(deps, job_id, Decision(decision="reject"), by="deadline")
     return await abandon(deps, job_id)
@@ -312,8 +315,7 @@ async def resume_stalled(deps: Deps, *, quiet_for_s: float) -> list[Next]:
 
 async def due_decisions(deps: Deps, now: datetime, *, limit: int = 500) -> list[str]:
     """Jobs whose decision deadline has passed."""
-    raw = await deps.store.redis.zrangebyscore(AWAITING_KEY, "-inf", now.timestamp(), 0, limit)
-    return [r.decode() if isinstance(r, bytes) else str(r) for r in raw]
+    return await deps.store.due_decisions(before=now.timestamp(), limit=limit)
 
 
 async def confirm(deps: Deps, job_id: str, *, attempt: int = 0, lease_s: float) -> Next:

@@ -47,6 +47,11 @@ JOBS_INDEX = f"{PREFIX}jobs"
 ACTIVE = f"{PREFIX}active"
 # Jobs recorded whose first step no producer has confirmed sending, by creation time.
 UNDISPATCHED = f"{PREFIX}undispatched"
+# Parked jobs by their decision deadline (epoch s), kept by the script that moves the job.
+AWAITING = f"{PREFIX}awaiting"
+# Worker processes by their last heartbeat (epoch s): a lease held by a process that stopped
+# beating is taken over (see worker.leases, which keeps it).
+WORKERS = f"{PREFIX}workers"
 # A subscription's in-flight marker is released when its job ends; this is only a safety net.
 INFLIGHT_TTL_S = 14 * 24 * 3600
 
@@ -94,65 +99,89 @@ redis.call('ZADD', KEYS[7], ARGV[5], ARGV[1])
 return {'created', ARGV[1]}
 """
 
-# Every move of a job is this one script, so each step costs as few round trips as it can:
-#   KEYS: 1 job hash, 2 timeline, 3 in-flight marker to release (or ''), 4 callbacks list,
-#         5 ACTIVE, 6 confirm lease (or ''), 7-9 dead letter: entry key, index, kind set (or '')
-#   ARGV: 1 to-status ('' keeps it), 2 allowed statuses (space separated, '' any),
-#         3 now (ISO), 4 timeline entry (JSON or ''), 5 ttl, 6 job id, 7 now (epoch s),
-#         8 lease: '' none, 'release' (always deleted first) or milliseconds to take it for,
-#         9 '1' to answer with the record, 10 dead letter id, 11 dead letter JSON, 12... fields
+# Every move of a job is this one script, so each step costs as few round trips as it can.
+# Keys and arguments are named below, in the order ``JobStore._run`` passes them.
 # Answers {verdict, previous status, lease ms left, [hash, timeline, callbacks]}; verdict is
-# 'ok', 'rejected' (not in an allowed status), 'leased' (the lease is held) or 'missing'.
+# 'ok', 'rejected' (not in an allowed status), 'leased' (the lease is held by a live
+# process) or 'missing'.
 _TRANSITION = """
-if ARGV[8] == 'release' then redis.call('DEL', KEYS[6]) end
-local cur = redis.call('HGET', KEYS[1], 'status')
+local job, timeline, inflight, callbacks, active, lease_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local dl_key, dl_index, dl_kind, workers, awaiting = KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
+local to, allowed, now_iso, entry, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local job_id, now, lease, with_record = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+local dl_id, dl_json = ARGV[10], ARGV[11]
+-- The worker process making this move ('' for none), whether it takes the step ('1': a
+-- step's start), how many seconds a process may go without a heartbeat and still count as
+-- alive (by Redis's clock, as the heartbeats), the decision deadline.
+local holder, holds, alive_s, deadline = ARGV[12], ARGV[13], tonumber(ARGV[14]), ARGV[15]
+local FIRST_FIELD = 16
+
+if lease == 'release' then redis.call('DEL', lease_key) end
+local cur = redis.call('HGET', job, 'status')
 if not cur then return {'missing', '', 0} end
 local function answer(verdict, left)
-  if ARGV[9] ~= '1' then return {verdict, cur, left} end
-  return {verdict, cur, left, redis.call('HGETALL', KEYS[1]),
-          redis.call('LRANGE', KEYS[2], 0, -1), redis.call('LRANGE', KEYS[4], 0, -1)}
+  if with_record ~= '1' then return {verdict, cur, left} end
+  return {verdict, cur, left, redis.call('HGETALL', job),
+          redis.call('LRANGE', timeline, 0, -1), redis.call('LRANGE', callbacks, 0, -1)}
 end
-if ARGV[2] ~= '' then
+if allowed ~= '' then
   local ok = false
-  for s in string.gmatch(ARGV[2], '%S+') do
+  for s in string.gmatch(allowed, '%S+') do
     if s == cur then ok = true break end
   end
   if not ok then return answer('rejected', 0) end
 end
-if ARGV[8] ~= '' and ARGV[8] ~= 'release' then
-  if not redis.call('SET', KEYS[6], '1', 'NX', 'PX', ARGV[8]) then
-    return answer('leased', redis.call('PTTL', KEYS[6]))
+-- A lease names the process holding it. One whose process stopped beating (see
+-- worker.leases) is taken over at once: its holder died mid-call.
+if lease ~= '' and lease ~= 'release' then
+  local mine = holder ~= '' and holder or '1'
+  if not redis.call('SET', lease_key, mine, 'NX', 'PX', lease) then
+    local by = redis.call('GET', lease_key)
+    local beat = by and redis.call('ZSCORE', workers, by)
+    local alive = beat and tonumber(beat) >= tonumber(redis.call('TIME')[1]) - alive_s
+    if holder == '' or by == holder or alive then
+      return answer('leased', redis.call('PTTL', lease_key))
+    end
+    redis.call('SET', lease_key, mine, 'PX', lease)
   end
 end
 local status = cur
-if ARGV[1] ~= '' then status = ARGV[1] end
-local args = {'status', status, 'updated_at', ARGV[3]}
-for i = 12, #ARGV do args[#args + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], unpack(args))
+if to ~= '' then status = to end
+local args = {'status', status, 'updated_at', now_iso}
+for i = FIRST_FIELD, #ARGV do args[#args + 1] = ARGV[i] end
+redis.call('HSET', job, unpack(args))
+-- Which process runs the job's step now: set by a step's start, cleared by its next write.
+if holds == '1' then
+  redis.call('HSET', job, 'held_by', holder, 'held_since', now_iso)
+else
+  redis.call('HDEL', job, 'held_by', 'held_since')
+end
 -- Jobs not yet settled, by when they last moved: the watchdog's index (see ``stalled``).
 -- A parked job waits on purpose; an ended one stays until its result callback settles.
+-- The decision deadlines' index moves with the job, in this same script.
 if status == 'awaiting_decision' then
-  redis.call('ZREM', KEYS[5], ARGV[6])
+  redis.call('ZREM', active, job_id)
+  if cur ~= 'awaiting_decision' then redis.call('ZADD', awaiting, deadline, job_id) end
 else
-  redis.call('ZADD', KEYS[5], ARGV[7], ARGV[6])
+  redis.call('ZADD', active, now, job_id)
+  if cur == 'awaiting_decision' then redis.call('ZREM', awaiting, job_id) end
 end
-if ARGV[4] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[4]) end
-if KEYS[3] ~= '' and redis.call('GET', KEYS[3]) == ARGV[6] then redis.call('DEL', KEYS[3]) end
+if entry ~= '' then redis.call('RPUSH', timeline, entry) end
+if inflight ~= '' and redis.call('GET', inflight) == job_id then redis.call('DEL', inflight) end
 -- The job's dead letter is written with the move, so no crash can leave one without the other.
-if KEYS[7] ~= '' then
-  redis.call('SET', KEYS[7], ARGV[11])
-  redis.call('ZADD', KEYS[8], ARGV[7], ARGV[10])
-  redis.call('SADD', KEYS[9], ARGV[10])
+if dl_key ~= '' then
+  redis.call('SET', dl_key, dl_json)
+  redis.call('ZADD', dl_index, now, dl_id)
+  redis.call('SADD', dl_kind, dl_id)
 end
-local ttl = tonumber(ARGV[5])
 if ttl > 0 then
-  redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('EXPIRE', KEYS[2], ttl)
-  redis.call('EXPIRE', KEYS[4], ttl)
+  redis.call('EXPIRE', job, ttl)
+  redis.call('EXPIRE', timeline, ttl)
+  redis.call('EXPIRE', callbacks, ttl)
 elseif ttl < 0 then
-  redis.call('PERSIST', KEYS[1])
-  redis.call('PERSIST', KEYS[2])
-  redis.call('PERSIST', KEYS[4])
+  redis.call('PERSIST', job)
+  redis.call('PERSIST', timeline)
+  redis.call('PERSIST', callbacks)
 end
 return answer('ok', 0)
 """
@@ -175,6 +204,16 @@ _CLAIM_STALLED = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
 for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], 'XX', ARGV[2], id) end
 return ids
+"""
+
+
+# A deadline entry whose job is gone or no longer parked (written by an older version, which
+# indexed apart from the move) is dropped; one whose job is still parked is kept.
+_DROP_DEADLINE = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'awaiting_decision' then
+  return redis.call('ZREM', KEYS[2], ARGV[1])
+end
+return 0
 """
 
 
@@ -251,8 +290,14 @@ class JobStore:
         retention_s: int,
         idempotency_ttl_s: int,
         observer: JobObserver | None = None,
+        holder: str = "",
+        alive_s: float = 30.0,
     ) -> None:
         self.redis = redis
+        # The worker process this store moves jobs for ('' outside workers), and how long a
+        # process may go without a heartbeat and still hold its leases.
+        self.holder = holder
+        self._alive_s = alive_s
         self._retention = retention_s
         self._idem_ttl = idempotency_ttl_s
         self._observer = observer
@@ -260,6 +305,7 @@ class JobStore:
         self._transition = redis.register_script(_TRANSITION)
         self._add_callback = redis.register_script(_ADD_CALLBACK)
         self._claim_stalled = redis.register_script(_CLAIM_STALLED)
+        self._drop_deadline = redis.register_script(_DROP_DEADLINE)
         self._marks: list[str] = []
         self._marking: asyncio.Task[None] | None = None
 
@@ -326,6 +372,16 @@ class JobStore:
         now = utcnow().timestamp()
         raw = await self._claim_stalled(keys=[ACTIVE], args=[now - quiet_for_s, now, limit])
         return [_s(r) for r in raw]
+
+    async def due_decisions(self, *, before: float, limit: int = 500) -> list[str]:
+        """Parked jobs whose decision deadline is before ``before`` (epoch s)."""
+        raw = await self.redis.zrangebyscore(AWAITING, "-inf", before, 0, limit)
+        return [_s(r) for r in raw]
+
+    async def drop_deadline(self, job_id: str) -> bool:
+        """Forget the deadline of a job that no longer waits for a decision (or no longer
+        exists); True if an entry was dropped."""
+        return bool(await self._drop_deadline(keys=[job_key(job_id), AWAITING], args=[job_id]))
 
     async def settle(self, job_id: str) -> None:
         """The job ended and its result callback reached its end: nothing more to watch."""
@@ -399,6 +455,7 @@ class JobStore:
             fields={},
             lease=(lease[0], str(int(lease[1] * 1000))) if lease else None,
             with_record=True,
+            holds=True,
         )
         assert job is not None
         return Began(
@@ -417,13 +474,15 @@ class JobStore:
         identity: str | None = None,
         release_lease: str | None = None,
         dead_letter: DeadLetter | None = None,
+        deadline: float | None = None,
         **fields: Any,
     ) -> Transition:
         """Move the job to ``to`` if the transition is allowed from where it is now.
 
         ``release_lease``: a confirm lease deleted in the same round trip, whatever the
         answer. ``dead_letter``: the job's entry in the dead-letter store, written only if
-        the job moves (with it, atomically)."""
+        the job moves (with it, atomically). ``deadline``: for a move to
+        ``awaiting_decision``, when the decision is due (epoch s), indexed with the move."""
         result, previous, _, _ = await self._run(
             job.id,
             to=to.value,
@@ -435,6 +494,7 @@ class JobStore:
             fields=fields,
             lease=(release_lease, "release") if release_lease else None,
             dead_letter=dead_letter,
+            deadline=deadline,
         )
         moved = Transition(applied=result == "ok", previous=previous)
         # Only the delivery that moved the job reports it: a redelivered step does not.
@@ -505,6 +565,8 @@ class JobStore:
         lease: tuple[str, str] | None = None,
         with_record: bool = False,
         dead_letter: DeadLetter | None = None,
+        holds: bool = False,
+        deadline: float | None = None,
     ) -> tuple[str, Status, int, JobRecord | None]:
         key = job_key(job_id)
         flat: list[str] = []
@@ -524,6 +586,8 @@ class JobStore:
                 ACTIVE,
                 lease[0] if lease else "",
                 *dl_keys,
+                WORKERS,
+                AWAITING,
             ],
             args=[
                 to,
@@ -537,6 +601,10 @@ class JobStore:
                 "1" if with_record else "",
                 dead_letter.id if dead_letter is not None else "",
                 dead_letter.model_dump_json() if dead_letter is not None else "",
+                self.holder,
+                "1" if holds else "",
+                self._alive_s,
+                deadline if deadline is not None else now.timestamp(),
                 *flat,
             ],
         )
@@ -570,6 +638,7 @@ def _record(h: dict[str, str], timeline: list[Any], callbacks: list[Any]) -> Job
         callbacks=[json.loads(c) for c in callbacks],
         created_at=h["created_at"],
         updated_at=h["updated_at"],
+        held_by=h.get("held_by"),
     )
 
 

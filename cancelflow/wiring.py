@@ -74,9 +74,11 @@ def build_deps(
     session: aiohttp.ClientSession | None = None,
     observer: CallObserver | None = None,
     job_observer: JobObserver | None = None,
+    holder: str = "",
 ) -> Deps:
     """What the steps need. ``observer`` is told of every provider call, ``job_observer`` of
-    jobs that end and callback attempts (both: metrics)."""
+    jobs that end and callback attempts (both: metrics). ``holder``: the worker process the
+    job store takes steps and leases for (``worker.leases``)."""
     return Deps(
         settings=settings,
         store=JobStore(
@@ -84,6 +86,8 @@ def build_deps(
             retention_s=settings.job_retention_s,
             idempotency_ttl_s=settings.idempotency_ttl_s,
             observer=job_observer,
+            holder=holder,
+            alive_s=settings.worker.lease_s,
         ),
         dead_letters=DeadLetterStore(redis),
         providers=(

@@ -62,6 +62,11 @@ class System:
     def get(self, path: str) -> tuple[int, Any]:
         return http_json("GET", f"{self.api_url}{path}", token=self.token)
 
+    def job(self, job_id: str) -> dict[str, Any]:
+        status, job = self.get(f"/v1/cancellations/{job_id}")
+        assert status == 200, job
+        return job  # type: ignore[no-any-return]
+
     def enqueue(self, body: dict[str, Any]) -> dict[str, Any]:
         status, job = self.post("/v1/cancellations", body)
         assert status == 202, job

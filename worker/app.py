@@ -12,9 +12,16 @@ from celery import signals
 from cancelflow.logging import configure_logging
 from cancelflow.messaging import create_celery, flush_sent_events
 from cancelflow.settings import load_settings
+from worker import leases
 
 settings = load_settings()
 app = create_celery(settings)
+# Each worker process holds its unacknowledged messages apart, so another can give them
+# back the moment it dies (worker.leases), not an hour later.
+app.conf.broker_transport_options = {
+    **app.conf.broker_transport_options,
+    **leases.unacked_keys(leases.WORKER_ID),
+}
 app.conf.include = ["worker.tasks"]
 app.conf.worker_consumer = "worker.consumer:Consumer"
 app.conf.broker_transport = "worker.transport:Transport"
@@ -68,6 +75,8 @@ def _serve_metrics(**_: Any) -> None:
     from worker import metrics_server
 
     metrics_server.start(settings.worker)
+    # Beating before the first message is taken: whatever this process holds is covered.
+    leases.start(app, settings)
 
 
 @signals.worker_shutdown.connect  # type: ignore[untyped-decorator]
@@ -79,3 +88,4 @@ def _close_runtime(**_: Any) -> None:
     flush_sent_events(app)
     shutdown_runtime()
     metrics_server.stop()
+    leases.stop()

@@ -21,6 +21,7 @@ from cancelflow.logging import configure_logging, get_logger
 from cancelflow.settings import Settings
 from cancelflow.steps import Deps
 from cancelflow.wiring import build_deps, redis_client
+from worker.leases import WORKER_ID
 
 T = TypeVar("T")
 log = get_logger(__name__)
@@ -47,6 +48,7 @@ class Runtime:
             session=self.session,
             observer=metrics.observe_provider_call,
             job_observer=metrics.JOB_METRICS,
+            holder=WORKER_ID,
         )
         self.callback_session = callbacks.open_session(self.settings.callbacks)
         deps.callback_session = self.callback_session

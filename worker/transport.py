@@ -139,5 +139,29 @@ class Channel(messaging.Channel):
         return None
 
 
+    def restore_worker(self, unacked_key: str, unacked_index_key: str, **_: Any) -> int:
+        """Put every message a dead worker process held (its own unacknowledged hash, see
+        ``worker.leases``) back on its queue; how many. Each one moves in a transaction of
+        its own, as kombu's ``QoS.restore_by_tag`` moves one, so a crash midway loses none
+        and a message is never both restored and left in the hash."""
+        restored = 0
+        with self.conn_or_acquire() as client:
+            for tag in client.hkeys(unacked_key):
+
+                def move(pipe: Any, tag: Any = tag) -> None:
+                    raw = pipe.hget(unacked_key, tag)
+                    pipe.multi()
+                    pipe.zrem(unacked_index_key, tag)
+                    pipe.hdel(unacked_key, tag)
+                    if raw:
+                        message, exchange, routing_key = loads(bytes_to_str(raw))  # type: ignore[no-untyped-call]
+                        self._do_restore_message(message, exchange, routing_key, pipe)  # type: ignore[no-untyped-call]
+
+                client.transaction(move, unacked_key)
+                restored += 1
+            client.delete(unacked_index_key)
+        return restored
+
+
 class Transport(messaging.Transport):
     Channel = Channel

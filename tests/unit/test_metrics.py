@@ -16,7 +16,7 @@ from cancelflow.contract import CallbackAttempt, CancellationRequest, Outcome, O
 from cancelflow.dead_letters import INDEX, KINDS, DeadLetter, DeadLetterStore, kind_key
 from cancelflow.messaging import queues
 from cancelflow.settings import WorkerSettings
-from cancelflow.steps import AWAITING_KEY
+from cancelflow.store import AWAITING
 from cancelflow.store import JobStore
 from worker import metrics_server
 
@@ -154,7 +154,7 @@ def test_store_gauges_read_every_queue_dead_letters_and_decisions_at_scrape_time
     async def go() -> metrics.StoreSnapshot:
         await fake_redis.rpush("cancellations.payway", "m1", "m2")
         await fake_redis.rpush("callbacks", "m3")
-        await fake_redis.zadd(AWAITING_KEY, {"job_a": 1.0, "job_b": 2.0})
+        await fake_redis.zadd(AWAITING, {"job_a": 1.0, "job_b": 2.0})
         await DeadLetterStore(fake_redis).add(dead_letter("callback"))
         return await metrics.read_store(fake_redis)
 
