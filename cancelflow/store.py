@@ -105,8 +105,9 @@ return {'created', ARGV[1]}
 # 'ok', 'rejected' (not in an allowed status), 'leased' (the lease is held by a live
 # process) or 'missing'.
 _TRANSITION = """
-local job, timeline, inflight, callbacks, active, lease_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local dl_key, dl_index, dl_kind, workers, awaiting = KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
+local job, timeline, inflight, callbacks = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local active, lease_key, dl_key, dl_index, dl_kind = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local workers, awaiting = KEYS[10], KEYS[11]
 local to, allowed, now_iso, entry, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local job_id, now, lease, with_record = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local dl_id, dl_json = ARGV[10], ARGV[11]

@@ -138,7 +138,6 @@ class Channel(messaging.Channel):
         )
         return None
 
-
     def restore_worker(self, unacked_key: str, unacked_index_key: str, **_: Any) -> int:
         """Put every message a dead worker process held (its own unacknowledged hash, see
         ``worker.leases``) back on its queue; how many. Each one moves in a transaction of

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import shutil
-import statistics
 import signal
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
@@ -146,9 +146,7 @@ def test_a_dead_workers_retry_countdowns_come_back_at_once(start_system: StartSy
         )
         system.procs.kill("worker")
         waiting = [
-            j
-            for j in jobs
-            if sum(e["event"] == "started" for e in system.job(j)["timeline"]) == 1
+            j for j in jobs if sum(e["event"] == "started" for e in system.job(j)["timeline"]) == 1
         ]
         assert waiting, "every retry ran before the kill: nothing was tested"
         start_worker(system, "worker-after-kill")

@@ -16,8 +16,7 @@ from cancelflow.contract import CallbackAttempt, CancellationRequest, Outcome, O
 from cancelflow.dead_letters import INDEX, KINDS, DeadLetter, DeadLetterStore, kind_key
 from cancelflow.messaging import queues
 from cancelflow.settings import WorkerSettings
-from cancelflow.store import AWAITING
-from cancelflow.store import JobStore
+from cancelflow.store import AWAITING, JobStore
 from worker import metrics_server
 
 
