@@ -9,7 +9,7 @@ import fakeredis
 import pytest
 
 from cancelflow.contract import CancellationRequest, Outcome, OutcomeType, Status, TimelineEntry
-from cancelflow.store import IdempotencyConflict, JobStore, inflight_key
+from cancelflow.store import AWAITING, WORKERS, IdempotencyConflict, JobStore, inflight_key
 
 
 def store(redis: fakeredis.FakeAsyncRedis) -> JobStore:
@@ -205,5 +205,84 @@ def test_dispatch_marks_are_batched_and_flushed(fake_redis: fakeredis.FakeAsyncR
             s.mark_dispatched_soon(job_id)
         await s.flush_marks()
         assert all([await s.dispatched(j) for j in jobs])
+
+    run(go())
+
+
+def test_a_step_records_its_process_and_a_dead_processs_lease_is_taken_over(
+    fake_redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    async def go() -> None:
+        first = JobStore(fake_redis, retention_s=3600, idempotency_ttl_s=86400, holder="w1")
+        second = JobStore(fake_redis, retention_s=3600, idempotency_ttl_s=86400, holder="w2")
+        job = (await first.create(request(), identity="sub-1")).job
+        now = (await fake_redis.time())[0]
+        await fake_redis.zadd(WORKERS, {"w1": now, "w2": now})
+        lease = ("cf:lease:test", 300.0)
+        began = await first.begin(
+            job.id,
+            to=Status.CHECKING,
+            allowed=frozenset({Status.QUEUED}),
+            entry=entry("s"),
+            lease=lease,
+        )
+        assert began.applied and began.job.held_by == "w1"
+        assert await fake_redis.get(lease[0]) == b"w1"
+        # w1 beats: its lease holds against another process.
+        busy = await second.begin(
+            job.id, to=None, allowed=frozenset({Status.CHECKING}), entry=entry("s"), lease=lease
+        )
+        assert not busy.applied and busy.leased_for_ms is not None
+        assert busy.job.held_by == "w1"
+        # w1 stopped beating longer ago than the lease of a process (30 s): taken over.
+        await fake_redis.zadd(WORKERS, {"w1": now - 31})
+        taken = await second.begin(
+            job.id, to=None, allowed=frozenset({Status.CHECKING}), entry=entry("s"), lease=lease
+        )
+        assert taken.applied and taken.leased_for_ms is None and taken.job.held_by == "w2"
+        assert await fake_redis.get(lease[0]) == b"w2"
+        # The step's next write clears the holder.
+        await second.record(job.id, entry("retry_scheduled"))
+        assert (await second.get(job.id)).held_by is None
+
+    run(go())
+
+
+def test_the_decision_index_moves_with_the_job(fake_redis: fakeredis.FakeAsyncRedis) -> None:
+    async def go() -> None:
+        s = store(fake_redis)
+        job = (await s.create(request(), identity="sub-1")).job
+        await s.begin(
+            job.id, to=Status.CHECKING, allowed=frozenset({Status.QUEUED}), entry=entry("s")
+        )
+        await s.transition(job, Status.AWAITING_DECISION, deadline=1000.0)
+        assert await fake_redis.zscore(AWAITING, job.id) == 1000.0
+        assert await s.due_decisions(before=1001.0) == [job.id]
+        # A redelivered park keeps the first deadline.
+        await s.transition(job, Status.AWAITING_DECISION, deadline=5000.0)
+        assert await fake_redis.zscore(AWAITING, job.id) == 1000.0
+        # The decision's move and the index's removal are one script: no crash between them.
+        await s.transition(job, Status.CONFIRMING)
+        assert await fake_redis.zscore(AWAITING, job.id) is None
+        assert await s.due_decisions(before=1001.0) == []
+
+    run(go())
+
+
+def test_stale_deadlines_are_dropped_and_live_ones_kept(
+    fake_redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    async def go() -> None:
+        s = store(fake_redis)
+        parked = (await s.create(request(), identity="sub-1")).job
+        await s.begin(
+            parked.id, to=Status.CHECKING, allowed=frozenset({Status.QUEUED}), entry=entry("s")
+        )
+        await s.transition(parked, Status.AWAITING_DECISION, deadline=10.0)
+        # What an older version's crash left: a deadline for a job that is gone.
+        await fake_redis.zadd(AWAITING, {"job_gone": 5.0})
+        assert not await s.drop_deadline(parked.id)
+        assert await s.drop_deadline("job_gone")
+        assert await s.due_decisions(before=100.0) == [parked.id]
 
     run(go())
