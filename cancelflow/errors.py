@@ -18,9 +18,16 @@ class JobNotFound(CancelflowError):
 
 
 class ProviderError(CancelflowError):
-    """A provider call failed. ``retryable`` and ``retry_after`` decide what happens next."""
+    """A provider call failed. ``retryable`` and ``retry_after`` decide what happens next.
+
+    ``may_have_acted``: the request may have reached the provider and taken effect even though
+    no usable answer came back (a timeout, a reset after sending, a 5xx). A cancel that failed
+    so is read back before it is sent again (``steps.confirm``). The HTTP door
+    (``cancelflow.http``) sets it for each failure; each class has the default of its kind.
+    """
 
     retryable: bool = False
+    may_have_acted: bool = False
 
     def __init__(
         self,
@@ -32,6 +39,7 @@ class ProviderError(CancelflowError):
         field: str | None = None,
         retry_after: float | None = None,
         body: Any = None,
+        may_have_acted: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -41,6 +49,8 @@ class ProviderError(CancelflowError):
         self.field = field
         self.retry_after = retry_after
         self.body = body
+        if may_have_acted is not None:
+            self.may_have_acted = may_have_acted
 
     def as_dict(self) -> dict[str, Any]:
         """The error as JSON-safe data for the job timeline and dead letters."""
@@ -52,6 +62,7 @@ class ProviderError(CancelflowError):
             "field": self.field,
             "retryable": self.retryable,
             "retry_after": self.retry_after,
+            "may_have_acted": self.may_have_acted,
         }
 
 
@@ -65,6 +76,9 @@ class ProviderTimeout(ProviderError):
     """No answer within the provider's timeout."""
 
     retryable = True
+    # Unless it is known to have timed out before sending (connecting), a request without an
+    # answer may have been acted on: a step overrunning its time limit mid-call is one too.
+    may_have_acted = True
 
 
 class ProviderRateLimited(ProviderError):

@@ -107,8 +107,10 @@ class ProviderHttp:
         headers: Mapping[str, str] | None = None,
     ) -> HttpResponse:
         """Send one request. Answers below 500 (but 429) are returned for the adapter to read;
-        timeouts, connection failures, 5xx and 429 are raised as retryable errors. The
-        provider's guard (shared limits, circuit breaker) admits the call first."""
+        timeouts, connection failures, 5xx and 429 are raised as retryable errors, with
+        ``may_have_acted`` set unless the request is known not to have reached the provider
+        (refused before sending, 429). The provider's guard (shared limits, circuit breaker)
+        admits the call first."""
         if self._guard is None:
             return await self._send(
                 method, path, params=params, json_body=json_body, data=data, headers=headers
@@ -175,12 +177,16 @@ class ProviderHttp:
         except TimeoutError as exc:
             self._observe(name, "timeout", started)
             raise ProviderTimeout(
-                f"no answer within {self._timeout.total}s", provider=self.provider
+                f"no answer within {self._timeout.total}s",
+                provider=self.provider,
+                may_have_acted=not _before_sending(exc),
             ) from exc
         except (aiohttp.ClientError, OSError) as exc:
             self._observe(name, "connection_error", started)
             raise ProviderUnavailable(
-                f"connection failed: {type(exc).__name__}: {exc}", provider=self.provider
+                f"connection failed: {type(exc).__name__}: {exc}",
+                provider=self.provider,
+                may_have_acted=not _before_sending(exc),
             ) from exc
         latency = self._observe(name, str(response.status), started)
         log.info(
@@ -199,12 +205,15 @@ class ProviderHttp:
                 body=response.text[:500],
             )
         if response.status >= 500:
+            # A 5xx may come from a proxy after the provider acted (a 502 or 504 with the
+            # provider's answer lost), or from the provider failing half-way.
             raise ProviderUnavailable(
                 f"provider answered {response.status}",
                 provider=self.provider,
                 status=response.status,
                 retry_after=parse_retry_after(response.headers.get("Retry-After")),
                 body=response.text[:500],
+                may_have_acted=True,
             )
         return response
 
@@ -234,6 +243,17 @@ class ProviderHttp:
             field=field,
             body=response.text[:500],
         )
+
+
+# Failures that happen before a byte of the request is sent: connecting (refused, DNS, TLS,
+# the connect timeout). Anything later (a reset, a disconnect, a read timeout) may have
+# reached the provider.
+_BEFORE_SENDING = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+
+
+def _before_sending(exc: BaseException) -> bool:
+    """Whether a failed request is known not to have reached the provider."""
+    return isinstance(exc, _BEFORE_SENDING)
 
 
 def read_token(response: HttpResponse, provider: str) -> tuple[str, float]:

@@ -38,7 +38,7 @@ from cancelflow.dead_letters import DeadLetter, DeadLetterStore
 from cancelflow.errors import CancelflowError, JobNotFound, ProviderError
 from cancelflow.logging import get_logger, redact
 from cancelflow.providers import REGISTRY
-from cancelflow.providers.base import Provider, SubscriptionRef
+from cancelflow.providers.base import Confirmation, Provider, SubscriptionRef
 from cancelflow.settings import Settings
 from cancelflow.store import TRANSITIONS, JobStore
 
@@ -340,7 +340,7 @@ async def confirm(deps: Deps, job_id: str, *, attempt: int = 0, lease_s: float) 
     if not began.applied:
         return resume(began.previous, job.provider)
     try:
-        answer = await _provider(deps, job).confirm(reference(job), job)
+        answer, details = await _reconcile_then_cancel(_provider(deps, job), reference(job), job)
     except BaseException:
         await deps.store.redis.delete(lease)
         raise
@@ -352,8 +352,67 @@ async def confirm(deps: Deps, job_id: str, *, attempt: int = 0, lease_s: float) 
         step=Step.CONFIRM,
         attempt=attempt,
         response=redact(answer.response),
+        details=details,
         release_lease=lease,
     )
+
+
+async def _reconcile_then_cancel(
+    provider: Provider, ref: SubscriptionRef, job: JobRecord
+) -> tuple[Confirmation, dict[str, Any] | None]:
+    """The cancel call, after reading the subscription's state (the adapter's check) when an
+    earlier attempt may have cancelled it already; the answer and the finish entry's details.
+
+    The read is only made on that path: the timeline is already in hand (``begin`` answered
+    it), so the happy path costs no extra provider call nor Redis round trip."""
+    if not _an_earlier_attempt_may_have_acted(job):
+        return await provider.confirm(ref, job), None
+    state = await provider.check(ref, job)
+    if state.outcome is not None and state.outcome.type is OutcomeType.ALREADY_CANCELLED:
+        # Eligible before our earlier call, cancelled now: that call did it.
+        log.info("step.confirm.reconciled", found=state.outcome.type.value)
+        outcome = Outcome(
+            type=OutcomeType.CANCELLED, details={**state.outcome.details, "reconciled": True}
+        )
+        return Confirmation(outcome=outcome, response=state.response), {"reconciled": True}
+    # Still cancellable (eligible, or an offer the customer already turned down), or any
+    # other reading: the cancel call's own answer decides, as on a first attempt.
+    log.info("step.confirm.reconciled", found=state.kind)
+    return await provider.confirm(ref, job), {"reconcile_read": state.kind}
+
+
+# Confirm timeline events that end an attempt (after its "started" entry).
+_ATTEMPT_ENDS = frozenset({"retry_scheduled", "waiting", "dead_lettered", "finished"})
+# Those that end it on an error, which says whether the call may have acted.
+_ERROR_ENDS = frozenset({"retry_scheduled", "dead_lettered"})
+
+
+def _an_earlier_attempt_may_have_acted(job: JobRecord) -> bool:
+    """Whether a confirm attempt before this one may have reached the provider: its recorded
+    error says so (``may_have_acted``), or it recorded no end at all (a worker killed or
+    Redis lost mid-call). Every earlier attempt counts, replays included: one that was
+    refused before sending does not undo an earlier one that may have acted. The last
+    timeline entry is this attempt's own "started"."""
+    open_attempt = False
+    for entry in job.timeline[:-1]:
+        if entry.step != Step.CONFIRM.value:
+            continue
+        if entry.event == "started":
+            if open_attempt:
+                return True
+            open_attempt = True
+        elif entry.event in _ATTEMPT_ENDS and open_attempt:
+            open_attempt = False
+            # "waiting": our own limits stopped the call before it was sent.
+            if entry.event in _ERROR_ENDS and _may_have_acted(entry.error):
+                return True
+    return open_attempt
+
+
+def _may_have_acted(error: dict[str, Any] | None) -> bool:
+    # ProviderError.as_dict() records the flag; an error without it (an unexpected exception,
+    # a dead letter's summary, a record from before the flag) may have acted.
+    return error is None or error.get("may_have_acted", True) is not False
 
 
 async def finish(

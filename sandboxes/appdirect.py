@@ -100,6 +100,7 @@ class AppDirectSandbox(Sandbox):
 
     key = KEY
     bulk_kinds = tuple(KINDS)
+    cancel_routes = frozenset({"delete_subscription"})
 
     def __init__(
         self,

@@ -109,6 +109,7 @@ class AxelSpringerSandbox(Sandbox):
 
     key = KEY
     bulk_kinds = tuple(KINDS)
+    cancel_routes = frozenset({"cancel_purchase"})
 
     def load_demo(self) -> None:
         self.purchases: dict[tuple[str, str], Purchase] = {}

@@ -150,6 +150,7 @@ class AzotteSandbox(Sandbox):
 
     key = KEY
     bulk_kinds = tuple(KINDS)
+    cancel_routes = frozenset({"cancel_confirm"})
 
     def load_demo(self) -> None:
         self.orders: dict[str, Order] = {}

@@ -42,7 +42,7 @@ def sandbox_app(sandbox: Sandbox) -> web.Application:
     app = web.Application(
         middlewares=[
             call_counter(sandbox),
-            fault_middleware(sandbox.faults, sandbox.render_fault),
+            fault_middleware(sandbox.faults, sandbox.render_fault, sandbox.cancel_routes),
             provider_errors(sandbox),
         ]
     )

@@ -40,6 +40,8 @@ class Sandbox(abc.ABC):
     key: ClassVar[str]
     # Outcome kinds `POST /{key}/_sandbox/subscriptions` can generate in bulk.
     bulk_kinds: ClassVar[tuple[str, ...]]
+    # Names of the routes whose call cancels (the faults' `lost_answer_rate` applies to them).
+    cancel_routes: ClassVar[frozenset[str]]
 
     def __init__(
         self,

@@ -1,4 +1,5 @@
-"""Fault injection for the provider sandboxes: latency, errors, rate limits, hangs, fail-once.
+"""Fault injection for the provider sandboxes: latency, errors, rate limits, hangs, fail-once,
+lost answers.
 
 Faults apply to provider routes only; the control routes under `/{key}/_sandbox/` are never
 faulted, so a test can always read state or change the faults of a misbehaving sandbox.
@@ -36,14 +37,22 @@ class FaultSettings(BaseModel):
     hang_rate: float = Field(default=0, ge=0, le=1)
     hang_s: float = Field(default=30, ge=0)
     fail_once_rate: float = Field(default=0, ge=0, le=1)
+    # The share of cancel calls (each sandbox's `cancel_routes`) that take effect and whose
+    # answer is then lost: the client gets a proxy's 502 Bad Gateway at once. (`hang_rate` with
+    # `hang_s` past the client's timeout is the other way to lose an answer, on every call.)
+    lost_answer_rate: float = Field(default=0, ge=0, le=1)
     seed: int | None = None
 
     @model_validator(mode="after")
     def _exclusive_shares_fit(self) -> FaultSettings:
-        # error, rate limit and hang share one draw per call (see FaultInjector.draw), so that
-        # each rate is the real share of calls it affects: together they cannot exceed 1.
-        if self.error_rate + self.rate_limit_rate + self.hang_rate > 1:
-            raise ValueError("error_rate + rate_limit_rate + hang_rate must not exceed 1")
+        # error, rate limit, hang and lost answer share one draw per call (see
+        # FaultInjector.draw), so that each rate is the real share of calls it affects (of
+        # cancel calls, for a lost answer): together they cannot exceed 1.
+        shares = self.error_rate + self.rate_limit_rate + self.hang_rate + self.lost_answer_rate
+        if shares > 1:
+            raise ValueError(
+                "error_rate + rate_limit_rate + hang_rate + lost_answer_rate must not exceed 1"
+            )
         return self
 
 
@@ -55,6 +64,7 @@ class Fault(enum.Enum):
     RATE_LIMIT = "rate_limit"
     HANG = "hang"
     FAIL_ONCE = "fail_once"
+    LOST_ANSWER = "lost_answer"
 
 
 class FaultInjector:
@@ -82,9 +92,12 @@ class FaultInjector:
         """Faults injected so far, by kind, every kind listed (JSON-ready)."""
         return {fault.value: self.injected[fault] for fault in Fault}
 
-    def draw(self, method: str, path_qs: str, body: bytes) -> Fault | None:
-        """The fault for one call, or None. Counts what it returns."""
-        fault = self._draw_fail_once(method, path_qs, body) or self._draw_exclusive()
+    def draw(
+        self, method: str, path_qs: str, body: bytes, *, cancels: bool = False
+    ) -> Fault | None:
+        """The fault for one call (``cancels``: a call that cancels), or None. Counts what it
+        returns."""
+        fault = self._draw_fail_once(method, path_qs, body) or self._draw_exclusive(cancels)
         if fault is not None:
             self.injected[fault] += 1
         return fault
@@ -101,18 +114,20 @@ class FaultInjector:
         self._seen.add(key)
         return Fault.FAIL_ONCE if self._rng.random() < s.fail_once_rate else None
 
-    def _draw_exclusive(self) -> Fault | None:
+    def _draw_exclusive(self, cancels: bool) -> Fault | None:
         s = self.settings
-        if not (s.error_rate or s.rate_limit_rate or s.hang_rate):
+        if not (s.error_rate or s.rate_limit_rate or s.hang_rate or s.lost_answer_rate):
             return None
         u = self._rng.random()
         for fault, rate in (
             (Fault.RATE_LIMIT, s.rate_limit_rate),
             (Fault.ERROR, s.error_rate),
             (Fault.HANG, s.hang_rate),
+            (Fault.LOST_ANSWER, s.lost_answer_rate),
         ):
             if u < rate:
-                return fault
+                # A call that cancels nothing has no answer worth losing: it goes through.
+                return None if fault is Fault.LOST_ANSWER and not cancels else fault
             u -= rate
         return None
 
@@ -125,8 +140,13 @@ def is_control_request(request: web.Request) -> bool:
     return resource is not None and CONTROL_SEGMENT in resource.canonical
 
 
-def fault_middleware(injector: FaultInjector, render_error: ErrorRenderer) -> Middleware:
-    """Middleware applying `injector`'s faults to a provider sub-application's routes."""
+def fault_middleware(
+    injector: FaultInjector,
+    render_error: ErrorRenderer,
+    cancel_routes: frozenset[str] = frozenset(),
+) -> Middleware:
+    """Middleware applying `injector`'s faults to a provider sub-application's routes;
+    `cancel_routes` names the routes that cancel (the only ones that can lose an answer)."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -137,12 +157,21 @@ def fault_middleware(injector: FaultInjector, render_error: ErrorRenderer) -> Mi
             injector.injected[Fault.LATENCY] += 1
             await asyncio.sleep(settings.latency_ms / 1000)
         # read() caches the body, so the handler can still read it.
-        fault = injector.draw(request.method, request.path_qs, await request.read())
+        cancels = request.match_info.route.name in cancel_routes
+        fault = injector.draw(
+            request.method, request.path_qs, await request.read(), cancels=cancels
+        )
         if fault is Fault.HANG:
             # Like a real provider that is slow, not dead, the call still goes through after the
             # client gave up: the side effect a retry must not repeat. Shielded, so that a server
             # cancelling handlers on disconnect (aiohttp's TestServer does) behaves the same.
             return await asyncio.shield(_after(settings.hang_s, handler, request))
+        if fault is Fault.LOST_ANSWER:
+            # The provider acts (or refuses, as it would) and its answer is lost on the way
+            # back: a proxy in front of it answers 502. Shielded like a hang, so the effect
+            # happens whatever the client does.
+            await asyncio.shield(handler(request))
+            return web.Response(status=502, text=BAD_GATEWAY, content_type="text/html")
         if fault is Fault.RATE_LIMIT:
             response = render_error(429, "rate_limited", "Too many requests, slow down")
             response.headers["Retry-After"] = str(settings.retry_after_s)
@@ -152,6 +181,10 @@ def fault_middleware(injector: FaultInjector, render_error: ErrorRenderer) -> Mi
         return await handler(request)
 
     return middleware
+
+
+# What a reverse proxy (nginx) answers when the upstream's answer did not reach it.
+BAD_GATEWAY = "<html><head><title>502 Bad Gateway</title></head><body>502 Bad Gateway</body></html>"
 
 
 async def _after(delay_s: float, handler: Handler, request: web.Request) -> web.StreamResponse:

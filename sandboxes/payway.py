@@ -229,6 +229,7 @@ class PaywaySandbox(Sandbox):
 
     key = KEY
     bulk_kinds = tuple(RECIPES)
+    cancel_routes = frozenset({"cancel_subscription"})
 
     def load_demo(self) -> None:
         self.records = Records()

@@ -28,9 +28,12 @@ from cancelflow.providers.base import (
 # --- Assumptions: the API specification page is not public; each is one line to change. -------
 # Relative to base_url (".../api/v1"). Reading a purchase answers {"purchaseRef", "status"};
 # cancelling it answers {"purchaseRef", "previousStatus", "status": "Canceled"}; errors are
-# {"code", "message"} with HTTP status codes, and cancelling a Canceled purchase is a 409 with
-# this code.
-ALREADY_CANCELED_CODE = "ALREADY_CANCELED"
+# {"code", "message"} with HTTP status codes.
+# Cancelling a purchase that is already Canceled (by us, when an earlier answer was lost)
+# answers either a 409, whatever its code (a cancel meets no other conflict), or a 200 whose
+# previousStatus is already "Canceled". Both mean "already cancelled".
+ALREADY_CANCELED_HTTP_STATUS = 409
+ALREADY_CANCELED_PREVIOUS_STATUS = "Canceled"
 PURCHASE_PATH = "/partners/{partner_id}/purchases/{purchase_ref}"
 CANCEL_PATH = PURCHASE_PATH + "/cancel"
 # -------------------------------------------------------------------------------------------------
@@ -131,13 +134,15 @@ class AxelSpringer:
             return Confirmation(
                 outcome=Outcome(type=OutcomeType.NOT_FOUND), response=self._error_body(resp)
             )
-        if resp.status == 409 and self._error_code(resp) == ALREADY_CANCELED_CODE:
-            # Canceled since the check (or a redelivered confirm): nothing left to do.
+        if resp.status == ALREADY_CANCELED_HTTP_STATUS:
+            # Canceled since the check (or by our own earlier call): nothing left to do.
             return Confirmation(
                 outcome=Outcome(type=OutcomeType.ALREADY_CANCELLED),
                 response=self._error_body(resp),
             )
         body = self._body(resp)
+        if body.get("previousStatus") == ALREADY_CANCELED_PREVIOUS_STATUS:
+            return Confirmation(outcome=Outcome(type=OutcomeType.ALREADY_CANCELLED), response=body)
         # The cancel answer's previousStatus, not the check's: a link may be redeemed between.
         effects = CANCEL_EFFECTS.get(str(body.get("previousStatus")))
         if effects is None or body.get("status") != CANCELED:
@@ -165,11 +170,6 @@ class AxelSpringer:
             return resp.json(self.key)
         except ProviderProtocolError:
             return None
-
-    def _error_code(self, resp: HttpResponse) -> str | None:
-        body = self._error_body(resp)
-        code = body.get("code") if isinstance(body, dict) else None
-        return str(code) if code else None
 
     def _error(self, resp: HttpResponse, cls: type[ProviderError] | None = None) -> ProviderError:
         # API errors: {"code", "message"}; the token endpoint's (Cognito): {"error": "..."}.

@@ -37,8 +37,9 @@ CONFIRM_PATH = f"{API_PREFIX}/subscription/cancel/confirm"
 SUCCESS = "SUCCESS"
 
 # --- Assumptions: not in Azotte's public docs; each is one line to change. -----------------------
-# confirm (and request) on an order whose cancellation is already confirmed: 409 with this code.
-ALREADY_CANCELLED_CODE = "ALREADY_CANCELLED"
+# confirm (and request) on an order whose cancellation is already confirmed: 409 with one of
+# these codes, or a 200 whose status.messageCode is one of them.
+ALREADY_CANCELLED_CODES = frozenset({"ALREADY_CANCELLED", "ALREADY_CANCELED"})
 # currentStep of the confirm call: the funnel step after the request phase (step 0).
 CONFIRM_STEP = 1
 # A non-SUCCESS status.messageCode on a 200 is final unless the code itself says it is transient.
@@ -177,7 +178,9 @@ class Azotte:
         """The outcome an error answer stands for (unknown order, already cancelled), if any."""
         if resp.status == 404:
             return Outcome(type=OutcomeType.NOT_FOUND)
-        if resp.status == 409 and self._error_fields(resp).get("code") == ALREADY_CANCELLED_CODE:
+        if resp.status == 409 and self._error_fields(resp).get("code") in ALREADY_CANCELLED_CODES:
+            return Outcome(type=OutcomeType.ALREADY_CANCELLED)
+        if resp.status == 200 and _message_code(self._error_body(resp)) in ALREADY_CANCELLED_CODES:
             return Outcome(type=OutcomeType.ALREADY_CANCELLED)
         return None
 
@@ -186,9 +189,8 @@ class Azotte:
         if resp.status != 200:
             raise self._error(resp)
         body = resp.json(self.key)
-        status = body.get("status") if isinstance(body, dict) else None
-        code = status.get("messageCode") if isinstance(status, dict) else None
-        if not isinstance(body, dict) or not isinstance(code, str):
+        code = _message_code(body)
+        if not isinstance(body, dict) or code is None:
             raise ProviderProtocolError(
                 "response has no status.messageCode", provider=self.key, body=redact(body)
             )
@@ -234,6 +236,13 @@ class Azotte:
             code=str(error["code"]) if error.get("code") else None,
             field=str(field) if field else None,
         )
+
+
+def _message_code(body: Any) -> str | None:
+    """``status.messageCode`` of an answer, if it has one."""
+    status = body.get("status") if isinstance(body, dict) else None
+    code = status.get("messageCode") if isinstance(status, dict) else None
+    return code if isinstance(code, str) else None
 
 
 def _survey(job: JobRecord) -> str | None:

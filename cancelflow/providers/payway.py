@@ -10,7 +10,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import SecretStr, StringConstraints
 
-from cancelflow.contract import JobRecord, Outcome, OutcomeType
+from cancelflow.contract import JobRecord, Outcome, OutcomeType, Status
 from cancelflow.errors import ProviderAuthError, ProviderError, ProviderProtocolError
 from cancelflow.http import HttpResponse, ProviderHttp, TokenCache, read_token
 from cancelflow.logging import redact
@@ -30,9 +30,15 @@ CAN_CANCEL_PATH = "/external/api/v1/subscription_system/can_cancel_subscription"
 CANCEL_PATH = "/external/api/v1/subscription_system/cancel_subscription"
 SCOPES = "/external/subscription_system/r /external/subscription_system/w"
 
-# Assumed (not in Payway's public docs): an already cancelled product answers
-# can_cancel=false with this reason. Change here once the real behaviour is known.
+# --- Assumptions: not in Payway's public docs; each is one line to change. ---------------------
+# An already cancelled product answers can_cancel=false with this reason.
 ALREADY_CANCELLED_REASON = "already_cancelled"
+# Payway documents no answer for a product we cancelled ourselves. The reconcile read
+# (``steps.confirm``, after a cancel whose answer was lost; the job is then confirming) comes
+# after can_cancel said true: can_cancel=false then means that cancel took effect, whatever
+# the reason. False to read it as at eligibility instead (the reason decides).
+FALSE_AFTER_OUR_CANCEL_IS_CANCELLED = True
+# -------------------------------------------------------------------------------------------------
 
 
 class PaywayRef(SubscriptionRef):
@@ -97,6 +103,12 @@ class Payway:
             return Eligibility.eligible(response=item)
         if reason == ALREADY_CANCELLED_REASON:
             return Eligibility.final(Outcome(type=OutcomeType.ALREADY_CANCELLED), response=item)
+        if FALSE_AFTER_OUR_CANCEL_IS_CANCELLED and job.status is Status.CONFIRMING:
+            # Eligibility said can_cancel=true; a cancel of ours may have acted since.
+            return Eligibility.final(
+                Outcome(type=OutcomeType.ALREADY_CANCELLED, details={"reason": reason}),
+                response=item,
+            )
         # Every documented reason is final: no retry can change the account's data.
         return Eligibility.final(
             Outcome(type=OutcomeType.NOT_ELIGIBLE, reason=str(reason)), response=item

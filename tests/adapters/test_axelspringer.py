@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from aiohttp import web
 
 from cancelflow.contract import OutcomeType
-from cancelflow.errors import ConfigError, ProviderAuthError
+from cancelflow.errors import ConfigError, ProviderAuthError, ProviderProtocolError
 from cancelflow.settings import load_settings
 from sandboxes.axelspringer import DEMO
 from sandboxes.env import provider_env
 from sandboxes.server import build_app
-from tests.contract.support import harness, job_for
+from tests.contract.support import answering, harness, job_for
 
 KEY = "axelspringer"
 
@@ -94,3 +95,38 @@ def test_a_partner_on_the_api_flow_is_refused_at_start_up(env: pytest.MonkeyPatc
     message = str(err.value)
     assert "CANCELFLOW_PROVIDERS__AXELSPRINGER" in message
     assert "'api' flow" in message and "activation-link" in message
+
+
+def answering_cancel(status: int, body: dict[str, str]) -> web.Application:
+    """A provider that issues tokens and answers every other call ``status`` with ``body``."""
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.path.endswith("/oauth2/token"):
+            return web.json_response({"access_token": "t0k3n", "expires_in": 3600})
+        return web.json_response(body, status=status)
+
+    return answering(answer)
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        # What the retry of a cancel whose answer was lost got in the fault-injection run.
+        (200, {"purchaseRef": DEMO.redeemed, "previousStatus": "Canceled", "status": "Canceled"}),
+        (409, {"code": "CONFLICT", "message": "Purchase is already canceled"}),
+        (409, {"code": "ALREADY_CANCELED", "message": "Purchase is already canceled"}),
+    ],
+)
+async def test_a_cancel_of_a_canceled_purchase_in_any_shape_is_already_cancelled(
+    status: int, body: dict[str, str]
+) -> None:
+    async with harness(KEY, app=answering_cancel(status, body)) as h:
+        done = await h.confirm(job_for(KEY, purchase(DEMO.redeemed)))
+        assert done.outcome.type is OutcomeType.ALREADY_CANCELLED
+
+
+async def test_an_unknown_previous_status_is_still_a_protocol_error() -> None:
+    body = {"purchaseRef": DEMO.redeemed, "previousStatus": "Expired", "status": "Canceled"}
+    async with harness(KEY, app=answering_cancel(200, body)) as h:
+        with pytest.raises(ProviderProtocolError):
+            await h.confirm(job_for(KEY, purchase(DEMO.redeemed)))

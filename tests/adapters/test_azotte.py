@@ -139,3 +139,22 @@ async def test_a_non_success_message_code_on_a_200_is_a_failure(
             with pytest.raises(cls) as caught:
                 await call(job_for(KEY, order(DEMO.processed)))
             assert caught.value.code == code  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("status", "code"), [(200, "ALREADY_CANCELED"), (409, "ALREADY_CANCELED")])
+async def test_every_already_cancelled_shape_is_already_cancelled(status: int, code: str) -> None:
+    # A 200 with that messageCode, or a 409 with the other spelling (both assumed).
+    async def answer(request: web.Request) -> web.Response:
+        if status == 200:
+            body: dict[str, Any] = {"status": {"messageCode": code}}
+        else:
+            body = {"error": {"type": "conflict_error", "code": code, "message": "cancelled"}}
+        return web.json_response(body, status=status, content_type="application/clientOutput+Json")
+
+    async with harness(KEY, app=answering(answer)) as h:
+        job = job_for(KEY, order(DEMO.processed))
+        answer_, _ = await h.check(job)
+        assert answer_.outcome is not None
+        assert answer_.outcome.type is OutcomeType.ALREADY_CANCELLED
+        done = await h.confirm(job)
+        assert done.outcome.type is OutcomeType.ALREADY_CANCELLED

@@ -15,7 +15,7 @@ import structlog
 from aiohttp import web
 from pydantic import SecretStr
 
-from cancelflow.contract import OutcomeType
+from cancelflow.contract import OutcomeType, Status
 from cancelflow.errors import (
     ProviderAuthError,
     ProviderError,
@@ -113,6 +113,7 @@ async def test_429_is_rate_limited_with_retry_after(key: str, contract: Contract
             assert error.retryable
             assert error.retry_after == 7
             assert error.provider == key
+            assert not error.may_have_acted  # refused before acting
 
 
 async def test_5xx_is_unavailable(key: str, contract: ContractFixture) -> None:
@@ -121,6 +122,7 @@ async def test_5xx_is_unavailable(key: str, contract: ContractFixture) -> None:
         for error in await raises(h, contract, ProviderUnavailable):
             assert error.retryable
             assert error.status == 503
+            assert error.may_have_acted
 
 
 async def test_a_hang_past_the_timeout_is_a_timeout(key: str, contract: ContractFixture) -> None:
@@ -129,6 +131,35 @@ async def test_a_hang_past_the_timeout_is_a_timeout(key: str, contract: Contract
         with pytest.raises(ProviderTimeout) as caught:
             await h.check(job_for(key, contract.success))
         assert caught.value.retryable
+        assert caught.value.may_have_acted
+
+
+async def test_a_cancel_that_acted_and_lost_its_answer_reads_cancelled_after(
+    key: str, contract: ContractFixture
+) -> None:
+    async with harness(key, **contract.settings) as h:
+        answer, job = await h.check(job_for(key, contract.success))
+        assert answer.kind == "eligible", answer
+        await h.faults(lost_answer_rate=1.0)
+        with pytest.raises(ProviderUnavailable) as caught:
+            await h.confirm(job)
+        assert caught.value.status == 502
+        assert caught.value.may_have_acted and caught.value.as_dict()["may_have_acted"] is True
+        state = await h.state()
+        assert state["faults_injected"]["lost_answer"] == 1
+        assert state["effective_cancels"] == {contract.cancel_key: 1}
+        await h.faults()
+
+        # The retry's reconcile read (the job is confirming) finds it cancelled...
+        confirming = job.model_copy(update={"status": Status.CONFIRMING})
+        read, _ = await h.check(confirming)
+        assert read.kind == "final", read
+        assert read.outcome is not None
+        assert read.outcome.type is OutcomeType.ALREADY_CANCELLED
+        # ...and a cancel sent again all the same is never an error, nor a second effect.
+        again = await h.confirm(confirming)
+        assert again.outcome.type in (OutcomeType.CANCELLED, OutcomeType.ALREADY_CANCELLED)
+        assert (await h.state())["effective_cancels"] == {contract.cancel_key: 1}
 
 
 async def test_refused_credentials_are_an_auth_error(key: str, contract: ContractFixture) -> None:

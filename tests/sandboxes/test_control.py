@@ -36,6 +36,7 @@ async def test_state_has_the_shared_fields(key: str) -> None:
             "rate_limit",
             "hang",
             "fail_once",
+            "lost_answer",
         }
 
 

@@ -12,13 +12,16 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from cancelflow import steps
-from cancelflow.contract import CancellationRequest, Status, Step
-from cancelflow.errors import ProviderUnavailable
+from cancelflow.contract import CancellationRequest, OutcomeType, Status, Step
+from cancelflow.errors import ProviderError, ProviderRateLimited, ProviderUnavailable
 from cancelflow.settings import Settings
 from cancelflow.wiring import build_deps
 from sandboxes import payway as payway_sandbox
+from sandboxes.control import SANDBOX
 from sandboxes.faults import FaultSettings
 from sandboxes.server import PROVIDER_APPS, build_app
+from tests.contract.providers import contract_for
+from tests.contract.support import settings_for
 
 Scenario = Callable[[steps.Deps, Any], Awaitable[None]]
 
@@ -239,5 +242,167 @@ def test_confirm_releases_its_lease_when_it_finishes_or_fails() -> None:
         # So the retry takes the lease at once and cancels.
         state.faults.replace(FaultSettings())
         assert (await steps.confirm(deps, failing, lease_s=30)).step is Step.CALLBACK
+
+    run(scenario)
+
+
+# --- confirm: reconcile before acting again -----------------------------------------------------
+
+
+def run_on(key: str, scenario: Scenario) -> None:
+    """``scenario`` with every provider on its sandbox; ``state`` is provider ``key``'s."""
+
+    async def go() -> None:
+        app = build_app()
+        async with TestServer(app) as server, aiohttp.ClientSession() as session:
+            root = str(server.make_url("")).rstrip("/")
+            settings = Settings(providers={k: settings_for(k, root) for k in steps.REGISTRY})
+            deps = build_deps(settings, redis=fakeredis.FakeAsyncRedis(), session=session)
+            await scenario(deps, app[PROVIDER_APPS][key][SANDBOX])
+
+    asyncio.run(go())
+
+
+async def enqueue_on(deps: steps.Deps, key: str) -> str:
+    """A job for ``key``'s cancellable demo subscription, past eligibility (confirming)."""
+    contract = contract_for(key)
+    assert contract is not None
+    req = CancellationRequest(provider=key, subscription=contract.success)
+    identity = steps.REGISTRY[key].reference.model_validate(req.subscription).identity()
+    job_id = (await deps.store.create(req, identity=identity)).job.id
+    assert (await steps.eligibility(deps, job_id)).step is Step.CONFIRM
+    return job_id
+
+
+async def failed_confirm(deps: steps.Deps, job_id: str, attempt: int) -> ProviderError:
+    """A confirm attempt that fails, recorded on the timeline as the worker records it."""
+    with pytest.raises(ProviderError) as caught:
+        await steps.confirm(deps, job_id, attempt=attempt, lease_s=30)
+    await steps.note_retry(
+        deps, job_id, step=Step.CONFIRM, attempt=attempt, error=caught.value.as_dict(), delay_s=1
+    )
+    return caught.value
+
+
+def finished_entry(job: Any) -> Any:
+    return next(e for e in job.timeline if e.event == "finished")
+
+
+@pytest.mark.parametrize("key", sorted(steps.REGISTRY))
+def test_a_cancel_that_acted_and_lost_its_answer_ends_cancelled_without_a_second_cancel(
+    key: str,
+) -> None:
+    async def scenario(deps: steps.Deps, sandbox: Any) -> None:
+        job_id = await enqueue_on(deps, key)
+        reads = sum(sandbox.calls.values())  # calls so far: eligibility (and a token)
+        sandbox.faults.replace(FaultSettings(lost_answer_rate=1))
+        error = await failed_confirm(deps, job_id, 0)
+        assert error.status == 502 and error.may_have_acted
+        cancel_calls = dict(sandbox.calls)
+        sandbox.faults.replace(FaultSettings())
+
+        assert (await steps.confirm(deps, job_id, attempt=1, lease_s=30)).step is Step.CALLBACK
+        job = await deps.store.get(job_id)
+        assert job.outcome is not None
+        assert job.outcome.type is OutcomeType.CANCELLED, job.outcome
+        assert job.outcome.details["reconciled"] is True
+        assert finished_entry(job).details == {"outcome": "cancelled", "reconciled": True}
+        # The retry read the state once and sent no second cancel: one effect, one call more.
+        contract = contract_for(key)
+        assert contract is not None
+        assert sandbox.state()["effective_cancels"] == {contract.cancel_key: 1}
+        assert sum(sandbox.calls.values()) == sum(cancel_calls.values()) + 1
+        assert reads < sum(cancel_calls.values())
+
+    run_on(key, scenario)
+
+
+def test_the_first_confirm_makes_one_call_and_no_read() -> None:
+    async def scenario(deps: steps.Deps, state: Any) -> None:
+        job_id = await enqueue(deps)
+        await steps.eligibility(deps, job_id)
+        await steps.confirm(deps, job_id, lease_s=30)
+        assert calls(state) == {
+            "access_token": 1,
+            "can_cancel_subscription": 1,
+            "cancel_subscription": 1,
+        }
+        job = await deps.store.get(job_id)
+        assert finished_entry(job).details == {"outcome": "cancelled"}
+
+    run(scenario)
+
+
+def test_a_retry_after_an_error_that_cannot_have_acted_makes_no_read() -> None:
+    async def scenario(deps: steps.Deps, state: Any) -> None:
+        job_id = await enqueue(deps)
+        await steps.eligibility(deps, job_id)
+        state.faults.replace(FaultSettings(rate_limit_rate=1))
+        error = await failed_confirm(deps, job_id, 0)
+        assert isinstance(error, ProviderRateLimited) and not error.may_have_acted
+        state.faults.replace(FaultSettings())
+        await steps.confirm(deps, job_id, attempt=1, lease_s=30)
+        assert calls(state)["can_cancel_subscription"] == 1  # eligibility's only
+        assert calls(state)["cancel_subscription"] == 2
+        job = await deps.store.get(job_id)
+        assert job.outcome is not None and job.outcome.type is OutcomeType.CANCELLED
+        assert "reconciled" not in job.outcome.details
+
+    run(scenario)
+
+
+def test_a_read_that_finds_it_still_cancellable_cancels() -> None:
+    async def scenario(deps: steps.Deps, state: Any) -> None:
+        job_id = await enqueue(deps, "immediate")
+        await steps.eligibility(deps, job_id)
+        # A 503 may have acted but did not: the read says can_cancel=true, the cancel follows.
+        state.faults.replace(FaultSettings(error_rate=1))
+        assert (await failed_confirm(deps, job_id, 0)).may_have_acted
+        state.faults.replace(FaultSettings())
+        await steps.confirm(deps, job_id, attempt=1, lease_s=30)
+        assert calls(state)["can_cancel_subscription"] == 2
+        assert calls(state)["cancel_subscription"] == 2
+        job = await deps.store.get(job_id)
+        assert job.outcome is not None and job.outcome.type is OutcomeType.CANCELLED
+        assert job.outcome.cancellation_type == "immediate"
+        assert finished_entry(job).details == {"outcome": "cancelled", "reconcile_read": "eligible"}
+
+    run(scenario)
+
+
+def test_an_attempt_that_recorded_no_end_is_reconciled() -> None:
+    async def scenario(deps: steps.Deps, state: Any) -> None:
+        job_id = await enqueue(deps, "autogiro")
+        await steps.eligibility(deps, job_id)
+        # The cancel acts, then the worker dies before recording anything (no retry entry).
+        state.faults.replace(FaultSettings(lost_answer_rate=1))
+        with pytest.raises(ProviderUnavailable):
+            await steps.confirm(deps, job_id, lease_s=30)
+        state.faults.replace(FaultSettings())
+        await steps.confirm(deps, job_id, attempt=1, lease_s=30)
+        job = await deps.store.get(job_id)
+        assert job.outcome is not None and job.outcome.details.get("reconciled") is True
+        assert calls(state)["cancel_subscription"] == 1
+
+    run(scenario)
+
+
+def test_an_earlier_lost_answer_still_counts_after_an_attempt_that_did_not_act() -> None:
+    async def scenario(deps: steps.Deps, state: Any) -> None:
+        job_id = await enqueue(deps, "end_of_period_with_credit")
+        await steps.eligibility(deps, job_id)
+        state.faults.replace(FaultSettings(lost_answer_rate=1))
+        assert (await failed_confirm(deps, job_id, 0)).may_have_acted
+        # The next attempt's read is rate limited: that attempt acted on nothing...
+        state.faults.replace(FaultSettings(rate_limit_rate=1))
+        assert not (await failed_confirm(deps, job_id, 1)).may_have_acted
+        # ...and the first one's cancel may still have happened: read again, then end.
+        state.faults.replace(FaultSettings())
+        await steps.confirm(deps, job_id, attempt=2, lease_s=30)
+        job = await deps.store.get(job_id)
+        assert job.outcome is not None and job.outcome.type is OutcomeType.CANCELLED
+        assert job.outcome.details.get("reconciled") is True
+        assert calls(state)["cancel_subscription"] == 1
+        assert len(state.state()["credit_invoices"]) == 1
 
     run(scenario)
