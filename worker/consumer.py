@@ -4,13 +4,27 @@ Celery's own consumer logs and discards a message it cannot decode, whose task i
 know, or that is not a valid task message. Here each such message is recorded in the
 dead-letter store (with its body and headers) and parked byte for byte on the kombu
 ``dead_letters`` queue, then acknowledged so the worker keeps consuming.
+
+Celery only recognises some invalid messages: a body that decodes to anything but
+``[args, kwargs, embed]`` (``{"a": 1}``, ``[1]``, ``"s"``, ``null``), a missing ``id``, a
+``timelimit`` that is not a pair, a task name that is a list, raise out of its strategy
+(``celery.worker.strategy.default`` and the ``Request`` it builds) and stop the worker
+("Unrecoverable error"), with the message back on the queue for the next worker to die on.
+Each task's strategy is wrapped here by ``task_message_problem``, a check of what the
+strategy, the ``Request`` and the pool take from a message, before Celery reads it: a
+message that fails it is an invalid task message (``on_invalid_task``). The envelope itself
+(properties, headers as kombu needs them) is checked earlier, by ``worker.transport``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from celery.exceptions import InvalidTaskError
+from celery.utils.time import maybe_iso8601, maybe_make_aware, timezone
 from celery.worker.consumer import Consumer as CeleryConsumer
+from kombu.asynchronous.timer import to_timestamp
 from kombu.messaging import Producer
 
 from cancelflow.contract import DEAD_LETTER_QUEUE
@@ -21,7 +35,101 @@ from cancelflow.messaging import DEAD_LETTER_EXCHANGE
 log = get_logger(__name__)
 
 
+class Strategies(dict[Any, Any]):
+    """Celery looks a message's task name up here (``strategies[name]``): a name that is not
+    a string (a list, a dict: unhashable) is an unknown task, not a TypeError out of the
+    consumer."""
+
+    def __getitem__(self, name: Any) -> Any:
+        if not isinstance(name, str):
+            raise KeyError(name)
+        return super().__getitem__(name)
+
+
+def task_message_problem(message: Any, task: Any) -> str | None:
+    """Why ``message`` cannot be a request of ``task`` (None if it can): what Celery's
+    strategy and ``Request`` and the worker's pool unpack from it, checked beforehand.
+
+    Only protocol 2 is taken (Celery's since 4.0, what every producer and beat send).
+    Reading ``message.payload`` decodes the body once, as Celery's strategy does right
+    after (kombu caches it); a ``DecodeError`` or ``ContentDisallowed`` raised here goes to
+    the consumer's own handlers, as from the strategy.
+    """
+    headers = message.headers
+    if not isinstance(headers, dict) or not isinstance(headers.get("task"), str):
+        return "not a protocol 2 task message (no task header)"
+    if not isinstance(headers.get("id"), str):
+        return f"task id is not a string: {headers.get('id')!r}"
+    if not isinstance(headers.get("shadow"), str | None):
+        return f"shadow is not a string: {headers['shadow']!r}"
+    timelimit = headers.get("timelimit")
+    if timelimit and not (
+        isinstance(timelimit, list | tuple)
+        and len(timelimit) == 2
+        and all(_limit(t) for t in timelimit)
+    ):
+        return f"timelimit is not a pair of (soft, hard) seconds: {timelimit!r}"
+    retries = headers.get("retries")
+    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)):
+        return f"retries is not an integer: {retries!r}"
+    eta = headers.get("eta")
+    if eta is not None:
+        try:
+            # As the strategy turns it into a timer's timestamp (it rejects the message,
+            # without a dead letter, if that fails).
+            to_timestamp(timezone.to_system(maybe_make_aware(maybe_iso8601(eta))))  # type: ignore[no-untyped-call]
+        except (AttributeError, TypeError, ValueError, OverflowError) as exc:
+            return f"invalid ETA value {eta!r}: {exc}"
+    payload = message.payload
+    if not (isinstance(payload, list | tuple) and len(payload) == 3):
+        return f"body is not [args, kwargs, embed]: {_short(payload)}"
+    args, kwargs, embed = payload
+    if not isinstance(args, list | tuple):
+        return f"args is not a list: {_short(args)}"
+    if not isinstance(kwargs, dict):
+        return f"kwargs is not an object: {_short(kwargs)}"
+    if not isinstance(embed, dict | None):
+        return f"embed is not an object: {_short(embed)}"
+    check_arguments = getattr(task, "__header__", None)
+    if getattr(task, "typing", False) and check_arguments is not None:
+        # What Celery checks when sending (Task.apply_async); a worker would only find out
+        # in the task, as a failure that drops the message.
+        try:
+            check_arguments(*args, **kwargs)
+        except TypeError as exc:
+            return f"arguments do not fit {task.name}: {exc}"
+    return None
+
+
+def _limit(value: Any) -> bool:
+    return value is None or (
+        isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+    )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _checked(strategy: Callable[..., Any], task: Any) -> Callable[..., Any]:
+    def checked_strategy(message: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
+        problem = task_message_problem(message, task)
+        if problem is not None:
+            raise InvalidTaskError(problem)  # the consumer calls on_invalid_task
+        return strategy(message, body, *args, **kwargs)
+
+    return checked_strategy
+
+
 class Consumer(CeleryConsumer):  # type: ignore[misc]
+    Strategies = Strategies
+
+    def update_strategies(self) -> None:
+        super().update_strategies()
+        for name, task in self.app.tasks.items():
+            self.strategies[name] = _checked(self.strategies[name], task)
+
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         self._dead_letter(message, "DecodeError", f"message body cannot be decoded: {exc}")
 

@@ -11,6 +11,17 @@ Tasks without a coroutine half (the maintenance sweeps) run in threads as before
 
 How many steps run at once is the consumer's prefetch (``--concurrency`` x
 ``worker_prefetch_multiplier``), as with threads.
+
+Time limits (Celery's ``task_soft_time_limit`` / ``task_time_limit`` or a task's own, given
+to ``on_apply`` as ``soft_timeout`` / ``timeout``; Celery's own pools apply them, its threads
+pool drops them). A step's coroutine half runs under ``asyncio.timeout`` at the hard limit:
+past it the coroutine is cancelled and the task raises ``TimeLimitExceeded`` (Celery then
+requeues the acks_late message). Within it, ``soft_time_limit()`` bounds what the step calls
+by the soft limit and raises ``SoftTimeLimitExceeded`` there, so the step can still record a
+retry before the hard limit. A task run in a thread waits on the loop through
+``run_limited``, bounded by its soft limit; a thread still running at its hard limit (stuck
+outside the loop: threads cannot be stopped) is failed with ``TimeLimitExceeded`` by a timer
+on the loop, and its late end is ignored.
 """
 
 from __future__ import annotations
@@ -18,21 +29,73 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import Future, wait
-from typing import Any
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.concurrency.base import apply_target
 from celery.concurrency.thread import ApplyResult
 from celery.concurrency.thread import TaskPool as ThreadsPool
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from kombu.serialization import loads, prepare_accept_content
+
+if TYPE_CHECKING:
+    from worker.runtime import Runtime
+
+T = TypeVar("T")
 
 # (task id, what its coroutine half came to, or the exception it raised), for the task body
 # the tracer runs right after, in the same context.
 _PREPARED: contextvars.ContextVar[tuple[str, Any, BaseException | None] | None] = (
     contextvars.ContextVar("cancelflow_prepared", default=None)
 )
+
+
+# The running task's soft limit: a deadline on the loop's clock (a step) or on
+# time.monotonic (a task in a thread), and the limit in seconds, for the error.
+_SOFT_AT: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar(
+    "cancelflow_soft_at", default=None
+)
+
+
+@asynccontextmanager
+async def soft_time_limit() -> AsyncIterator[None]:
+    """Bound the block by the running step's soft time limit: past it, the block is
+    cancelled and ``SoftTimeLimitExceeded`` raised (no limit outside the pool)."""
+    found = _SOFT_AT.get()
+    if found is None:
+        yield
+        return
+    deadline, limit = found
+    timeout = asyncio.timeout_at(deadline)
+    try:
+        async with timeout:
+            yield
+    except TimeoutError as exc:
+        if timeout.expired():
+            raise SoftTimeLimitExceeded(limit) from exc
+        raise
+
+
+def run_limited(runtime: Runtime, coro: Coroutine[Any, Any, T]) -> T:
+    """``runtime.run(coro)`` from a task's thread, bounded by the task's soft time limit:
+    past it, the coroutine is cancelled and ``SoftTimeLimitExceeded`` raised."""
+    found = _SOFT_AT.get()
+    if found is None:
+        return runtime.run(coro)
+    deadline, limit = found
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        coro.close()
+        raise SoftTimeLimitExceeded(limit)
+    try:
+        return runtime.run(coro, timeout=remaining)
+    except FutureTimeout as exc:  # runtime.run cancelled the coroutine on the loop
+        raise SoftTimeLimitExceeded(limit) from exc
 
 
 def prepared(task_id: str | None) -> Any:
@@ -76,10 +139,22 @@ class TaskPool(ThreadsPool):  # type: ignore[misc]  # Celery is untyped
         **options: Any,
     ) -> ApplyResult:
         task = self.app.tasks.get(args[0]) if args else None
+        soft = options.get("soft_timeout") or None
+        hard = options.get("timeout") or None
         if args is None or getattr(task, "run_async", None) is None:
-            return super().on_apply(target, args, kwargs, callback, accept_callback, **options)
+            return self._in_thread(
+                target,
+                args,
+                kwargs,
+                callback,
+                accept_callback,
+                soft,
+                hard,
+                options.get("timeout_callback"),
+            )
         future = asyncio.run_coroutine_threadsafe(
-            self._apply(task, target, args, kwargs, callback, accept_callback), self.loop()
+            self._apply(task, target, args, kwargs, callback, accept_callback, soft, hard),
+            self.loop(),
         )
         self._on_loop.add(future)
         future.add_done_callback(self._on_loop.discard)
@@ -93,6 +168,8 @@ class TaskPool(ThreadsPool):  # type: ignore[misc]  # Celery is untyped
         kwargs: dict[str, Any] | None,
         callback: Callable[..., Any] | None,
         accept_callback: Callable[..., Any] | None,
+        soft: float | None = None,
+        hard: float | None = None,
     ) -> None:
         # The tracer's arguments: (task name, task id, request, body, content type, encoding).
         _, task_id, request, body, content_type, content_encoding = args
@@ -100,13 +177,21 @@ class TaskPool(ThreadsPool):  # type: ignore[misc]  # Celery is untyped
             accept_callback(os.getpid(), time.monotonic())
         result: Any = None
         error: BaseException | None = None
+        now = asyncio.get_running_loop().time()
+        if soft:
+            # This coroutine runs in a context of its own (a task of the loop's).
+            _SOFT_AT.set((now + soft, soft))
+        limit = asyncio.timeout_at(now + hard if hard else None)
         try:
             if content_type:
                 body = loads(  # type: ignore[no-untyped-call]  # kombu leaves it unannotated
                     body, content_type, content_encoding, accept=self._accept
                 )
             task_args, task_kwargs, _embed = body
-            result = await task.run_async(task_args, task_kwargs, request)
+            async with limit:
+                result = await task.run_async(task_args, task_kwargs, request)
+        except TimeoutError as exc:
+            error = TimeLimitExceeded(hard) if limit.expired() else exc
         except Exception as exc:  # raised in the task by the tracer, as a thread would
             error = exc
         token = _PREPARED.set((task_id, result, error))
@@ -114,6 +199,44 @@ class TaskPool(ThreadsPool):  # type: ignore[misc]  # Celery is untyped
             apply_target(target, args, kwargs, callback)
         finally:
             _PREPARED.reset(token)
+
+    def _in_thread(
+        self,
+        target: Callable[..., Any],
+        args: tuple[Any, ...] | None,
+        kwargs: dict[str, Any] | None,
+        callback: Callable[..., Any] | None,
+        accept_callback: Callable[..., Any] | None,
+        soft: float | None,
+        hard: float | None,
+        timeout_callback: Callable[..., Any] | None,
+    ) -> ApplyResult:
+        """Run the task in one of the threads, under its limits (see the module)."""
+        ended = threading.Lock()  # taken once: by the task's end or by its hard limit
+
+        def run(*a: Any, **kw: Any) -> Any:
+            token = _SOFT_AT.set((time.monotonic() + soft, soft) if soft else None)
+            try:
+                return target(*a, **kw)
+            finally:
+                _SOFT_AT.reset(token)
+
+        def on_end(result: Any) -> None:
+            if ended.acquire(blocking=False) and callback is not None:
+                callback(result)
+
+        future = self.executor.submit(apply_target, run, args, kwargs, on_end, accept_callback)
+        if hard and timeout_callback is not None:
+
+            def at_hard_limit() -> None:
+                if not future.done() and ended.acquire(blocking=False):
+                    # Celery's handling of a hard limit: the task fails with
+                    # TimeLimitExceeded and, acks_late, its message is requeued.
+                    timeout_callback(False, hard)
+
+            loop = self.loop()
+            loop.call_soon_threadsafe(loop.call_later, hard, at_hard_limit)
+        return ApplyResult(future)
 
     def on_stop(self) -> None:
         # A warm shutdown lets the steps under way end (and be acknowledged) first.

@@ -172,7 +172,10 @@ async def _execute(step: Step, delivery: Delivery) -> Outcome:
         return Outcome("dead-lettered: poison")
     structlog.contextvars.bind_contextvars(job_id=job_id)
     try:
-        nxt = await call(rt.deps, job_id, *extra, attempt=delivery.retries)
+        # Past the soft limit the step is cancelled, with time left before the hard limit
+        # (worker.pool) to record the retry.
+        async with pool.soft_time_limit():
+            nxt = await call(rt.deps, job_id, *extra, attempt=delivery.retries)
     except JobNotFound as exc:
         await _dead_letter_poison(rt, delivery, exc)
         return Outcome("dead-lettered: poison")
@@ -400,11 +403,11 @@ def callback(self: StepTask, *args: Any, **kwargs: Any) -> str:
 def expire_decisions(self: Task) -> dict[str, int]:
     """Apply each provider's default action to parked jobs past their decision deadline."""
     rt = _runtime()
-    due = rt.run(steps.due_decisions(rt.deps, utcnow()))
+    due = pool.run_limited(rt, steps.due_decisions(rt.deps, utcnow()))
     applied = 0
     for job_id in due:
         try:
-            nxt = rt.run(steps.expire_decision(rt.deps, job_id))
+            nxt = pool.run_limited(rt, steps.expire_decision(rt.deps, job_id))
         except steps.DecisionConflict:
             continue
         applied += 1
@@ -417,12 +420,12 @@ def expire_decisions(self: Task) -> dict[str, int]:
 def dispatch_stragglers(self: Task) -> dict[str, int]:
     """Send the first step of jobs whose producer died between recording and sending them."""
     rt = _runtime()
-    found = rt.run(steps.stragglers(rt.deps, older_than_s=STRAGGLER_AGE_S))
+    found = pool.run_limited(rt, steps.stragglers(rt.deps, older_than_s=STRAGGLER_AGE_S))
     for nxt in found:
         job_id = nxt.args[0]
         assert nxt.step is not None
         send_step(app, nxt.step, job_id, nxt.provider)
-        rt.run(rt.deps.store.mark_dispatched(job_id))
+        pool.run_limited(rt, rt.deps.store.mark_dispatched(job_id))
         log.warning("job.first_step.resent", job_id=job_id)
     return {"resent": len(found)}
 
@@ -439,7 +442,7 @@ def resume_stalled(self: Task) -> dict[str, int]:
     limits = rt.settings.limits()
     # Longer than any legitimate silence: a countdown, a run, and a redelivery.
     quiet_for_s = limits.max_countdown_s + limits.task_time_limit_s + limits.visibility_timeout_s
-    found = rt.run(steps.resume_stalled(rt.deps, quiet_for_s=quiet_for_s))
+    found = pool.run_limited(rt, steps.resume_stalled(rt.deps, quiet_for_s=quiet_for_s))
     for nxt in found:
         assert nxt.step is not None
         send_step(app, nxt.step, nxt.args[0], nxt.provider, *nxt.args[1:])

@@ -3,8 +3,13 @@ acknowledge in batches.
 
 kombu decodes each list item (its JSON envelope) inside the consumer loop; an item that is
 not JSON raises there, stops the worker ("Unrecoverable error") and the item, already popped,
-is lost. This channel dead-letters such an item, parks it on the ``dead_letters`` list, and
-goes on. Follows ``kombu.transport.redis.Channel._brpop_read`` / ``_get`` of kombu 5.x.
+is lost. So does an envelope kombu cannot make a message of (``properties`` that is not an
+object or has no ``delivery_tag``, headers that are not an object, an unknown body
+encoding: ``kombu.transport.virtual.Message``) or whose delivery it cannot record as
+unacknowledged (no exchange or routing key: ``kombu.transport.redis.QoS.append``). This
+channel dead-letters such an item, parks it on the ``dead_letters`` list, and goes on.
+Follows ``kombu.transport.redis.Channel._brpop_read`` / ``_get`` and
+``kombu.transport.virtual.Channel.basic_consume`` of kombu 5.x.
 Built on ``cancelflow.messaging.Channel`` (one Redis client per pool, not one per publish).
 
 Acknowledging a message removes it from Redis's unacked hash and index, in a round trip of
@@ -28,7 +33,7 @@ from kombu.asynchronous import get_event_loop
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 
 from cancelflow import messaging
 from cancelflow.contract import DEAD_LETTER_QUEUE
@@ -115,6 +120,26 @@ class Channel(messaging.Channel):
                     return envelope
             raise Empty()
 
+    def basic_consume(
+        self, queue: str, no_ack: bool, callback: Any, consumer_tag: str, **kwargs: Any
+    ) -> None:
+        super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)  # type: ignore[no-untyped-call]
+
+        # kombu's own callback, with the envelope checked before it stops the worker.
+        def _callback(raw_message: Any) -> Any:
+            try:
+                message = self.Message(raw_message, channel=self)  # type: ignore[no-untyped-call]
+                _check_delivery(message)
+            except Exception as exc:  # whatever the envelope holds, it must not stop us
+                error = f"envelope is not a kombu message: {type(exc).__name__}: {exc}"
+                self._dead_letter(dumps(raw_message).encode(), queue, error)  # type: ignore[no-untyped-call]
+                return None
+            if not no_ack:
+                self.qos.append(message, message.delivery_tag)
+            return callback(message)
+
+        self.connection._callbacks[queue] = _callback
+
     def _decode_or_dead_letter(self, item: bytes, queue: str) -> Any:
         try:
             envelope = loads(bytes_to_str(item))  # type: ignore[no-untyped-call]
@@ -123,6 +148,10 @@ class Channel(messaging.Channel):
             error = "list item is JSON but not a kombu message envelope"
         except Exception as exc:  # whatever the item is, it must not stop us
             error = f"list item is not a kombu message: {type(exc).__name__}: {exc}"
+        self._dead_letter(item, queue, error)
+        return None
+
+    def _dead_letter(self, item: bytes, queue: str, error: str) -> None:
         dl = DeadLetter(
             kind="poison",
             queue=queue,
@@ -136,7 +165,20 @@ class Channel(messaging.Channel):
         log.error(
             "message.dead_lettered", queue=queue, error_type=dl.error_type, dead_letter_id=dl.id
         )
-        return None
+
+
+def _check_delivery(message: Any) -> None:
+    """Raise if the Redis QoS cannot record ``message`` as unacknowledged: it keeps the
+    delivery tag as a hash field and the exchange and routing key to restore it with."""
+    if not isinstance(message.delivery_tag, str) or not message.delivery_tag:
+        raise TypeError(f"delivery_tag is not a string: {message.delivery_tag!r}")
+    delivery = message.delivery_info
+    if not isinstance(delivery, dict) or not all(
+        isinstance(delivery.get(key), str) for key in ("exchange", "routing_key")
+    ):
+        raise TypeError(f"delivery_info has no exchange and routing key: {delivery!r}")
+    if not isinstance(message.headers, dict):
+        raise TypeError(f"headers is not an object: {message.headers!r}")
 
     def restore_worker(self, unacked_key: str, unacked_index_key: str, **_: Any) -> int:
         """Put every message a dead worker process held (its own unacknowledged hash, see

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
@@ -17,9 +18,12 @@ from typing import Any
 import pytest
 from celery import Celery, Task
 from celery.app.trace import trace_task_ret
+from celery.exceptions import Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 
+from cancelflow.settings import Settings
 from worker import pool as pool_module
 from worker.pool import TaskPool
+from worker.runtime import Runtime
 
 app = Celery("pool-test", broker="memory://", set_as_current=False)
 app.conf.accept_content = ["json"]
@@ -35,13 +39,50 @@ class TwoHalves(Task):  # type: ignore[misc]
             raise ValueError("the coroutine failed")
         if args[0] == "wait":
             await gate.wait()
+        if args[0] == "slow":  # a step's call, within the soft limit as worker.tasks runs it
+            try:
+                async with pool_module.soft_time_limit():
+                    await asyncio.sleep(1)
+            except SoftTimeLimitExceeded as exc:
+                return exc  # the body retries, as a step's does
+        if args[0] == "stuck":  # ignores its soft limit: only the hard one ends it
+            try:
+                await asyncio.sleep(1)
+            except asyncio.CancelledError:
+                seen["cancelled"] = True
+                raise
         return f"prepared {args[0]}"
 
 
 @app.task(base=TwoHalves, bind=True, name="test.two_halves")  # type: ignore[untyped-decorator]
 def two_halves(self: Task, *args: Any) -> Any:
     seen["body"] = threading.current_thread()
-    return pool_module.prepared(self.request.id)
+    outcome = pool_module.prepared(self.request.id)
+    if isinstance(outcome, SoftTimeLimitExceeded):
+        raise self.retry(countdown=1, exc=outcome, max_retries=None)
+    return outcome
+
+
+runtime: Runtime | None = None
+
+
+@app.task(name="test.sweep")  # type: ignore[untyped-decorator]
+def sweep(how: str) -> str:
+    """A maintenance task: waits on the runtime's loop, or (stuck) outside it."""
+    if how == "stuck":
+        time.sleep(1)
+        return "ended late"
+
+    async def slow() -> None:
+        try:
+            await asyncio.sleep(1)
+        except asyncio.CancelledError:
+            seen["sweep_cancelled"] = True
+            raise
+
+    assert runtime is not None
+    pool_module.run_limited(runtime, slow())
+    return "ran its full second"
 
 
 @app.task(name="test.plain")  # type: ignore[untyped-decorator]
@@ -70,9 +111,10 @@ def pool(loop: asyncio.AbstractEventLoop) -> Iterator[TaskPool]:
     p.stop()
 
 
-def apply(pool: TaskPool, name: str, task_id: str, *args: Any) -> Future[Any]:
+def apply(pool: TaskPool, name: str, task_id: str, *args: Any, **options: Any) -> Future[Any]:
     """Hand one task message to the pool as Celery's worker does; resolves to the tracer's
-    (failed, result, runtime) given to the callback."""
+    (failed, result, runtime) given to the callback. ``options``: Celery's (soft_timeout,
+    timeout, timeout_callback)."""
     done: Future[Any] = Future()
     accepted: list[int] = []
     body = json.dumps([list(args), {}, {}])
@@ -82,6 +124,7 @@ def apply(pool: TaskPool, name: str, task_id: str, *args: Any) -> Future[Any]:
         kwargs={"app": app},
         callback=done.set_result,
         accept_callback=lambda pid, when: accepted.append(pid),
+        **options,
     )
     done.add_done_callback(lambda _: seen.setdefault("accepted", accepted))
     return done
@@ -131,3 +174,75 @@ def test_stop_waits_for_the_steps_under_way(
     stopper.join(10)
     assert not stopper.is_alive()
     assert done.result(0)[:2] == (0, "'prepared wait'")
+
+
+LIMITS = {"soft_timeout": 0.1, "timeout": 0.2}
+
+
+def test_a_step_past_its_soft_limit_is_cancelled_there_and_retried(pool: TaskPool) -> None:
+    started = time.monotonic()
+    failed, info, _ = apply(pool, "test.two_halves", "id-6", "slow", **LIMITS).result(10)
+    assert time.monotonic() - started < 0.5, "the step ran past its soft limit"
+    assert failed == 1
+    retry = getattr(info.exception, "exc", info.exception)  # Celery's ExceptionWithTraceback
+    assert isinstance(retry, Retry)
+    assert isinstance(retry.exc, SoftTimeLimitExceeded)
+
+
+def test_a_step_past_its_hard_limit_is_cancelled_and_fails_with_time_limit_exceeded(
+    pool: TaskPool,
+) -> None:
+    started = time.monotonic()
+    failed, info, _ = apply(pool, "test.two_halves", "id-7", "stuck", **LIMITS).result(10)
+    assert time.monotonic() - started < 0.5, "the step ran past its hard limit"
+    assert failed == 1
+    assert isinstance(info.exception, TimeLimitExceeded)
+    assert seen["cancelled"], "the coroutine was cancelled, not left running"
+
+
+def test_without_limits_a_step_runs_to_its_end(pool: TaskPool) -> None:
+    failed, info, _ = apply(pool, "test.two_halves", "id-8", "slow").result(10)
+    assert (failed, info) == (0, "'prepared slow'")
+
+
+@pytest.fixture
+def real_runtime() -> Iterator[Runtime]:
+    """The worker's runtime (its own loop; Redis is not reached by these tests)."""
+    global runtime
+    runtime = Runtime(Settings(redis_url="redis://127.0.0.1:1/0"))
+    yield runtime
+    runtime.close()
+    runtime = None
+
+
+def test_a_maintenance_task_past_its_soft_limit_is_cancelled_there_and_fails(
+    pool: TaskPool, real_runtime: Runtime
+) -> None:
+    started = time.monotonic()
+    failed, info, _ = apply(pool, "test.sweep", "id-9", "slow", **LIMITS).result(10)
+    assert time.monotonic() - started < 0.5, "the task ran past its soft limit"
+    assert failed == 1
+    assert isinstance(info.exception, SoftTimeLimitExceeded)
+    deadline = time.monotonic() + 2
+    while "sweep_cancelled" not in seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen["sweep_cancelled"], "its coroutine was cancelled on the loop"
+
+
+def test_a_maintenance_task_stuck_past_its_hard_limit_is_failed_by_the_pool(
+    pool: TaskPool,
+) -> None:
+    timed_out: Future[tuple[bool, float]] = Future()
+    done = apply(
+        pool,
+        "test.sweep",
+        "id-10",
+        "stuck",
+        **LIMITS,
+        timeout_callback=lambda soft, limit: timed_out.set_result((soft, limit)),
+    )
+    started = time.monotonic()
+    assert timed_out.result(5) == (False, 0.2), "Celery's hard-limit handler was called"
+    assert time.monotonic() - started < 0.5
+    time.sleep(1.1)
+    assert not done.done(), "the thread's late end was not reported as well"
