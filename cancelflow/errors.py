@@ -17,6 +17,11 @@ class JobNotFound(CancelflowError):
     """No job record with that id (never created, or expired after its retention)."""
 
 
+class LeaseLost(CancelflowError):
+    """This worker process's heartbeat is stale (Redis out of reach): another process may
+    take over its steps, so it sends no provider request until it beats again."""
+
+
 class ProviderError(CancelflowError):
     """A provider call failed. ``retryable`` and ``retry_after`` decide what happens next.
 

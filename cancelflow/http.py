@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 
 from cancelflow.errors import (
+    LeaseLost,
     ProviderAuthError,
     ProviderError,
     ProviderProtocolError,
@@ -83,8 +84,12 @@ class ProviderHttp:
         timeout_s: float,
         observer: CallObserver | None = None,
         guard: ProviderGuard | None = None,
+        may_send: Callable[[], bool] | None = None,
     ) -> None:
         self._guard = guard
+        # False while this process's heartbeat is stale (worker.leases): no request may
+        # start then, or it could overlap the one of a process that took the step over.
+        self._may_send = may_send
         self._session = session
         self.provider = provider
         self.base_url = base_url.rstrip("/")
@@ -111,6 +116,8 @@ class ProviderHttp:
         ``may_have_acted`` set unless the request is known not to have reached the provider
         (refused before sending, 429). The provider's guard (shared limits, circuit breaker)
         admits the call first."""
+        if self._may_send is not None and not self._may_send():
+            raise LeaseLost(f"{self.provider}: this worker's heartbeat is stale; not sending")
         if self._guard is None:
             return await self._send(
                 method, path, params=params, json_body=json_body, data=data, headers=headers

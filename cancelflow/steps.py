@@ -74,6 +74,8 @@ class Deps:
     callback_session: aiohttp.ClientSession | None = None
     # In-process result hooks by provider ("*": every provider), see cancelflow.hooks.
     hooks: dict[str, list[hooks.Hook]] = field(default_factory=dict)
+    # Jobs whose confirm this process is running now (see ``confirm``).
+    confirming: set[str] = field(default_factory=set)
 
 
 class StepBusy(CancelflowError):
@@ -321,29 +323,42 @@ async def due_decisions(deps: Deps, now: datetime, *, limit: int = 500) -> list[
 async def confirm(deps: Deps, job_id: str, *, attempt: int = 0, lease_s: float) -> Next:
     """Make the provider's cancel call, once: a lease keeps two deliveries from racing."""
     lease = f"cf:lease:{job_id}:confirm"
-    began = await deps.store.begin(
-        job_id,
-        to=None,
-        allowed=frozenset({Status.CONFIRMING}),
-        entry=_entry(Step.CONFIRM, "started", attempt),
-        lease=(lease, lease_s),
-    )
-    job = _bind(began.job)
-    if began.leased_for_ms is not None:
-        # Another delivery is confirming, or died confirming and its lease has yet to
-        # expire: come back when it has, and find the job finished or take over.
-        log.info("step.confirm.leased_elsewhere", retry_in_ms=began.leased_for_ms)
-        raise StepBusy(
-            f"confirm of {job_id} is leased elsewhere",
-            retry_after=max(began.leased_for_ms, 100) / 1000,
-        )
-    if not began.applied:
-        return resume(began.previous, job.provider)
+    # Marked before the lease is asked for, so that two deliveries in this process cannot
+    # both count as the only one.
+    sole = job_id not in deps.confirming
+    deps.confirming.add(job_id)
     try:
-        answer, details = await _reconcile_then_cancel(_provider(deps, job), reference(job), job)
-    except BaseException:
-        await deps.store.redis.delete(lease)
-        raise
+        began = await deps.store.begin(
+            job_id,
+            to=None,
+            allowed=frozenset({Status.CONFIRMING}),
+            entry=_entry(Step.CONFIRM, "started", attempt),
+            lease=(lease, lease_s),
+            # A lease under this process's name that no confirm of ours holds was left by
+            # one that could not delete it (Redis away): taken again now, not after lease_s.
+            sole=sole,
+        )
+        job = _bind(began.job)
+        if began.leased_for_ms is not None:
+            # Another delivery is confirming, or died confirming and its lease has yet to
+            # expire: come back when it has, and find the job finished or take over.
+            log.info("step.confirm.leased_elsewhere", retry_in_ms=began.leased_for_ms)
+            raise StepBusy(
+                f"confirm of {job_id} is leased elsewhere",
+                retry_after=max(began.leased_for_ms, 100) / 1000,
+            )
+        if not began.applied:
+            return resume(began.previous, job.provider)
+        try:
+            answer, details = await _reconcile_then_cancel(
+                _provider(deps, job), reference(job), job
+            )
+        except BaseException:
+            await deps.store.redis.delete(lease)
+            raise
+    finally:
+        if sole:
+            deps.confirming.discard(job_id)
     # The move to finished deletes the lease in the same round trip.
     return await finish(
         deps,

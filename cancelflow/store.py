@@ -112,8 +112,10 @@ local to, allowed, now_iso, entry, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ton
 local job_id, now, lease, with_record = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local dl_id, dl_json = ARGV[10], ARGV[11]
 -- The worker process making this move ('' for none), whether it takes the step ('1': a
--- step's start), how many seconds a process may go without a heartbeat and still count as
--- alive (by Redis's clock, as the heartbeats), the decision deadline.
+-- step's start; '2': one that runs no other delivery of it, so a lease under its own name
+-- is a leftover of a delivery that could not give it back), how many seconds a process may
+-- go without a heartbeat and still count as alive (by Redis's clock, as the heartbeats),
+-- the decision deadline.
 local holder, holds, alive_s, deadline = ARGV[12], ARGV[13], tonumber(ARGV[14]), ARGV[15]
 local FIRST_FIELD = 16
 
@@ -140,7 +142,8 @@ if lease ~= '' and lease ~= 'release' then
     local by = redis.call('GET', lease_key)
     local beat = by and redis.call('ZSCORE', workers, by)
     local alive = beat and tonumber(beat) >= tonumber(redis.call('TIME')[1]) - alive_s
-    if holder == '' or by == holder or alive then
+    local leftover = by == holder and holds == '2'
+    if holder == '' or (by == holder and not leftover) or (by ~= holder and alive) then
       return answer('leased', redis.call('PTTL', lease_key))
     end
     redis.call('SET', lease_key, mine, 'PX', lease)
@@ -152,7 +155,7 @@ local args = {'status', status, 'updated_at', now_iso}
 for i = FIRST_FIELD, #ARGV do args[#args + 1] = ARGV[i] end
 redis.call('HSET', job, unpack(args))
 -- Which process runs the job's step now: set by a step's start, cleared by its next write.
-if holds == '1' then
+if holds ~= '' then
   redis.call('HSET', job, 'held_by', holder, 'held_since', now_iso)
 else
   redis.call('HDEL', job, 'held_by', 'held_since')
@@ -442,10 +445,13 @@ class JobStore:
         allowed: frozenset[Status],
         entry: TimelineEntry,
         lease: tuple[str, float] | None = None,
+        sole: bool = False,
     ) -> Began:
         """A step's first write and its read in one round trip: move the job to ``to`` (or
         only note ``entry``) if it is in ``allowed``, taking ``lease`` (key, seconds) if
-        given, and answer with the record as it stands after."""
+        given, and answer with the record as it stands after. ``sole``: this process runs
+        no other delivery of the step, so a lease it holds itself is taken again (left by a
+        delivery that could not release it, Redis being away)."""
         result, previous, left, job = await self._run(
             job_id,
             to=to.value if to else "",
@@ -456,7 +462,7 @@ class JobStore:
             fields={},
             lease=(lease[0], str(int(lease[1] * 1000))) if lease else None,
             with_record=True,
-            holds=True,
+            holds="sole" if sole else "yes",
         )
         assert job is not None
         return Began(
@@ -566,7 +572,7 @@ class JobStore:
         lease: tuple[str, str] | None = None,
         with_record: bool = False,
         dead_letter: DeadLetter | None = None,
-        holds: bool = False,
+        holds: str = "",
         deadline: float | None = None,
     ) -> tuple[str, Status, int, JobRecord | None]:
         key = job_key(job_id)
@@ -603,7 +609,7 @@ class JobStore:
                 dead_letter.id if dead_letter is not None else "",
                 dead_letter.model_dump_json() if dead_letter is not None else "",
                 self.holder,
-                "1" if holds else "",
+                {"": "", "yes": "1", "sole": "2"}[holds],
                 self._alive_s,
                 deadline if deadline is not None else now.timestamp(),
                 *flat,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import aiohttp
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -37,6 +39,7 @@ def build_providers(
     *,
     redis: Redis | None = None,
     observer: CallObserver | None = None,
+    may_send: Callable[[], bool] | None = None,
 ) -> dict[str, Provider]:
     """One adapter per configured provider, all on the process's shared HTTP session, each
     behind its guard in Redis (when a Redis is given)."""
@@ -62,6 +65,7 @@ def build_providers(
             timeout_s=conf.timeout_s,
             observer=observer,
             guard=guard,
+            may_send=may_send,
         )
         providers[key] = REGISTRY[key].build(conf, http)
     return providers
@@ -75,6 +79,7 @@ def build_deps(
     observer: CallObserver | None = None,
     job_observer: JobObserver | None = None,
     holder: str = "",
+    may_send: Callable[[], bool] | None = None,
 ) -> Deps:
     """What the steps need. ``observer`` is told of every provider call, ``job_observer`` of
     jobs that end and callback attempts (both: metrics). ``holder``: the worker process the
@@ -91,7 +96,9 @@ def build_deps(
         ),
         dead_letters=DeadLetterStore(redis),
         providers=(
-            build_providers(settings, session, redis=redis, observer=observer) if session else {}
+            build_providers(settings, session, redis=redis, observer=observer, may_send=may_send)
+            if session
+            else {}
         ),
         session=session,
     )

@@ -21,6 +21,7 @@ from cancelflow.logging import configure_logging, get_logger
 from cancelflow.settings import Settings
 from cancelflow.steps import Deps
 from cancelflow.wiring import build_deps, redis_client
+from worker import leases
 from worker.leases import WORKER_ID
 
 T = TypeVar("T")
@@ -49,6 +50,7 @@ class Runtime:
             observer=metrics.observe_provider_call,
             job_observer=metrics.JOB_METRICS,
             holder=WORKER_ID,
+            may_send=leases.fresh,
         )
         self.callback_session = callbacks.open_session(self.settings.callbacks)
         deps.callback_session = self.callback_session

@@ -27,6 +27,7 @@ from cancelflow.dead_letters import DeadLetter
 from cancelflow.errors import (
     CircuitOpen,
     JobNotFound,
+    LeaseLost,
     ProviderAuthError,
     ProviderError,
     ProviderTimeout,
@@ -70,6 +71,8 @@ INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     kombu.exceptions.OperationalError,
+    # This process's heartbeat is stale: it may not call providers until Redis is back.
+    LeaseLost,
 )
 
 

@@ -166,20 +166,6 @@ class Channel(messaging.Channel):
             "message.dead_lettered", queue=queue, error_type=dl.error_type, dead_letter_id=dl.id
         )
 
-
-def _check_delivery(message: Any) -> None:
-    """Raise if the Redis QoS cannot record ``message`` as unacknowledged: it keeps the
-    delivery tag as a hash field and the exchange and routing key to restore it with."""
-    if not isinstance(message.delivery_tag, str) or not message.delivery_tag:
-        raise TypeError(f"delivery_tag is not a string: {message.delivery_tag!r}")
-    delivery = message.delivery_info
-    if not isinstance(delivery, dict) or not all(
-        isinstance(delivery.get(key), str) for key in ("exchange", "routing_key")
-    ):
-        raise TypeError(f"delivery_info has no exchange and routing key: {delivery!r}")
-    if not isinstance(message.headers, dict):
-        raise TypeError(f"headers is not an object: {message.headers!r}")
-
     def restore_worker(self, unacked_key: str, unacked_index_key: str, **_: Any) -> int:
         """Put every message a dead worker process held (its own unacknowledged hash, see
         ``worker.leases``) back on its queue; how many. Each one moves in a transaction of
@@ -202,6 +188,20 @@ def _check_delivery(message: Any) -> None:
                 restored += 1
             client.delete(unacked_index_key)
         return restored
+
+
+def _check_delivery(message: Any) -> None:
+    """Raise if the Redis QoS cannot record ``message`` as unacknowledged: it keeps the
+    delivery tag as a hash field and the exchange and routing key to restore it with."""
+    if not isinstance(message.delivery_tag, str) or not message.delivery_tag:
+        raise TypeError(f"delivery_tag is not a string: {message.delivery_tag!r}")
+    delivery = message.delivery_info
+    if not isinstance(delivery, dict) or not all(
+        isinstance(delivery.get(key), str) for key in ("exchange", "routing_key")
+    ):
+        raise TypeError(f"delivery_info has no exchange and routing key: {delivery!r}")
+    if not isinstance(message.headers, dict):
+        raise TypeError(f"headers is not an object: {message.headers!r}")
 
 
 class Transport(messaging.Transport):
