@@ -11,7 +11,6 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cancelflow.dead_letters import DeadLetterStore
 from cancelflow.guard import GuardLimits, ProviderGuard
@@ -34,15 +33,20 @@ def redis_client(settings: Settings) -> Redis:
     """The async Redis client: a dropped connection (a Redis restart, a failover) is retried
     with backoff on a fresh connection instead of failing the step. Connects and replies are
     bounded by ``redis_connect_timeout_s`` and ``redis_read_timeout_s``: a peer that accepts
-    and never answers raises ``redis.TimeoutError`` instead of waiting forever."""
+    and never answers raises ``redis.TimeoutError`` within one timeout, instead of waiting
+    forever. A timeout is not retried: the wait is already spent (seven tries would make one
+    call wait seven timeouts), and a write that timed out may have been applied."""
     client: Redis = Redis.from_url(
         settings.redis_url,
         socket_connect_timeout=settings.redis_connect_timeout_s,
         socket_timeout=settings.redis_read_timeout_s,
         socket_keepalive=True,
         health_check_interval=REDIS_HEALTH_CHECK_INTERVAL_S,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 6),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        # Retry's default errors include TimeoutError: named here so they do not.
+        retry=Retry(
+            ExponentialBackoff(cap=2.0, base=0.05), 6, supported_errors=(RedisConnectionError,)
+        ),
+        retry_on_error=[RedisConnectionError],
     )
     return client
 
