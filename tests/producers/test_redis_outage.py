@@ -391,3 +391,61 @@ async def test_persistence_is_unknown_when_config_is_disabled(
         assert await redis_persistence(redis) == expected
         await redis.aclose()
     await asyncio.sleep(0)
+
+
+def test_the_billing_consumer_carries_on_after_its_redis_comes_back(
+    redis_servers: Callable[..., RedisServer], rules_file: Path, tmp_path: Path
+) -> None:
+    import redis as sync_redis
+
+    from cancelflow.store import JOBS_INDEX
+    from tests.producers.conftest import providers
+
+    server = redis_servers("--save", "", "--appendonly", "yes")  # the group outlives the restart
+    env = {
+        **api_env(server.url),
+        "CANCELFLOW_BILLING__RULES_PATH": str(rules_file),
+        **{
+            f"CANCELFLOW_PROVIDERS__{key.upper()}__{name.upper()}": value
+            for key, conf in providers().items()
+            for name, value in conf.items()
+        },
+    }
+    procs = ProcessGroup(env=env, log_dir=tmp_path / "billing")
+    procs.start("billing", cancelflow_command("billing-consumer", "--consumer", "outage"))
+    client = sync_redis.Redis.from_url(server.url, socket_timeout=5)
+
+    def publish_and_wait(jobs: int) -> None:
+        event = {
+            "id": f"evt_{time.monotonic_ns()}",
+            "type": "payment.final_failure",
+            "data": {
+                "provider": "payway",
+                "account_id": "5cb80481c0000000000000a1",
+                "user_product_id": f"{time.monotonic_ns():024x}"[-24:],
+            },
+        }
+        client.xadd("cf:billing:events", {"event": json.dumps(event)})
+        wait_until(lambda: client.zcard(JOBS_INDEX) == jobs, timeout_s=30, what=f"{jobs} jobs")
+
+    try:
+        wait_until(
+            lambda: (
+                b"billing.consumer.started" in (tmp_path / "billing" / "billing.log").read_bytes()
+            ),
+            timeout_s=30,
+            what="the consumer",
+        )
+        publish_and_wait(1)
+        server.stop()
+        # Longer than the client's own retries of a dropped connection (about 3 s): its
+        # XREADGROUP fails, and the consumer waits the outage out.
+        time.sleep(2 * READ_TIMEOUT_S)
+        server.start()
+        client = sync_redis.Redis.from_url(server.url, socket_timeout=5)
+        publish_and_wait(2)
+        assert procs.procs["billing"].poll() is None  # never gave up
+    finally:
+        procs.stop_all()
+    log = (tmp_path / "billing" / "billing.log").read_text()
+    assert "billing.consumer.redis_error" in log  # it did meet the outage
