@@ -26,7 +26,7 @@ from cancelflow.contract import (
 )
 from cancelflow.logging import get_logger
 from cancelflow.providers import REGISTRY
-from cancelflow.settings import Settings
+from cancelflow.settings import REDIS_HEALTH_CHECK_INTERVAL_S, Settings
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -115,6 +115,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # The sweep holds a mutex; a worker killed while holding it would block every
             # other worker's sweep for kombu's default 300 s.
             "unacked_mutex_expire": limits.restore_interval_s * 3,
+            # A broker that accepts and never answers fails a publish or an ack within the
+            # read timeout instead of hanging the sender (kombu waits forever by default).
+            # It outlasts kombu's BRPOP (checked by load_settings); the workers' BRPOP runs on
+            # kombu's event loop, whose own check drops a reply overdue by the interval.
+            "socket_connect_timeout": settings.redis_connect_timeout_s,
+            "socket_timeout": settings.redis_read_timeout_s,
+            "retry_on_timeout": True,
+            "health_check_interval": REDIS_HEALTH_CHECK_INTERVAL_S,
         },
         "result_backend_transport_options": {"visibility_timeout": limits.visibility_timeout_s},
         "task_time_limit": limits.task_time_limit_s,

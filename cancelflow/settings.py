@@ -24,6 +24,14 @@ from cancelflow.providers.base import ProviderSettings
 
 ENV_PREFIX = "CANCELFLOW_"
 DAY = 24 * 3600
+# kombu's Redis transport waits on BRPOP this long (``Transport.brpop_timeout``; Celery sets
+# no ``polling_interval``): the broker's read timeout must outlast it. A unit test pins it.
+KOMBU_BRPOP_TIMEOUT_S = 1.0
+# What a blocking command may take beyond its own timeout before the read timeout is hit.
+BLOCKING_READ_MARGIN_S = 1.0
+# An idle Redis connection is PINGed before reuse after this long (kombu's default, which
+# kombu also uses to drop a BRPOP connection whose reply is overdue).
+REDIS_HEALTH_CHECK_INTERVAL_S = 25
 
 
 def _providers_model() -> type[BaseModel]:
@@ -122,6 +130,12 @@ class Settings(BaseSettings):
     )
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Every Redis connection (job store, broker, billing stream) gives up on a connect after
+    # ``redis_connect_timeout_s`` and on a reply after ``redis_read_timeout_s``: a Redis that
+    # accepts and never answers is an outage, not a hang. The read timeout must outlast the
+    # blocking reads (kombu's BRPOP, the billing consumer's XREADGROUP BLOCK).
+    redis_connect_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    redis_read_timeout_s: float = Field(default=10.0, gt=0, le=300)
     api_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     providers: ProvidersSettings = Field(default_factory=ProvidersSettings)  # type: ignore[valid-type]
     job_retention_s: int = Field(default=30 * DAY, ge=60)
@@ -213,6 +227,14 @@ def load_settings(**overrides: Any) -> Settings:
             for err in exc.errors()
         ]
         raise ConfigError("invalid settings:\n" + "\n".join(lines)) from None
+    longest = max(KOMBU_BRPOP_TIMEOUT_S, settings.billing.block_s)
+    if settings.redis_read_timeout_s < longest + BLOCKING_READ_MARGIN_S:
+        raise ConfigError(
+            f"invalid settings:\n  {env_name(('redis_read_timeout_s',))}: "
+            f"{settings.redis_read_timeout_s:g}s is too short: blocking reads wait up to "
+            f"{longest:g}s (kombu's BRPOP, CANCELFLOW_BILLING__BLOCK_S), so it must be at "
+            f"least {longest + BLOCKING_READ_MARGIN_S:g}s"
+        )
     soft = settings.limits().task_soft_time_limit_s
     for key, conf in settings.enabled_providers().items():
         # A step makes up to two calls (a token, then the call) and must end within the

@@ -2,35 +2,105 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from typing import Literal
 
 import aiohttp
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from cancelflow.dead_letters import DeadLetterStore
 from cancelflow.guard import GuardLimits, ProviderGuard
 from cancelflow.http import CallObserver, ProviderHttp
+from cancelflow.logging import get_logger
 from cancelflow.providers import REGISTRY
 from cancelflow.providers.base import Provider
-from cancelflow.settings import Settings
+from cancelflow.settings import REDIS_HEALTH_CHECK_INTERVAL_S, Settings
 from cancelflow.steps import Deps
 from cancelflow.store import JobObserver, JobStore
+
+log = get_logger(__name__)
+
+Persistence = Literal["none", "rdb", "aof", "rdb+aof", "unknown"]
+# What a restart of a Redis that keeps nothing on disk loses: everything Cancelflow holds.
+LOST_ON_RESTART = "every job record, queued message and idempotency key"
 
 
 def redis_client(settings: Settings) -> Redis:
     """The async Redis client: a dropped connection (a Redis restart, a failover) is retried
-    with backoff on a fresh connection instead of failing the step."""
+    with backoff on a fresh connection instead of failing the step. Connects and replies are
+    bounded by ``redis_connect_timeout_s`` and ``redis_read_timeout_s``: a peer that accepts
+    and never answers raises ``redis.TimeoutError`` within one timeout, instead of waiting
+    forever. A timeout is not retried: the wait is already spent (seven tries would make one
+    call wait seven timeouts), and a write that timed out may have been applied."""
     client: Redis = Redis.from_url(
         settings.redis_url,
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 6),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        socket_connect_timeout=settings.redis_connect_timeout_s,
+        socket_timeout=settings.redis_read_timeout_s,
+        socket_keepalive=True,
+        health_check_interval=REDIS_HEALTH_CHECK_INTERVAL_S,
+        # Retry's default errors include TimeoutError: named here so they do not.
+        retry=Retry(
+            ExponentialBackoff(cap=2.0, base=0.05), 6, supported_errors=(RedisConnectionError,)
+        ),
+        retry_on_error=[RedisConnectionError],
     )
     return client
+
+
+async def redis_persistence(redis: Redis) -> Persistence:
+    """How Redis keeps its data on disk, from ``CONFIG GET``: ``none`` (no RDB snapshots, no
+    AOF), ``rdb``, ``aof`` or ``rdb+aof``; ``unknown`` when CONFIG is disabled (managed
+    Redis services rename or refuse it) or Redis does not answer. Never raises."""
+    try:
+        save = _config_value(await redis.config_get("save"), "save")
+        appendonly = _config_value(await redis.config_get("appendonly"), "appendonly")
+    except (RedisError, OSError):
+        return "unknown"
+    if save is None or appendonly is None:
+        return "unknown"
+    rdb, aof = bool(save.strip()), appendonly.strip().lower() == "yes"
+    if rdb and aof:
+        return "rdb+aof"
+    return "rdb" if rdb else "aof" if aof else "none"
+
+
+def _config_value(reply: object, key: str) -> str | None:
+    if not isinstance(reply, dict):
+        return None
+    for name, value in reply.items():
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        if name.lower() == key:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return None
+
+
+async def report_persistence(redis: Redis, settings: Settings, *, process: str) -> Persistence:
+    """Log, once at start-up, a warning if Redis keeps nothing on disk (saying what a restart
+    would lose), or that its persistence is unknown; bounded by the Redis timeouts."""
+    try:
+        async with asyncio.timeout(
+            settings.redis_connect_timeout_s + settings.redis_read_timeout_s
+        ):
+            found = await redis_persistence(redis)
+    except TimeoutError:
+        found = "unknown"
+    if found == "none":
+        log.warning(
+            "redis.persistence.none",
+            process=process,
+            detail="Redis keeps nothing on disk (no RDB snapshots, no AOF): "
+            f"a Redis restart loses {LOST_ON_RESTART}",
+        )
+    elif found == "unknown":
+        log.info("redis.persistence.unknown", process=process)
+    else:
+        log.info("redis.persistence", process=process, persistence=found)
+    return found
 
 
 def build_providers(

@@ -19,7 +19,10 @@ from typing import Any, Literal
 
 from aiohttp import web
 from celery import Celery
+from kombu.exceptions import OperationalError as BrokerError
 from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cancelflow import metrics, steps
 from cancelflow.contract import Decision
@@ -30,11 +33,11 @@ from cancelflow.logging import get_logger
 from cancelflow.messaging import create_celery, flush_sent_events, send_step
 from cancelflow.settings import Settings
 from cancelflow.store import IdempotencyConflict
-from cancelflow.wiring import build_deps, redis_client
+from cancelflow.wiring import build_deps, redis_client, redis_persistence, report_persistence
 from producers import listing, openapi
 from producers.billing import BillingProcessor
 from producers.billing_rules import Rules, load_rules
-from producers.problems import field_errors, invalid, problem
+from producers.problems import field_errors, invalid, problem, unavailable
 from producers.ratelimit import RateLimiter
 from producers.schemas import JobQuery, ProviderState, ProviderStates, StatsQuery
 from producers.signatures import SIGNATURE_HEADER, SignatureError, verify_signature
@@ -52,11 +55,21 @@ MAX_BODY = web.AppKey("max_body", int)
 RULES = web.AppKey("billing_rules", Rules)
 BILLING = web.AppKey("billing", BillingProcessor)
 OPENAPI = web.AppKey("openapi", bytes)
+# The longest a request waits on Redis (the read timeout): then it answers 503.
+REDIS_WAIT_S = web.AppKey("redis_wait_s", float)
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
 # Authenticated by their own signature, not a bearer token.
 SIGNED_PATHS = frozenset({"/v1/billing-events"})
 
 Scope = Literal["read", "write"]
+
+# Redis (job store, rate limits, broker) unreachable: refused, reset, or no answer in time.
+# redis-py raises its own ConnectionError and TimeoutError (retried with backoff first,
+# see wiring.redis_client); kombu raises OperationalError once a publish's retries are spent;
+# TimeoutError is the request's own bound on waiting (``REDIS_WAIT_S``).
+REDIS_OUTAGE = (RedisConnectionError, RedisTimeoutError, BrokerError, TimeoutError)
+# A Redis restart or failover takes seconds: clients come back after this many.
+RETRY_AFTER_S = 5
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,26 @@ def _authorised(request: web.Request) -> ApiToken | None:
 
 @web.middleware
 async def errors_and_auth(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Auth, rate limits and problem+json errors; while Redis is unreachable every route
+    answers 503 with ``Retry-After`` within the Redis read timeout, never 500, never a hang."""
+    try:
+        async with asyncio.timeout(request.app[REDIS_WAIT_S]):
+            return await _authorised_call(request, handler)
+    except REDIS_OUTAGE as exc:
+        return _redis_unavailable(request, exc)
+
+
+def _redis_unavailable(request: web.Request, exc: BaseException) -> web.Response:
+    error = "no answer in time" if type(exc) is TimeoutError else type(exc).__name__
+    log.warning("api.redis_unavailable", path=request.path, error=f"{type(exc).__name__}: {exc}")
+    return unavailable(
+        f"Redis is unreachable ({error}): retry in {RETRY_AFTER_S}s "
+        "(an enqueue with the same idempotency key is safe to retry)",
+        retry_after_s=RETRY_AFTER_S,
+    )
+
+
+async def _authorised_call(request: web.Request, handler: Any) -> web.StreamResponse:
     if request.path in SIGNED_PATHS:
         limited = await _rate_limited(request, "signed:" + request.path)
         if limited is not None:
@@ -123,6 +156,8 @@ async def errors_and_auth(request: web.Request, handler: Any) -> web.StreamRespo
         # The client went away while sending its body: nothing was read, nothing was done.
         log.info("api.client_disconnected", path=request.path)
         return problem(400, "Client disconnected", "the request body was cut short")
+    except REDIS_OUTAGE:
+        raise  # a 503, not a 500: see errors_and_auth
     except Exception:
         log.exception("api.unexpected_error", path=request.path)
         return problem(500, "Internal error", "the error is logged; nothing was enqueued twice")
@@ -132,6 +167,8 @@ async def _rate_limited(request: web.Request, key: str) -> web.Response | None:
     """A 429 when ``key`` has spent its rate, else None."""
     try:
         verdict = await request.app[LIMITER].hit(key)
+    except REDIS_OUTAGE:
+        raise  # every route needs Redis: the outage is the answer
     except Exception as exc:
         log.warning("api.rate_limit.unavailable", error=type(exc).__name__)
         return None
@@ -379,12 +416,28 @@ async def healthz(_: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready when Redis answers; ``persistence`` says whether a Redis restart loses data."""
+    redis = request.app[DEPS].store.redis
     try:
-        await request.app[DEPS].store.redis.ping()
-    except Exception as exc:
-        return problem(503, "Not ready", f"redis unreachable: {type(exc).__name__}")
+        # Well within the request's own bound, so the answer carries the details.
+        async with asyncio.timeout(request.app[REDIS_WAIT_S] / 2):
+            await redis.ping()
+    except REDIS_OUTAGE as exc:
+        error = "no answer in time" if type(exc) is TimeoutError else type(exc).__name__
+        return unavailable(
+            f"redis unreachable: {error}",
+            retry_after_s=RETRY_AFTER_S,
+            title="Not ready",
+            redis="unreachable",
+            persistence="unknown",
+        )
     return web.json_response(
-        {"status": "ready", "providers": sorted(request.app[DEPS].settings.enabled_providers())}
+        {
+            "status": "ready",
+            "providers": sorted(request.app[DEPS].settings.enabled_providers()),
+            "redis": "ok",
+            "persistence": await redis_persistence(redis),
+        }
     )
 
 
@@ -396,6 +449,7 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
     app[TOKENS] = parse_tokens(settings)
     app[CELERY] = celery or create_celery(settings)
     app[MAX_BODY] = limit
+    app[REDIS_WAIT_S] = settings.redis_read_timeout_s
     app[OPENAPI] = json.dumps(openapi.document(max_body_bytes=limit)).encode()
     if settings.billing.rules_path is not None:
         app[RULES] = load_rules(
@@ -411,11 +465,16 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
         )
         if RULES in app:
             app[BILLING] = BillingProcessor(app[DEPS], app[CELERY], app[RULES])
-        indexing = asyncio.create_task(_index_dead_letter_kinds(app[DEPS]))
+        background = [
+            asyncio.create_task(_index_dead_letter_kinds(app[DEPS])),
+            # In the background: a Redis down at start-up must not delay serving 503s.
+            asyncio.create_task(report_persistence(redis, settings, process="api")),
+        ]
         yield
-        indexing.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await indexing
+        for task in background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await app[DEPS].store.flush_marks()
         flush_sent_events(app[CELERY])
         await redis.aclose()

@@ -11,14 +11,19 @@ methods and answers::
 - Errors are typed: ``ValidationFailed`` (with each invalid field), ``Conflict``, ``NotFound``,
   ``Unauthorized``/``Forbidden`` (both ``AuthError``), ``RateLimited`` (``retry_after``),
   ``PayloadTooLarge``, ``ServerError``, ``TransportError`` (no answer after the retries).
-- Network errors, 502/503/504 and 429 are retried with backoff (429 after ``Retry-After``). An
-  enqueue always carries an idempotency key (a fresh one unless given), so a retried enqueue
-  never makes two jobs; pass your own key (an order id) to be safe across process restarts too.
+- 502/503/504 and 429 are retried, never before their ``Retry-After`` (the API answers 503
+  while its Redis is unreachable), with jittered exponential backoff otherwise; network errors
+  (refused, reset, timeout) too, for calls safe to repeat: reads, enqueues (an enqueue always
+  carries an idempotency key, a fresh one unless given, so a retried enqueue never makes two
+  jobs; pass your own key, an order id, to be safe across process restarts too) and decisions
+  (a repeated one is recognised). ``RetryPolicy`` bounds the attempts and the total time; the
+  last error names the API's address.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import random
 import time
@@ -26,7 +31,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from http.client import HTTPException
@@ -34,7 +39,7 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 import aiohttp
-from pydantic import SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cancelflow.contract import (
@@ -55,15 +60,20 @@ RETRY_STATUSES = frozenset({502, 503, 504})
 
 class ClientSettings(BaseSettings):
     """Where the API is and how to reach it: ``CANCELFLOW_API_URL``, ``CANCELFLOW_API_TOKEN``,
-    ``CANCELFLOW_API_TIMEOUT_S``, ``CANCELFLOW_API_RETRIES``. A client's own settings: a
-    machine that only calls the API needs none of the server's."""
+    ``CANCELFLOW_API_TIMEOUT_S``, ``CANCELFLOW_API_RETRIES``, ``CANCELFLOW_API_RETRY_TIME_S``.
+    A client's own settings: a machine that only calls the API needs none of the server's."""
 
     model_config = SettingsConfigDict(env_prefix="CANCELFLOW_", extra="ignore", frozen=True)
 
     api_url: str = "http://127.0.0.1:8080"
     api_token: SecretStr | None = None
-    api_timeout_s: float = 10.0
-    api_retries: int = 4
+    # Longer than the API waits on its Redis (CANCELFLOW_REDIS_READ_TIMEOUT_S, 10 s) before
+    # answering 503: the client hears the 503 and its Retry-After rather than timing out.
+    api_timeout_s: float = Field(default=15.0, gt=0)
+    # Retries after the first attempt, all within ``api_retry_time_s`` of it: enough to ride
+    # out a Redis restart or failover behind the API (it asks for 5 s between tries).
+    api_retries: int = Field(default=6, ge=0)
+    api_retry_time_s: float = Field(default=60.0, ge=0)
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -74,18 +84,35 @@ class ClientError(CancelflowError):
 
 
 class TransportError(ClientError):
-    """No answer from the API (connection refused or reset, timeout) after every retry."""
+    """No answer from the API (connection refused or reset, timeout) after every retry.
+    ``sent`` is False when the request cannot have reached the API (the connection was
+    refused): then retrying any call is safe."""
+
+    def __init__(self, message: str, *, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 class ApiError(ClientError):
     """The API answered with an error (``problem`` holds the problem details)."""
 
-    def __init__(self, status: int, problem: Problem) -> None:
+    def __init__(
+        self,
+        status: int,
+        problem: Problem,
+        *,
+        retry_after_s: float | None = None,
+        note: str = "",
+    ) -> None:
         super().__init__(
-            f"{status} {problem.title}" + (f": {problem.detail}" if problem.detail else "")
+            f"{status} {problem.title}"
+            + (f": {problem.detail}" if problem.detail else "")
+            + (f" ({note})" if note else "")
         )
         self.status = status
         self.problem = problem
+        # From the ``Retry-After`` header, else the problem's ``retry_after``; None if neither.
+        self.retry_after_s = retry_after_s if retry_after_s is not None else problem.retry_after
 
 
 class BadRequest(ApiError):
@@ -138,7 +165,7 @@ class RateLimited(ApiError):
 
     @property
     def retry_after(self) -> float:
-        return self.problem.retry_after or 1.0
+        return self.retry_after_s or 1.0
 
 
 class ServerError(ApiError):
@@ -165,15 +192,86 @@ _BY_STATUS: dict[int, type[ApiError]] = {
 }
 
 
-def error_for(status: int, body: bytes) -> ApiError:
-    """The typed error of an error answer (``application/problem+json``, or anything else)."""
+def error_for(status: int, body: bytes, headers: Mapping[str, str] | None = None) -> ApiError:
+    """The typed error of an error answer (``application/problem+json``, or anything else);
+    ``headers`` (names in lower case) give its ``Retry-After``."""
     try:
         problem = Problem.model_validate_json(body)
     except ValidationError:
         text = body.decode(errors="replace")[:500]
         problem = Problem(title=f"HTTP {status}", status=status, detail=text or None)
     cls = _BY_STATUS.get(status, ServerError if status >= 500 else ApiError)
-    return cls(status, problem)
+    return cls(status, problem, retry_after_s=parse_retry_after((headers or {}).get("retry-after")))
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value: delay-seconds or an HTTP date (RFC 9110
+    10.2.3); None when absent or unreadable."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+# --- retries -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """When to try a call again, and after how long: the one place that decides.
+
+    - 429 and 502/503/504 are retried, never before their ``Retry-After`` (plus jitter, so
+      that clients sent away together do not come back together); without one, after a
+      full-jitter exponential backoff (``backoff_s`` doubling per attempt, at most
+      ``max_backoff_s``).
+    - Network errors are retried likewise for calls safe to repeat (``retry_safe``), and for
+      any call when the request cannot have been sent (connection refused).
+    - At most ``retries`` retries, none starting later than ``total_s`` after the first
+      attempt, and none after a ``Retry-After`` longer than ``max_retry_after_s``.
+    """
+
+    retries: int = 6
+    total_s: float = 60.0
+    backoff_s: float = 0.2
+    max_backoff_s: float = 5.0
+    max_retry_after_s: float = 60.0
+
+    def delay(
+        self,
+        error: Exception,
+        *,
+        attempt: int,
+        elapsed_s: float,
+        retry_safe: bool,
+        rand: Callable[[], float] = random.random,
+    ) -> float | None:
+        """Seconds to wait before retrying after the ``attempt``-th failure (0 for the first),
+        ``elapsed_s`` after the first attempt began; None: give up and raise ``error``."""
+        if attempt >= self.retries:
+            return None
+        backoff = rand() * min(self.max_backoff_s, self.backoff_s * 2**attempt)
+        if isinstance(error, RateLimited) or (
+            isinstance(error, ApiError) and error.status in RETRY_STATUSES
+        ):
+            after = error.retry_after if isinstance(error, RateLimited) else error.retry_after_s
+            if after is None:
+                wait = backoff
+            elif after > self.max_retry_after_s:
+                return None
+            else:
+                # Jitter of up to a tenth of the wait (at most max_backoff_s) on top of it.
+                wait = after + rand() * min(self.max_backoff_s, after / 10)
+        elif isinstance(error, TransportError) and (retry_safe or not error.sent):
+            wait = backoff
+        else:
+            return None
+        return wait if elapsed_s + wait <= self.total_s else None
 
 
 # --- the parts both clients share ------------------------------------------------------------
@@ -185,6 +283,13 @@ class _Call:
     path: str
     body: Any = None
     query: list[tuple[str, str]] = field(default_factory=list)
+    # A POST that may be repeated without doing its work twice (see ``retry_safe``).
+    idempotent: bool = False
+
+    @property
+    def retry_safe(self) -> bool:
+        """Whether the call may be sent again after a network error left its fate unknown."""
+        return self.method == "GET" or self.idempotent
 
 
 @dataclass(frozen=True)
@@ -205,6 +310,7 @@ class _Base:
         *,
         timeout_s: float | None = None,
         retries: int | None = None,
+        retry_time_s: float | None = None,
         backoff_s: float = 0.2,
         max_backoff_s: float = 5.0,
         max_retry_after_s: float = 60.0,
@@ -218,11 +324,15 @@ class _Base:
         if not secret:
             raise ValueError("no API token: pass token= or set CANCELFLOW_API_TOKEN")
         self._token = secret
-        self.timeout_s = timeout_s or (conf.api_timeout_s if conf else 10.0)
-        self.retries = retries if retries is not None else (conf.api_retries if conf else 4)
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
-        self.max_retry_after_s = max_retry_after_s
+        defaults = conf or ClientSettings.model_construct()
+        self.timeout_s = timeout_s or defaults.api_timeout_s
+        self.retry = RetryPolicy(
+            retries=retries if retries is not None else defaults.api_retries,
+            total_s=retry_time_s if retry_time_s is not None else defaults.api_retry_time_s,
+            backoff_s=backoff_s,
+            max_backoff_s=max_backoff_s,
+            max_retry_after_s=max_retry_after_s,
+        )
 
     def _headers(self, call: _Call) -> dict[str, str]:
         headers = {
@@ -238,27 +348,31 @@ class _Base:
         query = f"?{urllib.parse.urlencode(call.query)}" if call.query else ""
         return f"{self.base_url}{call.path}{query}"
 
-    def _delay(self, attempt: int, error: Exception) -> float | None:
-        """Seconds to wait before retrying after ``error``; None: do not retry."""
-        if attempt >= self.retries:
-            return None
-        backoff = random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2**attempt))
-        if isinstance(error, RateLimited):
-            return (
-                None
-                if error.retry_after > self.max_retry_after_s
-                else max(error.retry_after, backoff)
-            )
-        if isinstance(error, TransportError) or (
-            isinstance(error, ApiError) and error.status in RETRY_STATUSES
-        ):
-            return backoff
-        return None
+    def _delay(self, call: _Call, error: Exception, attempt: int, started: float) -> float:
+        """Seconds to wait before trying ``call`` again; raises the error to give up."""
+        elapsed = time.monotonic() - started
+        delay = self.retry.delay(
+            error, attempt=attempt, elapsed_s=elapsed, retry_safe=call.retry_safe
+        )
+        if delay is not None:
+            return delay
+        note = f"from {self.base_url}, {attempt + 1} attempts over {elapsed:.1f}s"
+        if isinstance(error, TransportError):
+            raise TransportError(
+                f"no answer from {self.base_url} ({attempt + 1} attempts over {elapsed:.1f}s): "
+                f"{error}",
+                sent=error.sent,
+            ) from error
+        if isinstance(error, ApiError) and (error.status >= 500 or error.status == 429):
+            raise type(error)(
+                error.status, error.problem, retry_after_s=error.retry_after_s, note=note
+            ) from error
+        raise error
 
     @staticmethod
     def _check(answer: _Answer) -> _Answer:
         if answer.status >= 400:
-            raise error_for(answer.status, answer.body)
+            raise error_for(answer.status, answer.body, answer.headers)
         return answer
 
     @staticmethod
@@ -298,7 +412,10 @@ class _Base:
             # The key that makes retrying this enqueue safe.
             request = request.model_copy(update={"idempotency_key": f"client:{uuid.uuid4().hex}"})
         return _Call(
-            "POST", "/v1/cancellations", request.model_dump(mode="json", exclude_none=True)
+            "POST",
+            "/v1/cancellations",
+            request.model_dump(mode="json", exclude_none=True),
+            idempotent=True,  # the idempotency key: a repeat finds the first one's job
         )
 
     @staticmethod
@@ -387,7 +504,10 @@ class CancelflowClient(_Base):
     ) -> JobRecord:
         """Answer a retention offer; ``Conflict`` if the job is not awaiting a decision."""
         wanted = Decision(decision=decision, survey=dict(survey) if survey is not None else None)
-        call = _Call("POST", f"{_path(job_id)}/decision", wanted.model_dump(mode="json"))
+        # A repeat whose first attempt went through gets 409, recognised below.
+        call = _Call(
+            "POST", f"{_path(job_id)}/decision", wanted.model_dump(mode="json"), idempotent=True
+        )
         try:
             return JobRecord.model_validate(self._call(call).json())
         except Conflict:
@@ -448,14 +568,12 @@ class CancelflowClient(_Base):
         )
 
     def _call(self, call: _Call) -> _Answer:
-        attempt = 0
+        attempt, started = 0, time.monotonic()
         while True:
             try:
                 return self._check(self._send(call))
             except (TransportError, ApiError) as exc:
-                delay = self._delay(attempt, exc)
-                if delay is None:
-                    raise
+                delay = self._delay(call, exc, attempt, started)
             time.sleep(delay)
             attempt += 1
 
@@ -471,7 +589,11 @@ class CancelflowClient(_Base):
             with exc:
                 return _Answer(exc.code, _lower(exc.headers.items()), exc.read())
         except (urllib.error.URLError, HTTPException, OSError) as exc:
-            raise TransportError(f"{call.method} {call.path}: {type(exc).__name__}: {exc}") from exc
+            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            raise TransportError(
+                f"{call.method} {call.path}: {type(exc).__name__}: {exc}",
+                sent=not isinstance(reason, ConnectionRefusedError),
+            ) from exc
 
 
 # --- asyncio --------------------------------------------------------------------------------
@@ -533,7 +655,10 @@ class AsyncCancelflowClient(_Base):
     ) -> JobRecord:
         """As ``CancelflowClient.decide``."""
         wanted = Decision(decision=decision, survey=dict(survey) if survey is not None else None)
-        call = _Call("POST", f"{_path(job_id)}/decision", wanted.model_dump(mode="json"))
+        # A repeat whose first attempt went through gets 409, recognised below.
+        call = _Call(
+            "POST", f"{_path(job_id)}/decision", wanted.model_dump(mode="json"), idempotent=True
+        )
         try:
             return JobRecord.model_validate((await self._call(call)).json())
         except Conflict:
@@ -593,14 +718,12 @@ class AsyncCancelflowClient(_Base):
         return Stats.model_validate(answer.json())
 
     async def _call(self, call: _Call) -> _Answer:
-        attempt = 0
+        attempt, started = 0, time.monotonic()
         while True:
             try:
                 return self._check(await self._send(call))
             except (TransportError, ApiError) as exc:
-                delay = self._delay(attempt, exc)
-                if delay is None:
-                    raise
+                delay = self._delay(call, exc, attempt, started)
             await asyncio.sleep(delay)
             attempt += 1
 
@@ -616,4 +739,8 @@ class AsyncCancelflowClient(_Base):
             ) as resp:
                 return _Answer(resp.status, _lower(resp.headers.items()), await resp.read())
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise TransportError(f"{call.method} {call.path}: {type(exc).__name__}: {exc}") from exc
+            raise TransportError(
+                f"{call.method} {call.path}: {type(exc).__name__}: {exc}",
+                # No connection was made: the API never saw the request.
+                sent=not isinstance(exc, aiohttp.ClientConnectorError),
+            ) from exc

@@ -86,20 +86,26 @@ class NoFreeDb(RuntimeError):
     """Every Redis DB 1-15 is held by another test session or bench run."""
 
 
+def _sync_client(url: str) -> redis.Redis:
+    # The defaults of CANCELFLOW_REDIS_CONNECT_TIMEOUT_S and _READ_TIMEOUT_S: a test session
+    # or bench run against a Redis that stopped answering fails instead of hanging.
+    return redis.Redis.from_url(url, socket_connect_timeout=5.0, socket_timeout=10.0)
+
+
 @contextmanager
 def locked_db(server_url: str, *, owner: str) -> Iterator[str]:
     """A Redis DB (1-15) on ``server_url`` no other holder of the lock uses meanwhile,
     flushed before and after use (only that DB)."""
-    admin = redis.Redis.from_url(with_db(server_url, 0))
+    admin = _sync_client(with_db(server_url, 0))
     for db in range(1, 16):
         lock = DB_LOCK.format(db=db)
         if admin.set(lock, f"{owner}:{os.getpid()}", nx=True, ex=3 * 3600):
             url = with_db(server_url, db)
-            redis.Redis.from_url(url).flushdb()
+            _sync_client(url).flushdb()
             try:
                 yield url
             finally:
-                redis.Redis.from_url(url).flushdb()
+                _sync_client(url).flushdb()
                 admin.delete(lock)
             return
     raise NoFreeDb("every Redis DB 1-15 is locked by a test session or a bench run")

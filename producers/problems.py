@@ -28,6 +28,20 @@ def problem(
     )
 
 
+def unavailable(
+    detail: str, *, retry_after_s: int, title: str = "Service unavailable", **extra: Any
+) -> web.Response:
+    """503 with ``Retry-After`` (header, and ``retry_after`` in the body): try again later."""
+    return problem(
+        503,
+        title,
+        detail,
+        headers={"Retry-After": str(retry_after_s)},
+        retry_after=retry_after_s,
+        **extra,
+    )
+
+
 def field_errors(
     exc: ValidationError, *, prefix: tuple[str | int, ...] = ()
 ) -> list[dict[str, str]]:

@@ -85,3 +85,35 @@ def test_billing_stream_has_the_name_billing_systems_are_told(env: pytest.Monkey
     assert load_settings().billing.stream == "billing:events"
     env.setenv("CANCELFLOW_BILLING__STREAM", "nested:wins")
     assert load_settings().billing.stream == "nested:wins"
+
+
+def test_redis_timeouts_default_to_5s_connect_and_10s_read(env: pytest.MonkeyPatch) -> None:
+    settings = load_settings()
+    assert (settings.redis_connect_timeout_s, settings.redis_read_timeout_s) == (5.0, 10.0)
+    env.setenv("CANCELFLOW_REDIS_CONNECT_TIMEOUT_S", "0.5")
+    env.setenv("CANCELFLOW_REDIS_READ_TIMEOUT_S", "4")
+    settings = load_settings()
+    assert (settings.redis_connect_timeout_s, settings.redis_read_timeout_s) == (0.5, 4.0)
+
+
+def test_the_read_timeout_must_outlast_every_blocking_read(env: pytest.MonkeyPatch) -> None:
+    env.setenv("CANCELFLOW_BILLING__BLOCK_S", "5")
+    env.setenv("CANCELFLOW_REDIS_READ_TIMEOUT_S", "5.5")
+    with pytest.raises(ConfigError, match=r"CANCELFLOW_REDIS_READ_TIMEOUT_S: 5\.5s is too short"):
+        load_settings()
+    env.setenv("CANCELFLOW_REDIS_READ_TIMEOUT_S", "6")
+    assert load_settings().redis_read_timeout_s == 6.0
+
+
+def test_kombu_brpop_timeout_is_the_one_the_read_timeout_is_checked_against() -> None:
+    # Fails when kombu changes how long its BRPOP blocks: the check above would then be wrong.
+    from kombu.transport import redis as kombu_redis
+
+    from cancelflow.messaging import celery_config
+    from cancelflow.settings import KOMBU_BRPOP_TIMEOUT_S
+
+    assert kombu_redis.Transport.brpop_timeout == KOMBU_BRPOP_TIMEOUT_S
+    options = celery_config(Settings())["broker_transport_options"]
+    assert "polling_interval" not in options  # it would replace brpop_timeout
+    assert options["socket_timeout"] > KOMBU_BRPOP_TIMEOUT_S
+    assert options["socket_connect_timeout"] == 5.0
