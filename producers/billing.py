@@ -63,6 +63,9 @@ RECENT_IGNORED_KEY = "cf:billing:ignored:recent"
 RECENT_IGNORED_MAX = 1000
 # The stream entry's field holding the event as JSON: XADD <stream> * event '{"id": …}'.
 EVENT_FIELD = "event"
+# How Redis answers a read when the group is gone: NOGROUP, or (to a read blocked on the
+# stream when it was deleted, Redis 7) UNBLOCKED.
+GROUP_LOST = ("NOGROUP", "UNBLOCKED")
 # Failures that are not the entry's fault: it stays pending and is tried again.
 TRANSIENT = (RedisError, OSError, BrokerError)
 
@@ -481,7 +484,7 @@ class BillingConsumer:
                     log.info("billing.consumer.redis_recovered", consumer=self.name)
                     failing = False
             except ResponseError as exc:
-                if not str(exc).startswith("NOGROUP"):
+                if not str(exc).startswith(GROUP_LOST):
                     failing = await self._failed(exc, failing)
                     continue
                 # Redis restarted without its data, or the stream or group was deleted.
