@@ -97,6 +97,9 @@ class ApiSettings(BaseModel):
     rate_limit_burst: int = Field(default=200, ge=1)
     # Larger request bodies are refused with 413 before they are read whole.
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    # JSON nested deeper than this is refused (400) before it is parsed (cancelflow.jsonsafe);
+    # billing events from the stream are held to it too, and to max_body_bytes.
+    max_json_depth: int = Field(default=32, ge=2, le=500)
 
 
 class BillingSettings(BaseModel):

@@ -35,7 +35,7 @@ from cancelflow.settings import Settings
 from cancelflow.store import IdempotencyConflict
 from cancelflow.wiring import build_deps, redis_client, redis_persistence, report_persistence
 from producers import listing, openapi
-from producers.billing import BillingProcessor
+from producers.billing import BillingProcessor, Rejected
 from producers.billing_rules import Rules, load_rules
 from producers.problems import field_errors, invalid, problem, unavailable
 from producers.ratelimit import RateLimiter
@@ -284,15 +284,19 @@ async def post_billing_event(request: web.Request) -> web.Response:
         )
     except SignatureError as exc:
         return problem(401, "Bad signature", str(exc))
-    result = await request.app[BILLING].process(raw, source={"http": request.path})
+    processor = request.app[BILLING]
+    # Bounded decoding (cancelflow.jsonsafe: api.max_json_depth, no lone surrogates, UTF-8):
+    # a body that is not an event is the sender's to fix, so it is answered, not stored.
+    parsed = processor.parse(raw)
+    if isinstance(parsed, Rejected):
+        errors = [e.model_dump() for e in parsed.errors]
+        if parsed.error_type == "BillingEventUnreadable":
+            return problem(400, "Malformed JSON", parsed.errors[0].message, errors=errors)
+        return problem(
+            422, "Invalid billing event", "the body is not a billing event", errors=errors
+        )
+    result = await processor.process_event(parsed, raw=raw, source={"http": request.path})
     if result.result == "dead_lettered":
-        if result.errors and result.errors[0].field == "(body)":
-            return problem(
-                400,
-                "Malformed JSON",
-                result.errors[0].message,
-                dead_letter_id=result.dead_letter_id,
-            )
         detail = "the event cannot make a valid request; it is dead-lettered"
         return problem(
             422,

@@ -8,13 +8,23 @@ Each event becomes one of:
                      changed between two deliveries): the first job stands
   ignored            no rule matches: counted by type in ``cf:billing:ignored``, the last
                      1,000 kept in ``cf:billing:ignored:recent``
-  dead_lettered      unreadable, or the rule cannot make a valid request of it: a dead letter
-                     of kind ``billing_event`` (one per event id, however often delivered)
+  dead_lettered      a dead letter of kind ``billing_event``, one however often the event is
+                     delivered: keyed by a hash of its bytes when they are not a billing event
+                     (not UTF-8 or JSON, nested too deep, a lone surrogate, over
+                     ``api.max_body_bytes``, the wrong shape: ``cancelflow.jsonsafe`` and
+                     ``BillingEvent`` decide), by its id when the rule cannot make a valid
+                     request of it
+
+An entry is read once, by ``cancelflow.jsonsafe``: nothing in one entry can make the consumer
+raise, recurse or loop, and what it cannot handle it dead-letters and acknowledges (an entry
+that breaks the code anyway is dead-lettered as ``BillingEventCrashed``).
 
 The stream is read as a consumer group, at least once: an entry is acknowledged (XACK) only
 after its job is created and its first step sent. An entry left pending by a consumer that died
 is claimed (XAUTOCLAIM) by another once idle for ``claim_idle_s``; one delivered
-``max_deliveries`` times without success is dead-lettered rather than retried for ever.
+``max_deliveries`` times without success is dead-lettered rather than retried for ever. A read
+answered ``NOGROUP`` (Redis restarted without its data, the stream deleted) recreates the group
+from the stream's start: entries read twice find their jobs by idempotency key.
 """
 
 from __future__ import annotations
@@ -24,17 +34,20 @@ import hashlib
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
+from kombu.exceptions import OperationalError as BrokerError
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from cancelflow import jsonsafe
 from cancelflow.contract import isoformat, utcnow
 from cancelflow.dead_letters import DeadLetter
 from cancelflow.logging import get_logger
-from cancelflow.settings import BillingSettings
+from cancelflow.settings import BillingSettings, Settings
 from cancelflow.steps import Deps
 from cancelflow.store import IdempotencyConflict
 from producers.billing_rules import MissingFields, Rule, Rules
@@ -50,6 +63,11 @@ RECENT_IGNORED_KEY = "cf:billing:ignored:recent"
 RECENT_IGNORED_MAX = 1000
 # The stream entry's field holding the event as JSON: XADD <stream> * event '{"id": …}'.
 EVENT_FIELD = "event"
+# How Redis answers a read when the group is gone: NOGROUP, or (to a read blocked on the
+# stream when it was deleted, Redis 7) UNBLOCKED.
+GROUP_LOST = ("NOGROUP", "UNBLOCKED")
+# Failures that are not the entry's fault: it stays pending and is tried again.
+TRANSIENT = (RedisError, OSError, BrokerError)
 
 # Counts each (result, event) once however often the event is delivered.
 _COUNT = """
@@ -72,7 +90,29 @@ def idempotency_key(event_id: str) -> str:
 
 
 def _sha(value: str | bytes) -> str:
-    return hashlib.sha256(value.encode() if isinstance(value, str) else value).hexdigest()
+    return hashlib.sha256(_bytes(value)).hexdigest()
+
+
+def _bytes(value: str | bytes) -> bytes:
+    # "surrogatepass": a str from a caller may hold a lone surrogate; hashing it must not fail.
+    return value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
+
+
+def event_limits(settings: Settings) -> jsonsafe.JsonLimits:
+    """What an event may be, from the stream or over HTTP: the API's body and depth limits."""
+    return jsonsafe.JsonLimits(
+        max_bytes=settings.api.max_body_bytes, max_depth=settings.api.max_json_depth
+    )
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Bytes that are not a billing event: ``BillingEventUnreadable`` (not bounded JSON) or
+    ``BillingEventInvalid`` (JSON of the wrong shape)."""
+
+    error_type: str
+    errors: list[FieldError]
+    event_id: str | None = None
 
 
 class BillingProcessor:
@@ -82,34 +122,40 @@ class BillingProcessor:
         self.deps = deps
         self.celery = celery
         self.rules = rules
+        self.limits = event_limits(deps.settings)
         self._count = deps.store.redis.register_script(_COUNT)
+
+    def parse(self, raw: bytes | str) -> BillingEvent | Rejected:
+        """The event in ``raw``, or why it is not one; never raises on what ``raw`` holds."""
+        try:
+            obj = jsonsafe.loads(raw, self.limits)
+        except jsonsafe.JsonRejected as exc:
+            return Rejected(
+                "BillingEventUnreadable", [FieldError(field="(body)", message=str(exc))]
+            )
+        try:
+            return BillingEvent.model_validate(obj)
+        except ValidationError as exc:
+            found = obj.get("id") if isinstance(obj, dict) else None
+            return Rejected(
+                "BillingEventInvalid",
+                [FieldError(**e) for e in field_errors(exc)],
+                event_id=found if isinstance(found, str) and 0 < len(found) <= 200 else None,
+            )
 
     async def process(self, raw: bytes | str, *, source: dict[str, Any]) -> BillingResult:
         """Handle one event as received (JSON text); ``source`` says where it came from."""
-        try:
-            obj = json.loads(raw)
-        except ValueError as exc:
+        parsed = self.parse(raw)
+        if isinstance(parsed, Rejected):
             return await self.dead_letter(
-                None,
+                parsed.event_id,
                 raw,
                 source,
-                [FieldError(field="(body)", message=f"not JSON: {exc}")],
-                error_type="BillingEventUnreadable",
+                parsed.errors,
+                error_type=parsed.error_type,
+                by_body=True,
             )
-        try:
-            event = BillingEvent.model_validate(obj)
-        except ValidationError as exc:
-            event_id = (
-                obj.get("id") if isinstance(obj, dict) and isinstance(obj.get("id"), str) else None
-            )
-            return await self.dead_letter(
-                event_id,
-                raw,
-                source,
-                [FieldError(**e) for e in field_errors(exc)],
-                error_type="BillingEventInvalid",
-            )
-        return await self.process_event(event, raw=raw, source=source)
+        return await self.process_event(parsed, raw=raw, source=source)
 
     async def process_event(
         self, event: BillingEvent, *, raw: bytes | str, source: dict[str, Any]
@@ -179,11 +225,11 @@ class BillingProcessor:
     async def dead_letter_undeliverable(
         self, raw: bytes | str, source: dict[str, Any], *, deliveries: int
     ) -> BillingResult:
-        """An entry that failed ``deliveries`` times (the job store unreachable, a bug)."""
-        event_id = _event_id_of(raw)
+        """An entry that failed ``deliveries`` times (the job store unreachable, a bug); its
+        bytes are not parsed again (the parsing may be what fails)."""
         error = FieldError(field="(entry)", message=f"not processed after {deliveries} deliveries")
         return await self.dead_letter(
-            event_id, raw, source, [error], error_type="BillingEventUndeliverable"
+            None, raw, source, [error], error_type="BillingEventUndeliverable", by_body=True
         )
 
     async def dead_letter(
@@ -196,12 +242,21 @@ class BillingProcessor:
         rule: Rule | None = None,
         event_type: str | None = None,
         error_type: str = "BillingEventUnmapped",
+        by_body: bool = False,
+        shown: str | None = None,
     ) -> BillingResult:
-        # One dead letter per event (by id, else by body): a redelivery overwrites it.
-        identity = f"id:{event_id}" if event_id else f"body:{_sha(raw)}"
+        """Keep the event as a dead letter: one per event id, or per body (``by_body``, or no
+        id): a redelivery overwrites it. ``shown``: the text to keep instead of ``raw``."""
+        identity = f"body:{_sha(raw)}" if by_body or not event_id else f"id:{event_id}"
         dl_id = f"dl_{_sha('billing:' + identity)[:32]}"
-        body = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
         message = "; ".join(f"{e.field}: {e.message}" for e in errors)
+        payload: dict[str, Any] = {
+            "event": shown if shown is not None else _shown(raw, self.limits.max_bytes),
+            "source": source,
+            "rule": rule.name if rule else None,
+        }
+        if len(_bytes(raw)) > self.limits.max_bytes:
+            payload.update(event_bytes=len(_bytes(raw)), event_sha256=_sha(raw), truncated=True)
         await self.deps.dead_letters.add(
             DeadLetter(
                 id=dl_id,
@@ -211,7 +266,7 @@ class BillingProcessor:
                 error_type=error_type,
                 error=message,
                 errors=[e.model_dump() for e in errors],
-                payload={"event": body, "source": source, "rule": rule.name if rule else None},
+                payload=payload,
             )
         )
         await self._counted("dead_lettered", identity)
@@ -254,19 +309,24 @@ class BillingProcessor:
         )
 
 
-def _event_id_of(raw: bytes | str) -> str | None:
-    try:
-        obj = json.loads(raw)
-    except ValueError:
-        return None
-    return obj.get("id") if isinstance(obj, dict) and isinstance(obj.get("id"), str) else None
+def _shown(raw: bytes | str, limit: int) -> str:
+    """The event as text for the dead letter: at most ``limit`` bytes of it, any byte that is
+    not UTF-8 (or a lone surrogate) escaped, so it always serialises."""
+    return _bytes(raw)[:limit].decode("utf-8", "backslashreplace")
 
 
 Entry = tuple[str, dict[bytes, bytes]]
 
 
 def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    # Entry and stream ids are ASCII; anything else is escaped rather than refused.
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
+
+
+def entry_bytes(fields: dict[bytes, bytes]) -> bytes:
+    """An entry's fields as one byte string, each length-prefixed: equal for the same entry
+    delivered twice, different for any two different entries."""
+    return b"".join(b"%d:%s%d:%s" % (len(k), k, len(v), v) for k, v in fields.items())
 
 
 class BillingConsumer:
@@ -324,12 +384,12 @@ class BillingConsumer:
         raw = fields.get(EVENT_FIELD.encode())
         if deliveries > self.conf.max_deliveries:
             return await self.processor.dead_letter_undeliverable(
-                raw or b"", source, deliveries=deliveries
+                _entry_raw(fields), source, deliveries=deliveries
             )
         if raw is None:
             return await self.processor.dead_letter(
                 None,
-                json.dumps({_s(k): _s(v) for k, v in fields.items()}),
+                entry_bytes(fields),
                 source,
                 [
                     FieldError(
@@ -337,6 +397,8 @@ class BillingConsumer:
                     )
                 ],
                 error_type="BillingEventUnreadable",
+                by_body=True,
+                shown=_shown_fields(fields, self.processor.limits.max_bytes),
             )
         return await self.processor.process(raw, source=source)
 
@@ -351,17 +413,40 @@ class BillingConsumer:
 
         async def one(entry: Entry) -> bool:
             try:
-                await self.handle(entry, deliveries=deliveries.get(entry[0], 1))
-            except (RedisError, OSError) as exc:
+                try:
+                    await self.handle(entry, deliveries=deliveries.get(entry[0], 1))
+                except TRANSIENT:
+                    raise
+                except Exception as exc:
+                    await self.crashed(entry, exc)
+                await self.ack([entry[0]])
+            except TRANSIENT as exc:
                 log.error(
                     "billing.entry.failed", entry_id=entry[0], error=f"{type(exc).__name__}: {exc}"
                 )
                 return False
-            await self.ack([entry[0]])
             return True
 
         done = await asyncio.gather(*(one(e) for e in entries))
         return sum(done)
+
+    async def crashed(self, entry: Entry, exc: Exception) -> None:
+        """An entry that broke the code (a bug, or a case no check foresaw): dead-lettered by
+        its bytes, so it is neither retried for ever nor able to stop the consumer."""
+        entry_id, fields = entry
+        raw = _entry_raw(fields)
+        log.exception("billing.entry.crashed", entry_id=entry_id, error=type(exc).__name__)
+        source = {"stream": self.conf.stream, "entry_id": entry_id, "consumer": self.name}
+        error = FieldError(field="(entry)", message=f"processing raised {type(exc).__name__}")
+        try:
+            await self.processor.dead_letter(
+                None, raw, source, [error], error_type="BillingEventCrashed", by_body=True
+            )
+        except TRANSIENT:
+            raise
+        except Exception:
+            # Not even a dead letter could be made of it: say so, and let the stream go on.
+            log.exception("billing.entry.dropped", entry_id=entry_id, sha256=_sha(raw))
 
     async def run_once(self, *, block: bool = True) -> int:
         """One round: claim from dead consumers when due, retry own pending, read new."""
@@ -379,8 +464,8 @@ class BillingConsumer:
         return handled
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume until ``stop`` is set; Redis outages are waited out."""
-        await self.ensure_group()
+        """Consume until ``stop`` is set; Redis outages are waited out, a lost group is made
+        again."""
         log.info(
             "billing.consumer.started",
             stream=self.conf.stream,
@@ -388,13 +473,38 @@ class BillingConsumer:
             consumer=self.name,
             rules=self.processor.rules.source,
         )
+        group_ok, failing = False, False
         while not stop.is_set():
             try:
+                if not group_ok:
+                    await self.ensure_group()
+                    group_ok = True
                 await self.run_once()
-            except (RedisError, OSError) as exc:
-                log.error("billing.consumer.redis_error", error=f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(1.0)
+                if failing:
+                    log.info("billing.consumer.redis_recovered", consumer=self.name)
+                    failing = False
+            except ResponseError as exc:
+                if not str(exc).startswith(GROUP_LOST):
+                    failing = await self._failed(exc, failing)
+                    continue
+                # Redis restarted without its data, or the stream or group was deleted.
+                log.warning(
+                    "billing.consumer.group_missing",
+                    stream=self.conf.stream,
+                    group=self.conf.group,
+                    action="recreating it",
+                )
+                group_ok = False
+            except TRANSIENT as exc:
+                failing = await self._failed(exc, failing)
         log.info("billing.consumer.stopped", consumer=self.name)
+
+    async def _failed(self, exc: Exception, failing: bool) -> bool:
+        # Once per outage, not once a second for as long as it lasts.
+        if not failing:
+            log.error("billing.consumer.redis_error", error=f"{type(exc).__name__}: {exc}")
+        await asyncio.sleep(1.0)
+        return True
 
     async def _read(self, start: str, *, block_ms: int | None) -> list[Entry]:
         reply = await self.redis.xreadgroup(
@@ -430,3 +540,15 @@ class BillingConsumer:
             consumername=self.name,
         )
         return {_s(p["message_id"]): int(p["times_delivered"]) for p in pending}
+
+
+def _entry_raw(fields: dict[bytes, bytes]) -> bytes:
+    """The bytes a dead letter of this entry is keyed by: its event, else all its fields."""
+    raw = fields.get(EVENT_FIELD.encode())
+    return raw if raw is not None else entry_bytes(fields)
+
+
+def _shown_fields(fields: dict[bytes, bytes], limit: int) -> str:
+    """The fields of an entry with no event, as JSON text for the dead letter."""
+    shown = json.dumps({_s(k): _s(v) for k, v in fields.items()})
+    return shown if len(shown) <= limit else shown[:limit]

@@ -219,7 +219,10 @@ def document(*, max_body_bytes: int) -> dict[str, Any]:
                     ),
                     **errors(400, 401, 413, 429),
                     "422": {
-                        "description": "the event cannot make a valid request: dead-lettered",
+                        "description": (
+                            "not a billing event (not stored), or one that cannot make a valid "
+                            "request (dead-lettered: `dead_letter_id`)"
+                        ),
                         "content": {PROBLEM_TYPE: {"schema": {"$ref": ref[Problem]}}},
                     },
                     **errors(503),
