@@ -126,14 +126,6 @@ def wait_final(client: redis.Redis, jobs: list[str], *, deadline: float) -> list
         time.sleep(0.5)
 
 
-def killed_step_recovery(jobs: list[dict[str, Any]], kills: list[float]) -> list[float]:
-    """Seconds from each kill to the next start of the steps it interrupted."""
-    waits = []
-    for killed_at, until in zip(kills, [*kills[1:], float("inf")], strict=True):
-        waits += [w for w in recovery_s(jobs, killed_at) if killed_at + w < until]
-    return waits
-
-
 @pytest.mark.timeout(600 + JOBS)
 def test_chaos(start_system: StartSystem) -> None:
     system = start_system(
@@ -202,7 +194,7 @@ def test_chaos(start_system: StartSystem) -> None:
         for count in system.sandbox.state(provider)["effective_cancels"].values():
             effective[count] += 1
     records = [system.job(j) for j in jobs]
-    waits = killed_step_recovery(records, chaos.kills)
+    waits = recovery_s(records, chaos.kills)
     figures = {
         "jobs": JOBS,
         "seconds": round(time.monotonic() - started, 1),
