@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import weakref
 from typing import Any, Generic, Literal, TypeVar
 
@@ -260,8 +261,9 @@ def send_step(
         kwargsrepr="{}",
         queue=queue_for(step, provider),
         countdown=countdown,
-        # Shown in Flower, and lets a poison-message handler name the job.
-        headers={"job_id": job_id, "provider": provider},
+        # Shown in Flower, and lets a poison-message handler name the job; ``sent_at`` tells
+        # the watchdog (and queue-latency metrics) how long the oldest message has waited.
+        headers={"job_id": job_id, "provider": provider, "sent_at": round(time.time(), 3)},
         # Nobody waits on a step's result (the job store has it). Without this, a producer's
         # send_task subscribes to the task's result channel and unsubscribes again: two
         # more Redis round trips per message (the Redis backend's on_task_call).

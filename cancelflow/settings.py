@@ -62,6 +62,10 @@ class WorkerSettings(BaseModel):
     # ``load_settings``. A killed worker's jobs move again within ``lease_s`` plus one sweep.
     lease_s: float = Field(default=30.0, ge=3)
     heartbeat_s: float = Field(default=5.0, gt=0)
+    # The watchdog re-sends the step of a job this long past when it was expected to move,
+    # once no live process holds it and its queue has moved past it (a message lost between
+    # Redis's pop and its unacknowledged record, by a worker killed in between).
+    stalled_after_s: float = Field(default=60.0, gt=0)
     # How often beat looks for parked jobs past their decision deadline.
     decision_sweep_s: float = Field(default=30.0, gt=0)
     # Prometheus metrics of the worker process on http://<metrics_host>:<metrics_port>/metrics;

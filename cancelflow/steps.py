@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -23,6 +24,7 @@ import structlog
 
 from cancelflow import callbacks, hooks
 from cancelflow.contract import (
+    CALLBACKS_QUEUE,
     CallbackAttempt,
     Decision,
     JobRecord,
@@ -32,6 +34,7 @@ from cancelflow.contract import (
     Step,
     TimelineEntry,
     isoformat,
+    provider_queue,
     utcnow,
 )
 from cancelflow.dead_letters import DeadLetter, DeadLetterStore
@@ -283,12 +286,32 @@ async def stragglers(deps: Deps, *, older_than_s: float) -> list[Next]:
     return out
 
 
-async def resume_stalled(deps: Deps, *, quiet_for_s: float) -> list[Next]:
+# Clocks of the hosts that send messages and move jobs may differ by this much.
+CLOCK_SKEW_S = 5.0
+
+
+async def resume_stalled(
+    deps: Deps,
+    *,
+    quiet_for_s: float,
+    oldest_waiting: Mapping[str, float] | None = None,
+    give_up_waiting_s: float = float("inf"),
+) -> list[Next]:
     """Steps to re-send for jobs that stopped moving before they settled (mid-chain, or
     ended with the result callback unsent): the watchdog behind every other guarantee (a
     message lost in a broker's gap, a bug). Safe to send twice: a step that finds its job
-    moved on does nothing, and a callback already delivered is not delivered again."""
+    moved on does nothing, and a callback already delivered is not delivered again.
+
+    A job quiet for ``quiet_for_s`` past when it was expected to move is re-sent only when
+    its message can no longer be waiting: no live process holds its step, and its queue is
+    empty or holds only messages sent after the job last moved (``oldest_waiting``: queue ->
+    the send time of its oldest waiting message, ``inf`` when empty, 0 when unknown; None:
+    no queue to look at, re-send after ``quiet_for_s``).
+    Redis's transport pops a message before it records it as unacknowledged, so a worker
+    killed in between loses it: this finds such a job within ``quiet_for_s`` of the queue
+    moving past it. A job quiet for ``give_up_waiting_s`` is re-sent whatever its queue holds."""
     out = []
+    now = utcnow()
     for job_id in await deps.store.stalled(quiet_for_s=quiet_for_s):
         try:
             job = await deps.store.get(job_id)
@@ -300,6 +323,15 @@ async def resume_stalled(deps: Deps, *, quiet_for_s: float) -> list[Next]:
             continue
         if job.status is Status.QUEUED and not await deps.store.dispatched(job_id):
             continue  # never sent: the straggler sweep's case
+        quiet_s = (now - datetime.fromisoformat(job.updated_at)).total_seconds()
+        if oldest_waiting is not None and quiet_s < give_up_waiting_s:
+            if job.held_by and await deps.store.holder_alive(job.held_by):
+                continue  # its step is running in a live process
+            queue = CALLBACKS_QUEUE if nxt.step is Step.CALLBACK else provider_queue(job.provider)
+            oldest = oldest_waiting.get(queue, 0.0)
+            last_moved = datetime.fromisoformat(job.updated_at).timestamp()
+            if oldest <= last_moved + CLOCK_SKEW_S:
+                continue  # its message may still be waiting behind the others
         # (``stalled`` restarted its quiet time: the next sweep leaves it alone.)
         await deps.store.record(
             job_id,
@@ -307,7 +339,7 @@ async def resume_stalled(deps: Deps, *, quiet_for_s: float) -> list[Next]:
                 "watchdog",
                 "resent",
                 0,
-                details={"step": nxt.step.value, "quiet_for_s": quiet_for_s},
+                details={"step": nxt.step.value, "quiet_for_s": round(quiet_s, 1)},
             ),
         )
         log.warning("job.stalled.resent", job_id=job_id, step=nxt.step.value)
@@ -493,7 +525,9 @@ async def note_wait(
 ) -> None:
     """Record that a step waits on our own limits for the provider (no attempt spent)."""
     await deps.store.record(
-        job_id, _entry(step, "waiting", 0, error=reason, details={"delay_s": round(delay_s, 3)})
+        job_id,
+        _entry(step, "waiting", 0, error=reason, details={"delay_s": round(delay_s, 3)}),
+        due_in_s=delay_s,
     )
 
 
@@ -506,6 +540,7 @@ async def note_retry(
         _entry(
             step, "retry_scheduled", attempt, error=error, details={"delay_s": round(delay_s, 3)}
         ),
+        due_in_s=delay_s,
     )
 
 

@@ -117,7 +117,9 @@ local dl_id, dl_json = ARGV[10], ARGV[11]
 -- go without a heartbeat and still count as alive (by Redis's clock, as the heartbeats),
 -- the decision deadline.
 local holder, holds, alive_s, deadline = ARGV[12], ARGV[13], tonumber(ARGV[14]), ARGV[15]
-local FIRST_FIELD = 16
+-- When the job is next expected to move (epoch s): now, or when a countdown is due.
+local expected = ARGV[16]
+local FIRST_FIELD = 17
 
 if lease == 'release' then redis.call('DEL', lease_key) end
 local cur = redis.call('HGET', job, 'status')
@@ -160,14 +162,15 @@ if holds ~= '' then
 else
   redis.call('HDEL', job, 'held_by', 'held_since')
 end
--- Jobs not yet settled, by when they last moved: the watchdog's index (see ``stalled``).
+-- Jobs not yet settled, by when they are next expected to move: the watchdog's index (see
+-- ``stalled``).
 -- A parked job waits on purpose; an ended one stays until its result callback settles.
 -- The decision deadlines' index moves with the job, in this same script.
 if status == 'awaiting_decision' then
   redis.call('ZREM', active, job_id)
   if cur ~= 'awaiting_decision' then redis.call('ZADD', awaiting, deadline, job_id) end
 else
-  redis.call('ZADD', active, now, job_id)
+  redis.call('ZADD', active, expected, job_id)
   if cur == 'awaiting_decision' then redis.call('ZREM', awaiting, job_id) end
 end
 if entry ~= '' then redis.call('RPUSH', timeline, entry) end
@@ -370,9 +373,18 @@ class JobStore:
             raise JobNotFound(job_id)
         return _record({_s(k): _s(v) for k, v in raw.items()}, timeline, callbacks)
 
+    async def holder_alive(self, worker_id: str) -> bool:
+        """Whether the worker process ``worker_id`` beat within its lease (by Redis's clock)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zscore(WORKERS, worker_id)
+            pipe.time()
+            beat, (now, _) = await pipe.execute()
+        return beat is not None and float(beat) >= now - self._alive_s
+
     async def stalled(self, *, quiet_for_s: float, limit: int = 500) -> list[str]:
-        """Claim the jobs mid-chain that have not moved for ``quiet_for_s`` (their message is
-        lost): each one's quiet time restarts, so a concurrent sweep does not pick it too."""
+        """Claim the jobs mid-chain that were expected to move ``quiet_for_s`` ago and did not
+        (their message may be lost): each one's quiet time restarts, so a concurrent sweep
+        does not pick it too."""
         now = utcnow().timestamp()
         raw = await self._claim_stalled(keys=[ACTIVE], args=[now - quiet_for_s, now, limit])
         return [_s(r) for r in raw]
@@ -517,10 +529,12 @@ class JobStore:
         entry: TimelineEntry,
         *,
         expect: frozenset[Status] | None = None,
+        due_in_s: float = 0.0,
         **fields: Any,
     ) -> Transition:
         """Append a timeline entry (and set fields) without moving the job, only while it is
-        in ``expect`` (any status when ``expect`` is None)."""
+        in ``expect`` (any status when ``expect`` is None). ``due_in_s``: the job's next step
+        waits this long on purpose (a countdown): the watchdog leaves it alone until then."""
         result, previous, _, _ = await self._run(
             job_id,
             to="",
@@ -529,6 +543,7 @@ class JobStore:
             release="",
             ttl=0,
             fields=fields,
+            due_in_s=due_in_s,
         )
         return Transition(applied=result == "ok", previous=previous)
 
@@ -574,6 +589,7 @@ class JobStore:
         dead_letter: DeadLetter | None = None,
         holds: str = "",
         deadline: float | None = None,
+        due_in_s: float = 0.0,
     ) -> tuple[str, Status, int, JobRecord | None]:
         key = job_key(job_id)
         flat: list[str] = []
@@ -612,6 +628,7 @@ class JobStore:
                 {"": "", "yes": "1", "sole": "2"}[holds],
                 self._alive_s,
                 deadline if deadline is not None else now.timestamp(),
+                now.timestamp() + due_in_s,
                 *flat,
             ],
         )

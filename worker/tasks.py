@@ -6,6 +6,7 @@ sends the next step, or retries, or gives the message back."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 import traceback
@@ -443,10 +444,42 @@ def resume_stalled(self: Task) -> dict[str, int]:
     """Re-send the pending step of jobs that stopped moving mid-chain."""
     rt = _runtime()
     limits = rt.settings.limits()
-    # Longer than any legitimate silence: a countdown, a run, and a redelivery.
-    quiet_for_s = limits.max_countdown_s + limits.task_time_limit_s + limits.visibility_timeout_s
-    found = pool.run_limited(rt, steps.resume_stalled(rt.deps, quiet_for_s=quiet_for_s))
+    found = pool.run_limited(
+        rt,
+        steps.resume_stalled(
+            rt.deps,
+            quiet_for_s=rt.settings.worker.stalled_after_s,
+            oldest_waiting=oldest_waiting(app),
+            # Longer than any legitimate silence: a countdown, a run, and a redelivery.
+            give_up_waiting_s=(
+                limits.max_countdown_s + limits.task_time_limit_s + limits.visibility_timeout_s
+            ),
+        ),
+    )
     for nxt in found:
         assert nxt.step is not None
         send_step(app, nxt.step, nxt.args[0], nxt.provider, *nxt.args[1:])
     return {"resent": len(found)}
+
+
+def oldest_waiting(celery_app: Any) -> dict[str, float]:
+    """Per queue, when its oldest waiting message was sent (``send_step``'s ``sent_at``
+    header): ``inf`` when the queue is empty, 0 when unknown (not ours, or unreadable)."""
+    names = [q.name for q in celery_app.conf.task_queues]
+    with celery_app.connection_for_read() as conn:
+        client = conn.default_channel.client
+        with client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.lindex(name, -1)  # kombu pushes on the left and pops on the right
+            heads = pipe.execute()
+    return {name: _sent_at(head) for name, head in zip(names, heads, strict=True)}
+
+
+def _sent_at(head: bytes | None) -> float:
+    if head is None:
+        return float("inf")
+    try:
+        sent = json.loads(head)["headers"]["sent_at"]
+        return float(sent) if isinstance(sent, int | float) else 0.0
+    except (ValueError, TypeError, KeyError):
+        return 0.0

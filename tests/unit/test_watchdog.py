@@ -1,0 +1,92 @@
+"""The watchdog: a job whose message was lost is re-sent once its queue has moved past it,
+never while its message may still be waiting or a live process holds its step."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+
+import fakeredis
+
+from cancelflow import steps
+from cancelflow.contract import CancellationRequest, Status, Step, TimelineEntry
+from cancelflow.settings import Settings
+from cancelflow.store import WORKERS
+from cancelflow.wiring import build_deps
+
+QUEUE = "cancellations.payway"
+
+
+async def queued_job(deps: steps.Deps, n: int = 0) -> tuple[str, float]:
+    """A queued job whose first step was sent, and when it last moved (epoch s)."""
+    job = (
+        await deps.store.create(
+            CancellationRequest(provider="payway", subscription={"account_id": f"{n:024x}"}),
+            identity=f"sub-{n}",
+        )
+    ).job
+    await deps.store.mark_dispatched(job.id)
+    return job.id, datetime.fromisoformat(job.updated_at).timestamp()
+
+
+async def sweep(deps: steps.Deps, oldest: float) -> list[str]:
+    await asyncio.sleep(0.05)
+    found = await steps.resume_stalled(deps, quiet_for_s=0.01, oldest_waiting={QUEUE: oldest})
+    return [n.args[0] for n in found]
+
+
+def test_a_lost_message_is_resent_once_the_queue_moved_past_it() -> None:
+    async def go() -> None:
+        deps = build_deps(Settings(), redis=fakeredis.FakeAsyncRedis())
+        job_id, moved = await queued_job(deps)
+        # The oldest message waiting was sent before the job: its own may be behind it.
+        assert await sweep(deps, oldest=moved - 30) == []
+        # Only messages sent well after the job wait: its own was taken and lost.
+        assert await sweep(deps, oldest=moved + 30) == [job_id]
+        job = await deps.store.get(job_id)
+        assert job.timeline[-1].event == "resent"
+        assert job.timeline[-1].details["step"] == Step.ELIGIBILITY.value
+
+    asyncio.run(go())
+
+
+def test_an_empty_queue_means_the_message_is_gone() -> None:
+    async def go() -> None:
+        deps = build_deps(Settings(), redis=fakeredis.FakeAsyncRedis())
+        job_id, _ = await queued_job(deps)
+        assert await sweep(deps, oldest=float("inf")) == [job_id]
+
+    asyncio.run(go())
+
+
+def test_a_step_held_by_a_live_process_is_left_alone_a_dead_ones_is_not() -> None:
+    async def go() -> None:
+        redis = fakeredis.FakeAsyncRedis()
+        deps = build_deps(Settings(), redis=redis, holder="w1")
+        job_id, _ = await queued_job(deps)
+        now = (await redis.time())[0]
+        await redis.zadd(WORKERS, {"w1": now})
+        began = await deps.store.begin(
+            job_id,
+            to=Status.CHECKING,
+            allowed=frozenset({Status.QUEUED}),
+            entry=TimelineEntry(at="2026-01-01T00:00:00Z", step="eligibility", event="started"),
+        )
+        assert began.job.held_by == "w1"
+        assert await sweep(deps, oldest=float("inf")) == []
+        await redis.zadd(WORKERS, {"w1": now - 60})  # w1 stopped beating
+        assert await sweep(deps, oldest=float("inf")) == [job_id]
+
+    asyncio.run(go())
+
+
+def test_a_countdown_is_not_a_stall() -> None:
+    async def go() -> None:
+        deps = build_deps(Settings(), redis=fakeredis.FakeAsyncRedis())
+        job_id, _ = await queued_job(deps)
+        await steps.note_retry(
+            deps, job_id, step=Step.ELIGIBILITY, attempt=0, error={"type": "X"}, delay_s=60
+        )
+        assert await sweep(deps, oldest=float("inf")) == []
+
+    asyncio.run(go())
