@@ -112,6 +112,12 @@ def _entry(step: Step | str, event: str, attempt: int, **kw: Any) -> TimelineEnt
     return TimelineEntry(at=isoformat(utcnow()), step=str(step), event=event, attempt=attempt, **kw)
 
 
+def _started(deps: Deps, step: Step, attempt: int) -> TimelineEntry:
+    # Which process ran each attempt: what a crash interrupted, read off the timeline.
+    holder = deps.store.holder
+    return _entry(step, "started", attempt, details={"worker": holder} if holder else {})
+
+
 async def _load(deps: Deps, job_id: str) -> JobRecord:
     return _bind(await deps.store.get(job_id))
 
@@ -136,7 +142,7 @@ async def eligibility(deps: Deps, job_id: str, *, attempt: int = 0) -> Next:
         job_id,
         to=Status.CHECKING,
         allowed=TRANSITIONS[Status.CHECKING],
-        entry=_entry(Step.ELIGIBILITY, "started", attempt),
+        entry=_started(deps, Step.ELIGIBILITY, attempt),
     )
     job = _bind(began.job)
     if not began.applied:
@@ -364,7 +370,7 @@ async def confirm(deps: Deps, job_id: str, *, attempt: int = 0, lease_s: float) 
             job_id,
             to=None,
             allowed=frozenset({Status.CONFIRMING}),
-            entry=_entry(Step.CONFIRM, "started", attempt),
+            entry=_started(deps, Step.CONFIRM, attempt),
             lease=(lease, lease_s),
             # A lease under this process's name that no confirm of ours holds was left by
             # one that could not delete it (Redis away): taken again now, not after lease_s.

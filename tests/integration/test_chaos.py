@@ -28,8 +28,10 @@ from typing import Any
 import pytest
 import redis
 
+from cancelflow.messaging import create_celery
+from cancelflow.settings import Settings
 from producers.local import cancelflow_command, free_port, http_json
-from tests.conftest import StartSystem, wait_for_workers
+from tests.conftest import StartSystem
 from tests.integration.test_crash_safety import recovery_s
 from tests.support import System
 
@@ -78,36 +80,48 @@ def set_faults(system: System, faults: dict[str, Any]) -> None:
 
 
 class Chaos(threading.Thread):
-    """For ``CHAOS_S``: kills a random worker every 3 to 8 s and starts a fresh one; bursts
-    of 429 after each kill."""
+    """For ``CHAOS_S``: every 3 to 8 s, SIGKILLs a random worker among those consuming and
+    starts a fresh one (never the last consuming one: a run with no worker at all would
+    measure start-up, not recovery); a burst of 429 after each kill."""
 
-    def __init__(self, system: System, workers: list[str]) -> None:
+    def __init__(self, system: System, workers: dict[str, str]) -> None:
         super().__init__(daemon=True)
-        self.system, self.workers = system, workers
+        self.system, self.workers = system, workers  # name -> Celery hostname
         self.stop_event = threading.Event()
-        self.kills: list[float] = []
+        self.kills: list[tuple[float, int | None]] = []  # (when, pid)
         self.bursts = 0
         self.rng = random.Random(7)
+        self.app = create_celery(Settings(redis_url=system.redis_url))
+
+    def consuming(self) -> list[str]:
+        try:
+            replies = self.app.control.ping(destination=list(self.workers.values()), timeout=1)
+        except (redis.RedisError, OSError):
+            return []
+        up = {host for reply in replies for host in reply}
+        return [name for name, host in self.workers.items() if host in up]
 
     def run(self) -> None:
         n = 0
         ends = time.monotonic() + CHAOS_S
         while not self.stop_event.wait(self.rng.uniform(3, 8)) and time.monotonic() < ends:
-            victim = self.rng.choice(self.workers)
+            ready = self.consuming()
+            if len(ready) < 2:
+                continue
+            victim = self.rng.choice(ready)
+            pid = self.system.procs.procs[victim].pid
             self.system.procs.kill(victim)
-            self.kills.append(time.time())
+            self.kills.append((time.time(), pid))
+            del self.workers[victim]
             n += 1
             name = f"chaos-{n}"
-            hostname = f"{name}-{free_port()}@{socket.gethostname()}"
-            self.system.procs.start(name, cancelflow_command("worker", "-n", hostname))
-            self.workers[self.workers.index(victim)] = name
-            # The next kill only once the replacement consumes: on a loaded machine a worker
-            # killed while starting would make the run measure start-up, not recovery.
-            wait_for_workers(self.system.redis_url, [hostname], timeout_s=120)
+            self.workers[name] = f"{name}-{free_port()}@{socket.gethostname()}"
+            self.system.procs.start(name, cancelflow_command("worker", "-n", self.workers[name]))
             self.bursts += 1
             set_faults(self.system, BURST)
             self.stop_event.wait(1.5)
             set_faults(self.system, FAULTS)
+        self.app.close()
 
 
 def statuses(client: redis.Redis, jobs: list[str]) -> list[bytes | None]:
@@ -130,7 +144,7 @@ def wait_final(client: redis.Redis, jobs: list[str], *, deadline: float) -> list
 def test_chaos(start_system: StartSystem) -> None:
     system = start_system(
         isolated=True,
-        workers=2,
+        workers=3,
         concurrency=100,  # the default
         beat=True,
         CANCELFLOW_API__RATE_LIMIT_PER_S="100000",
@@ -155,7 +169,13 @@ def test_chaos(start_system: StartSystem) -> None:
     subscriptions = subscriptions[:JOBS]
 
     set_faults(system, FAULTS)
-    chaos = Chaos(system, ["worker", "worker1"])
+    chaos = Chaos(
+        system,
+        {
+            name: f"{name}-{system.api_url.rsplit(':', 1)[1]}@{socket.gethostname()}"
+            for name in ("worker", "worker1", "worker2")
+        },
+    )
     chaos.start()
     started = time.monotonic()
     jobs = []
@@ -240,7 +260,7 @@ def test_chaos(start_system: StartSystem) -> None:
         outcomes
     )
     assert effective[1] == JOBS
-    assert len(chaos.kills) >= 5 and chaos.bursts >= 1
+    assert len(chaos.kills) >= 5 and chaos.bursts >= 1, chaos.kills
     assert all(f.get("lost_answer") for f in faults.values()), faults
     assert all(f.get("hang") and f.get("error") for f in faults.values()), faults
     # Every step a kill interrupted moved again within a minute, on another worker.

@@ -84,10 +84,13 @@ def assert_cancelled_once(
     return done
 
 
-def recovery_s(jobs: list[dict[str, Any]], crashes: list[float]) -> list[float]:
-    """For each step a crash interrupted (it started, a crash came, and the job's next entry
-    is that step starting again), the seconds from the first crash after its start to its
-    new start."""
+Crash = tuple[float, int | None]  # when, and the pid of the worker killed (None: Redis)
+
+
+def recovery_s(jobs: list[dict[str, Any]], crashes: list[Crash]) -> list[float]:
+    """For each step a crash interrupted (it started, the process running it was killed, or
+    Redis crashed, and the job's next entry is that step starting again), the seconds from
+    that crash to the step's new start."""
     out = []
     for job in jobs:
         entries = [(datetime.fromisoformat(e["at"]).timestamp(), e) for e in job["timeline"]]
@@ -96,7 +99,16 @@ def recovery_s(jobs: list[dict[str, Any]], crashes: list[float]) -> list[float]:
                 continue
             if first["step"] != second["step"]:
                 continue
-            crash = next((c for c in sorted(crashes) if began < c < again), None)
+            worker = (first.get("details") or {}).get("worker") or ""
+            pid = int(worker.split(":")[1]) if worker.count(":") == 2 else None
+            crash = next(
+                (
+                    at
+                    for at, killed in sorted(crashes)
+                    if began < at < again and killed in (None, pid)
+                ),
+                None,
+            )
             if crash is not None:
                 out.append(again - crash)
     return out
@@ -113,13 +125,14 @@ def test_sigkill_mid_step_resumes_within_a_lease_at_the_default_settings(
     try:
         jobs = payway_jobs(system, 24)
         time.sleep(1.5)  # steps are in flight, some provider calls half done
+        pid = system.procs.procs["worker"].pid
         system.procs.kill("worker")
         killed_at = time.time()
         start_worker(system, "worker-after-kill")
         done = assert_cancelled_once(system, jobs)
     finally:
         system.sandbox.faults("payway")
-    waits = recovery_s(done, [killed_at])
+    waits = recovery_s(done, [(killed_at, pid)])
     print(
         f"RECOVERY after SIGKILL: {len(waits)} steps interrupted, "
         f"median {statistics.median(waits):.1f}s, max {max(waits):.1f}s"
@@ -235,7 +248,7 @@ def test_redis_crash_with_aof_loses_no_queued_or_running_job(
         done = assert_cancelled_once(system, queued + running)
     finally:
         system.sandbox.faults("payway")
-    waits = recovery_s(done, [crashed_at])
+    waits = recovery_s(done, [(crashed_at, None)])
     if waits:
         print(
             f"RECOVERY after a Redis crash (down 1 s): {len(waits)} steps interrupted, "
