@@ -125,7 +125,7 @@ class StepRequest(Request):  # type: ignore[misc]  # Celery is untyped
     - ``runtime``: the tracer times only the task's body, which settles an outcome in a
       millisecond; the step's work ran before it, on the loop (``worker.pool``). The runtime
       sent is from the pool's start of the step (``on_accepted``'s time, ``time_start``,
-      on ``time.monotonic``) to its end.
+      which Celery keeps as an epoch time) to its end.
     - a success after retries clears the retried run's ``exception`` and ``traceback``:
       an event's fields replace the task's in Flower (``celery.events.state.Task.event``),
       and a success brings neither, so the last retry's error stayed next to it.
@@ -135,7 +135,7 @@ class StepRequest(Request):  # type: ignore[misc]  # Celery is untyped
         if type == "task-succeeded":
             started = self.time_start
             if started is not None:
-                fields["runtime"] = time.monotonic() - started
+                fields["runtime"] = time.time() - started
             if self.request_dict.get("retries"):
                 fields.update(exception=None, traceback=None)
         super().send_event(type, **fields)

@@ -246,13 +246,17 @@ def test_a_retried_step_shows_its_retry_then_a_clean_success(
         waiting = _task_of(flower, job_id, STEP_ELIGIBILITY, lambda t: bool(t.get("retried")))
     finally:
         system.sandbox.faults("payway")
-    assert waiting["state"] == "RETRY", waiting
+    # Flower records the retry and why. Its state then moves on at once: the countdown's
+    # message is sent and received (task-sent, task-received), and Celery's event state
+    # lets any event replace RETRY (celery.events.state.Task.event).
+    assert waiting["state"] in {"RETRY", "PENDING", "RECEIVED"}, waiting
     assert "ProviderRateLimited" in waiting["exception"], waiting
+    assert waiting["traceback"], waiting
     job = system.wait(job_id)
     assert job["outcome"]["type"] == "cancelled", job
 
     done = _task_of(flower, job_id, STEP_ELIGIBILITY, lambda t: t["state"] == "SUCCESS")
-    assert done["retries"] >= 1, done
+    assert done["retried"], done
     # The retry's error is not shown next to the success.
     assert done["exception"] is None and done["traceback"] is None, done
 
@@ -281,22 +285,28 @@ def test_flowers_pool_controls_change_how_many_steps_run_at_once(
     observed: tuple[System, Flower],
 ) -> None:
     _, flower = observed
-    assert _pool(flower) == (4, 4)
+    # The prefetch is the concurrency, plus one for each retry waiting on its countdown.
+    concurrency, prefetch = _pool(flower)
+    assert concurrency == 4 and prefetch >= 4
+
+    def pool_is(expected: tuple[int, int]) -> Callable[[], bool]:
+        return lambda: _pool(flower) == expected
+
     status, body = flower.request("POST", f"/api/worker/pool/grow/{flower.worker}", n="3")
     assert status == 200, body
-    wait_until(lambda: _pool(flower) == (7, 7), timeout_s=10, what="the pool to grow")
+    wait_until(pool_is((7, prefetch + 3)), timeout_s=10, what="the pool to grow")
     status, body = flower.request("POST", f"/api/worker/pool/shrink/{flower.worker}", n="2")
     assert status == 200, body
-    wait_until(lambda: _pool(flower) == (5, 5), timeout_s=10, what="the pool to shrink")
+    wait_until(pool_is((5, prefetch + 1)), timeout_s=10, what="the pool to shrink")
 
     # Not below one step at once: refused, with why.
     status, body = flower.request("POST", f"/api/worker/pool/shrink/{flower.worker}", n="5")
     assert status == 403, body
     assert "must keep at least one" in body, body
-    assert _pool(flower) == (5, 5)
+    assert _pool(flower) == (5, prefetch + 1)
     status, body = flower.request("POST", f"/api/worker/pool/shrink/{flower.worker}", n="1")
     assert status == 200, body
-    wait_until(lambda: _pool(flower) == (4, 4), timeout_s=10, what="the pool to shrink back")
+    wait_until(pool_is((4, prefetch)), timeout_s=10, what="the pool to shrink back")
 
 
 def test_flowers_broker_page_lists_every_queue_with_its_length(
