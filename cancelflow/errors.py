@@ -108,3 +108,17 @@ class CircuitOpen(ProviderError):
     """The provider's circuit breaker is open: leave the job queued and try after the cool-down."""
 
     retryable = True
+
+
+class JobDeadLettered(CancelflowError):
+    """A step ended in the dead-letter store (``dead_letter_id``; ``error_type``: why): the
+    step's Celery task fails with it, so monitoring (Flower) shows a failure, not a success.
+    The job is safe in the store: its message is acknowledged, never delivered again."""
+
+    def __init__(self, dead_letter_id: str, error_type: str) -> None:
+        super().__init__(dead_letter_id, error_type)
+        self.dead_letter_id = dead_letter_id
+        self.error_type = error_type
+
+    def __str__(self) -> str:
+        return f"dead-lettered as {self.dead_letter_id} ({self.error_type})"

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import tempfile
+import urllib.parse
 from typing import Any
 
 import structlog
 from celery import signals
+from kombu.connection import Connection
 
 from cancelflow.logging import configure_logging
-from cancelflow.messaging import create_celery, flush_sent_events
+from cancelflow.messaging import TRANSPORT, create_celery, flush_sent_events
 from cancelflow.settings import load_settings
 from worker import leases
 
@@ -25,6 +27,16 @@ app.conf.broker_transport_options = {
 app.conf.include = ["worker.tasks"]
 app.conf.worker_consumer = "worker.consumer:Consumer"
 app.conf.broker_transport = "worker.transport:Transport"
+# Both our transports are kombu's Redis transport: name them by the broker URL's scheme where
+# a connection is shown as a URL (Celery's banner; Flower's Broker page, which picks its
+# client by that URL's scheme, flower/utils/broker.py, and said "'redis' broker is not
+# supported" for "worker.transport:Transport://..."). Only the shown URL changes: kombu's
+# Connection.clone and every connection made use the class itself (_info(resolve=False)).
+Connection.resolve_aliases.update(
+    dict.fromkeys(
+        (app.conf.broker_transport, TRANSPORT), urllib.parse.urlsplit(settings.redis_url).scheme
+    )
+)
 # Steps run on the runtime's event loop, other tasks in threads (see worker.pool).
 app.conf.worker_pool = "worker.pool:TaskPool"
 # Interval schedules only: the state file is a scratch file, one per process.

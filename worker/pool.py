@@ -10,7 +10,9 @@ as it would in a thread. Only those last Redis writes block the loop, each one r
 Tasks without a coroutine half (the maintenance sweeps) run in threads as before.
 
 How many steps run at once is the consumer's prefetch (``--concurrency`` x
-``worker_prefetch_multiplier``), as with threads.
+``worker_prefetch_multiplier``), as with threads. ``grow`` and ``shrink`` (Celery's
+``pool_grow`` / ``pool_shrink`` control commands, Flower's pool buttons) change the pool's
+concurrency, from which Celery's command then moves the prefetch by as many steps.
 
 Time limits (Celery's ``task_soft_time_limit`` / ``task_time_limit`` or a task's own, given
 to ``on_apply`` as ``soft_timeout`` / ``timeout``; Celery's own pools apply them, its threads
@@ -237,6 +239,24 @@ class TaskPool(ThreadsPool):  # type: ignore[misc]  # Celery is untyped
             loop = self.loop()
             loop.call_soon_threadsafe(loop.call_later, hard, at_hard_limit)
         return ApplyResult(future)
+
+    def grow(self, n: int = 1) -> None:
+        """Run ``n`` more steps at once: Celery's ``pool_grow`` command raises the consumer's
+        prefetch right after, from ``num_processes`` (``Consumer._update_prefetch_count``).
+        The maintenance tasks' threads stay as many (they are few and short)."""
+        if n < 1:
+            raise ValueError(f"cannot grow the pool by {n}: give a positive number of steps")
+        self.limit += n
+
+    def shrink(self, n: int = 1) -> None:
+        """Run ``n`` fewer steps at once (the prefetch follows, as for ``grow``); steps
+        already taken run to their end. Refused below one step at once."""
+        if n < 1 or n >= self.limit:
+            raise ValueError(
+                f"cannot shrink the pool by {n}: it runs {self.limit} step(s) at once, "
+                "and must keep at least one"
+            )
+        self.limit -= n
 
     def on_stop(self) -> None:
         # A warm shutdown lets the steps under way end (and be acknowledged) first.

@@ -20,13 +20,15 @@ import redis.exceptions
 import structlog
 from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
+from celery.worker.request import Request
 
 from cancelflow import metrics, steps
 from cancelflow.callbacks import CallbackRetryable
 from cancelflow.contract import JOB_ID_RE, Step, isoformat, utcnow
-from cancelflow.dead_letters import DeadLetter
+from cancelflow.dead_letters import DeadLetter, DeadLetterFilter, Kind
 from cancelflow.errors import (
     CircuitOpen,
+    JobDeadLettered,
     JobNotFound,
     LeaseLost,
     ProviderAuthError,
@@ -103,7 +105,8 @@ class Delivery:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a step's run leaves for Celery to do: send the next step, retry, or requeue."""
+    """What a step's run leaves for Celery to do: send the next step, retry, or requeue;
+    ``dead_lettered``: the step ended in the dead-letter store, its task fails with it."""
 
     summary: str  # the task's result: short, Celery writes its repr into task events
     job_id: str = ""
@@ -111,9 +114,39 @@ class Outcome:
     retry_in_s: float | None = None
     cause: BaseException | None = None
     requeue: bool = False
+    dead_lettered: JobDeadLettered | None = None
+
+
+class StepRequest(Request):  # type: ignore[misc]  # Celery is untyped
+    """Celery's request of a step, with the task events Flower reads made true to the step.
+
+    The only override of Celery's worker internals for monitoring (``Request.send_event``,
+    Celery 5.x), so every adjustment of a step's events is here:
+
+    - ``runtime``: the tracer times only the task's body, which settles an outcome in a
+      millisecond; the step's work ran before it, on the loop (``worker.pool``). The runtime
+      sent is from the pool's start of the step (``on_accepted``'s time, ``time_start``,
+      which Celery keeps as an epoch time) to its end.
+    - a success after retries clears the retried run's ``exception`` and ``traceback``:
+      an event's fields replace the task's in Flower (``celery.events.state.Task.event``),
+      and a success brings neither, so the last retry's error stayed next to it.
+    """
+
+    def send_event(self, type: str, **fields: Any) -> None:
+        if type == "task-succeeded":
+            started = self.time_start
+            if started is not None:
+                fields["runtime"] = time.time() - started
+            if self.request_dict.get("retries"):
+                fields.update(exception=None, traceback=None)
+        super().send_event(type, **fields)
 
 
 class StepTask(Task):  # type: ignore[misc]
+    Request = StepRequest
+    # A dead-lettered step is an expected failure: Celery logs it in one line, no traceback
+    # (the dead letter has it).
+    throws = (JobDeadLettered,)
     acks_late = True
     reject_on_worker_lost = True
     ignore_result = True
@@ -172,8 +205,7 @@ async def _execute(step: Step, delivery: Delivery) -> Outcome:
     try:
         job_id, extra = _parse(step, delivery.args, delivery.kwargs)
     except Poison as exc:
-        await _dead_letter_poison(rt, delivery, exc)
-        return Outcome("dead-lettered: poison")
+        return await _dead_letter_poison(rt, delivery, exc)
     structlog.contextvars.bind_contextvars(job_id=job_id)
     try:
         # Past the soft limit the step is cancelled, with time left before the hard limit
@@ -181,8 +213,7 @@ async def _execute(step: Step, delivery: Delivery) -> Outcome:
         async with pool.soft_time_limit():
             nxt = await call(rt.deps, job_id, *extra, attempt=delivery.retries)
     except JobNotFound as exc:
-        await _dead_letter_poison(rt, delivery, exc)
-        return Outcome("dead-lettered: poison")
+        return await _dead_letter_poison(rt, delivery, exc)
     except SoftTimeLimitExceeded as exc:
         error = ProviderTimeout("step ran past its soft time limit", provider="")
         return await _retry_or_give_up(rt, step, job_id, error, exc, extra)
@@ -192,16 +223,18 @@ async def _execute(step: Step, delivery: Delivery) -> Outcome:
         delay = min(exc.retry_after + random.uniform(0, 0.5), rt.settings.limits().max_countdown_s)
         return Outcome(f"{job_id} busy", retry_in_s=delay, cause=exc)
     except steps.CallbackGiveUp as exc:
+        since = utcnow()
         await steps.dead_letter_callback(
             rt.deps, job_id, extra[0], error=str(exc), traceback=traceback.format_exc()
         )
-        return Outcome(f"{job_id} dead-lettered: callback")
+        dead = await _dead_lettered(rt, job_id, "callback", since, type(exc).__name__)
+        return Outcome(f"{job_id} dead-lettered: callback", dead_lettered=dead)
     except INFRASTRUCTURE_ERRORS:
         raise
     except Exception as exc:  # any surprise goes to the dead-letter store
         log.exception("step.unexpected_error")
-        nxt = await steps.dead_letter(
-            rt.deps,
+        return await _dead_letter_job(
+            rt,
             job_id,
             step=step,
             error_type=type(exc).__name__,
@@ -212,14 +245,48 @@ async def _execute(step: Step, delivery: Delivery) -> Outcome:
     return _then(job_id, nxt)
 
 
-def _then(job_id: str, nxt: steps.Next) -> Outcome:
+def _then(job_id: str, nxt: steps.Next, dead: JobDeadLettered | None = None) -> Outcome:
     if nxt.step is None:
-        return Outcome(f"{job_id} done")
-    return Outcome(f"{job_id} next: {nxt.step.value}", job_id=job_id, next=nxt)
+        return Outcome(f"{job_id} done", dead_lettered=dead)
+    return Outcome(f"{job_id} next: {nxt.step.value}", job_id=job_id, next=nxt, dead_lettered=dead)
+
+
+async def _dead_letter_job(
+    rt: Runtime, job_id: str, *, step: Step, error_type: str, **details: Any
+) -> Outcome:
+    """``steps.dead_letter``, and what the task does then: send the result callback and fail
+    with the dead letter's id (None if the job had moved on and was not dead-lettered)."""
+    since = utcnow()
+    nxt = await steps.dead_letter(rt.deps, job_id, step=step, error_type=error_type, **details)
+    dead = await _dead_lettered(rt, job_id, "job", since, error_type)
+    return _then(job_id, nxt, dead)
+
+
+async def _dead_lettered(
+    rt: Runtime, job_id: str, kind: Kind, since: datetime, error_type: str
+) -> JobDeadLettered | None:
+    """The dead letter of ``kind`` written for ``job_id`` since ``since`` (by this step: the
+    steps do not return its id), as the task's failure; None if it wrote none.
+
+    Read back on the dead-letter path only (two round trips: the entries indexed since, a
+    few milliseconds' worth, then their bodies); the happy path reads nothing.
+    """
+    found = await rt.deps.dead_letters.list(
+        DeadLetterFilter(kind=kind, newer_than=since), limit=1000
+    )
+    for dl in found:  # newest first
+        if dl.job_id == job_id:
+            return JobDeadLettered(dl.id, error_type)
+    return None
 
 
 def settle(task: Task, outcome: Outcome) -> str:
-    """Do with Celery what the step's run asked: send its next step, retry it, requeue it."""
+    """Do with Celery what the step's run asked: send its next step, retry it, requeue it;
+    a step that dead-lettered fails, after its next step (the result callback) was sent.
+
+    A failure is acknowledged: acks_late without ``acks_on_failure_or_timeout``, Celery
+    rejects the message without requeue (``Request.on_failure``), which kombu's Redis QoS
+    takes as removing it from the unacknowledged hash, once; nothing delivers it again."""
     if outcome.requeue:
         raise Reject(outcome.summary, requeue=True) from outcome.cause
     if outcome.retry_in_s is not None:
@@ -237,6 +304,8 @@ def settle(task: Task, outcome: Outcome) -> str:
                 error=f"{type(exc).__name__}: {exc}",
             )
             raise Reject(f"redis unreachable: {exc}", requeue=True) from exc
+    if outcome.dead_lettered is not None:
+        raise outcome.dead_lettered
     return outcome.summary
 
 
@@ -291,8 +360,8 @@ async def _retry_or_give_up(
             metrics.retry_scheduled(job.provider, details["type"])
             return Outcome(f"{job_id} retrying", retry_in_s=delay, cause=cause)
         reason = f"{why_not}; last error: {details.get('message')}"
-        nxt = await steps.dead_letter(
-            rt.deps,
+        return await _dead_letter_job(
+            rt,
             job_id,
             step=step,
             error_type=details["type"],
@@ -302,8 +371,8 @@ async def _retry_or_give_up(
         )
     elif isinstance(error, ProviderAuthError):
         # Credentials are an operator's to fix; the job can be replayed after.
-        nxt = await steps.dead_letter(
-            rt.deps,
+        return await _dead_letter_job(
+            rt,
             job_id,
             step=step,
             error_type=details["type"],
@@ -331,7 +400,7 @@ def _format(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc))
 
 
-async def _dead_letter_poison(rt: Runtime, delivery: Delivery, exc: Exception) -> None:
+async def _dead_letter_poison(rt: Runtime, delivery: Delivery, exc: Exception) -> Outcome:
     dl = DeadLetter(
         kind="poison",
         step=delivery.task_name,
@@ -348,6 +417,9 @@ async def _dead_letter_poison(rt: Runtime, delivery: Delivery, exc: Exception) -
     await rt.deps.dead_letters.add(dl)
     log.error(
         "message.dead_lettered", task=delivery.task_name, error=str(exc), dead_letter_id=dl.id
+    )
+    return Outcome(
+        "dead-lettered: poison", dead_lettered=JobDeadLettered(dl.id, type(exc).__name__)
     )
 
 

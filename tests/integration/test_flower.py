@@ -6,17 +6,21 @@ from __future__ import annotations
 import base64
 import socket
 import sys
+import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
-from cancelflow.contract import STEP_TASKS, Step
+from cancelflow.contract import STEP_TASKS, Step, provider_queue
 from producers.local import ProcessGroup, free_port, http_json, wait_until
 from sandboxes.payway import DEMO
+from tests.conftest import StartSystem
 from tests.support import System
 
 pytestmark = pytest.mark.integration
@@ -27,11 +31,15 @@ USER, PASSWORD = "operator", "flower-test"
 @dataclass
 class Flower:
     url: str
+    worker: str  # the system's (first) worker's name
 
-    def get(self, path: str, **query: str) -> Any:
+    def request(self, method: str, path: str, **query: str) -> tuple[int, Any]:
         auth = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
         url = f"{self.url}{path}?{urllib.parse.urlencode(query)}"
-        status, body = http_json("GET", url, headers={"Authorization": f"Basic {auth}"})
+        return http_json(method, url, headers={"Authorization": f"Basic {auth}"})
+
+    def get(self, path: str, **query: str) -> Any:
+        status, body = self.request("GET", path, **query)
         assert status == 200, body
         return body
 
@@ -47,9 +55,15 @@ class Flower:
 @pytest.fixture(scope="module")
 def flower(system: System, log_dir: Path) -> Iterator[Flower]:
     """``celery -A worker.app flower`` on the system's broker, as `make flower` runs it."""
+    with run_flower(system, log_dir / "flower") as found:
+        yield found
+
+
+@contextmanager
+def run_flower(system: System, log_dir: Path) -> Iterator[Flower]:
     port = free_port()
     procs = ProcessGroup(
-        env={**system.env, "FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}"}, log_dir=log_dir / "flower"
+        env={**system.env, "FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}"}, log_dir=log_dir
     )
     procs.start(
         "flower",
@@ -66,9 +80,9 @@ def flower(system: System, log_dir: Path) -> Iterator[Flower]:
             f"--port={port}",
         ],
     )
-    flower = Flower(f"http://127.0.0.1:{port}")
     # The fixture names its worker worker-<API port>@<this host>.
     worker = f"worker-{urllib.parse.urlsplit(system.api_url).port}@{socket.gethostname()}"
+    flower = Flower(f"http://127.0.0.1:{port}", worker)
     try:
         wait_until(lambda: _answers(flower), timeout_s=30, what="flower")
         # Flower keeps only the events it receives: a job sent before it listens is not seen.
@@ -125,3 +139,207 @@ def test_a_jobs_tasks_are_found_in_flower_by_job_id(system: System, flower: Flow
             or task["name"] == STEP_TASKS[Step.CALLBACK]
         )
     system.sandbox.reset("payway")
+
+
+# --- Flower tells the truth: failures, retries, runtimes, pool controls, queues ----------------
+
+STEP_ELIGIBILITY = STEP_TASKS[Step.ELIGIBILITY]
+
+
+@pytest.fixture(scope="module")
+def observed(start_system: StartSystem, log_dir: Path) -> Iterator[tuple[System, Flower]]:
+    """A system of its own (its own Redis DB: its queues and unacknowledged messages are its
+    jobs' alone), where a step gives up after two attempts, watched by its own Flower."""
+    system = start_system(
+        isolated=True,
+        concurrency=4,
+        CANCELFLOW_PROVIDERS__PAYWAY__MAX_ATTEMPTS="2",
+    )
+    with run_flower(system, log_dir / "flower-observed") as flower:
+        yield system, flower
+
+
+def _subscriptions(system: System, count: int) -> list[dict[str, Any]]:
+    status, created = http_json(
+        "POST",
+        f"{system.sandbox.url}/payway/_sandbox/subscriptions",
+        {"count": count, "kind": "immediate"},
+    )
+    assert status == 200, created
+    return [{**ref, "cancellation_reason_id": DEMO.reason_id} for ref in created["references"]]
+
+
+def _enqueue(system: System) -> str:
+    (sub,) = _subscriptions(system, 1)
+    return str(system.enqueue({"provider": "payway", "subscription": sub})["id"])
+
+
+def _task_of(
+    flower: Flower, job_id: str, name: str, until: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """The job's task ``name`` as Flower shows it, once ``until`` holds for it."""
+    found: dict[str, Any] = {}
+
+    def seen() -> bool:
+        nonlocal found
+        tasks = [t for t in flower.tasks_of(job_id).values() if t["name"] == name]
+        found = tasks[0] if tasks else {}
+        return bool(tasks) and until(found)
+
+    wait_until(seen, timeout_s=30, what=f"flower's {name} of {job_id} (last seen: {found})")
+    return found
+
+
+def test_a_dead_lettered_step_fails_with_its_dead_letter_id_and_is_acknowledged(
+    observed: tuple[System, Flower],
+) -> None:
+    system, flower = observed
+    system.sandbox.faults("payway", error_rate=1.0)  # 503 to every call
+    try:
+        job_id = _enqueue(system)
+        job = system.wait(job_id)
+    finally:
+        system.sandbox.faults("payway")
+    assert job["status"] == "dead_lettered", job
+
+    task = _task_of(flower, job_id, STEP_ELIGIBILITY, lambda t: t["state"] == "FAILURE")
+    status, letters = system.get("/v1/dead-letters?provider=payway")
+    assert status == 200, letters
+    (letter,) = [dl for dl in letters["items"] if dl["job_id"] == job_id]
+    assert task["exception"] == f"JobDeadLettered('{letter['id']}', 'ProviderUnavailable')", task
+    # The result callback was sent before the step failed, and ran.
+    _task_of(flower, job_id, STEP_TASKS[Step.CALLBACK], lambda t: t["state"] == "SUCCESS")
+
+    # Acknowledged once, not requeued: no copy of the step's message is left anywhere in
+    # the broker (queues, any worker's unacknowledged hash), and it does not come back.
+    client = redis.Redis.from_url(system.redis_url)
+    try:
+
+        def broker_holds_it() -> bool:
+            held = [
+                raw
+                for key in client.scan_iter("unacked:*")
+                if client.type(key) == b"hash"
+                for raw in client.hvals(key)
+            ]
+            held += client.lrange(provider_queue("payway"), 0, -1)
+            return any(task["uuid"].encode() in raw for raw in held)
+
+        wait_until(lambda: not broker_holds_it(), timeout_s=5, what="the step's ack")
+        time.sleep(1.0)
+        assert not broker_holds_it()
+    finally:
+        client.close()
+    timeline = system.job(job_id)["timeline"]
+    assert [e["event"] for e in timeline].count("dead_lettered") == 1, timeline
+    assert flower.tasks_of(job_id)[task["uuid"]]["state"] == "FAILURE"
+
+
+def test_a_retried_step_shows_its_retry_then_a_clean_success(
+    observed: tuple[System, Flower],
+) -> None:
+    system, flower = observed
+    # Rate-limited with a Retry-After of 3 s: the step's retry waits at least that long.
+    system.sandbox.faults("payway", rate_limit_rate=1.0, retry_after_s=3)
+    try:
+        job_id = _enqueue(system)
+        waiting = _task_of(flower, job_id, STEP_ELIGIBILITY, lambda t: bool(t.get("retried")))
+    finally:
+        system.sandbox.faults("payway")
+    # Flower records the retry and why. Its state then moves on at once: the countdown's
+    # message is sent and received (task-sent, task-received), and Celery's event state
+    # lets any event replace RETRY (celery.events.state.Task.event).
+    assert waiting["state"] in {"RETRY", "PENDING", "RECEIVED"}, waiting
+    assert "ProviderRateLimited" in waiting["exception"], waiting
+    assert waiting["traceback"], waiting
+    job = system.wait(job_id)
+    assert job["outcome"]["type"] == "cancelled", job
+
+    done = _task_of(flower, job_id, STEP_ELIGIBILITY, lambda t: t["state"] == "SUCCESS")
+    assert done["retried"], done
+    # The retry's error is not shown next to the success.
+    assert done["exception"] is None and done["traceback"] is None, done
+
+
+def test_a_steps_runtime_includes_its_provider_calls(observed: tuple[System, Flower]) -> None:
+    system, flower = observed
+    system.sandbox.faults("payway", latency_ms=600)
+    try:
+        job_id = _enqueue(system)
+        job = system.wait(job_id)
+    finally:
+        system.sandbox.faults("payway")
+    assert job["outcome"]["type"] == "cancelled", job
+    for step in (Step.ELIGIBILITY, Step.CONFIRM):
+        task = _task_of(flower, job_id, STEP_TASKS[step], lambda t: t["state"] == "SUCCESS")
+        assert task["runtime"] >= 0.5, task
+
+
+def _pool(flower: Flower) -> tuple[int, int]:
+    """The worker's concurrency and its consumer's prefetch, as Flower reads them now."""
+    info = flower.get("/api/workers", refresh="1", workername=flower.worker)[flower.worker]
+    return info["stats"]["pool"]["max-concurrency"], info["stats"]["prefetch_count"]
+
+
+def test_flowers_pool_controls_change_how_many_steps_run_at_once(
+    observed: tuple[System, Flower],
+) -> None:
+    _, flower = observed
+    # The prefetch is the concurrency, plus one for each retry waiting on its countdown.
+    concurrency, prefetch = _pool(flower)
+    assert concurrency == 4 and prefetch >= 4
+
+    def pool_is(expected: tuple[int, int]) -> Callable[[], bool]:
+        return lambda: _pool(flower) == expected
+
+    status, body = flower.request("POST", f"/api/worker/pool/grow/{flower.worker}", n="3")
+    assert status == 200, body
+    wait_until(pool_is((7, prefetch + 3)), timeout_s=10, what="the pool to grow")
+    status, body = flower.request("POST", f"/api/worker/pool/shrink/{flower.worker}", n="2")
+    assert status == 200, body
+    wait_until(pool_is((5, prefetch + 1)), timeout_s=10, what="the pool to shrink")
+
+    # Not below one step at once: refused, with why.
+    status, body = flower.request("POST", f"/api/worker/pool/shrink/{flower.worker}", n="5")
+    assert status == 403, body
+    assert "must keep at least one" in body, body
+    assert _pool(flower) == (5, prefetch + 1)
+    status, body = flower.request("POST", f"/api/worker/pool/shrink/{flower.worker}", n="1")
+    assert status == 200, body
+    wait_until(pool_is((4, prefetch)), timeout_s=10, what="the pool to shrink back")
+
+
+def test_flowers_broker_page_lists_every_queue_with_its_length(
+    observed: tuple[System, Flower],
+) -> None:
+    system, flower = observed
+    queue = provider_queue("payway")
+    # Slow answers, and more jobs than the worker takes at once (4): the rest wait queued.
+    system.sandbox.faults("payway", latency_ms=1500)
+    lengths: dict[str, int] = {}
+    try:
+        jobs = [
+            system.enqueue({"provider": "payway", "subscription": sub})["id"]
+            for sub in _subscriptions(system, 10)
+        ]
+
+        def queued() -> bool:
+            nonlocal lengths
+            found = flower.get("/api/queues/length")["active_queues"]
+            lengths = {q["name"]: q["messages"] for q in found}
+            return lengths.get(queue, 0) > 0
+
+        wait_until(queued, timeout_s=10, what=f"flower to show {queue}'s messages ({lengths})")
+        status, page = flower.request("GET", "/broker")
+    finally:
+        system.sandbox.faults("payway")
+    assert lengths[queue] <= 10 - 4, lengths
+    # Every queue the worker consumes, each with its length.
+    assert {provider_queue(key) for key in system.env_providers()} | {
+        "callbacks",
+        "maintenance",
+    } <= set(lengths), lengths
+    assert status == 200, page
+    assert queue in page and "not supported" not in page, page
+    for job_id in jobs:
+        system.wait(job_id)
