@@ -191,7 +191,7 @@ class Command:
 
 
 # Programs from other images the files may run; their arguments are not ours to check.
-FOREIGN_PROGRAMS = frozenset({"redis-server", "redis-cli", "sleep"})
+FOREIGN_PROGRAMS = frozenset({"redis-server", "redis-cli", "sleep", "sh"})
 
 
 def resolve(argv: Sequence[str]) -> Command:
