@@ -44,8 +44,10 @@ bench: setup  ## Cancelflow against plain Celery chains: jobs/s, latency, worker
 	$(UV) sync --frozen --group bench --quiet
 	scripts/with-redis $(VENV)/bin/python -m bench
 
-flower: setup  ## Flower against the same broker (CANCELFLOW_REDIS_URL)
-	$(VENV)/bin/celery -A worker.app flower --address=127.0.0.1 --port=$${FLOWER_PORT:-5555}
+# Refuses to start without FLOWER_BASIC_AUTH=user:password (Flower's API can send any task and
+# shut workers down); `make flower FLOWER_ARGS=--no-auth` runs it open, on 127.0.0.1 only.
+flower: setup  ## Flower against the same broker (CANCELFLOW_REDIS_URL), behind basic auth
+	$(VENV)/bin/cancelflow flower --address=127.0.0.1 --port=$${FLOWER_PORT:-5555} $(FLOWER_ARGS)
 
 up:  ## the whole system in containers, providers played by the sandboxes (docker-compose.yml)
 	docker compose up -d --build

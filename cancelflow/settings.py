@@ -72,7 +72,10 @@ class WorkerSettings(BaseModel):
     # 0 turns them off. Two workers on one host (not in containers) need a port each: the
     # second finds the port taken, logs it and runs without metrics.
     metrics_port: int = Field(default=9808, ge=0, le=65535)
-    metrics_host: str = "0.0.0.0"  # noqa: S104 - scraped from outside the pod or container
+    # Loopback unless told otherwise: the endpoint has no token. Deployments that are scraped
+    # from outside the pod or container set CANCELFLOW_WORKER__METRICS_HOST=0.0.0.0 together
+    # with a network policy that lets only Prometheus in (deploy/k8s/base/network-policies.yaml).
+    metrics_host: str = "127.0.0.1"
 
 
 class CallbackSettings(BaseModel):

@@ -15,6 +15,7 @@ import click
 from cancelflow.errors import ConfigError
 from cancelflow.logging import configure_logging
 from cancelflow.settings import Settings, load_settings
+from producers.flower_cmd import flower
 
 T = TypeVar("T")
 
@@ -39,6 +40,9 @@ def _run(coro_fn: Callable[[], Any]) -> Any:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Cancel subscriptions at third-party providers, reliably."""
+
+
+main.add_command(flower)
 
 
 @main.command()

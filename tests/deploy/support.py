@@ -191,7 +191,7 @@ class Command:
 
 
 # Programs from other images the files may run; their arguments are not ours to check.
-FOREIGN_PROGRAMS = frozenset({"redis-server", "redis-cli", "sleep"})
+FOREIGN_PROGRAMS = frozenset({"redis-server", "redis-cli", "sleep", "sh"})
 
 
 def resolve(argv: Sequence[str]) -> Command:
@@ -245,6 +245,10 @@ def _check_celery_options(command: Command) -> None:
     from celery.bin.beat import beat
     from celery.bin.worker import worker
 
+    if command.path == ["cancelflow", "flower"]:
+        # `cancelflow flower` execs `celery -A worker.app flower` with the rest.
+        _check_flower_options(command.argv, command.extra)
+        return
     celery_command = {"worker": worker, "beat": beat}.get(command.path[-1])
     assert celery_command is not None, f"{command.argv}: unexpected arguments {command.extra}"
     try:
@@ -260,10 +264,14 @@ def _resolve_celery(argv: list[str]) -> Command:
     assert argv[1:4] in (["-A", "worker.app", "flower"], ["--app", "worker.app", "flower"]), (
         f"{argv}: expected `celery -A worker.app flower ...`"
     )
+    _check_flower_options(argv, argv[4:])
+    return Command(argv=argv, path=["celery", "flower"], extra=argv[4:])
+
+
+def _check_flower_options(argv: list[str], args: list[str]) -> None:
     from flower.options import options
 
-    for arg in argv[4:]:
+    for arg in args:
         assert arg.startswith("--"), f"{argv}: Flower options are --name=value, got {arg!r}"
         name = arg[2:].split("=", 1)[0].replace("-", "_")
         assert name in options, f"{argv}: Flower has no option --{name}"
-    return Command(argv=argv, path=["celery", "flower"], extra=argv[4:])

@@ -339,7 +339,10 @@ def configured_env() -> dict[str, dict[str, str]]:
         "example Secret": generator_literals(EXAMPLE, "Secret", "cancelflow-secrets"),
         **{
             f"{name} env": {
-                e["name"]: e.get("value", "") for c in spec["containers"] for e in c.get("env", [])
+                e["name"]: e.get("value", "")
+                for c in spec["containers"]
+                if is_cancelflow_image(c["image"])  # Redis' own (REDISCLI_AUTH) are not ours
+                for e in c.get("env", [])
             }
             for name, spec in pod_specs()
         },
