@@ -9,6 +9,7 @@ and the job count, read before and after each request.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import string
@@ -196,14 +197,23 @@ def test_a_string_over_the_limit_is_400(target: Target) -> None:
     assert "over 16384 characters" in answer.body["detail"]
 
 
+def old_cursor(value: Any) -> str:
+    """A cursor in the format the API used to hand out (base64 of a JSON pair)."""
+    raw = json.dumps(value, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
 @pytest.mark.parametrize(
     "cursor",
     [
-        "WyJuYW4iLCJqb2JfMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAiXQ",  # ["nan", "job_0…"]
-        "W1sxXSxbMl1d",  # [[1], [2]]
-        "WzEsMiwzXQ",  # [1, 2, 3]
+        old_cursor(["nan", JOB]),
+        old_cursor(["1e999", JOB]),
+        old_cursor([[1], [2]]),
+        old_cursor(["1.5", [JOB]]),
+        old_cursor([1, 2, 3]),
         f"nan~{JOB}",
         f"inf~{JOB}",
+        f"1e999~{JOB}",
         "1.5~index",
         "1.5~job_x:timeline",
         "",
