@@ -159,8 +159,7 @@ def _undecodable_header(request: web.Request) -> web.Response | None:
         if name.lower() in _CREDENTIAL_HEADERS:
             continue
         if not value.isascii() and _SURROGATE.search(value):
-            shown = name.encode("ascii", "backslashreplace").decode("ascii")[:64]
-            return problem(400, "Bad header", f"the {shown} header is not UTF-8")
+            return problem(400, "Bad header", f"the {_shown(name)} header is not UTF-8")
     return None
 
 
@@ -311,7 +310,7 @@ def _path_id(request: web.Request, name: str, pattern: re.Pattern[str], what: st
     """The URL's ``name`` when it has the format of ``what``'s ids; else 404 before any key
     is built from it (an id of another format names nothing, as an unknown id does)."""
     value = request.match_info[name]
-    if not pattern.match(value):
+    if not pattern.fullmatch(value):  # fullmatch: "$" would let a trailing newline in
         raise _Refused(problem(404, "Not found", f"no {what} with this id (not a {what} id)"))
     return value
 

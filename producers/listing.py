@@ -40,7 +40,7 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
     """The ``(score, job id)`` of a cursor from ``encode_cursor``; ``BadCursor`` for anything
     else. A cursor is the client's to send back unchanged, so it is checked like any input:
     a NaN score, or a member that is no job id, would reach Redis."""
-    found = CURSOR_RE.match(cursor)
+    found = CURSOR_RE.fullmatch(cursor)
     if found is None:
         raise BadCursor("not a cursor from a previous page")
     score = float(found["score"])

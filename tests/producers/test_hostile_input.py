@@ -318,6 +318,8 @@ BAD_IDS = [
     "%2E%2E",
     "%00",
     "%FF",
+    "{job}%0A",
+    "{dl}%0A",
     "x" * 5000,
 ]
 
@@ -420,9 +422,9 @@ def test_any_id_not_of_its_format_is_404(target: Target, bad: str) -> None:
     if bad in (".", ".."):
         return  # normalised away by the client's URL, not an id at all
     quoted = quote(bad, safe="")
-    if not JOB_ID_RE.match(bad):
+    if not JOB_ID_RE.fullmatch(bad):
         refused(target, {404}, "GET", f"/v1/cancellations/{quoted}")
-    if not DEAD_LETTER_ID_RE.match(bad):
+    if not DEAD_LETTER_ID_RE.fullmatch(bad):
         refused(target, {404}, "DELETE", f"/v1/dead-letters/{quoted}")
 
 

@@ -1,8 +1,9 @@
 """Property-based run over ``/openapi.json`` against a live API: no 5xx, and no answer that
 contradicts the document (status codes, content types, headers, bodies).
 
-Bounded for CI: ``MAX_EXAMPLES`` cases per operation (set ``CANCELFLOW_FUZZ_EXAMPLES`` for a
-longer run). The API under test has billing events on and no worker, so the jobs it queues
+Every check schemathesis has (``--checks all``), ``MAX_EXAMPLES`` (100) cases per operation and
+generation mode, derandomized: the same cases on every run (set ``CANCELFLOW_FUZZ_EXAMPLES`` for
+a longer run). The API under test has billing events on and no worker, so the jobs it queues
 stay queued and no provider sandbox is called.
 """
 
