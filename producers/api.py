@@ -151,6 +151,11 @@ class _Refused(Exception):
         self.response = response
 
 
+# What aiohttp makes of bytes that are not UTF-8 (surrogate escapes).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_CREDENTIAL_HEADERS = frozenset({"authorization", SIGNATURE_HEADER.lower()})
+
+
 def _undecodable_header(request: web.Request) -> web.Response | None:
     """400 when a header value is not UTF-8 (aiohttp hands those bytes on as surrogate
     escapes, which fail wherever the value is encoded again: logging, hashing, comparing).
@@ -161,10 +166,6 @@ def _undecodable_header(request: web.Request) -> web.Response | None:
         if not value.isascii() and _SURROGATE.search(value):
             return problem(400, "Bad header", f"the {_shown(name)} header is not UTF-8")
     return None
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-_CREDENTIAL_HEADERS = frozenset({"authorization", SIGNATURE_HEADER.lower()})
 
 
 async def _authorised_call(request: web.Request, handler: Any) -> web.StreamResponse:

@@ -77,6 +77,12 @@ class JobPage(BaseModel):
     next_cursor: str | None = None
 
 
+def _as_utc(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
 class JobQuery(BaseModel):
     """Filters of ``GET /v1/cancellations``; every one is optional."""
 
@@ -103,12 +109,6 @@ class JobQuery(BaseModel):
     @classmethod
     def _utc(cls, value: datetime | None) -> datetime | None:
         return _as_utc(value)
-
-
-def _as_utc(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
 
 
 class NoQuery(BaseModel):
