@@ -107,6 +107,9 @@ class ApiSettings(BaseModel):
     # JSON nested deeper than this is refused (400) before it is parsed (cancelflow.jsonsafe);
     # billing events from the stream are held to it too, and to max_body_bytes.
     max_json_depth: int = Field(default=32, ge=2, le=500)
+    # A JSON string (or object key) in a request body longer than this many characters is
+    # refused (400) too: no field of a request needs more.
+    max_json_string_chars: int = Field(default=16 * 1024, ge=256, le=16 * 1024 * 1024)
 
 
 class BillingSettings(BaseModel):

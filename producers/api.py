@@ -5,6 +5,13 @@ nothing secret) and ``POST /v1/billing-events`` (signed by the billing system in
 ``/metrics`` too (Prometheus sends one: a read-only token is enough). Each
 token is rate-limited (``ratelimit``); bodies over ``api.max_body_bytes`` get 413; every error
 is ``application/problem+json``.
+
+Nothing a client sends makes a 5xx: JSON bodies are decoded by ``cancelflow.jsonsafe`` within
+``api.max_json_depth`` and ``api.max_json_string_chars`` (400 otherwise); every route's query
+goes through ``parse_query`` (an unknown or malformed parameter is 422); an id in a URL that is
+not of its format (``job_<32 hex>``, ``dl_<32 hex>``) is 404 before it reaches Redis, as an id
+of the right format that names nothing is; a header value that is not ASCII is 401 when it is
+a credential (``Authorization``, the billing signature) and 400 when it is not UTF-8.
 """
 
 from __future__ import annotations
@@ -14,19 +21,19 @@ import contextlib
 import hmac
 import json
 import math
+import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from aiohttp import web
 from celery import Celery
 from kombu.exceptions import OperationalError as BrokerError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from cancelflow import metrics, steps
-from cancelflow.contract import Decision
-from cancelflow.dead_letters import DeadLetterFilter
+from cancelflow import jsonsafe, metrics, steps
+from cancelflow.contract import JOB_ID_RE, Decision
 from cancelflow.errors import CancelflowError, JobNotFound
 from cancelflow.guard import breaker_state
 from cancelflow.logging import get_logger
@@ -39,7 +46,15 @@ from producers.billing import BillingProcessor, Rejected
 from producers.billing_rules import Rules, load_rules
 from producers.problems import field_errors, invalid, problem, unavailable
 from producers.ratelimit import RateLimiter
-from producers.schemas import JobQuery, ProviderState, ProviderStates, StatsQuery
+from producers.schemas import (
+    DEAD_LETTER_ID_RE,
+    DeadLetterQuery,
+    JobQuery,
+    NoQuery,
+    ProviderState,
+    ProviderStates,
+    StatsQuery,
+)
 from producers.signatures import SIGNATURE_HEADER, SignatureError, verify_signature
 from producers.submit import submit, validate_request
 
@@ -52,6 +67,7 @@ CELERY = web.AppKey("celery", Celery)
 TOKENS = web.AppKey("tokens", list)
 LIMITER = web.AppKey("limiter", RateLimiter)
 MAX_BODY = web.AppKey("max_body", int)
+JSON_LIMITS = web.AppKey("json_limits", jsonsafe.JsonLimits)
 RULES = web.AppKey("billing_rules", Rules)
 BILLING = web.AppKey("billing", BillingProcessor)
 OPENAPI = web.AppKey("openapi", bytes)
@@ -62,6 +78,7 @@ PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
 SIGNED_PATHS = frozenset({"/v1/billing-events"})
 
 Scope = Literal["read", "write"]
+Query = TypeVar("Query", bound=BaseModel)
 
 # Redis (job store, rate limits, broker) unreachable: refused, reset, or no answer in time.
 # redis-py raises its own ConnectionError and TimeoutError (retried with backoff first,
@@ -90,6 +107,10 @@ def parse_tokens(settings: Settings) -> list[ApiToken]:
 
 def _authorised(request: web.Request) -> ApiToken | None:
     header = request.headers.get("Authorization", "")
+    if not header.isascii():
+        # Tokens are ASCII; undecodable bytes arrive as surrogate escapes, which cannot be
+        # encoded to compare: no token of ours, whatever the bytes.
+        return None
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented:
         return None
@@ -122,7 +143,35 @@ def _redis_unavailable(request: web.Request, exc: BaseException) -> web.Response
     )
 
 
+class _Refused(Exception):
+    """A request refused with ``response`` (a 4xx problem), raised from a helper."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+# What aiohttp makes of bytes that are not UTF-8 (surrogate escapes).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_CREDENTIAL_HEADERS = frozenset({"authorization", SIGNATURE_HEADER.lower()})
+
+
+def _undecodable_header(request: web.Request) -> web.Response | None:
+    """400 when a header value is not UTF-8 (aiohttp hands those bytes on as surrogate
+    escapes, which fail wherever the value is encoded again: logging, hashing, comparing).
+    The credentials are checked where they are read, and answered 401."""
+    for name, value in request.headers.items():
+        if name.lower() in _CREDENTIAL_HEADERS:
+            continue
+        if not value.isascii() and _SURROGATE.search(value):
+            return problem(400, "Bad header", f"the {_shown(name)} header is not UTF-8")
+    return None
+
+
 async def _authorised_call(request: web.Request, handler: Any) -> web.StreamResponse:
+    refused = _undecodable_header(request)
+    if refused is not None:
+        return refused
     if request.path in SIGNED_PATHS:
         limited = await _rate_limited(request, "signed:" + request.path)
         if limited is not None:
@@ -130,25 +179,25 @@ async def _authorised_call(request: web.Request, handler: Any) -> web.StreamResp
     elif request.path not in PUBLIC_PATHS:
         token = _authorised(request)
         if token is None:
-            return problem(
-                401,
-                "Unauthorized",
-                "send Authorization: Bearer <token>",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+            return _unauthorised("send Authorization: Bearer <token>")
         limited = await _rate_limited(request, "token:" + token.secret)
         if limited is not None:
             return limited
         if request.method not in ("GET", "HEAD") and token.scope != "write":
             return problem(403, "Forbidden", "this token is read-only")
     try:
+        if request.match_info.http_exception is None and handler not in _TAKES_QUERY:
+            parse_query(request, NoQuery)
         response: web.StreamResponse = await handler(request)
         return response
+    except _Refused as exc:
+        return exc.response
     except web.HTTPRequestEntityTooLarge:
         return _too_large(request)
     except web.HTTPException as exc:
         if exc.status >= 400:
-            return problem(exc.status, exc.reason)
+            detail = f"{request.method} {_shown(request.path)}: {exc.reason.lower()}"
+            return problem(exc.status, exc.reason, detail)
         raise
     except JobNotFound as exc:
         return problem(404, "Not found", f"no job {exc.args[0]}")
@@ -161,6 +210,10 @@ async def _authorised_call(request: web.Request, handler: Any) -> web.StreamResp
     except Exception:
         log.exception("api.unexpected_error", path=request.path)
         return problem(500, "Internal error", "the error is logged; nothing was enqueued twice")
+
+
+def _unauthorised(detail: str) -> web.Response:
+    return problem(401, "Unauthorized", detail, headers={"WWW-Authenticate": "Bearer"})
 
 
 async def _rate_limited(request: web.Request, key: str) -> web.Response | None:
@@ -197,35 +250,83 @@ async def _raw_body(request: web.Request) -> bytes:
     return await request.read()  # raises 413 too once a chunked body passes client_max_size
 
 
+def json_limits(settings: Settings) -> jsonsafe.JsonLimits:
+    """What a JSON request body may be: ``api.max_body_bytes``, ``api.max_json_depth`` and
+    ``api.max_json_string_chars``."""
+    return jsonsafe.JsonLimits(
+        max_bytes=settings.api.max_body_bytes,
+        max_depth=settings.api.max_json_depth,
+        max_string_chars=settings.api.max_json_string_chars,
+    )
+
+
 async def _json_body(request: web.Request) -> Any:
+    """The body's JSON value; a 400 problem (``_Refused``) naming why it is not bounded JSON."""
     raw = await _raw_body(request)
     try:
-        return json.loads(raw)
-    except ValueError as exc:
-        raise _BadJson(str(exc)) from exc
+        return jsonsafe.loads(raw, request.app[JSON_LIMITS])
+    except jsonsafe.JsonRejected as exc:
+        raise _Refused(
+            problem(
+                400,
+                "Malformed JSON",
+                str(exc),
+                errors=[{"field": "(body)", "message": f"{exc.reason}: {exc}"}],
+            )
+        ) from None
 
 
-class _BadJson(Exception):
-    pass
-
-
-def _query(request: web.Request, *, lists: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Query parameters as a dict; ``lists`` may repeat or hold comma-separated values."""
-    out: dict[str, Any] = {}
-    for key in request.query:
+def parse_query(request: web.Request, model: type[Query], *, lists: tuple[str, ...] = ()) -> Query:
+    """The query string as ``model``; a 422 problem (``_Refused``) naming each unknown,
+    repeated or malformed parameter. ``lists`` may repeat or hold comma-separated values.
+    The one way every route reads its query, so every route refuses the same way."""
+    values: dict[str, Any] = {}
+    errors: list[dict[str, str]] = []
+    for key in dict.fromkeys(request.query):
+        given = request.query.getall(key)
         if key in lists:
-            out[key] = [v for raw in request.query.getall(key) for v in raw.split(",") if v]
+            values[key] = [v for raw in given for v in raw.split(",") if v]
+        elif len(given) > 1:
+            errors.append({"field": f"query.{_shown(key)}", "message": "given more than once"})
         else:
-            out[key] = request.query[key]
-    return out
+            values[key] = given[0]
+    try:
+        parsed = model.model_validate(values)
+    except ValidationError as exc:
+        errors.extend(field_errors(exc, prefix=("query",)))
+    if errors:
+        for error in errors:
+            error["field"] = _shown(error["field"])
+        raise _Refused(invalid(errors))
+    return parsed
+
+
+def _shown(text: str) -> str:
+    """A client's name fit to answer with: short, and escaped if not printable ASCII."""
+    text = text if len(text) <= 64 else text[:64] + "..."
+    return text.encode("ascii", "backslashreplace").decode("ascii")
+
+
+def _path_id(request: web.Request, name: str, pattern: re.Pattern[str], what: str) -> str:
+    """The URL's ``name`` when it has the format of ``what``'s ids; else 404 before any key
+    is built from it (an id of another format names nothing, as an unknown id does)."""
+    value = request.match_info[name]
+    if not pattern.fullmatch(value):  # fullmatch: "$" would let a trailing newline in
+        raise _Refused(problem(404, "Not found", f"no {what} with this id (not a {what} id)"))
+    return value
+
+
+def _job_id(request: web.Request) -> str:
+    return _path_id(request, "job_id", JOB_ID_RE, "job")
+
+
+def _dead_letter_id(request: web.Request) -> str:
+    return _path_id(request, "dl_id", DEAD_LETTER_ID_RE, "dead letter")
 
 
 async def create_cancellation(request: web.Request) -> web.Response:
     deps, settings = request.app[DEPS], request.app[DEPS].settings
-    try:
-        body = await _json_body(request)
-    except _BadJson as exc:
-        return problem(400, "Malformed JSON", str(exc))
+    body = await _json_body(request)
     checked = validate_request(body, settings)
     if isinstance(checked, list):
         return invalid(checked)
@@ -246,21 +347,16 @@ async def create_cancellation(request: web.Request) -> web.Response:
 
 
 async def list_cancellations(request: web.Request) -> web.Response:
+    query = parse_query(request, JobQuery, lists=("status",))
     try:
-        query = JobQuery.model_validate(_query(request, lists=("status",)))
         page = await listing.list_jobs(request.app[DEPS].store.redis, query)
-    except ValidationError as exc:
-        return invalid(field_errors(exc, prefix=("query",)))
     except listing.BadCursor as exc:
         return invalid([{"field": "query.cursor", "message": str(exc)}])
     return web.json_response(page.model_dump(mode="json"))
 
 
 async def get_stats(request: web.Request) -> web.Response:
-    try:
-        query = StatsQuery.model_validate(_query(request))
-    except ValidationError as exc:
-        return invalid(field_errors(exc, prefix=("query",)))
+    query = parse_query(request, StatsQuery)
     found = await listing.stats(request.app[DEPS].store.redis, since_s=query.since_s)
     return web.json_response(found.model_dump(mode="json"))
 
@@ -274,11 +370,15 @@ async def post_billing_event(request: web.Request) -> web.Response:
             "Billing events not configured",
             "set CANCELFLOW_BILLING__RULES_PATH and CANCELFLOW_BILLING__SECRET",
         )
+    signature = request.headers.get(SIGNATURE_HEADER)
+    if signature is not None and not signature.isascii():
+        # Undecodable bytes arrive as surrogate escapes, which cannot be encoded to compare.
+        return problem(401, "Bad signature", f"the {SIGNATURE_HEADER} header is not ASCII")
     raw = await _raw_body(request)
     try:
         verify_signature(
             raw,
-            request.headers.get(SIGNATURE_HEADER),
+            signature,
             secrets,
             tolerance=conf.signature_tolerance_s,
         )
@@ -315,19 +415,16 @@ async def get_openapi(request: web.Request) -> web.Response:
 
 
 async def get_cancellation(request: web.Request) -> web.Response:
-    job = await request.app[DEPS].store.get(request.match_info["job_id"])
+    job = await request.app[DEPS].store.get(_job_id(request))
     return web.json_response(job.model_dump(mode="json"))
 
 
 async def post_decision(request: web.Request) -> web.Response:
-    deps = request.app[DEPS]
+    deps, job_id = request.app[DEPS], _job_id(request)
     try:
         decision = Decision.model_validate(await _json_body(request))
-    except _BadJson as exc:
-        return problem(400, "Malformed JSON", str(exc))
     except ValidationError as exc:
         return invalid(field_errors(exc))
-    job_id = request.match_info["job_id"]
     try:
         nxt = await steps.decide(deps, job_id, decision)
     except steps.DecisionConflict as exc:
@@ -338,35 +435,22 @@ async def post_decision(request: web.Request) -> web.Response:
     return web.json_response(job.model_dump(mode="json"), status=202)
 
 
-def _dl_filter(request: web.Request) -> DeadLetterFilter | web.Response:
-    try:
-        return DeadLetterFilter.model_validate(dict(request.query))
-    except ValidationError as exc:
-        return invalid(field_errors(exc, prefix=("query",)))
-
-
 async def list_dead_letters(request: web.Request) -> web.Response:
-    flt = _dl_filter(request)
-    if isinstance(flt, web.Response):
-        return flt
-    limit = (
-        min(int(request.query.get("limit", "100")), 1000)
-        if request.query.get("limit", "100").isdigit()
-        else 100
-    )
-    items = await request.app[DEPS].dead_letters.list(flt, limit=limit)
+    query = parse_query(request, DeadLetterQuery)
+    items = await request.app[DEPS].dead_letters.list(query, limit=query.limit)
     return web.json_response({"items": [d.model_dump(mode="json") for d in items]})
 
 
 async def get_dead_letter(request: web.Request) -> web.Response:
-    dl = await request.app[DEPS].dead_letters.get(request.match_info["dl_id"])
+    dl_id = _dead_letter_id(request)
+    dl = await request.app[DEPS].dead_letters.get(dl_id)
     if dl is None:
-        return problem(404, "Not found", f"no dead letter {request.match_info['dl_id']}")
+        return problem(404, "Not found", f"no dead letter {dl_id}")
     return web.json_response(dl.model_dump(mode="json"))
 
 
 async def replay_dead_letter(request: web.Request) -> web.Response:
-    deps, dl_id = request.app[DEPS], request.match_info["dl_id"]
+    deps, dl_id = request.app[DEPS], _dead_letter_id(request)
     dl = await deps.dead_letters.get(dl_id)
     if dl is None:
         return problem(404, "Not found", f"no dead letter {dl_id} (already replayed or purged?)")
@@ -380,8 +464,9 @@ async def replay_dead_letter(request: web.Request) -> web.Response:
 
 
 async def delete_dead_letter(request: web.Request) -> web.Response:
-    if not await request.app[DEPS].dead_letters.delete(request.match_info["dl_id"]):
-        return problem(404, "Not found", f"no dead letter {request.match_info['dl_id']}")
+    dl_id = _dead_letter_id(request)
+    if not await request.app[DEPS].dead_letters.delete(dl_id):
+        return problem(404, "Not found", f"no dead letter {dl_id}")
     return web.Response(status=204)
 
 
@@ -402,6 +487,10 @@ async def get_metrics(request: web.Request) -> web.Response:
     snapshot = await metrics.read_store(request.app[DEPS].store.redis)
     body = metrics.render(metrics.StoreGauges(snapshot))
     return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
+# The handlers that read a query (``parse_query``): every other route takes none (422).
+_TAKES_QUERY = frozenset({list_cancellations, get_stats, list_dead_letters})
 
 
 async def _index_dead_letter_kinds(deps: steps.Deps) -> None:
@@ -453,8 +542,18 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
     app[TOKENS] = parse_tokens(settings)
     app[CELERY] = celery or create_celery(settings)
     app[MAX_BODY] = limit
+    app[JSON_LIMITS] = json_limits(settings)
     app[REDIS_WAIT_S] = settings.redis_read_timeout_s
-    app[OPENAPI] = json.dumps(openapi.document(max_body_bytes=limit)).encode()
+    document = openapi.document(
+        max_body_bytes=limit,
+        max_json_depth=settings.api.max_json_depth,
+        max_json_string_chars=settings.api.max_json_string_chars,
+        providers={
+            key: conf.callback_secret is not None
+            for key, conf in settings.enabled_providers().items()
+        },
+    )
+    app[OPENAPI] = json.dumps(document).encode()
     if settings.billing.rules_path is not None:
         app[RULES] = load_rules(
             settings.billing.rules_path, configured=settings.enabled_providers()

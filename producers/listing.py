@@ -7,9 +7,8 @@ index (``SCAN_BUDGET`` ids) and may come back short, with a cursor to go on from
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
+import math
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
@@ -21,7 +20,7 @@ from cancelflow.contract import Status, isoformat, utcnow
 from cancelflow.dead_letters import INDEX as DEAD_LETTER_INDEX
 from cancelflow.store import JOBS_INDEX, job_key
 from producers.billing import COUNTS_KEY, IGNORED_KEY
-from producers.schemas import JobPage, JobQuery, JobSummary, Stats
+from producers.schemas import CURSOR_RE, JobPage, JobQuery, JobSummary, Stats
 
 SCAN_BUDGET = 5000
 CHUNK = 250
@@ -33,17 +32,21 @@ class BadCursor(ValueError):
 
 
 def encode_cursor(score: float, member: str) -> str:
-    raw = json.dumps([repr(score), member], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    """``<score>~<job id>``: the last index entry a page read (see ``schemas.CURSOR_RE``)."""
+    return f"{score!r}~{member}"
 
 
 def decode_cursor(cursor: str) -> tuple[float, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        score, member = json.loads(raw)
-        return float(score), str(member)
-    except (binascii.Error, ValueError, TypeError) as exc:
-        raise BadCursor("not a cursor from a previous page") from exc
+    """The ``(score, job id)`` of a cursor from ``encode_cursor``; ``BadCursor`` for anything
+    else. A cursor is the client's to send back unchanged, so it is checked like any input:
+    a NaN score, or a member that is no job id, would reach Redis."""
+    found = CURSOR_RE.fullmatch(cursor)
+    if found is None:
+        raise BadCursor("not a cursor from a previous page")
+    score = float(found["score"])
+    if not math.isfinite(score):  # the format allows none, but say so here too
+        raise BadCursor("not a cursor from a previous page")
+    return score, found["job_id"]
 
 
 def _s(value: Any) -> str:

@@ -4,19 +4,22 @@ shape its answers (``model_json_schema``), so the document cannot drift from the
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from cancelflow.contract import CancellationRequest, Decision, JobRecord
-from cancelflow.dead_letters import DeadLetter, DeadLetterFilter
+from cancelflow.contract import JOB_ID_RE, CancellationRequest, Decision, JobRecord
+from cancelflow.dead_letters import DeadLetter
 from cancelflow.providers import REGISTRY
 from producers.problems import PROBLEM_TYPE
 from producers.schemas import (
+    DEAD_LETTER_ID_RE,
     BillingEvent,
     BillingResult,
     DeadLetterPage,
+    DeadLetterQuery,
     Health,
     JobPage,
     JobQuery,
@@ -31,10 +34,11 @@ JSON = "application/json"
 REF = "#/components/schemas/{model}"
 
 _ERRORS = {
-    400: "the body is not JSON",
+    400: "the body is not JSON within the limits (nesting, string sizes, UTF-8), or a header "
+    "is not UTF-8",
     401: "no token, or not one of ours",
     403: "the token is read-only",
-    404: "no such job or dead letter",
+    404: "no such job or dead letter (an id not of the format also names none)",
     409: "conflict (see the detail)",
     413: "the body is larger than the limit",
     422: "invalid fields, each listed in `errors`",
@@ -50,7 +54,7 @@ def _models() -> list[tuple[type[BaseModel], JsonSchemaMode]]:
         BillingEvent,
         JobQuery,
         StatsQuery,
-        DeadLetterFilter,
+        DeadLetterQuery,
     ]
     answers: list[type[BaseModel]] = [
         JobRecord,
@@ -71,17 +75,45 @@ def _models() -> list[tuple[type[BaseModel], JsonSchemaMode]]:
     ]
 
 
-def document(*, max_body_bytes: int) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of the API."""
+# ``CancellationRequest`` narrowed to the deployment's providers (``document(providers=…)``).
+CONFIGURED_REQUEST = "ConfiguredCancellationRequest"
+# A callback URL the API accepts whatever its settings: https, and a host name (address
+# literals may be refused as private; ``callbacks.check_url_form``).
+_CALLBACK_URL = {
+    "type": "string",
+    "format": "uri",
+    "maxLength": 2083,
+    "pattern": "^https://[a-z]([a-z0-9-]{0,20}[a-z0-9])?(\\.[a-z]([a-z0-9-]{0,20}[a-z0-9])?)+"
+    "(/[A-Za-z0-9._~-]*)*$",
+}
+
+
+def document(
+    *,
+    max_body_bytes: int,
+    max_json_depth: int = 32,
+    max_json_string_chars: int = 16 * 1024,
+    providers: Mapping[str, bool] | None = None,
+) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the API. ``providers`` (configured provider -> whether it
+    has a callback secret) narrows the request body to what this deployment accepts: one
+    variant per provider, with its own reference schema."""
     keys, defs = models_json_schema(_models(), ref_template=REF)
     schemas = defs.get("$defs", {})
     ref = {model: value["$ref"] for (model, _mode), value in keys.items()}
+    request_body = {"$ref": ref[CancellationRequest]}
+    if providers is not None:
+        schemas[CONFIGURED_REQUEST] = _request_variants(
+            schemas[CancellationRequest.__name__], providers
+        )
+        request_body = {"$ref": REF.format(model=CONFIGURED_REQUEST)}
 
     def body(model: type[BaseModel], description: str) -> dict[str, Any]:
+        schema = request_body if model is CancellationRequest else {"$ref": ref[model]}
         return {
             "required": True,
             "description": f"{description} At most {max_body_bytes} bytes.",
-            "content": {JSON: {"schema": {"$ref": ref[model]}}},
+            "content": {JSON: {"schema": schema}},
         }
 
     def answer(
@@ -121,10 +153,16 @@ def document(*, max_body_bytes: int) -> dict[str, Any]:
         "name": "job_id",
         "in": "path",
         "required": True,
-        "schema": {"type": "string"},
+        "schema": {"type": "string", "pattern": JOB_ID_RE.pattern},
         "example": "job_" + "0" * 32,
     }
-    dl_id = {"name": "dl_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    dl_id = {
+        "name": "dl_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": DEAD_LETTER_ID_RE.pattern},
+        "example": "dl_" + "0" * 32,
+    }
     read = (401, 429)
     write = (401, 403, 429)
     public: list[dict[str, Any]] = []
@@ -233,14 +271,7 @@ def document(*, max_body_bytes: int) -> dict[str, Any]:
             "get": {
                 "operationId": "listDeadLetters",
                 "summary": "Dead letters, newest first",
-                "parameters": [
-                    *params(DeadLetterFilter),
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 0, "maximum": 1000},
-                    },
-                ],
+                "parameters": params(DeadLetterQuery),
                 "responses": {
                     "200": answer(DeadLetterPage, "the dead letters"),
                     **errors(*read, 422),
@@ -324,7 +355,13 @@ def document(*, max_body_bytes: int) -> dict[str, Any]:
             "version": "1",
             "description": (
                 "Cancels subscriptions at third-party providers. "
-                "Errors are `application/problem+json` (RFC 9457)."
+                "Errors are `application/problem+json` (RFC 9457). "
+                f"JSON bodies are at most {max_body_bytes} bytes, nested at most "
+                f"{max_json_depth} deep, with strings of at most {max_json_string_chars} "
+                "characters, in UTF-8 without lone surrogates (`CANCELFLOW_API__MAX_BODY_BYTES`, "
+                "`__MAX_JSON_DEPTH`, `__MAX_JSON_STRING_CHARS`): else 400 (413 for the size). "
+                "An unknown, repeated or malformed query parameter is 422 on every route. "
+                "An id in a path that is not of its format is 404, as an unknown id is."
             ),
         },
         "security": [{"bearer": []}],
@@ -344,6 +381,28 @@ def document(*, max_body_bytes: int) -> dict[str, Any]:
                 },
             },
         },
+    }
+
+
+def _request_variants(schema: dict[str, Any], providers: Mapping[str, bool]) -> dict[str, Any]:
+    """``CancellationRequest`` as one variant per configured provider: ``provider`` its key,
+    ``subscription`` its reference, ``callback_url`` only where it has a callback secret."""
+    variants = []
+    for key, callbacks in sorted(providers.items()):
+        variant = copy.deepcopy(schema)
+        variant.pop("title", None)
+        props = variant["properties"]
+        props["provider"] = {"const": key}
+        props["subscription"] = {"$ref": REF.format(model=REGISTRY[key].reference.__name__)}
+        if callbacks:
+            props["callback_url"] = {"anyOf": [_CALLBACK_URL, {"type": "null"}], "default": None}
+        else:
+            del props["callback_url"]
+        variants.append(variant)
+    return {
+        "title": CONFIGURED_REQUEST,
+        "description": "A CancellationRequest to a provider configured here.",
+        "oneOf": variants,
     }
 
 

@@ -6,15 +6,24 @@ and are where ``/openapi.json`` comes from: one definition for all four.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cancelflow.contract import JobRecord, OutcomeType, Status
-from cancelflow.dead_letters import DeadLetter
+from cancelflow.dead_letters import DeadLetter, DeadLetterFilter
 
 MAX_PAGE = 500
+MAX_DEAD_LETTER_PAGE = 1000
+# Dead-letter ids as ``DeadLetter`` makes them: ``dl_`` and a uuid4's 32 hex digits. Job ids
+# are ``contract.JOB_ID_RE``. An id in a URL is checked against its format before it becomes
+# part of a Redis key: ``index`` or ``<id>:timeline`` would name another key.
+DEAD_LETTER_ID_RE = re.compile(r"^dl_[0-9a-f]{32}$")
+# ``next_cursor``: the creation time (a Unix timestamp, as Python writes a float) and the id of
+# the last job a page read, so a client can hand back nothing the API would not take.
+CURSOR_RE = re.compile(r"^(?P<score>[0-9]{1,12}(\.[0-9]{1,17})?)~(?P<job_id>job_[0-9a-f]{32})$")
 
 
 class FieldError(BaseModel):
@@ -68,6 +77,12 @@ class JobPage(BaseModel):
     next_cursor: str | None = None
 
 
+def _as_utc(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
 class JobQuery(BaseModel):
     """Filters of ``GET /v1/cancellations``; every one is optional."""
 
@@ -84,14 +99,37 @@ class JobQuery(BaseModel):
         default=None, description="exclusive, ISO 8601 (UTC if no offset)"
     )
     limit: int = Field(default=50, ge=1, le=MAX_PAGE)
-    cursor: str | None = Field(default=None, max_length=200)
+    cursor: str | None = Field(
+        default=None,
+        pattern=CURSOR_RE.pattern,
+        description="``next_cursor`` of the previous page, unchanged",
+    )
 
     @field_validator("created_after", "created_before")
     @classmethod
     def _utc(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value
+        return _as_utc(value)
+
+
+class NoQuery(BaseModel):
+    """The query of a route that takes none: any parameter is unknown (422)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeadLetterQuery(DeadLetterFilter):
+    """Filters of ``GET /v1/dead-letters`` and the page size; every one is optional."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    older_than: datetime | None = Field(default=None, description="ISO 8601 (UTC if no offset)")
+    newer_than: datetime | None = Field(default=None, description="ISO 8601 (UTC if no offset)")
+    limit: int = Field(default=100, ge=0, le=MAX_DEAD_LETTER_PAGE)
+
+    @field_validator("older_than", "newer_than")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        return _as_utc(value)
 
 
 class StatsQuery(BaseModel):
