@@ -41,6 +41,8 @@ from cancelflow.settings import CallbackSettings
 
 SCHEMA_VERSION = 1
 SIGNATURE_HEADER = "Cancelflow-Signature"
+# The most of a receiver's answer read: its body is never used, only its status.
+MAX_RESPONSE_BODY = 4 * 1024
 
 EVENT_BY_OUTCOME: dict[OutcomeType, str] = {
     OutcomeType.CANCELLED: "cancellation.succeeded",
@@ -440,7 +442,11 @@ async def deliver(
             timeout=aiohttp.ClientTimeout(total=timeout_s),
             allow_redirects=False,  # a body is never followed across a redirect
         ) as resp:
-            await resp.read()
+            # Nothing in a receiver's answer is used but its status: read a little (so a
+            # short answer leaves the connection reusable) and drop the connection on more.
+            await resp.content.read(MAX_RESPONSE_BODY)
+            if not resp.content.at_eof():
+                resp.close()
             status = resp.status
             retry_after = resp.headers.get("Retry-After")
     except TimeoutError as exc:
