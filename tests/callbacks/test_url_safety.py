@@ -42,6 +42,14 @@ def check(url: str, *, allow_http: bool = False, allowed: tuple[str, ...] = ()) 
         "https://[::ffff:10.0.0.1]/hook",
         "https://localhost/hook",
         "https://2130706433/hook",  # 127.0.0.1 as one number
+        "https://0x7f.1/hook",  # hex and short forms, resolved as names
+        "https://0x7f000001/hook",
+        "https://0177.0.0.1/hook",  # octal
+        "https://127.1/hook",
+        "https://[::ffff:7f00:1]/hook",
+        "https://100.100.100.200/hook",
+        "https://[fec0::1]/hook",
+        "https://[2002:a9fe:a9fe::]/hook",
     ],
 )
 def test_private_loopback_and_link_local_addresses_are_refused(url: str) -> None:
