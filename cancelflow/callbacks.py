@@ -26,19 +26,23 @@ import socket
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlsplit
 
 import aiohttp
+from aiohappyeyeballs import AddrInfoType
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
 from cancelflow.contract import JobRecord, OutcomeType, Status
 from cancelflow.errors import CancelflowError
 from cancelflow.http import parse_retry_after
+from cancelflow.logging import is_secret_key
 from cancelflow.settings import CallbackSettings
 
 SCHEMA_VERSION = 1
 SIGNATURE_HEADER = "Cancelflow-Signature"
+# The most of a receiver's answer read: its body is never used, only its status.
+MAX_RESPONSE_BODY = 4 * 1024
 
 EVENT_BY_OUTCOME: dict[OutcomeType, str] = {
     OutcomeType.CANCELLED: "cancellation.succeeded",
@@ -167,22 +171,92 @@ def sign(body: bytes, secrets: Sequence[str], *, timestamp: int | None = None) -
     return ",".join(parts)
 
 
+def _canonical(host: str) -> str:
+    # One spelling per address ("::ffff:127.0.0.1" is "::ffff:7f00:1"), one per name.
+    try:
+        return str(ipaddress.ip_address(host.split("%")[0]))
+    except ValueError:
+        return host.lower().rstrip(".")
+
+
 def _host_allowed(host: str, allowed_hosts: Iterable[str]) -> bool:
-    return host.lower().rstrip(".") in {h.lower().rstrip(".") for h in allowed_hosts}
+    return _canonical(host) in {_canonical(h) for h in allowed_hosts}
 
 
-def _address_public(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return not (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_multicast
-        or ip.is_reserved
-        or ip.is_unspecified
+# Where a callback may not go: every special-purpose block of the IANA registries
+# (https://www.iana.org/assignments/iana-ipv4-special-registry/,
+# https://www.iana.org/assignments/iana-ipv6-special-registry/) that is not globally
+# reachable, written out rather than taken from ``ipaddress.is_global`` / ``is_private``,
+# whose answers changed across 3.11, 3.12 and 3.13 patch releases. Only parsing is taken from
+# ``ipaddress`` (which refuses leading-zero IPv4 forms since 3.9.5; names such as
+# "2130706433" or "0x7f.1" are resolved, and their addresses checked, like any name).
+_NON_GLOBAL_V4 = tuple(
+    ipaddress.IPv4Network(net)
+    for net in (
+        "0.0.0.0/8",  # "this network"
+        "10.0.0.0/8",  # private
+        "100.64.0.0/10",  # carrier-grade NAT (shared address space)
+        "127.0.0.0/8",  # loopback
+        "169.254.0.0/16",  # link-local (cloud metadata services)
+        "172.16.0.0/12",  # private
+        "192.0.0.0/24",  # IETF protocol assignments
+        "192.0.2.0/24",  # documentation
+        "192.88.99.0/24",  # 6to4 relay anycast (deprecated)
+        "192.168.0.0/16",  # private
+        "198.18.0.0/15",  # benchmarking
+        "198.51.100.0/24",  # documentation
+        "203.0.113.0/24",  # documentation
+        "224.0.0.0/4",  # multicast
+        "240.0.0.0/4",  # reserved, and the broadcast address
     )
+)
+# Only 2000::/3 is global unicast; everything outside it (loopback, unspecified, IPv4-mapped
+# and -compatible, NAT64, discard, unique-local fc00::/7, site-local fec0::/10, link-local,
+# multicast) is refused unless an IPv4 address embedded in it is checked instead (below).
+_GLOBAL_UNICAST_V6 = ipaddress.IPv6Network("2000::/3")
+_NON_GLOBAL_V6 = tuple(
+    ipaddress.IPv6Network(net)
+    for net in (
+        "2001::/23",  # IETF protocol assignments (Teredo, 2001::/32, is unpacked first)
+        "2001:db8::/32",  # documentation
+        "3fff::/20",  # documentation
+    )
+)
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")  # IPv4-mapped
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # the well-known NAT64 prefix
+_SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")  # 6to4: the IPv4 address in bits 16-47
+_TEREDO = ipaddress.IPv6Network("2001::/32")  # server in bits 32-63, client (inverted) in 96-127
+
+
+def _embedded_v4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address] | None:
+    """The IPv4 addresses an IPv6 address leads to, for the forms that embed one."""
+    n = int(ip)
+    if ip in _MAPPED or ip in _NAT64:
+        return [ipaddress.IPv4Address(n & 0xFFFFFFFF)]
+    if ip in _SIX_TO_FOUR:
+        return [ipaddress.IPv4Address((n >> 80) & 0xFFFFFFFF)]
+    if ip in _TEREDO:
+        return [
+            ipaddress.IPv4Address((n >> 64) & 0xFFFFFFFF),
+            ipaddress.IPv4Address(~n & 0xFFFFFFFF),
+        ]
+    return None
+
+
+def _v4_public(ip: ipaddress.IPv4Address) -> bool:
+    return not any(ip in net for net in _NON_GLOBAL_V4)
+
+
+def address_public(address: str) -> bool:
+    """Whether ``address`` (an IP literal, IPv6 with or without a zone) is globally routable,
+    by the tables above; for the IPv6 forms that embed an IPv4 address, whether that is."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv4Address):
+        return _v4_public(ip)
+    embedded = _embedded_v4(ip)
+    if embedded is not None:
+        return all(_v4_public(v4) for v4 in embedded)
+    return ip in _GLOBAL_UNICAST_V6 and not any(ip in net for net in _NON_GLOBAL_V6)
 
 
 def _refuse(host: str, address: str) -> UnsafeCallbackUrl:
@@ -192,8 +266,8 @@ def _refuse(host: str, address: str) -> UnsafeCallbackUrl:
         else f"callback host {host} resolves to {address},"
     )
     return UnsafeCallbackUrl(
-        f"{where} a private, loopback or link-local address; allow-list it in "
-        "CANCELFLOW_CALLBACKS__ALLOWED_HOSTS if intended"
+        f"{where} not a globally routable address (private, loopback, link-local, shared, "
+        "or reserved); allow-list it in CANCELFLOW_CALLBACKS__ALLOWED_HOSTS if intended"
     )
 
 
@@ -203,16 +277,38 @@ def check_addresses(host: str, addresses: Iterable[str], allowed_hosts: Sequence
     if _host_allowed(host, allowed_hosts):
         return
     for address in addresses:
-        if not _address_public(address) and not _host_allowed(address, allowed_hosts):
+        if not address_public(address) and not _host_allowed(address, allowed_hosts):
             raise _refuse(host, address)
+
+
+def _refuse_credentials(parts: SplitResult) -> None:
+    # A URL is kept on the job and shown to every token that may read jobs (read-only ones
+    # too), and written to callback attempts and logs: it must not carry a secret.
+    if parts.username is not None or parts.password is not None:
+        raise UnsafeCallbackUrl(
+            "callback URL must not carry credentials (user:password@); "
+            "callbacks are authenticated by their signature"
+        )
+    for where, text in (("query", parts.query), ("fragment", parts.fragment)):
+        names = sorted({name for name, _ in parse_qsl(text, keep_blank_values=True)})
+        if secret := [name for name in names if is_secret_key(name)]:
+            raise UnsafeCallbackUrl(
+                f"callback URL must not carry credentials: {where} parameter(s) "
+                f"{', '.join(secret)} look like a secret; callbacks are authenticated by "
+                "their signature"
+            )
 
 
 def check_url_form(url: str, *, allow_http: bool, allowed_hosts: Sequence[str]) -> None:
     """What can be told of a callback URL without resolving its host: an absolute https URL
-    (http only where allowed), and not a private, loopback or link-local address literal
-    unless allow-listed. Producers check this when a job is submitted; ``check_url`` (and
-    the callbacks session's resolver) check the addresses a name resolves to at delivery."""
+    (http only where allowed), without credentials (``user:pass@``, or a query parameter
+    named like a token, key, secret, signature, password or auth), and not an address literal
+    that is not globally routable unless allow-listed. Producers check this when a job is
+    submitted; ``check_url`` (and the callbacks session's resolver and sockets) check the
+    addresses a name resolves to at delivery."""
     parts = urlsplit(url)
+    # Before anything that quotes the URL back: its credentials must not reach a message.
+    _refuse_credentials(parts)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise UnsafeCallbackUrl(f"callback URL must be an absolute https URL: {url!r}")
     if parts.scheme == "http" and not allow_http:
@@ -246,10 +342,10 @@ async def check_url(url: str, *, allow_http: bool, allowed_hosts: Sequence[str])
 class PolicyResolver(AbstractResolver):
     """aiohttp's resolver, refusing the addresses ``check_url`` refuses.
 
-    The callbacks session connects only to addresses this returned, so the address
-    connected to is the address checked, whatever the name resolves to by then. (IP
-    literals do not go through a resolver; ``check_url`` has checked them, and they cannot
-    change.) Raises ``UnsafeCallbackUrl``, which aiohttp lets through unwrapped.
+    The callbacks session connects only to addresses this returned (or to IP literals, which
+    skip resolvers: ``PolicySockets`` checks every address connected to), so the address
+    connected to is the address checked, whatever the name resolves to by then. Raises
+    ``UnsafeCallbackUrl``, which aiohttp lets through unwrapped.
     """
 
     def __init__(
@@ -257,25 +353,59 @@ class PolicyResolver(AbstractResolver):
     ) -> None:
         self._allowed = tuple(allowed_hosts)
         self._resolver = resolver or DefaultResolver()
+        # Addresses that allow-listed names resolved to: the sockets let these through.
+        self.vouched: set[str] = set()
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         results = await self._resolver.resolve(host, port, family)
-        check_addresses(host, [r["host"] for r in results], self._allowed)
+        addresses = [r["host"] for r in results]
+        check_addresses(host, addresses, self._allowed)
+        if _host_allowed(host, self._allowed):
+            self.vouched.update(_canonical(a) for a in addresses)
         return results
 
     async def close(self) -> None:
         await self._resolver.close()
 
 
+class PolicySockets:
+    """The callbacks connector's socket factory: the last check, on the address a socket is
+    about to connect to, whether it came from a name or from an IP literal in the URL.
+
+    An address passes if it is globally routable, listed itself in the allow-list, or what an
+    allow-listed name resolved to (``PolicyResolver.vouched``). Raises ``UnsafeCallbackUrl``
+    before the socket exists; aiohttp (through aiohappyeyeballs) lets it through unwrapped.
+    """
+
+    def __init__(self, *, allowed_hosts: Sequence[str], resolver: PolicyResolver) -> None:
+        self._allowed = tuple(allowed_hosts)
+        self._resolver = resolver
+
+    def __call__(self, addr_info: AddrInfoType) -> socket.socket:
+        family, type_, proto, _, sockaddr = addr_info
+        address = str(sockaddr[0])
+        if not (
+            address_public(address)
+            or _host_allowed(address, self._allowed)
+            or _canonical(address) in self._resolver.vouched
+        ):
+            raise _refuse(address, address)
+        return socket.socket(family=family, type=type_, proto=proto)
+
+
 def open_session(
     settings: CallbackSettings, *, resolver: AbstractResolver | None = None
 ) -> aiohttp.ClientSession:
     """The HTTP session for callbacks (one per worker, apart from the providers' session):
-    every connection it opens passes the URL policy. Call it in the loop that will use it."""
+    every connection it opens passes the URL policy. Call it in the loop that will use it.
+
+    Needs aiohttp 3.12 or later (``socket_factory``)."""
+    policy = PolicyResolver(allowed_hosts=settings.allowed_hosts, resolver=resolver)
     connector = aiohttp.TCPConnector(
-        resolver=PolicyResolver(allowed_hosts=settings.allowed_hosts, resolver=resolver),
+        resolver=policy,
+        socket_factory=PolicySockets(allowed_hosts=settings.allowed_hosts, resolver=policy),
         limit=200,
         limit_per_host=20,
         ttl_dns_cache=60,
@@ -312,7 +442,11 @@ async def deliver(
             timeout=aiohttp.ClientTimeout(total=timeout_s),
             allow_redirects=False,  # a body is never followed across a redirect
         ) as resp:
-            await resp.read()
+            # Nothing in a receiver's answer is used but its status: read a little (so a
+            # short answer leaves the connection reusable) and drop the connection on more.
+            await resp.content.read(MAX_RESPONSE_BODY)
+            if not resp.content.at_eof():
+                resp.close()
             status = resp.status
             retry_after = resp.headers.get("Retry-After")
     except TimeoutError as exc:

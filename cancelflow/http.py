@@ -30,6 +30,11 @@ from cancelflow.logging import get_logger
 
 log = get_logger(__name__)
 
+# The most of a provider's answer read into memory: an answer is a small JSON (or XML)
+# document; a larger one is a ProviderProtocolError, raised as soon as the limit is passed
+# (a declared Content-Length above it is refused before any of the body is read).
+MAX_PROVIDER_BODY = 1024 * 1024
+
 # An observer gets (provider, HTTP method, status or error kind, seconds); metrics plug in
 # here. Paths are left out: they carry subscription ids, one label value per subscription.
 CallObserver = Callable[[str, str, str, float], None]
@@ -85,8 +90,10 @@ class ProviderHttp:
         observer: CallObserver | None = None,
         guard: ProviderGuard | None = None,
         may_send: Callable[[], bool] | None = None,
+        max_body_bytes: int = MAX_PROVIDER_BODY,
     ) -> None:
         self._guard = guard
+        self._max_body = max_body_bytes
         # False while this process's heartbeat is stale (worker.leases): no request may
         # start then, or it could overlap the one of a process that took the step over.
         self._may_send = may_send
@@ -179,7 +186,16 @@ class ProviderHttp:
                 timeout=self._timeout,
                 allow_redirects=False,
             ) as resp:
-                body = await resp.read()
+                body = await _read_at_most(resp, self._max_body)
+                if body is None:
+                    self._observe(name, "body_too_large", started)
+                    raise ProviderProtocolError(
+                        f"provider answered {resp.status} with a body larger than "
+                        f"{self._max_body} bytes",
+                        provider=self.provider,
+                        status=resp.status,
+                        may_have_acted=True,
+                    )
                 response = HttpResponse(resp.status, dict(resp.headers), body)
         except TimeoutError as exc:
             self._observe(name, "timeout", started)
@@ -250,6 +266,23 @@ class ProviderHttp:
             field=field,
             body=response.text[:500],
         )
+
+
+async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The body if it is at most ``limit`` bytes, else None, having read at most limit + 1
+    (the connection is closed rather than drained: aiohttp then discards the rest)."""
+    if resp.content_length is not None and resp.content_length > limit:
+        resp.close()
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await resp.content.read(min(64 * 1024, limit + 1 - size)):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            resp.close()
+            return None
+    return b"".join(chunks)
 
 
 # Failures that happen before a byte of the request is sent: connecting (refused, DNS, TLS,

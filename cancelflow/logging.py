@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any, Literal
@@ -11,43 +13,100 @@ import structlog
 
 LogFormat = Literal["auto", "json", "console"]
 
-# Keys whose values never reach a log line, whatever the caller passes.
-_SECRET_KEYS = frozenset(
+# A key is secret if one of its words (split at camelCase, snake_case, kebab-case, dots) is
+# one of these, or if, with the separators dropped, it contains one of ``_SECRET_PARTS``
+# ("apikey", "refreshtoken", "setcookie" written as one word). "key" and "auth" count as whole
+# words only, so "monkey" or "author" pass.
+_SECRET_WORDS = frozenset(
     {
+        "auth",
         "authorization",
-        "access_token",
-        "token",
-        "client_secret",
-        "consumer_secret",
-        "api_key",
-        "x-api-key",
+        "cookie",
+        "cookies",
+        "credential",
+        "credentials",
+        "key",
+        "keys",
+        "passphrase",
+        "passwd",
         "password",
         "secret",
-        "callback_secret",
+        "secrets",
         "signature",
+        "token",
+        "tokens",
     }
 )
+_SECRET_PARTS = (
+    "apikey",
+    "authorization",
+    "cookie",
+    "credential",
+    "passwd",
+    "password",
+    "secret",
+    "signature",
+    "token",
+)
+_WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 REDACTED = "[redacted]"
 
 
-def redact(value: Any) -> Any:
-    """Return ``value`` with every secret-looking key's value replaced, recursively."""
+@functools.lru_cache(maxsize=4096)
+def is_secret_key(key: str) -> bool:
+    """Whether a value under ``key`` is a secret, in any case or style (``refresh_token``,
+    ``apiKey``, ``X-Api-Key``, ``oauth_signature``, ``Set-Cookie``)."""
+    words = {w.lower() for w in _WORDS.findall(key)}
+    if words & _SECRET_WORDS:
+        return True
+    compact = "".join(ch for ch in key.lower() if ch.isalnum())
+    return any(part in compact for part in _SECRET_PARTS)
+
+
+def _container(value: Any) -> dict[Any, Any] | list[Any] | None:
     if isinstance(value, dict):
-        return {
-            k: (REDACTED if str(k).lower() in _SECRET_KEYS else redact(v)) for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
+        return {}
+    if isinstance(value, list | tuple):
+        return []
+    return None
+
+
+def redact(value: Any) -> Any:
+    """Return ``value`` with every secret-looking key's value replaced, at any depth.
+
+    Iterative, not recursive: a provider's answer nested thousands deep is redacted too
+    rather than raising ``RecursionError``. Tuples come back as lists (as JSON would).
+    """
+    root = _container(value)
+    if root is None:
+        return value
+    pending: list[tuple[Any, dict[Any, Any] | list[Any]]] = [(value, root)]
+    while pending:
+        source, target = pending.pop()
+        pairs = source.items() if isinstance(source, dict) else enumerate(source)
+        for k, v in pairs:
+            if isinstance(source, dict) and is_secret_key(str(k)):
+                out: Any = REDACTED
+            else:
+                out = _container(v)
+                if out is None:
+                    out = v
+                else:
+                    pending.append((v, out))
+            if isinstance(target, dict):
+                target[k] = out
+            else:
+                target.append(out)
+    return root
 
 
 def _redact_processor(
     _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
     for key in list(event_dict):
-        if key.lower() in _SECRET_KEYS:
+        if key != "event" and is_secret_key(key):
             event_dict[key] = REDACTED
-        elif isinstance(event_dict[key], dict | list):
+        elif isinstance(event_dict[key], dict | list | tuple):
             event_dict[key] = redact(event_dict[key])
     return event_dict
 

@@ -18,6 +18,9 @@ methods and answers::
   jobs; pass your own key, an order id, to be safe across process restarts too) and decisions
   (a repeated one is recognised). ``RetryPolicy`` bounds the attempts and the total time; the
   last error names the API's address.
+- Redirects are followed, but the token is sent only to the API's own origin: a redirect to
+  another scheme, host or port is followed without ``Authorization`` (as aiohttp, which the
+  asyncio client uses, does by itself).
 """
 
 from __future__ import annotations
@@ -457,6 +460,36 @@ def _path(job_id: str) -> str:
 # --- blocking -------------------------------------------------------------------------------
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or default
+
+
+class _SameOriginCredentials(urllib.request.HTTPRedirectHandler):
+    """The standard library's redirects, minus the token on the way to another origin
+    (urllib copies every header of the request to the redirected one, ``Authorization`` too).
+    """
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(new.full_url) != _origin(req.full_url):
+            for name in [k for k in new.headers if k.lower() in ("authorization", "cookie")]:
+                new.remove_header(name)
+        return new
+
+
+_OPENER = urllib.request.build_opener(_SameOriginCredentials)
+
+
 class CancelflowClient(_Base):
     """The blocking client (standard library HTTP); safe to share between threads."""
 
@@ -583,7 +616,7 @@ class CancelflowClient(_Base):
             self._url(call), data=data, method=call.method, headers=self._headers(call)
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:  # noqa: S310
+            with _OPENER.open(request, timeout=self.timeout_s) as resp:
                 return _Answer(resp.status, _lower(resp.headers.items()), resp.read())
         except urllib.error.HTTPError as exc:
             with exc:

@@ -19,6 +19,7 @@ from cancelflow.logging import redact
 from cancelflow.providers.base import (
     Confirmation,
     Eligibility,
+    PathSegment,
     ProviderSettings,
     ProviderSpec,
     SubscriptionRef,
@@ -34,7 +35,8 @@ MAX_ERROR_BODY = 64 * 1024
 
 # Ids go into the signed URL's path as they are: only URL-unreserved characters, so the URL
 # we sign is byte for byte the URL sent (no percent-encoding for a client to get wrong).
-SubscriptionId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._~-]{1,128}$")]
+# "." and ".." are unreserved too, but as a segment they move the request to another resource.
+SubscriptionId = Annotated[PathSegment, StringConstraints(pattern=r"^[A-Za-z0-9._~-]{1,128}$")]
 
 
 class AppDirectRef(SubscriptionRef):

@@ -20,6 +20,7 @@ from cancelflow.logging import redact
 from cancelflow.providers.base import (
     Confirmation,
     Eligibility,
+    PathSegment,
     ProviderSettings,
     ProviderSpec,
     SubscriptionRef,
@@ -49,7 +50,9 @@ CANCEL_EFFECTS: dict[str, dict[str, Any]] = {
 class AxelSpringerRef(SubscriptionRef):
     identity_fields: ClassVar[tuple[str, ...]] = ("purchase_ref",)
 
-    purchase_ref: str = Field(min_length=1, max_length=200)
+    # Quoted into one path segment; still refused if it is "." or "..", or carries a separator
+    # or an escape that a proxy or the provider could decode into one.
+    purchase_ref: PathSegment = Field(min_length=1, max_length=200)
 
 
 class AxelSpringerSettings(ProviderSettings):

@@ -24,6 +24,7 @@ from cancelflow.logging import redact
 from cancelflow.providers.base import (
     Confirmation,
     Eligibility,
+    PathSegment,
     ProviderSettings,
     ProviderSpec,
     SubscriptionRef,
@@ -66,7 +67,9 @@ Uuid = Annotated[
 class AzotteRef(SubscriptionRef):
     identity_fields: ClassVar[tuple[str, ...]] = ("order_identifier",)
 
-    order_identifier: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    # Sent in a JSON body today, but held to the rule of every reference: it stays one path
+    # segment's worth of text, whatever Azotte or a proxy in front of it does with it.
+    order_identifier: Annotated[PathSegment, StringConstraints(min_length=1, max_length=200)]
     cancelation_method: CancelationMethod = "Normal"
 
 

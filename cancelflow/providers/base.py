@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Annotated, Any, ClassVar, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, SecretStr
 
 from cancelflow.contract import JobRecord, Offer, Outcome
 from cancelflow.http import ProviderHttp
@@ -36,6 +36,33 @@ class ProviderSettings(BaseModel):
     callback_url: HttpUrl | None = None
     callback_secret: SecretStr | None = None
     callback_secret_previous: SecretStr | None = None
+
+
+def _no_control_characters(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty or blank")
+    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 for ch in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+# Characters that, in one path segment, would change the path or its meaning once a server
+# or proxy decodes or normalises it: separators (also as backslash), percent-escapes (%2f,
+# %2e%2e), and the starts of a query or a fragment.
+_PATH_CHANGING = frozenset("/\\%?#")
+
+
+def _path_segment(value: str) -> str:
+    _no_control_characters(value)
+    if value in (".", ".."):
+        raise ValueError("must not be a dot segment ('.' or '..')")
+    if found := sorted(_PATH_CHANGING.intersection(value)):
+        raise ValueError(f"must not contain {' '.join(found)}: it would change the request path")
+    return value
+
+
+# A reference that becomes one segment of a request path: it must stay exactly one segment.
+PathSegment = Annotated[str, AfterValidator(_path_segment)]
 
 
 class SubscriptionRef(BaseModel):

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from typing import Any
 
 import pytest
 import structlog
@@ -54,3 +56,97 @@ def test_celery_task_lines_show_at_debug_only() -> None:
     finally:
         logging.getLogger().handlers.clear()
         structlog.reset_defaults()
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "refresh_token",
+        "access_token",
+        "apiKey",
+        "api_key",
+        "apikey",
+        "X-Api-Key",
+        "x-api-key",
+        "oauth_signature",
+        "Set-Cookie",
+        "cookie",
+        "Authorization",
+        "proxy-authorization",
+        "clientSecret",
+        "CLIENT_SECRET",
+        "password",
+        "userPassword",
+        "db.password",
+        "auth",
+        "X-Auth",
+        "idToken",
+        "sessionToken",
+        "refreshtoken",
+        "consumer_key",
+        "privateKey",
+        "callback_secret_previous",
+    ],
+)
+def test_secret_keys_are_recognised_in_any_case_or_style(key: str) -> None:
+    assert redact({key: "s3cr3t"}) == {key: REDACTED}
+
+
+@pytest.mark.parametrize(
+    "key", ["status", "subscription_id", "monkey", "author", "keyboard_layout", "expires_in"]
+)
+def test_ordinary_keys_pass(key: str) -> None:
+    assert redact({key: "v"}) == {key: "v"}
+
+
+def test_hostile_shapes_nested_lists_and_tuples() -> None:
+    data = {
+        "a": [[{"b": ({"refreshToken": "x1"}, {"ok": [1, 2, {"Set-Cookie": "x2"}]})}]],
+        "apiKey": {"nested": "x3"},  # a secret key hides its whole value, whatever it is
+        5: "not a string key",
+    }
+    assert redact(data) == {
+        "a": [[{"b": [{"refreshToken": REDACTED}, {"ok": [1, 2, {"Set-Cookie": REDACTED}]}]}]],
+        "apiKey": REDACTED,
+        5: "not a string key",
+    }
+    assert data["apiKey"] == {"nested": "x3"}  # the input is not modified
+
+
+def test_deep_nesting_is_redacted_without_recursion_error() -> None:
+    depth = 50_000
+    deep: Any = {"token": "x"}
+    for _ in range(depth):
+        deep = {"next": [deep]}
+    out = redact(deep)
+    for _ in range(depth):
+        out = out["next"][0]
+    assert out == {"token": REDACTED}
+
+
+def test_a_huge_answer_is_redacted_in_linear_time() -> None:
+    huge = {"items": [{"id": i, "apiKey": f"k{i}", "name": f"n{i}"} for i in range(200_000)]}
+    started = time.perf_counter()
+    out = redact(huge)
+    assert time.perf_counter() - started < 5
+    assert out["items"][123_456] == {"id": 123_456, "apiKey": REDACTED, "name": "n123456"}
+    assert "k199999" not in json.dumps(out)
+
+
+def test_log_fields_are_redacted_by_pattern(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging(fmt="json", level="INFO")
+    try:
+        get_logger("t").info(
+            "provider.http_response",
+            refresh_token="sekrit1",
+            apiKey="sekrit2",
+            headers={"Set-Cookie": "sekrit3", "X-Api-Key": "sekrit4", "Accept": "json"},
+            status=200,
+        )
+    finally:
+        logging.getLogger().handlers.clear()
+        structlog.reset_defaults()
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert "sekrit" not in json.dumps(line)
+    assert line["event"] == "provider.http_response" and line["status"] == 200
+    assert line["headers"]["Accept"] == "json"
