@@ -99,10 +99,11 @@ Query = TypeVar("Query", bound=BaseModel)
 REDIS_OUTAGE = (RedisConnectionError, RedisTimeoutError, BrokerError, TimeoutError)
 # A Redis restart or failover takes seconds: clients come back after this many.
 RETRY_AFTER_S = 5
-# Failed authentications per client address: a caller with a typo retries a few times, a
-# guesser is held to this rate. Fixed on purpose: it is not a knob to loosen.
+# Failed authentications per client address: a caller with a typo retries a few times (and
+# clients behind one NAT share an address), a guesser is held to 10 a second. Fixed on
+# purpose: it is not a knob to loosen.
 AUTH_FAILURES_PER_S = 10.0
-AUTH_FAILURES_BURST = 20
+AUTH_FAILURES_BURST = 100
 TOKEN = web.RequestKey("token", object)
 
 
