@@ -48,7 +48,7 @@ def test_each_bad_form_is_refused_at_start_up_without_echoing_it(
 
 def test_a_name_or_secret_listed_twice_is_refused(env: pytest.MonkeyPatch) -> None:
     env.setenv("CANCELFLOW_API_TOKENS", "ops=one-secret,ops=other-secret")
-    with pytest.raises(ConfigError, match="CANCELFLOW_API_TOKENS.*used twice"):
+    with pytest.raises(ConfigError, match=r"CANCELFLOW_API_TOKENS.*used twice"):
         load_settings()
     env.setenv("CANCELFLOW_API_TOKENS", "a=same-secret,b=same-secret:read")
     with pytest.raises(ConfigError, match="same secret") as err:
