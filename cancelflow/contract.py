@@ -207,6 +207,9 @@ class JobRecord(BaseModel):
     decision: Decision | None = None
     timeline: list[TimelineEntry] = Field(default_factory=list)
     callbacks: list[CallbackAttempt] = Field(default_factory=list)
+    # Callback URLs of requests that joined this job while it was in flight: each is sent
+    # the job's events too, as a target of its own.
+    extra_callbacks: list[str] = Field(default_factory=list)
     created_at: str
     updated_at: str
     # The worker process running the job's step now, if one is (see worker.leases).

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,6 +34,46 @@ BLOCKING_READ_MARGIN_S = 1.0
 # An idle Redis connection is PINGed before reuse after this long (kombu's default, which
 # kombu also uses to drop a BRPOP connection whose reply is overdue).
 REDIS_HEALTH_CHECK_INTERVAL_S = 25
+
+# An API token entry in CANCELFLOW_API_TOKENS: ``[name=]secret[:scope]``, scope exactly
+# ``read`` or ``write`` (no scope: ``write``, as before scopes were checked). A name is shown in
+# logs instead of the secret, and scopes the token's idempotency keys; a secret holds none of
+# ``=``, ``:`` or ``,``, so every entry has one reading and anything else is refused.
+TOKEN_SCOPES = ("read", "write")
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_TOKEN_SECRET = re.compile(r"[\x21-\x7e]{1,512}")
+_TOKEN_SECRET_FORBIDDEN = frozenset("=:,")
+
+
+@dataclass(frozen=True)
+class TokenEntry:
+    """One parsed CANCELFLOW_API_TOKENS entry; ``name`` is None when none was given."""
+
+    name: str | None
+    secret: str
+    scope: Literal["read", "write"]
+
+
+def parse_token_entry(value: str) -> TokenEntry:
+    """The entry as ``[name=]secret[:scope]``; ``ValueError`` saying what is wrong with it,
+    never quoting it (it holds a secret)."""
+    name: str | None = None
+    rest = value
+    if "=" in value:
+        name, _, rest = value.partition("=")
+        if not _TOKEN_NAME.fullmatch(name):
+            raise ValueError(
+                "a name (before '=') is 1-64 of A-Z a-z 0-9 _ . - (letter or digit first)"
+            )
+    secret, sep, scope = rest.partition(":")
+    if sep and scope not in TOKEN_SCOPES:
+        raise ValueError("the scope (after ':') must be exactly 'read' or 'write', lower case")
+    if any(c in _TOKEN_SECRET_FORBIDDEN for c in secret) or not _TOKEN_SECRET.fullmatch(secret):
+        raise ValueError(
+            "the secret must be 1-512 printable ASCII characters without spaces, '=', ':' or ','"
+            " (form: [name=]secret[:read|write])"
+        )
+    return TokenEntry(name=name, secret=secret, scope="read" if scope == "read" else "write")
 
 
 def _providers_model() -> type[BaseModel]:
@@ -168,6 +210,28 @@ class Settings(BaseSettings):
     def _split_tokens(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [t.strip() for t in value.split(",") if t.strip()]
+        return value
+
+    @field_validator("api_tokens")
+    @classmethod
+    def _tokens_well_formed(cls, value: list[SecretStr]) -> list[SecretStr]:
+        # Fail closed: an entry that is not exactly ``[name=]secret[:read|write]`` stops
+        # start-up rather than being read as something it may not mean (``tok:Read`` as a
+        # write token). Messages give the entry's position, never its text.
+        names: set[str] = set()
+        secrets: set[str] = set()
+        for n, raw in enumerate(value, start=1):
+            try:
+                entry = parse_token_entry(raw.get_secret_value())
+            except ValueError as exc:
+                raise ValueError(f"entry {n}: {exc}") from None
+            if entry.name is not None:
+                if entry.name in names:
+                    raise ValueError(f"entry {n}: the name {entry.name!r} is used twice")
+                names.add(entry.name)
+            if entry.secret in secrets:
+                raise ValueError(f"entry {n}: the same secret is listed twice")
+            secrets.add(entry.secret)
         return value
 
     @model_validator(mode="after")

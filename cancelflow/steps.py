@@ -624,20 +624,40 @@ class CallbackGiveUp(CancelflowError):
     """A callback was refused for good or its retry horizon has passed."""
 
 
-# A job's callback targets: its callback URL, and each of its provider's hooks
-# ("hook:<name>", see cancelflow.hooks). Attempts are recorded per target.
+# A job's callback targets: its callback URL ("webhook"), the callback URL of each request
+# that joined it in flight ("url:<url>", from the job's ``extra_callbacks``), and each of its
+# provider's hooks ("hook:<name>", see cancelflow.hooks). Attempts are recorded per target
+# (an attempt's ``url`` tells its target), so each retries and dead-letters alone.
 WEBHOOK = "webhook"
+URL_TARGET_PREFIX = "url:"
 # A target with an attempt that ended so is never sent the event again.
 _DONE = frozenset({"delivered", "skipped"})
 
 
-def _target(attempt: CallbackAttempt) -> str:
+def _extra_urls(deps: Deps, job: JobRecord) -> list[str]:
+    """The joiners' callback URLs that are targets of their own: not the job's own URL,
+    which is sent the event as "webhook" already."""
+    own = _webhook_url(deps, job)
+    return [url for url in dict.fromkeys(job.extra_callbacks) if url != own]
+
+
+def _target(attempt: CallbackAttempt, extras: list[str]) -> str:
     url = attempt.url or ""
-    return url if url.startswith(hooks.TARGET_PREFIX) else WEBHOOK
+    if url.startswith(hooks.TARGET_PREFIX):
+        return url
+    return URL_TARGET_PREFIX + url if url in extras else WEBHOOK
 
 
-def _history(job: JobRecord, eid: str, target: str) -> list[CallbackAttempt]:
-    return [c for c in job.callbacks if c.event_id == eid and _target(c) == target]
+def _target_url(deps: Deps, job: JobRecord, target: str) -> str | None:
+    """Where ``target`` is sent (a hook's own name for a hook)."""
+    if target == WEBHOOK:
+        return _webhook_url(deps, job)
+    return target.removeprefix(URL_TARGET_PREFIX)
+
+
+def _history(deps: Deps, job: JobRecord, eid: str, target: str) -> list[CallbackAttempt]:
+    extras = _extra_urls(deps, job)
+    return [c for c in job.callbacks if c.event_id == eid and _target(c, extras) == target]
 
 
 def _since_dead_letter(history: list[CallbackAttempt]) -> list[CallbackAttempt]:
@@ -646,8 +666,8 @@ def _since_dead_letter(history: list[CallbackAttempt]) -> list[CallbackAttempt]:
     return history[last + 1 :]
 
 
-def _pending(job: JobRecord, eid: str, target: str, *, replay: bool) -> bool:
-    history = _history(job, eid, target)
+def _pending(deps: Deps, job: JobRecord, eid: str, target: str, *, replay: bool) -> bool:
+    history = _history(deps, job, eid, target)
     if any(c.result in _DONE for c in history):
         return False  # a redelivered or retried message: this target already has the event
     # A dead-lettered target waits for an operator's replay (a message scoped to it).
@@ -664,7 +684,9 @@ async def callback(deps: Deps, job_id: str, event: str, *, attempt: int = 0) -> 
     provider's in-process hooks.
 
     ``event`` is "outcome" or "offer_presented", or one of them scoped to one target
-    ("outcome@webhook", "outcome@hook:<name>") as a replayed dead letter sends it. Targets
+    ("outcome@webhook", "outcome@url:<url>", "outcome@hook:<name>") as a replayed dead
+    letter sends it; "url:<url>" targets are the callback URLs of requests that joined the
+    job (``extra_callbacks``), signed as the job's own. Targets
     are independent: one that has the event is not sent it again, one that gives up (unsafe
     URL, a 4xx, the horizon passed) is dead-lettered alone, and while any other may still
     succeed ``CallbackRetryable`` is raised so the task retries those with backoff.
@@ -679,8 +701,12 @@ async def callback(deps: Deps, job_id: str, event: str, *, attempt: int = 0) -> 
         targets = [only]
     else:
         provider_hooks = hooks.for_provider(deps.hooks, job.provider)
-        targets = [WEBHOOK, *(h.target for h in provider_hooks)]
-    pending = [t for t in targets if _pending(job, body["id"], t, replay=bool(only))]
+        targets = [
+            WEBHOOK,
+            *(URL_TARGET_PREFIX + url for url in _extra_urls(deps, job)),
+            *(h.target for h in provider_hooks),
+        ]
+    pending = [t for t in targets if _pending(deps, job, body["id"], t, replay=bool(only))]
     settles = kind == EVENT_OUTCOME and not only
     # One target (the common case): its delivery settles the job in the same round trip.
     settle_with = settles and len(pending) == 1
@@ -716,7 +742,7 @@ async def _deliver(
     """One attempt at one target, recorded on the job: the error to retry on, if any, or
     ``SETTLED`` when ``settle`` is set and the delivery settled the job with its record."""
     eid, etype = body["id"], body["type"]
-    url = _webhook_url(deps, job) if target == WEBHOOK else target
+    url = _target_url(deps, job, target)
     fields = {"target": target, "event_type": etype, "event_id": eid}
 
     async def note(
@@ -744,7 +770,7 @@ async def _deliver(
         )
 
     try:
-        if target != WEBHOOK:
+        if target.startswith(hooks.TARGET_PREFIX):
             status, elapsed = None, await _run_hook(deps, job, target, body)
         elif url is None:
             await note("skipped", error="no callback URL for the job or its provider")
@@ -761,7 +787,7 @@ async def _deliver(
         return None
     except callbacks.CallbackRetryable as exc:
         await note("failed", exc.elapsed_s, http_status=exc.status, error=str(exc))
-        window = _since_dead_letter(_history(job, eid, target))
+        window = _since_dead_letter(_history(deps, job, eid, target))
         first = datetime.fromisoformat(window[0].at) if window else utcnow()
         horizon = deps.settings.callbacks.horizon_s
         if (utcnow() - first).total_seconds() >= horizon:
@@ -819,8 +845,8 @@ async def dead_letter_callback(
     target = target or WEBHOOK
     etype = callbacks.event_type(job, kind) or kind
     eid = callbacks.event_id(job, etype)
-    url = _webhook_url(deps, job) if target == WEBHOOK else target
-    attempts = _since_dead_letter(_history(job, eid, target))
+    url = _target_url(deps, job, target)
+    attempts = _since_dead_letter(_history(deps, job, eid, target))
     dl = await deps.dead_letters.add(
         DeadLetter(
             kind="callback",

@@ -4,7 +4,9 @@ Keys (all under ``cf:``):
   job:{id}            hash: status, request, outcome, offer, decision, timestamps
   job:{id}:timeline   list of JSON timeline entries
   job:{id}:callbacks  list of JSON callback attempts
-  idem:{sha256(key)}  "job_id|fingerprint" of the request that first used the key
+  idem:{sha256(namespace NUL key)}  "job_id|fingerprint" of the request that first used the
+                      key in its namespace (an API token's, or a producer's: "billing")
+  idem:{sha256(key)}  the same, written before keys had namespaces (read only, see ``create``)
   inflight:{provider}:{sha256(identity)}  the job currently cancelling that subscription
   jobs                sorted set of job ids by creation time (for listing)
 """
@@ -68,14 +70,31 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
 }
 REPLAYABLE_TO = frozenset({Status.QUEUED, Status.CONFIRMING})
 
+# The idempotency namespace of a caller that names none (tools, tests): not an API token's,
+# not a producer's.
+DEFAULT_NAMESPACE = "default"
+# A joined job keeps at most this many joiners' callback URLs (``extra_callbacks``).
+MAX_EXTRA_CALLBACKS = 16
+
+# KEYS: job, timeline, idempotency key (namespaced, or ''), in-flight marker, the three
+# indexes, the key's pre-namespace form (or ''). ARGV: job id, fingerprint, idempotency TTL,
+# in-flight TTL, now, timeline entry, the job key prefix, the caller's callback URL (or ''),
+# the most extra callbacks a job keeps, then the hash's fields.
+# A pre-namespace key counts only for the same body: with another body it is taken for
+# another caller's key in the old shared namespace, not for a conflict.
 _CREATE = """
 if KEYS[3] ~= '' then
   local v = redis.call('GET', KEYS[3])
+  local legacy = false
+  if not v and KEYS[8] ~= '' then
+    v = redis.call('GET', KEYS[8])
+    legacy = true
+  end
   if v then
     local sep = string.find(v, '|', 1, true)
     local id = string.sub(v, 1, sep - 1)
-    if string.sub(v, sep + 1) ~= ARGV[2] then return {'conflict', id} end
-    return {'existing', id}
+    if string.sub(v, sep + 1) == ARGV[2] then return {'existing', id, '0'} end
+    if not legacy then return {'conflict', id, '0'} end
   end
 end
 local inflight = redis.call('GET', KEYS[4])
@@ -83,10 +102,26 @@ if inflight then
   if KEYS[3] ~= '' then
     redis.call('SET', KEYS[3], inflight .. '|' .. ARGV[2], 'EX', ARGV[3])
   end
-  return {'joined', inflight}
+  local added = '0'
+  if ARGV[8] ~= '' then
+    local joined = ARGV[7] .. inflight
+    local raw = redis.call('HGET', joined, 'extra_callbacks')
+    local urls = {}
+    if raw then urls = cjson.decode(raw) end
+    local known = false
+    for _, u in ipairs(urls) do if u == ARGV[8] then known = true end end
+    if known then
+      added = '1'
+    elseif #urls < tonumber(ARGV[9]) then
+      urls[#urls + 1] = ARGV[8]
+      redis.call('HSET', joined, 'extra_callbacks', cjson.encode(urls))
+      added = '1'
+    end
+  end
+  return {'joined', inflight, added}
 end
 local fields = {}
-for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('RPUSH', KEYS[2], ARGV[6])
 redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[4])
@@ -96,7 +131,7 @@ end
 redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])
 redis.call('ZADD', KEYS[6], ARGV[5], ARGV[1])
 redis.call('ZADD', KEYS[7], ARGV[5], ARGV[1])
-return {'created', ARGV[1]}
+return {'created', ARGV[1], '0'}
 """
 
 # Every move of a job is this one script, so each step costs as few round trips as it can.
@@ -238,6 +273,9 @@ class Created:
     # "created", "existing" (same idempotency key and body), or "joined" (a job was already
     # cancelling that subscription).
     how: str
+    # Joined with a callback URL: whether the job will deliver its events there too (False
+    # when the job already keeps ``MAX_EXTRA_CALLBACKS`` of them).
+    callback_added: bool = False
 
 
 @dataclass(frozen=True)
@@ -316,15 +354,30 @@ class JobStore:
         self._marks: list[str] = []
         self._marking: asyncio.Task[None] | None = None
 
-    async def create(self, request: CancellationRequest, *, identity: str) -> Created:
-        """Record a new queued job, or return the job the request joins or repeats."""
+    async def create(
+        self,
+        request: CancellationRequest,
+        *,
+        identity: str,
+        namespace: str = DEFAULT_NAMESPACE,
+    ) -> Created:
+        """Record a new queued job, or return the job the request joins or repeats.
+
+        The idempotency key is the caller's own within ``namespace`` (an API token's, or
+        "billing"): two callers' keys never meet. Keys recorded before namespaces existed
+        (``idem:{sha256(key)}``) are still found for the same body until they expire (the
+        idempotency TTL), so a retry across the upgrade makes no second job; with another
+        body they are ignored. A request that joins an in-flight job adds its callback URL
+        to the job's ``extra_callbacks``, in the same script."""
         job_id = new_job_id()
         now = utcnow()
         at = isoformat(now)
         entry_json = _dump(
             TimelineEntry(at=at, step="enqueue", event="queued", status=Status.QUEUED)
         )
-        idem = f"{PREFIX}idem:{_sha(request.idempotency_key)}" if request.idempotency_key else ""
+        key = request.idempotency_key
+        idem = f"{PREFIX}idem:{_sha(namespace + chr(0) + key)}" if key else ""
+        legacy = f"{PREFIX}idem:{_sha(key)}" if key else ""
         fields = {
             "id": job_id,
             "provider": request.provider,
@@ -333,7 +386,7 @@ class JobStore:
             "created_at": at,
             "updated_at": at,
         }
-        how, found = await self._create(
+        how, found, added = await self._create(
             keys=[
                 job_key(job_id),
                 f"{job_key(job_id)}:timeline",
@@ -342,6 +395,7 @@ class JobStore:
                 JOBS_INDEX,
                 UNDISPATCHED,
                 ACTIVE,
+                legacy,
             ],
             args=[
                 job_id,
@@ -350,6 +404,9 @@ class JobStore:
                 INFLIGHT_TTL_S,
                 now.timestamp(),
                 entry_json,
+                job_key(""),
+                str(request.callback_url) if request.callback_url else "",
+                MAX_EXTRA_CALLBACKS,
                 *[item for pair in fields.items() for item in pair],
             ],
         )
@@ -359,7 +416,7 @@ class JobStore:
         if how == "created":
             # Exactly what the script wrote: no round trip to read it back.
             return Created(job=_record(fields, [entry_json], []), how=how)
-        return Created(job=await self.get(found), how=how)
+        return Created(job=await self.get(found), how=how, callback_added=_s(added) == "1")
 
     async def get(self, job_id: str) -> JobRecord:
         """The whole record; ``JobNotFound`` if there is none (or it expired)."""
@@ -660,6 +717,7 @@ def _record(h: dict[str, str], timeline: list[Any], callbacks: list[Any]) -> Job
         decision=json.loads(h["decision"]) if h.get("decision") else None,
         timeline=[json.loads(e) for e in timeline],
         callbacks=[json.loads(c) for c in callbacks],
+        extra_callbacks=json.loads(h.get("extra_callbacks") or "[]"),
         created_at=h["created_at"],
         updated_at=h["updated_at"],
         held_by=h.get("held_by"),

@@ -6,6 +6,15 @@ nothing secret) and ``POST /v1/billing-events`` (signed by the billing system in
 token is rate-limited (``ratelimit``); bodies over ``api.max_body_bytes`` get 413; every error
 is ``application/problem+json``.
 
+Tokens (``CANCELFLOW_API_TOKENS``, see ``cancelflow.settings.parse_token_entry``) are
+``[name=]secret[:read|write]``; the name is bound to the request's log context as
+``token_name``, never the secret. Failed authentication (a bad or missing bearer token, a
+billing event whose signature does not verify) is limited per client address
+(``request.remote``: behind a proxy, the proxy's) in a bucket of its own; once it is spent
+that address gets 429 before any credential it sends is looked at, so guessing stays slow.
+A billing event's signature is checked before the billing bucket is charged, so unsigned
+floods spend only their own address's failures, never the billing system's rate.
+
 Nothing a client sends makes a 5xx: JSON bodies are decoded by ``cancelflow.jsonsafe`` within
 ``api.max_json_depth`` and ``api.max_json_string_chars`` (400 otherwise); every route's query
 goes through ``parse_query`` (an unknown or malformed parameter is 422); an id in a URL that is
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import math
@@ -25,6 +35,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+import structlog
 from aiohttp import web
 from celery import Celery
 from kombu.exceptions import OperationalError as BrokerError
@@ -34,11 +45,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cancelflow import jsonsafe, metrics, steps
 from cancelflow.contract import JOB_ID_RE, Decision
-from cancelflow.errors import CancelflowError, JobNotFound
+from cancelflow.errors import CancelflowError, ConfigError, JobNotFound
 from cancelflow.guard import breaker_state
 from cancelflow.logging import get_logger
 from cancelflow.messaging import create_celery, flush_sent_events, send_step
-from cancelflow.settings import Settings
+from cancelflow.settings import Settings, parse_token_entry
 from cancelflow.store import IdempotencyConflict
 from cancelflow.wiring import build_deps, redis_client, redis_persistence, report_persistence
 from producers import listing, openapi
@@ -56,7 +67,7 @@ from producers.schemas import (
     StatsQuery,
 )
 from producers.signatures import SIGNATURE_HEADER, SignatureError, verify_signature
-from producers.submit import submit, validate_request
+from producers.submit import reserved_key, submit, validate_request
 
 log = get_logger(__name__)
 
@@ -66,6 +77,7 @@ DEPS = web.AppKey("deps", steps.Deps)
 CELERY = web.AppKey("celery", Celery)
 TOKENS = web.AppKey("tokens", list)
 LIMITER = web.AppKey("limiter", RateLimiter)
+AUTH_FAILURES = web.AppKey("auth_failures", RateLimiter)
 MAX_BODY = web.AppKey("max_body", int)
 JSON_LIMITS = web.AppKey("json_limits", jsonsafe.JsonLimits)
 RULES = web.AppKey("billing_rules", Rules)
@@ -87,22 +99,48 @@ Query = TypeVar("Query", bound=BaseModel)
 REDIS_OUTAGE = (RedisConnectionError, RedisTimeoutError, BrokerError, TimeoutError)
 # A Redis restart or failover takes seconds: clients come back after this many.
 RETRY_AFTER_S = 5
+# Failed authentications per client address: a caller with a typo retries a few times (and
+# clients behind one NAT share an address), a guesser is held to 10 a second. Fixed on
+# purpose: it is not a knob to loosen.
+AUTH_FAILURES_PER_S = 10.0
+AUTH_FAILURES_BURST = 100
+TOKEN = web.RequestKey("token", object)
 
 
 @dataclass(frozen=True)
 class ApiToken:
-    secret: str
+    secret: bytes
     scope: Scope
+    # Shown in logs instead of the secret: the configured name, else "unnamed-<position>".
+    name: str
+    # What its idempotency keys are scoped to: the name when it has one, else a hash of the
+    # secret (stable however the list is reordered; renaming a token changes it).
+    namespace: str
 
 
 def parse_tokens(settings: Settings) -> list[ApiToken]:
-    """``secret`` (read and write) or ``secret:read`` (read-only), comma-separated."""
+    """``[name=]secret[:read|write]`` (no scope: ``write``), comma-separated; a ``ConfigError``
+    naming CANCELFLOW_API_TOKENS (and the entry's position, never its text) otherwise."""
     tokens = []
-    for raw in settings.api_tokens:
-        value = raw.get_secret_value()
-        secret, _, scope = value.partition(":")
-        tokens.append(ApiToken(secret, "read" if scope == "read" else "write"))
+    for n, raw in enumerate(settings.api_tokens, start=1):
+        try:
+            entry = parse_token_entry(raw.get_secret_value())
+        except ValueError as exc:
+            raise ConfigError(
+                f"invalid settings:\n  CANCELFLOW_API_TOKENS: entry {n}: {exc}"
+            ) from None
+        if entry.name is not None:
+            name, namespace = entry.name, f"name:{entry.name}"
+        else:
+            digest = hashlib.sha256(entry.secret.encode()).hexdigest()
+            name, namespace = f"unnamed-{n}", f"sha256:{digest}"
+        tokens.append(ApiToken(entry.secret.encode(), entry.scope, name, namespace))
     return tokens
+
+
+def _client(request: web.Request) -> str:
+    """The address failed authentications are counted against (the TCP peer)."""
+    return request.remote or "unknown"
 
 
 def _authorised(request: web.Request) -> ApiToken | None:
@@ -114,12 +152,12 @@ def _authorised(request: web.Request) -> ApiToken | None:
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented:
         return None
-    found = None
-    for token in request.app[TOKENS]:
-        # Compare with every token in constant time, so timing tells nothing.
-        if hmac.compare_digest(token.secret.encode(), presented.strip().encode()):
-            found = token
-    return found
+    given = presented.strip().encode()
+    tokens: list[ApiToken] = request.app[TOKENS]
+    # Every configured token is compared, each in constant time, with no early exit: how
+    # long this takes tells nothing about which token (or how much of one) matched.
+    matches = [hmac.compare_digest(token.secret, given) for token in tokens]
+    return next((t for t, hit in zip(tokens, matches, strict=True) if hit), None)
 
 
 @web.middleware
@@ -172,19 +210,52 @@ async def _authorised_call(request: web.Request, handler: Any) -> web.StreamResp
     refused = _undecodable_header(request)
     if refused is not None:
         return refused
-    if request.path in SIGNED_PATHS:
-        limited = await _rate_limited(request, "signed:" + request.path)
-        if limited is not None:
-            return limited
-    elif request.path not in PUBLIC_PATHS:
-        token = _authorised(request)
-        if token is None:
-            return _unauthorised("send Authorization: Bearer <token>")
-        limited = await _rate_limited(request, "token:" + token.secret)
+    if request.path in SIGNED_PATHS or request.path in PUBLIC_PATHS:
+        # Signed routes check their signature, then their rate limit, in the handler: an
+        # HMAC cannot be guessed, so a flood of bad ones from the billing system's own
+        # address (its failures are limited) never holds back its signed events.
+        return await _handled(request, handler)
+    blocked = await _failures_spent(request)
+    if blocked is not None:
+        return blocked
+    token = _authorised(request)
+    if token is None:
+        limited = await _failed_authentication(request, "bearer token")
+        return limited or _unauthorised("send Authorization: Bearer <token>")
+    with structlog.contextvars.bound_contextvars(token_name=token.name):
+        limited = await _rate_limited(request, "token:" + token.namespace)
         if limited is not None:
             return limited
         if request.method not in ("GET", "HEAD") and token.scope != "write":
+            log.info("api.auth.forbidden", method=request.method, path=_shown(request.path))
             return problem(403, "Forbidden", "this token is read-only")
+        request[TOKEN] = token
+        return await _handled(request, handler)
+
+
+async def _failures_spent(request: web.Request) -> web.Response | None:
+    """A 429 when the client's address has spent its failed authentications (counts nothing):
+    asked before a bearer token is compared, so a guesser learns nothing once it is spent."""
+    return await _rate_limited(
+        request, "authfail:" + _client(request), limiter=AUTH_FAILURES, count=False
+    )
+
+
+async def _failed_authentication(request: web.Request, what: str) -> web.Response | None:
+    """Count one failed authentication against the client's address and log it; a 429 when
+    the address had already spent its failures."""
+    client = _client(request)
+    log.warning("api.auth.failed", credential=what, client=client, path=_shown(request.path))
+    return await _rate_limited(request, "authfail:" + client, limiter=AUTH_FAILURES)
+
+
+def _token(request: web.Request) -> ApiToken:
+    found = request[TOKEN]
+    assert isinstance(found, ApiToken)  # set by _authorised_call on every token route
+    return found
+
+
+async def _handled(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         if request.match_info.http_exception is None and handler not in _TAKES_QUERY:
             parse_query(request, NoQuery)
@@ -216,10 +287,17 @@ def _unauthorised(detail: str) -> web.Response:
     return problem(401, "Unauthorized", detail, headers={"WWW-Authenticate": "Bearer"})
 
 
-async def _rate_limited(request: web.Request, key: str) -> web.Response | None:
-    """A 429 when ``key`` has spent its rate, else None."""
+async def _rate_limited(
+    request: web.Request,
+    key: str,
+    *,
+    limiter: web.AppKey[RateLimiter] = LIMITER,
+    count: bool = True,
+) -> web.Response | None:
+    """A 429 when ``key`` has spent its rate in ``limiter``, else None (``count=False``: ask
+    without counting this request)."""
     try:
-        verdict = await request.app[LIMITER].hit(key)
+        verdict = await request.app[limiter].hit(key, count=count)
     except REDIS_OUTAGE:
         raise  # every route needs Redis: the outage is the answer
     except Exception as exc:
@@ -330,13 +408,27 @@ async def create_cancellation(request: web.Request) -> web.Response:
     checked = validate_request(body, settings)
     if isinstance(checked, list):
         return invalid(checked)
+    if checked.idempotency_key is not None and reserved_key(checked.idempotency_key):
+        return invalid(
+            [
+                {
+                    "field": "idempotency_key",
+                    "message": f"keys starting {reserved_key(checked.idempotency_key)!r} "
+                    "are reserved for Cancelflow's own producers",
+                }
+            ]
+        )
     try:
-        created = await submit(deps, request.app[CELERY], checked)
+        created = await submit(
+            deps, request.app[CELERY], checked, namespace="api:" + _token(request).namespace
+        )
     except IdempotencyConflict as exc:
         return problem(409, "Idempotency key reused", str(exc), job_id=exc.job_id)
+    job_json = created.job.model_dump_json()
     return web.Response(
-        # pydantic's own JSON: the busiest route, and twice as fast as dump + json.dumps.
-        body=created.job.model_dump_json(),
+        # pydantic's own JSON (the busiest route: twice as fast as dump + json.dumps), with
+        # how the request was met added as the object's last member.
+        body=f'{job_json[:-1]},"how":"{created.how}"}}',
         content_type="application/json",
         status=202,
         headers={
@@ -373,7 +465,10 @@ async def post_billing_event(request: web.Request) -> web.Response:
     signature = request.headers.get(SIGNATURE_HEADER)
     if signature is not None and not signature.isascii():
         # Undecodable bytes arrive as surrogate escapes, which cannot be encoded to compare.
-        return problem(401, "Bad signature", f"the {SIGNATURE_HEADER} header is not ASCII")
+        limited = await _failed_authentication(request, "billing signature")
+        return limited or problem(
+            401, "Bad signature", f"the {SIGNATURE_HEADER} header is not ASCII"
+        )
     raw = await _raw_body(request)
     try:
         verify_signature(
@@ -383,7 +478,12 @@ async def post_billing_event(request: web.Request) -> web.Response:
             tolerance=conf.signature_tolerance_s,
         )
     except SignatureError as exc:
-        return problem(401, "Bad signature", str(exc))
+        limited = await _failed_authentication(request, "billing signature")
+        return limited or problem(401, "Bad signature", str(exc))
+    # Only a verified event spends the billing system's rate: unsigned floods cannot starve it.
+    limited = await _rate_limited(request, "signed:" + request.path)
+    if limited is not None:
+        return limited
     processor = request.app[BILLING]
     # Bounded decoding (cancelflow.jsonsafe: api.max_json_depth, no lone surrogates, UTF-8):
     # a body that is not an event is the sender's to fix, so it is answered, not stored.
@@ -565,6 +665,9 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
         app[DEPS] = build_deps(settings, redis=redis, job_observer=metrics.JOB_METRICS)
         app[LIMITER] = RateLimiter(
             redis, rate_per_s=settings.api.rate_limit_per_s, burst=settings.api.rate_limit_burst
+        )
+        app[AUTH_FAILURES] = RateLimiter(
+            redis, rate_per_s=AUTH_FAILURES_PER_S, burst=AUTH_FAILURES_BURST
         )
         if RULES in app:
             app[BILLING] = BillingProcessor(app[DEPS], app[CELERY], app[RULES])

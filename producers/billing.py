@@ -84,6 +84,11 @@ return 0
 """
 
 
+# The idempotency namespace of billing events' jobs: no API token's keys share it (and API
+# callers may not send ``billing:`` keys at all, see ``producers.submit``).
+NAMESPACE = "billing"
+
+
 def idempotency_key(event_id: str) -> str:
     """The job's idempotency key: one job per event id, however often it is delivered."""
     return f"billing:{event_id}"
@@ -191,7 +196,7 @@ class BillingProcessor:
                 event.id, raw, source, errors, rule=rule, event_type=event.type
             )
         try:
-            created = await submit(self.deps, self.celery, checked)
+            created = await submit(self.deps, self.celery, checked, namespace=NAMESPACE)
         except IdempotencyConflict as exc:
             log.warning(
                 "billing.event.duplicate", event_id=event.id, job_id=exc.job_id, rule=rule.name

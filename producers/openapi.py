@@ -183,7 +183,7 @@ def document(
                 "responses": {
                     "202": answer(
                         JobRecord,
-                        "the job (new, repeated or joined)",
+                        "the job, with `how`: created, existing (a repeat) or joined",
                         Location={"required": True, "schema": {"type": "string"}},
                         **{
                             "Cancelflow-Enqueue": {

@@ -19,10 +19,19 @@ from cancelflow.messaging import send_step
 from cancelflow.providers import REGISTRY
 from cancelflow.settings import Settings
 from cancelflow.steps import Deps
-from cancelflow.store import Created
+from cancelflow.store import DEFAULT_NAMESPACE, Created
 from producers.problems import field_errors
 
 log = get_logger(__name__)
+
+# Idempotency-key prefixes Cancelflow's own producers write (``producers.billing``): an API
+# caller may not send one, so nothing it sends can be read as theirs.
+RESERVED_KEY_PREFIXES = ("billing:",)
+
+
+def reserved_key(key: str) -> str | None:
+    """The reserved prefix ``key`` starts with, if any."""
+    return next((p for p in RESERVED_KEY_PREFIXES if key.startswith(p)), None)
 
 
 def validate_request(body: Any, settings: Settings) -> CancellationRequest | list[dict[str, str]]:
@@ -61,8 +70,13 @@ def validate_request(body: Any, settings: Settings) -> CancellationRequest | lis
     return req
 
 
-async def submit(deps: Deps, celery: Celery, request: CancellationRequest) -> Created:
+async def submit(
+    deps: Deps, celery: Celery, request: CancellationRequest, *, namespace: str = DEFAULT_NAMESPACE
+) -> Created:
     """Create the job (or find the one it repeats or joins) and make sure its first step is sent.
+
+    ``namespace`` scopes the idempotency key to its caller (an API token's, "billing"): the
+    same key from two callers makes two jobs.
 
     Raises ``IdempotencyConflict`` when the key was used with another body. A producer that
     died between recording a job and sending its first step left it ``queued`` with nothing
@@ -70,7 +84,7 @@ async def submit(deps: Deps, celery: Celery, request: CancellationRequest) -> Cr
     beat task ``cancelflow.dispatch_stragglers`` does.
     """
     identity = REGISTRY[request.provider].reference.model_validate(request.subscription).identity()
-    created = await deps.store.create(request, identity=identity)
+    created = await deps.store.create(request, identity=identity, namespace=namespace)
     job = created.job
     first = created.how == "created"
     if not first and created.how == "existing" and job.status is Status.QUEUED:
@@ -83,6 +97,11 @@ async def submit(deps: Deps, celery: Celery, request: CancellationRequest) -> Cr
         send_step(celery, Step.ELIGIBILITY, job.id, request.provider)
         deps.store.mark_dispatched_soon(job.id)
         log.info("job.enqueued", job_id=job.id, provider=request.provider)
+    if created.how == "joined" and request.callback_url is not None:
+        if created.callback_added:
+            log.info("job.joined.callback_added", job_id=job.id)
+        else:
+            log.warning("job.joined.callback_not_added", job_id=job.id, reason="too many")
     if created.how == "created":
         metrics.job_enqueued(request.provider)
     return created
