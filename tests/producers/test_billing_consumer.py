@@ -199,6 +199,7 @@ async def test_a_consumer_that_dies_before_acknowledging_leaves_its_entries_to_a
         await h.publish(*events)
         doomed = h.consumer("doomed")
         read = await doomed.read_new(block=False)
+        read_at = time.monotonic()
         assert len(read) == 40
         # It made the jobs of half of them, then died before any XACK.
         first = {
@@ -208,9 +209,12 @@ async def test_a_consumer_that_dies_before_acknowledging_leaves_its_entries_to_a
         del doomed
         assert await h.pending() == 40
 
-        heir = h.consumer("heir", claim_idle_s=0.3)
+        # Idle for longer than the entries have been so far (handling half of them takes a
+        # while on a loaded machine), and no longer.
+        idle_s = time.monotonic() - read_at + 1.0
+        heir = h.consumer("heir", claim_idle_s=idle_s)
         assert await heir.run_once(block=False) == 0  # not idle long enough to be claimed yet
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(idle_s + 0.1)
         assert await heir.run_once(block=False) == 40
         assert await h.pending() == 0
         jobs = await h.jobs_by_event()
