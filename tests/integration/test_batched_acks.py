@@ -19,7 +19,7 @@ import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.asynchronous import Hub, set_event_loop
 
-from tests.conftest import locked_db
+from tests.fixtures.system import locked_db
 from worker import transport
 
 pytestmark = pytest.mark.integration

@@ -29,7 +29,7 @@ import pytest
 import redis
 
 from producers.local import cancelflow_command, free_port, http_json
-from tests.conftest import StartSystem, wait_for_workers
+from tests.fixtures.system import StartSystem, wait_for_workers
 from tests.integration.test_crash_safety import recovery_s
 from tests.support import System
 

@@ -26,7 +26,7 @@ from cancelflow.messaging import create_celery
 from cancelflow.providers import REGISTRY
 from cancelflow.settings import Settings
 from sandboxes.payway import DEMO
-from tests.conftest import StartSystem
+from tests.fixtures.system import StartSystem
 from tests.support import System
 
 pytestmark = pytest.mark.integration

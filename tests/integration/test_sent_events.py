@@ -21,7 +21,7 @@ import redis
 from cancelflow.contract import Step, new_job_id
 from cancelflow.messaging import create_celery, flush_sent_events, send_step
 from cancelflow.settings import Settings
-from tests.conftest import locked_db
+from tests.fixtures.system import locked_db
 
 pytestmark = pytest.mark.integration
 

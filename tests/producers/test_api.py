@@ -21,7 +21,7 @@ from producers.api import create_app
 from producers.local import http_json
 from producers.signatures import expected_signature
 from sandboxes.payway import DEMO
-from tests.conftest import READ_TOKEN, StartSystem
+from tests.fixtures.system import READ_TOKEN, StartSystem
 from tests.producers.conftest import BILLING_SECRET
 from tests.support import System
 

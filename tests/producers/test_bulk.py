@@ -20,7 +20,7 @@ from cancelflow.store import JOBS_INDEX, job_key
 from producers.bulk import Report, Row, derive_key, read_rows
 from producers.local import cancelflow_command, http_json
 from sandboxes.payway import DEMO
-from tests.conftest import StartSystem
+from tests.fixtures.system import StartSystem
 from tests.support import System
 
 # --- reading rows ----------------------------------------------------------------------------
