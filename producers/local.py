@@ -266,11 +266,13 @@ atexit.register(_kill_every_group)
 class ProcessGroup:
     """Child processes started together and stopped together (SIGTERM, then SIGKILL).
 
-    Each child leads a process group of its own (its session), which is what ``kill`` and a
-    stop that has to force kill, the child's own children included. None outlives this process:
-    groups still running at exit are killed (Ctrl-C included, and SIGTERM, which
-    ``start`` turns into a KeyboardInterrupt), and on Linux a child dies with the thread that
-    started it (PR_SET_PDEATHSIG) should this process be killed outright.
+    Each child leads a session (and process group) of its own, so that a signal to the group
+    reaches the child's own children too: ``kill`` sends one, and so does ``stop``, to a child
+    that would not stop and to whatever a stopped child left behind. None outlives this
+    process: groups still running at exit are killed (after Ctrl-C too, and after SIGTERM,
+    which ``start`` turns into a KeyboardInterrupt), and on Linux the kernel kills a child when
+    the thread that started it ends (PR_SET_PDEATHSIG): start groups from a thread that lasts,
+    such as the main one.
     """
 
     env: Mapping[str, str]
