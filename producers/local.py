@@ -5,6 +5,9 @@ Used by ``cancelflow demo``, the integration tests and the benchmark.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -15,10 +18,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+import uuid
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -80,6 +86,21 @@ def with_db(url: str, db: int) -> str:
 # One lock key for test sessions and bench runs alike: they share Redis servers, and a DB
 # taken by one must never be flushed by another.
 DB_LOCK = "cancelflow:test-db-lock:{db}"
+# A holder refreshes its lock every LOCK_REFRESH_S; a holder that died (SIGKILL, a lost machine)
+# frees the DB within LOCK_TTL_S instead of holding it for hours.
+LOCK_TTL_S = 60
+LOCK_REFRESH_S = 10
+
+# Only the holder's token extends or frees a lock: a holder that was suspended past the TTL
+# must not take back (or delete) the lock another session took meanwhile.
+_EXTEND = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('expire', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
 
 
 class NoFreeDb(RuntimeError):
@@ -92,21 +113,54 @@ def _sync_client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=5.0, socket_timeout=10.0)
 
 
+class _LockRefresher(threading.Thread):
+    """Extends a DB lock every LOCK_REFRESH_S while its holder runs; ``lost`` once it can't."""
+
+    def __init__(self, admin: redis.Redis, key: str, token: str) -> None:
+        super().__init__(daemon=True, name=f"refresh-{key}")
+        self._admin, self._key, self._token = admin, key, token
+        self._halt = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        while not self._halt.wait(LOCK_REFRESH_S):
+            try:
+                extended = self._admin.eval(_EXTEND, 1, self._key, self._token, str(LOCK_TTL_S))
+            except (redis.RedisError, OSError):
+                continue  # Redis restarting: the TTL leaves time for the next try
+            if not extended:
+                self.lost = True
+                return
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
 @contextmanager
 def locked_db(server_url: str, *, owner: str) -> Iterator[str]:
     """A Redis DB (1-15) on ``server_url`` no other holder of the lock uses meanwhile,
-    flushed before and after use (only that DB)."""
+    flushed before and after use (only that DB, and only while the lock is still this one's).
+
+    The lock lives LOCK_TTL_S and is refreshed while held, and released on the way out,
+    KeyboardInterrupt included."""
+    interrupt_on_sigterm()
     admin = _sync_client(with_db(server_url, 0))
+    token = f"{owner}:{os.getpid()}:{uuid.uuid4().hex}"
     for db in range(1, 16):
         lock = DB_LOCK.format(db=db)
-        if admin.set(lock, f"{owner}:{os.getpid()}", nx=True, ex=3 * 3600):
+        if admin.set(lock, token, nx=True, ex=LOCK_TTL_S):
             url = with_db(server_url, db)
-            _sync_client(url).flushdb()
+            refresher = _LockRefresher(admin, lock, token)
+            refresher.start()
             try:
+                _sync_client(url).flushdb()
                 yield url
             finally:
-                _sync_client(url).flushdb()
-                admin.delete(lock)
+                refresher.stop()
+                if admin.get(lock) == token.encode():
+                    _sync_client(url).flushdb()
+                admin.eval(_RELEASE, 1, lock, token)
             return
     raise NoFreeDb("every Redis DB 1-15 is locked by a test session or a bench run")
 
@@ -163,9 +217,63 @@ def cancelflow_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "producers.cli", *args]
 
 
-@dataclass
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has Linux SIGKILL the child when its parent dies, or None.
+
+    libc is looked up here, in the parent: between fork and exec the child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def die_with_parent() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+
+    return die_with_parent
+
+
+_DIE_WITH_PARENT = _parent_death_signal()
+
+# Every group with processes still running, so that an interrupted run stops them on its way out.
+_running: weakref.WeakSet[ProcessGroup] = weakref.WeakSet()
+
+
+def _kill_every_group() -> None:
+    for group in list(_running):
+        group.kill_all()
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM is Ctrl-C to a process that started a group (unless it handles SIGTERM itself):
+    its ``finally`` blocks and fixture teardowns run and stop the children, where the default
+    action would end it at once and leave them running."""
+    if threading.current_thread() is threading.main_thread() and (
+        signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    ):
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+atexit.register(_kill_every_group)
+
+
+@dataclass(eq=False)
 class ProcessGroup:
-    """Child processes started together and stopped together (SIGTERM, then SIGKILL)."""
+    """Child processes started together and stopped together (SIGTERM, then SIGKILL).
+
+    Each child leads a session (and process group) of its own, so that a signal to the group
+    reaches the child's own children too: ``kill`` sends one, and so does ``stop``, to a child
+    that would not stop and to whatever a stopped child left behind. None outlives this
+    process: groups still running at exit are killed (after Ctrl-C too, and after SIGTERM,
+    which ``start`` turns into a KeyboardInterrupt), and on Linux the kernel kills a child when
+    the thread that started it ends (PR_SET_PDEATHSIG): start groups from a thread that lasts,
+    such as the main one.
+    """
 
     env: Mapping[str, str]
     log_dir: Path
@@ -175,6 +283,7 @@ class ProcessGroup:
         self, name: str, argv: Sequence[str], *, extra_env: Mapping[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        interrupt_on_sigterm()
         log = (self.log_dir / f"{name}.log").open("ab")
         proc = subprocess.Popen(  # noqa: S603 - argv built by us
             list(argv),
@@ -182,8 +291,10 @@ class ProcessGroup:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_DIE_WITH_PARENT,  # one libc call between fork and exec, no lock taken
         )
         self.procs[name] = proc
+        _running.add(self)
         return proc
 
     def stop(self, name: str, *, sig: int = signal.SIGTERM, timeout_s: float = 20) -> int | None:
@@ -191,11 +302,13 @@ class ProcessGroup:
         if proc is None:
             return None
         if proc.poll() is None:
-            proc.send_signal(sig)
             try:
+                proc.send_signal(sig)
                 proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                pass
+            finally:
+                _killpg(proc)  # a child that would not stop, or what it left behind in its group
                 proc.wait(5)
         return proc.returncode
 
@@ -203,15 +316,29 @@ class ProcessGroup:
         """SIGKILL the process and its children at once, as a crashing machine would."""
         proc = self.procs.pop(name, None)
         if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _killpg(proc)
             proc.wait(5)
 
     def stop_all(self) -> None:
+        try:
+            for name in list(self.procs):
+                self.stop(name)
+        finally:
+            self.kill_all()  # an interrupted stop leaves nothing running
+
+    def kill_all(self) -> None:
+        """SIGKILL every process of the group and its children."""
         for name in list(self.procs):
-            self.stop(name)
+            self.kill(name)
 
     def log_tail(self, name: str, lines: int = 40) -> str:
         path = self.log_dir / f"{name}.log"
         if not path.exists():
             return ""
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _killpg(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process group ``proc`` leads (its session), if anything is left in it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -8,7 +8,13 @@ from collections.abc import Callable
 import pytest
 
 from sandboxes.receiver import DEMO_CALLBACK_SECRET
+from tests import fixtures
 from tests.support import System
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    fixtures.use(config, fixtures.SYSTEM)
+
 
 # Payway signs with a new secret and the demo one while rotating; the receiver holds the demo one.
 ROTATED_SECRET = "whsec_rotated_for_the_callback_tests"

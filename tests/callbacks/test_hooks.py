@@ -75,7 +75,11 @@ def test_run_maps_a_hook_s_failures_to_callback_errors() -> None:
     def run(fn: Any, timeout_s: float = 1) -> float:
         return asyncio.run(hooks.run(hooks.Hook("payway", "h", fn), {}, timeout_s=timeout_s))
 
-    assert run(noop) >= 0
+    async def naps(event: dict[str, Any]) -> None:
+        await asyncio.sleep(0.05)
+
+    # The seconds the hook took: at least its 50 ms nap, and well short of the 1 s timeout.
+    assert 0.05 <= run(naps) < 0.5
     with pytest.raises(CallbackRejected, match="no thanks"):
         run(lambda e: raises(hooks.HookRejected("no thanks")))
     with pytest.raises(CallbackRetryable, match="KeyError"):

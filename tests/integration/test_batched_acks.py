@@ -12,14 +12,16 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
-from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.asynchronous import Hub, set_event_loop
+from kombu.connection import Connection
+from kombu.entity import Exchange, Queue
+from kombu.messaging import Consumer, Producer
 
-from tests.conftest import locked_db
+from tests.fixtures.system import locked_db
 from worker import transport
 
 pytestmark = pytest.mark.integration
@@ -64,7 +66,7 @@ def hub() -> Iterator[Hub]:
 
 
 def unacked(url: str) -> int:
-    return int(redis.Redis.from_url(url).hlen("unacked"))
+    return cast(int, redis.Redis.from_url(url).hlen("unacked"))
 
 
 def test_acks_on_the_hub_are_written_together_a_moment_later(url: str, hub: Hub) -> None:

@@ -23,7 +23,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -31,7 +31,7 @@ import redis
 from cancelflow.messaging import create_celery
 from cancelflow.settings import Settings
 from producers.local import cancelflow_command, free_port, http_json
-from tests.conftest import StartSystem
+from tests.fixtures.system import StartSystem
 from tests.integration.test_crash_safety import recovery_s
 from tests.support import System
 
@@ -128,7 +128,7 @@ def statuses(client: redis.Redis, jobs: list[str]) -> list[bytes | None]:
     with client.pipeline(transaction=False) as pipe:
         for job in jobs:
             pipe.hget(f"cf:job:{job}", "status")
-        return pipe.execute()  # type: ignore[no-any-return]
+        return cast("list[bytes | None]", pipe.execute())
 
 
 def wait_final(client: redis.Redis, jobs: list[str], *, deadline: float) -> list[bytes | None]:
@@ -211,9 +211,9 @@ def test_chaos(start_system: StartSystem) -> None:
             assert system.post(f"/v1/dead-letters/{dl['id']}/replay")[0] == 202
         replayed += len(listing["items"])
     final = wait_final(client, jobs, deadline=time.monotonic() + SETTLE_S)
-    outcomes = Counter()
+    outcomes: Counter[str] = Counter()
     for job_id in jobs:
-        raw = client.hget(f"cf:job:{job_id}", "outcome")
+        raw = cast("bytes | None", client.hget(f"cf:job:{job_id}", "outcome"))
         outcomes[json.loads(raw)["type"] if raw else "none"] += 1
     effective: Counter[int] = Counter()
     for provider in {p for p, _, _ in MIX}:

@@ -19,7 +19,7 @@ import pytest
 
 from producers.local import cancelflow_command, free_port, redis_answers, wait_until
 from sandboxes.payway import DEMO
-from tests.conftest import StartSystem, wait_for_workers
+from tests.fixtures.system import StartSystem, wait_for_workers
 from tests.support import System
 
 pytestmark = pytest.mark.integration

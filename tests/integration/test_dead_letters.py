@@ -18,7 +18,7 @@ from urllib.parse import quote
 import pytest
 
 from producers.local import cancelflow_command, http_json
-from tests.conftest import StartSystem
+from tests.fixtures.system import StartSystem
 from tests.support import System
 
 pytestmark = pytest.mark.integration

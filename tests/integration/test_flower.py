@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -20,7 +20,7 @@ import redis
 from cancelflow.contract import STEP_TASKS, Step, provider_queue
 from producers.local import ProcessGroup, free_port, http_json, wait_until
 from sandboxes.payway import DEMO
-from tests.conftest import StartSystem
+from tests.fixtures.system import StartSystem
 from tests.support import System
 
 pytestmark = pytest.mark.integration
@@ -220,9 +220,9 @@ def test_a_dead_lettered_step_fails_with_its_dead_letter_id_and_is_acknowledged(
                 raw
                 for key in client.scan_iter("unacked:*")
                 if client.type(key) == b"hash"
-                for raw in client.hvals(key)
+                for raw in cast("list[bytes]", client.hvals(key))
             ]
-            held += client.lrange(provider_queue("payway"), 0, -1)
+            held += cast("list[bytes]", client.lrange(provider_queue("payway"), 0, -1))
             return any(task["uuid"].encode() in raw for raw in held)
 
         wait_until(lambda: not broker_holds_it(), timeout_s=5, what="the step's ack")

@@ -17,7 +17,7 @@ from cancelflow.dead_letters import KINDS
 from cancelflow.messaging import queues
 from producers.local import free_port, http_json
 from sandboxes.payway import DEMO
-from tests.conftest import READ_TOKEN, StartSystem
+from tests.fixtures.system import READ_TOKEN, StartSystem
 from tests.support import System, payway_body
 
 pytestmark = pytest.mark.integration

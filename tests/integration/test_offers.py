@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from sandboxes.azotte import DEMO
-from tests.conftest import StartSystem
+from tests.fixtures.system import StartSystem
 from tests.support import System
 
 pytestmark = pytest.mark.integration

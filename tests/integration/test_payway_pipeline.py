@@ -156,7 +156,7 @@ def test_a_second_request_for_a_subscription_in_flight_joins_it(system: System) 
 
 
 def test_routes_need_a_token_but_health_does_not(system: System) -> None:
-    from tests.support import http_json
+    from producers.local import http_json
 
     assert http_json("GET", f"{system.api_url}/healthz")[0] == 200
     assert http_json("GET", f"{system.api_url}/v1/cancellations/job_{'0' * 32}")[0] == 401

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import time
+from typing import Any, cast
 
 import pytest
 import redis
-from kombu import Connection, Exchange, Producer, Queue
+from kombu.connection import Connection
+from kombu.entity import Exchange, Queue
+from kombu.messaging import Producer
 
 from cancelflow.contract import CALLBACKS_QUEUE, MAINTENANCE_QUEUE, provider_queue
 from cancelflow.providers import REGISTRY
@@ -19,7 +22,7 @@ EXCHANGE = Exchange("cancelflow", type="direct")
 JSON = {"content_type": "application/json", "content_encoding": "utf-8", "serializer": None}
 
 # (how, body, headers/options) — each a different way a message can be unreadable.
-POISON = [
+POISON: list[tuple[str, bytes, dict[str, Any] | None]] = [
     ("raw", b"garbage{", None),
     ("raw", b'{"json": "but not a kombu envelope"}', None),
     (
@@ -59,7 +62,7 @@ POISON = [
 def test_poison_on_every_queue_is_dead_lettered_and_good_jobs_still_run(system: System) -> None:
     queues = [*(provider_queue(k) for k in REGISTRY), CALLBACKS_QUEUE, MAINTENANCE_QUEUE]
     client = redis.Redis.from_url(system.redis_url)
-    before = client.zcard("cf:dl:index")
+    before = cast(int, client.zcard("cf:dl:index"))
     with Connection(system.redis_url) as conn:
         producer = Producer(conn)
         for queue in queues:
@@ -84,7 +87,7 @@ def test_poison_on_every_queue_is_dead_lettered_and_good_jobs_still_run(system: 
     ]
     expected = before + len(served) * len(POISON)
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and client.zcard("cf:dl:index") < expected:
+    while time.monotonic() < deadline and cast(int, client.zcard("cf:dl:index")) < expected:
         time.sleep(0.2)
     assert client.zcard("cf:dl:index") == expected
 

@@ -14,7 +14,7 @@ import json
 import time
 import uuid
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -26,7 +26,7 @@ from cancelflow.messaging import create_celery
 from cancelflow.providers import REGISTRY
 from cancelflow.settings import Settings
 from sandboxes.payway import DEMO
-from tests.conftest import StartSystem
+from tests.fixtures.system import StartSystem
 from tests.support import System
 
 pytestmark = pytest.mark.integration
@@ -193,8 +193,8 @@ def worker_pid(redis_url: str) -> int:
 
 def dead_letters_by_queue(client: redis.Redis) -> Counter[str]:
     found: Counter[str] = Counter()
-    for dl_id in client.zrange("cf:dl:index", 0, -1):
-        entry = json.loads(client.get(f"cf:dl:{dl_id.decode()}") or "{}")
+    for dl_id in cast("list[bytes]", client.zrange("cf:dl:index", 0, -1)):
+        entry = json.loads(cast("bytes | None", client.get(f"cf:dl:{dl_id.decode()}")) or "{}")
         if entry.get("kind") == "poison":
             found[entry.get("queue")] += 1
     return found

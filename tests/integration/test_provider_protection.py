@@ -7,7 +7,7 @@ import time
 import pytest
 
 from sandboxes.payway import DEMO
-from tests.conftest import StartSystem
+from tests.fixtures.system import StartSystem
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,7 @@ import redis
 from cancelflow.contract import Step, new_job_id
 from cancelflow.messaging import create_celery, flush_sent_events, send_step
 from cancelflow.settings import Settings
-from tests.conftest import locked_db
+from tests.fixtures.system import locked_db
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ def sent_messages(url: str, send: Callable[[list[str]], None], n: int) -> list[l
     """Run ``send`` with ``n`` new job ids; the event messages (each a list of events) that
     carried their task-sent events (other tests' workers publish on the same channels)."""
     ids = sorted(new_job_id() for _ in range(n))
-    pubsub = redis.Redis.from_url(url).pubsub()  # type: ignore[no-untyped-call]
+    pubsub = redis.Redis.from_url(url).pubsub()
     pubsub.psubscribe("*celeryev*")
     while (m := pubsub.get_message(timeout=1.0)) is None or m["type"] != "psubscribe":
         pass

@@ -14,7 +14,13 @@ import pytest
 
 from cancelflow.settings import Settings
 from sandboxes import azotte, payway
-from tests.conftest import StartSystem
+from tests import fixtures
+from tests.fixtures.system import StartSystem
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    fixtures.use(config, fixtures.SYSTEM)
+
 
 RULES = """\
 version: 1

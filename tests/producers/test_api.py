@@ -21,7 +21,7 @@ from producers.api import create_app
 from producers.local import http_json
 from producers.signatures import expected_signature
 from sandboxes.payway import DEMO
-from tests.conftest import READ_TOKEN, StartSystem
+from tests.fixtures.system import READ_TOKEN, StartSystem
 from tests.producers.conftest import BILLING_SECRET
 from tests.support import System
 
@@ -96,6 +96,7 @@ def test_bodies_over_the_limit_get_413(billing_api: System) -> None:
     assert problem["status"] == 413 and "4096" in problem["detail"]
     # Chunked, so the size is only known while reading.
     parts = urlsplit(billing_api.api_url)
+    assert parts.hostname is not None
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
     payload = json.dumps(big).encode()
     conn.request(
@@ -119,10 +120,10 @@ def test_bodies_over_the_limit_get_413(billing_api: System) -> None:
 
 def _burst(api_url: str, token: str, n: int) -> list[tuple[int, Any, dict[str, str]]]:
     out = []
+    parts = urlsplit(api_url)
+    assert parts.hostname is not None
     for _ in range(n):
-        conn = http.client.HTTPConnection(
-            urlsplit(api_url).hostname, urlsplit(api_url).port, timeout=10
-        )
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
         conn.request(
             "GET", "/v1/cancellations?limit=1", headers={"Authorization": f"Bearer {token}"}
         )
@@ -205,13 +206,14 @@ def test_listing_filters_and_cursor_pagination(billing_api: System) -> None:
     status, page = _list(billing_api, provider="azotte", created_after=since)
     assert [i["id"] for i in page["items"]] == [azotte["id"]]
 
-    for bad, field in [
+    bad_queries: list[tuple[dict[str, Any], str]] = [
         ({"status": "lost"}, "query.status.0"),
         ({"limit": 0}, "query.limit"),
         ({"cursor": "nonsense!"}, "query.cursor"),
         ({"created_after": "yesterday"}, "query.created_after"),
         ({"colour": "red"}, "query.colour"),
-    ]:
+    ]
+    for bad, field in bad_queries:
         status, problem = _list(billing_api, **bad)
         assert status == 422, (bad, problem)
         assert field in {e["field"] for e in problem["errors"]}, (bad, problem)

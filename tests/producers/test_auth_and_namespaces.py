@@ -15,7 +15,7 @@ import pytest
 
 from producers.signatures import expected_signature
 from sandboxes.payway import DEMO
-from tests.conftest import StartSystem
+from tests.fixtures.system import StartSystem
 from tests.producers.conftest import BILLING_SECRET
 from tests.support import System
 
@@ -49,7 +49,7 @@ def call(
     """One request from ``source`` (127.0.0.2 is loopback too on Linux: another client)."""
     url = urlsplit(system.api_url)
     conn = http.client.HTTPConnection(
-        url.hostname, url.port, timeout=10, source_address=(source, 0)
+        str(url.hostname), url.port, timeout=10, source_address=(source, 0)
     )
     sent = dict(headers or {})
     if token is not None:

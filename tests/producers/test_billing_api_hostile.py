@@ -6,7 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import secrets
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import pytest
@@ -51,13 +51,18 @@ HOSTILE: dict[str, tuple[bytes, int]] = {
 def _stored(system: System) -> tuple[int, int, dict[bytes, bytes]]:
     client = redis.Redis.from_url(system.redis_url)
     try:
-        return client.zcard(JOBS_INDEX), client.zcard(DEAD_LETTERS), client.hgetall(COUNTS_KEY)
+        return (
+            cast(int, client.zcard(JOBS_INDEX)),
+            cast(int, client.zcard(DEAD_LETTERS)),
+            cast("dict[bytes, bytes]", client.hgetall(COUNTS_KEY)),
+        )
     finally:
         client.close()
 
 
 def _post(system: System, raw: bytes) -> tuple[int, str, Any]:
     parts = urlsplit(system.api_url)
+    assert parts.hostname is not None
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
     try:
         conn.request("POST", "/v1/billing-events", body=raw, headers=signed(raw))

@@ -11,11 +11,11 @@ import secrets
 import signal
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -31,6 +31,15 @@ from tests.producers.conftest import MakeSettings, providers
 
 def hex24() -> str:
     return secrets.token_hex(12)
+
+
+def pending(client: redis.Redis, stream: str, group: str) -> int:
+    """The entries delivered to ``group`` and not acknowledged yet."""
+    return int(cast("dict[str, Any]", client.xpending(stream, group))["pending"])
+
+
+def consumers(client: redis.Redis, stream: str, group: str) -> list[dict[str, Any]]:
+    return cast("list[dict[str, Any]]", client.xinfo_consumers(stream, group))
 
 
 def payway_event(**data: Any) -> dict[str, Any]:
@@ -106,10 +115,12 @@ async def test_events_are_mapped_ignored_and_dead_lettered_as_the_rules_say(
 ) -> None:
     async with harness(make_settings) as h:
         redis_ = h.processor.deps.store.redis
-        ignored_before = int(await redis_.hget(IGNORED_KEY, "invoice.paid") or 0)
+        ignored_before = int(
+            await cast("Awaitable[bytes | None]", redis_.hget(IGNORED_KEY, "invoice.paid")) or 0
+        )
         mapped = payway_event()
         chargeback = {**payway_event(), "type": "chargeback.lost"}
-        closed = {
+        closed: dict[str, Any] = {
             "id": f"evt_{hex24()}",
             "type": "account.closed",
             "data": {"provider": "azotte", "order_id": f"ord-{hex24()}"},
@@ -154,7 +165,12 @@ async def test_events_are_mapped_ignored_and_dead_lettered_as_the_rules_say(
             "cancelation_method": "Immediate",
         }
 
-        assert int(await redis_.hget(IGNORED_KEY, "invoice.paid") or 0) == ignored_before + 1
+        assert (
+            int(
+                await cast("Awaitable[bytes | None]", redis_.hget(IGNORED_KEY, "invoice.paid")) or 0
+            )
+            == ignored_before + 1
+        )
         letters = [
             d
             for d in await h.processor.deps.dead_letters.list(limit=1000)
@@ -174,14 +190,16 @@ async def test_events_are_mapped_ignored_and_dead_lettered_as_the_rules_say(
         )
 
         # Delivered again (same ids): no second job, no second count, no second dead letter.
-        counts_before = await redis_.hgetall(COUNTS_KEY)
+        counts_before = await cast("Awaitable[dict[bytes, bytes]]", redis_.hgetall(COUNTS_KEY))
         await h.publish(mapped, ignored, invalid, closed)
         await drain(h.consumer("c1"))
         again = await h.jobs_by_event()
         assert (
             again[mapped["id"]] == jobs[mapped["id"]] and again[closed["id"]] == jobs[closed["id"]]
         )
-        assert await redis_.hgetall(COUNTS_KEY) == counts_before
+        assert (
+            await cast("Awaitable[dict[bytes, bytes]]", redis_.hgetall(COUNTS_KEY)) == counts_before
+        )
         assert len(
             [
                 d
@@ -277,25 +295,23 @@ def test_the_command_killed_mid_batch_loses_nothing_and_doubles_nothing(
     try:
         first = procs.start("first", cancelflow_command("billing-consumer", "--consumer", "first"))
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not client.xpending(stream, group)["pending"]:
+        while time.monotonic() < deadline and not pending(client, stream, group):
             time.sleep(0.002)
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(5)
-        left = int(client.xpending(stream, group)["pending"])
+        left = int(pending(client, stream, group))
         assert left > 0, procs.log_tail("first")
 
         procs.start("second", cancelflow_command("billing-consumer", "--consumer", "second"))
+        wait_until(lambda: pending(client, stream, group) == 0, timeout_s=30, what="the claim")
         wait_until(
-            lambda: client.xpending(stream, group)["pending"] == 0, timeout_s=30, what="the claim"
-        )
-        wait_until(
-            lambda: len(client.xinfo_consumers(stream, group)) >= 2, timeout_s=5, what="consumers"
+            lambda: len(consumers(client, stream, group)) >= 2, timeout_s=5, what="consumers"
         )
     finally:
         procs.stop_all()
     jobs: dict[str, list[str]] = defaultdict(list)
-    for raw in client.zrange(JOBS_INDEX, 0, -1):
-        request = client.hget(f"cf:job:{raw.decode()}", "request")
+    for raw in cast("list[bytes]", client.zrange(JOBS_INDEX, 0, -1)):
+        request = cast("bytes | None", client.hget(f"cf:job:{raw.decode()}", "request"))
         if request:
             billing_event = json.loads(request)["metadata"].get("billing_event")
             if billing_event:
@@ -303,5 +319,5 @@ def test_the_command_killed_mid_batch_loses_nothing_and_doubles_nothing(
     assert all(len(jobs[e["id"]]) == 1 for e in events), {
         e["id"]: jobs.get(e["id"]) for e in events if len(jobs.get(e["id"], [])) != 1
     }
-    claimed = {c["name"].decode(): c for c in client.xinfo_consumers(stream, group)}
+    claimed = {c["name"].decode(): c for c in consumers(client, stream, group)}
     assert claimed["first"]["pending"] == 0

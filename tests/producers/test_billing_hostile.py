@@ -14,13 +14,14 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
 import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis.typing import EncodableT, FieldT
 
 from cancelflow.dead_letters import DeadLetter
 from cancelflow.messaging import create_celery
@@ -41,11 +42,11 @@ def deep(levels: int) -> bytes:
     return f'{{"id": "{event_id}", "type": "x", "data": {{"v": {inner}}}}}'.encode()
 
 
-def hostile_entries() -> dict[str, dict[bytes, bytes]]:
+def hostile_entries() -> dict[str, dict[FieldT, EncodableT]]:
     """Every kind of entry the consumer cannot handle, by name; each made unique."""
     n = secrets.token_hex(6)
 
-    def event(body: bytes) -> dict[bytes, bytes]:
+    def event(body: bytes) -> dict[FieldT, EncodableT]:
         return {b"event": body}
 
     surrogate = {**payway_event(), "id": f"e-\ud800-{n}"}  # json.dumps escapes it as \ud800
@@ -82,7 +83,7 @@ async def letters_by_entry(h: Harness) -> dict[str, list[DeadLetter]]:
     return found
 
 
-async def publish_fields(h: Harness, fields: dict[bytes, bytes]) -> str:
+async def publish_fields(h: Harness, fields: dict[FieldT, EncodableT]) -> str:
     entry_id = await h.processor.deps.store.redis.xadd(h.settings.billing.stream, fields)
     return str(entry_id.decode())
 
@@ -202,7 +203,7 @@ fixture_ok = settings(
 @fixture_ok
 @given(entries=entries_strategy)
 def test_any_binary_entry_is_dead_lettered_once_and_acknowledged(
-    make_settings: MakeSettings, entries: list[dict[bytes, bytes]]
+    make_settings: MakeSettings, entries: list[dict[FieldT, EncodableT]]
 ) -> None:
     async def run() -> None:
         async with harness(make_settings) as h:
@@ -249,7 +250,12 @@ def test_any_event_is_handled_once_whatever_its_text(
             assert await h.pending() == 0
             assert good["id"] in await h.jobs_by_event()
             letters = await letters_by_entry(h)
-            recent = [json.loads(r)["id"] for r in await redis_.lrange(RECENT_IGNORED_KEY, 0, -1)]
+            recent = [
+                json.loads(r)["id"]
+                for r in await cast(
+                    "Awaitable[list[bytes]]", redis_.lrange(RECENT_IGNORED_KEY, 0, -1)
+                )
+            ]
             for entry_id, event in zip(ids, events, strict=True):
                 lettered = len(letters.get(entry_id, []))
                 surrogate = any(
@@ -435,15 +441,18 @@ def test_the_command_survives_hostile_entries_and_restarts_clean(
         proc = procs.start("c", cancelflow_command("billing-consumer", "--consumer", "c"))
 
         def good_done() -> bool:
-            for raw in client.zrange(JOBS_INDEX, 0, -1):
-                request = json.loads(client.hget(f"cf:job:{raw.decode()}", "request") or "{}")
+            for raw in cast("list[bytes]", client.zrange(JOBS_INDEX, 0, -1)):
+                job = cast("bytes | None", client.hget(f"cf:job:{raw.decode()}", "request"))
+                request = json.loads(job or "{}")
                 if request.get("metadata", {}).get("billing_event", {}).get("id") == good["id"]:
                     return True
             return False
 
         wait_until(good_done, timeout_s=30, what="the good entry after the hostile ones")
         wait_until(
-            lambda: client.xpending(stream, group)["pending"] == 0, timeout_s=10, what="acks"
+            lambda: cast("dict[str, Any]", client.xpending(stream, group))["pending"] == 0,
+            timeout_s=10,
+            what="acks",
         )
         assert proc.poll() is None, procs.log_tail("c")
     finally:

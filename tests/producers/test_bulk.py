@@ -11,7 +11,7 @@ import subprocess
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -20,7 +20,7 @@ from cancelflow.store import JOBS_INDEX, job_key
 from producers.bulk import Report, Row, derive_key, read_rows
 from producers.local import cancelflow_command, http_json
 from sandboxes.payway import DEMO
-from tests.conftest import StartSystem
+from tests.fixtures.system import StartSystem
 from tests.support import System
 
 # --- reading rows ----------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def _lines(path: Path) -> int:
 
 def _jobs_by_key(redis_url: str) -> Counter[str]:
     client = redis.Redis.from_url(redis_url)
-    ids = [raw.decode() for raw in client.zrange(JOBS_INDEX, 0, -1)]
+    ids = [raw.decode() for raw in cast("list[bytes]", client.zrange(JOBS_INDEX, 0, -1))]
     keys: Counter[str] = Counter()
     for start in range(0, len(ids), 1000):
         with client.pipeline(transaction=False) as pipe:
@@ -115,7 +115,10 @@ BAD_KINDS = ["not json", "not an object", "no provider", "bad account id", "unkn
 
 def _bad_row(n: int, ref: dict[str, str]) -> str:
     kind = BAD_KINDS[n % len(BAD_KINDS)]
-    good = {"provider": "payway", "subscription": {**ref, "cancellation_reason_id": DEMO.reason_id}}
+    good: dict[str, Any] = {
+        "provider": "payway",
+        "subscription": {**ref, "cancellation_reason_id": DEMO.reason_id},
+    }
     return {
         "not json": '{"provider": "payway", ',
         "not an object": json.dumps([good]),
@@ -187,7 +190,7 @@ def test_ten_thousand_rows_killed_half_way_and_run_again(
     assert summary["this_run"]["skipped"] >= done_first - len(bad_rows) - 16
 
     # Every good row has exactly one job; nothing else made one.
-    keys = {row.number: row.key for row in read_rows(path) if row.body is not None}
+    keys = {row.number: row.key for row in read_rows(path) if row.body is not None and row.key}
     jobs = _jobs_by_key(bulk_system.redis_url)
     good_keys = [key for number, key in keys.items() if number not in bad_rows]
     assert len(good_keys) == good

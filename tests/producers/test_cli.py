@@ -11,7 +11,7 @@ import pytest
 
 from producers.local import cancelflow_command, http_json
 from sandboxes.payway import DEMO
-from tests.conftest import READ_TOKEN
+from tests.fixtures.system import READ_TOKEN
 from tests.support import System
 
 pytestmark = pytest.mark.integration

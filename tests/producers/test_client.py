@@ -27,7 +27,7 @@ from producers.client import (
 )
 from producers.local import free_port, http_json
 from sandboxes.payway import DEMO
-from tests.conftest import READ_TOKEN
+from tests.fixtures.system import READ_TOKEN
 from tests.support import System
 
 pytestmark = pytest.mark.integration

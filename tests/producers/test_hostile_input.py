@@ -15,7 +15,7 @@ import json
 import string
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, urlsplit
 
 import pytest
@@ -30,7 +30,7 @@ from cancelflow.store import JOBS_INDEX
 from producers.problems import PROBLEM_TYPE
 from producers.ratelimit import PREFIX as RATE_LIMIT_PREFIX
 from producers.schemas import DEAD_LETTER_ID_RE
-from tests.conftest import StartSystem
+from tests.fixtures.system import StartSystem
 from tests.producers.test_api import _event, payway_body, signed
 from tests.support import System
 
@@ -99,7 +99,7 @@ def send(
 ) -> Answer:
     """One request with exactly these bytes (``path`` already percent-encoded)."""
     parts = urlsplit(system.api_url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    conn = http.client.HTTPConnection(str(parts.hostname), parts.port, timeout=10)
     try:
         conn.putrequest(method, path, skip_accept_encoding=True)
         sent: dict[str, str | bytes] = {}
@@ -131,7 +131,8 @@ def stored(system: System) -> tuple[frozenset[bytes], int, int]:
         keys = frozenset(
             k for k in client.scan_iter(count=1000) if not k.startswith(RATE_LIMIT_PREFIX.encode())
         )
-        return keys, int(client.zcard(DEAD_LETTERS)), int(client.zcard(JOBS_INDEX))
+        dead_letters = cast("int", client.zcard(DEAD_LETTERS))
+        return keys, dead_letters, cast("int", client.zcard(JOBS_INDEX))
     finally:
         client.close()
 

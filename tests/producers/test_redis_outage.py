@@ -37,7 +37,7 @@ from producers.local import (
     wait_until,
 )
 from sandboxes import payway
-from tests.conftest import API_TOKEN
+from tests.fixtures.system import API_TOKEN
 
 pytestmark = pytest.mark.integration
 

@@ -146,7 +146,7 @@ def test_a_read_is_not_reused_once_the_process_itself_failed_or_with_limits() ->
         with pytest.raises(CircuitOpen):
             await guard.admit()  # its own failures opened it: seen at once
         limited = ProviderGuard(redis, "azotte", limits(calls_per_second=2, breaker_read_s=60))
-        verdicts = Counter()
+        verdicts: Counter[str] = Counter()
         for _ in range(5):  # within milliseconds: one second's 2 calls, or two seconds' 4
             try:
                 await asyncio.wait_for(limited.admit(), 0.05)

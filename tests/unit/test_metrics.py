@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import urllib.request
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, cast
 
 import fakeredis
 from prometheus_client import REGISTRY
@@ -141,7 +142,7 @@ def test_dead_letters_older_than_the_kind_sets_are_indexed_once(
         await store.add(dead_letter("callback"))
         assert await store.index_kinds() == 4
         assert await store.index_kinds() == 0  # done once per Redis
-        counts = {k: await fake_redis.scard(kind_key(k)) for k in KINDS}
+        counts = {k: await cast("Awaitable[int]", fake_redis.scard(kind_key(k))) for k in KINDS}
         assert counts == {"job": 2, "callback": 1, "poison": 0, "billing_event": 1}
 
     run(go())
@@ -151,8 +152,8 @@ def test_store_gauges_read_every_queue_dead_letters_and_decisions_at_scrape_time
     fake_redis: fakeredis.FakeAsyncRedis,
 ) -> None:
     async def go() -> metrics.StoreSnapshot:
-        await fake_redis.rpush("cancellations.payway", "m1", "m2")
-        await fake_redis.rpush("callbacks", "m3")
+        await cast("Awaitable[int]", fake_redis.rpush("cancellations.payway", "m1", "m2"))
+        await cast("Awaitable[int]", fake_redis.rpush("callbacks", "m3"))
         await fake_redis.zadd(AWAITING, {"job_a": 1.0, "job_b": 2.0})
         await DeadLetterStore(fake_redis).add(dead_letter("callback"))
         return await metrics.read_store(fake_redis)

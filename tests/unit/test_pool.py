@@ -32,7 +32,7 @@ gate = asyncio.Event()
 
 
 class TwoHalves(Task):  # type: ignore[misc]
-    async def run_async(self, args: Any, kwargs: Any, request: Any) -> str:
+    async def run_async(self, args: Any, kwargs: Any, request: Any) -> str | BaseException:
         seen["coroutine"] = threading.current_thread()
         seen["request_id"] = request["id"]
         if args[0] == "fail":
@@ -44,7 +44,8 @@ class TwoHalves(Task):  # type: ignore[misc]
                 async with pool_module.soft_time_limit():
                     await asyncio.sleep(1)
             except SoftTimeLimitExceeded as exc:
-                return exc  # the body retries, as a step's does
+                limit: BaseException = exc  # Celery is untyped
+                return limit  # the body retries, as a step's does
         if args[0] == "stuck":  # ignores its soft limit: only the hard one ends it
             try:
                 await asyncio.sleep(1)

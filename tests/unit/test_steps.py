@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestServer
 from cancelflow import steps
 from cancelflow.contract import CancellationRequest, OutcomeType, Status, Step
 from cancelflow.errors import ProviderError, ProviderRateLimited, ProviderUnavailable
+from cancelflow.providers import REGISTRY
 from cancelflow.settings import Settings
 from cancelflow.wiring import build_deps
 from sandboxes import payway as payway_sandbox
@@ -56,7 +57,7 @@ async def enqueue(deps: steps.Deps, kind: str = "end_of_period") -> str:
         },
     )
     created = await deps.store.create(
-        req, identity=steps.REGISTRY["payway"].reference.model_validate(req.subscription).identity()
+        req, identity=REGISTRY["payway"].reference.model_validate(req.subscription).identity()
     )
     return created.job.id
 
@@ -201,7 +202,7 @@ def test_two_watchdog_sweeps_at_once_resend_each_job_once() -> None:
 def test_a_dead_letter_is_written_with_the_move_and_only_once() -> None:
     async def scenario(deps: steps.Deps, state: Any) -> None:
         job_id = await enqueue(deps)
-        args = {
+        args: dict[str, Any] = {
             "step": Step.ELIGIBILITY,
             "error_type": "ProviderUnavailable",
             "error": "503",
@@ -256,7 +257,7 @@ def run_on(key: str, scenario: Scenario) -> None:
         app = build_app()
         async with TestServer(app) as server, aiohttp.ClientSession() as session:
             root = str(server.make_url("")).rstrip("/")
-            settings = Settings(providers={k: settings_for(k, root) for k in steps.REGISTRY})
+            settings = Settings(providers={k: settings_for(k, root) for k in REGISTRY})
             deps = build_deps(settings, redis=fakeredis.FakeAsyncRedis(), session=session)
             await scenario(deps, app[PROVIDER_APPS][key][SANDBOX])
 
@@ -268,7 +269,7 @@ async def enqueue_on(deps: steps.Deps, key: str) -> str:
     contract = contract_for(key)
     assert contract is not None
     req = CancellationRequest(provider=key, subscription=contract.success)
-    identity = steps.REGISTRY[key].reference.model_validate(req.subscription).identity()
+    identity = REGISTRY[key].reference.model_validate(req.subscription).identity()
     job_id = (await deps.store.create(req, identity=identity)).job.id
     assert (await steps.eligibility(deps, job_id)).step is Step.CONFIRM
     return job_id
@@ -288,7 +289,7 @@ def finished_entry(job: Any) -> Any:
     return next(e for e in job.timeline if e.event == "finished")
 
 
-@pytest.mark.parametrize("key", sorted(steps.REGISTRY))
+@pytest.mark.parametrize("key", sorted(REGISTRY))
 def test_a_cancel_that_acted_and_lost_its_answer_ends_cancelled_without_a_second_cancel(
     key: str,
 ) -> None:
