@@ -139,15 +139,16 @@ class _LockRefresher(threading.Thread):
 
 @contextmanager
 def locked_db(server_url: str, *, owner: str) -> Iterator[str]:
-    """A Redis DB (1 to the server's last) on ``server_url`` no other holder of the lock uses meanwhile,
-    flushed before and after use (only that DB, and only while the lock is still this one's).
+    """A Redis DB (1 to the server's last) on ``server_url`` no other holder of the lock
+    uses meanwhile, flushed before and after use (only that DB, and only while the lock is
+    still this one's).
 
     The lock lives LOCK_TTL_S and is refreshed while held, and released on the way out,
     KeyboardInterrupt included."""
     interrupt_on_sigterm()
     admin = _sync_client(with_db(server_url, 0))
     token = f"{owner}:{os.getpid()}:{uuid.uuid4().hex}"
-    for db in range(1, _databases(admin)):
+    for db in range(1, _databases(with_db(server_url, 0))):
         lock = DB_LOCK.format(db=db)
         if admin.set(lock, token, nx=True, ex=LOCK_TTL_S):
             url = with_db(server_url, db)
@@ -165,13 +166,17 @@ def locked_db(server_url: str, *, owner: str) -> Iterator[str]:
     raise NoFreeDb("every Redis DB but 0 is locked by a test session or a bench run")
 
 
-def _databases(admin: redis.Redis) -> int:
-    # make test's own server has 64 (scripts/with-redis); a Redis that hides CONFIG, 16.
+def _databases(url: str) -> int:
+    # make test's own server has 64 (scripts/with-redis); a Redis that hides CONFIG, 16. A
+    # client of its own: a server refusing CONFIG may close the connection.
+    probe = _sync_client(url)
     try:
-        found = cast("dict[str, str]", admin.config_get("databases"))
+        found = cast("dict[str, str]", probe.config_get("databases"))
         return int(found.get("databases", 16))
     except redis.RedisError:
         return 16
+    finally:
+        probe.close()
 
 
 def wait_until(check: Any, *, timeout_s: float, what: str, interval_s: float = 0.1) -> None:
