@@ -438,6 +438,9 @@ def test_the_billing_consumer_carries_on_after_its_redis_comes_back(
             what="the consumer",
         )
         publish_and_wait(1)
+        # Let it finish that event (its task sent, its entry acknowledged) and block on the
+        # next read: the outage then meets the read loop, not the event's handling.
+        time.sleep(3.0)
         server.stop()
         # Longer than the client's own retries of a dropped connection (about 3 s): its
         # XREADGROUP fails, and the consumer waits the outage out.
