@@ -58,6 +58,8 @@ class Next:
     step: Step | None
     provider: str = ""
     args: tuple[str, ...] = ()
+    # The dead letter this step wrote for the job, if it wrote one.
+    dead_letter: str | None = None
 
     @classmethod
     def done(cls) -> Next:
@@ -593,7 +595,7 @@ async def dead_letter(
         log.warning("job.dead_letter.skipped", status=moved.previous.value)
         return resume(moved.previous, job.provider)
     log.error("job.dead_lettered", error_type=error_type, error=error, dead_letter_id=dl.id)
-    return Next(Step.CALLBACK, job.provider, (EVENT_OUTCOME,))
+    return Next(Step.CALLBACK, job.provider, (EVENT_OUTCOME,), dead_letter=dl.id)
 
 
 async def replay(deps: Deps, dl_id: str) -> Next:
@@ -834,8 +836,8 @@ async def dead_letter_callback(
     error: str,
     traceback: str | None,
     error_type: str = "CallbackGiveUp",
-) -> None:
-    """A callback that will never get through: keep it for an operator to replay.
+) -> str:
+    """A callback that will never get through: keep it for an operator to replay; its id.
 
     ``event`` names the target as ``callback`` takes it ("outcome@webhook"; no target means
     the callback URL); replaying the dead letter retries that target alone.
@@ -887,3 +889,4 @@ async def dead_letter_callback(
         error=error,
         dead_letter_id=dl.id,
     )
+    return dl.id

@@ -25,7 +25,7 @@ from celery.worker.request import Request
 from cancelflow import metrics, steps
 from cancelflow.callbacks import CallbackRetryable
 from cancelflow.contract import JOB_ID_RE, Step, isoformat, utcnow
-from cancelflow.dead_letters import DeadLetter, DeadLetterFilter, Kind
+from cancelflow.dead_letters import DeadLetter
 from cancelflow.errors import (
     CircuitOpen,
     JobDeadLettered,
@@ -223,11 +223,10 @@ async def _execute(step: Step, delivery: Delivery) -> Outcome:
         delay = min(exc.retry_after + random.uniform(0, 0.5), rt.settings.limits().max_countdown_s)
         return Outcome(f"{job_id} busy", retry_in_s=delay, cause=exc)
     except steps.CallbackGiveUp as exc:
-        since = utcnow()
-        await steps.dead_letter_callback(
+        dl_id = await steps.dead_letter_callback(
             rt.deps, job_id, extra[0], error=str(exc), traceback=traceback.format_exc()
         )
-        dead = await _dead_lettered(rt, job_id, "callback", since, type(exc).__name__)
+        dead = JobDeadLettered(dl_id, type(exc).__name__)
         return Outcome(f"{job_id} dead-lettered: callback", dead_lettered=dead)
     except INFRASTRUCTURE_ERRORS:
         raise
@@ -255,29 +254,10 @@ async def _dead_letter_job(
     rt: Runtime, job_id: str, *, step: Step, error_type: str, **details: Any
 ) -> Outcome:
     """``steps.dead_letter``, and what the task does then: send the result callback and fail
-    with the dead letter's id (None if the job had moved on and was not dead-lettered)."""
-    since = utcnow()
+    with the dead letter's id (no failure if the job had moved on and was not dead-lettered)."""
     nxt = await steps.dead_letter(rt.deps, job_id, step=step, error_type=error_type, **details)
-    dead = await _dead_lettered(rt, job_id, "job", since, error_type)
+    dead = JobDeadLettered(nxt.dead_letter, error_type) if nxt.dead_letter else None
     return _then(job_id, nxt, dead)
-
-
-async def _dead_lettered(
-    rt: Runtime, job_id: str, kind: Kind, since: datetime, error_type: str
-) -> JobDeadLettered | None:
-    """The dead letter of ``kind`` written for ``job_id`` since ``since`` (by this step: the
-    steps do not return its id), as the task's failure; None if it wrote none.
-
-    Read back on the dead-letter path only (two round trips: the entries indexed since, a
-    few milliseconds' worth, then their bodies); the happy path reads nothing.
-    """
-    found = await rt.deps.dead_letters.list(
-        DeadLetterFilter(kind=kind, newer_than=since), limit=1000
-    )
-    for dl in found:  # newest first
-        if dl.job_id == job_id:
-            return JobDeadLettered(dl.id, error_type)
-    return None
 
 
 def settle(task: Task, outcome: Outcome) -> str:

@@ -52,7 +52,12 @@ def test_idempotency_same_body_same_job_other_body_conflict(
         with pytest.raises(IdempotencyConflict) as err:
             await s.create(request(idempotency_key="k1", metadata={"x": 1}), identity="sub-1")
         assert err.value.job_id == first.job.id
-        ttl = await fake_redis.ttl(f"cf:idem:{__import__('hashlib').sha256(b'k1').hexdigest()}")
+        # The key is the caller's own: namespaced (the default one here), not bare.
+        key = __import__("hashlib").sha256(b"default\x00k1").hexdigest()
+        assert (
+            await fake_redis.ttl(f"cf:idem:{__import__('hashlib').sha256(b'k1').hexdigest()}") == -2
+        )
+        ttl = await fake_redis.ttl(f"cf:idem:{key}")
         assert 86000 < ttl <= 86400
 
     run(go())
