@@ -2,10 +2,11 @@
 
 The API's middleware wants a bearer token on every route, which a browser's links and forms
 cannot send; the console's gate (the app's outermost middleware) takes ``/console`` requests
-instead and answers them itself: a signed session cookie (``sessions``) instead of the bearer
-token, a CSRF token checked on every POST, HTML error pages, and a 503 page within the Redis
-read timeout while Redis is unreachable, as the API does. Every other path goes on to the
-API's middleware untouched.
+instead and answers them itself, from a router of its own (so the API's router, and the
+OpenAPI document that describes every route of it, hold the API alone): a signed session
+cookie (``sessions``) instead of the bearer token, a CSRF token checked on every POST, HTML
+error pages, and a 503 page within the Redis read timeout while Redis is unreachable, as the
+API does. Every other path goes on to the API's middleware untouched.
 
 A read token sees every page; only a write token replays or purges. Actions go through the
 domain functions the API uses (``steps.replay`` then ``send_step``, ``DeadLetterStore.delete``)
@@ -50,6 +51,9 @@ HERE = Path(__file__).parent
 KEY = web.AppKey("console_key", bytes)
 TEMPLATES = web.AppKey("console_templates", jinja2.Environment)
 STYLESHEET = web.AppKey("console_stylesheet", bytes)
+ROUTER = web.AppKey("console_router", web.UrlDispatcher)
+# The matched route's path parameters, on the request.
+PARAMS = "console.params"
 # The most dead letters one action (or the overview's breakdown) reads.
 BULK_LIMIT = 1000
 DEAD_LETTER_PAGE = 100
@@ -80,7 +84,9 @@ async def gate(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     try:
         async with asyncio.timeout(request.app[REDIS_WAIT_S]):
-            response = await request.match_info.handler(request)
+            found = await request.app[ROUTER].resolve(request)
+            request[PARAMS] = dict(found)
+            response = await found.handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise  # redirects
@@ -341,7 +347,7 @@ async def jobs(request: web.Request, session: sessions.Session) -> web.StreamRes
 
 
 async def job(request: web.Request, session: sessions.Session) -> web.StreamResponse:
-    job_id = request.match_info["job_id"]
+    job_id = request[PARAMS]["job_id"]
     if not JOB_ID_RE.fullmatch(job_id):
         raise _Refused(404, "Not found", "That is not a job id.")
     deps = request.app[DEPS]
@@ -398,7 +404,7 @@ async def dead_letters(request: web.Request, session: sessions.Session) -> web.S
 
 
 async def dead_letter(request: web.Request, session: sessions.Session) -> web.StreamResponse:
-    dl_id = request.match_info["dl_id"]
+    dl_id = request[PARAMS]["dl_id"]
     found = None
     if DEAD_LETTER_ID_RE.fullmatch(dl_id):
         found = await request.app[DEPS].dead_letters.get(dl_id)
@@ -543,7 +549,8 @@ def register(app: web.Application, settings: Settings) -> None:
     app[STYLESHEET] = (HERE / "static" / "console.css").read_bytes()
     # Outermost, so console requests never reach the API's bearer-token middleware.
     app.middlewares.insert(0, gate)
-    add_get, add_post = app.router.add_get, app.router.add_post
+    router = app[ROUTER] = web.UrlDispatcher()
+    add_get, add_post = router.add_get, router.add_post
     add_get(PREFIX, to_console)
     add_get(f"{PREFIX}/", signed_in(overview))
     add_get(f"{PREFIX}/signin", signin_form)
