@@ -305,3 +305,35 @@ def test_a_post_without_the_csrf_token_is_refused(
     page.goto("/console/audit")
     expect(page.get_by_role("row").filter(has_text="forged")).to_contain_text("purge")
     shot(page, "audit-after-purge")
+
+
+def test_purging_the_selected_dead_letters_only(
+    page: Page, console_system: System, shot: Shot
+) -> None:
+    kept_job, purged_job = dead_lettered_jobs(console_system, 2)
+    kept, purged = (
+        dead_letter_of(console_system, kept_job),
+        dead_letter_of(console_system, purged_job),
+    )
+    sign_in(page, API_TOKEN)
+    nav(page, "Dead letters")
+    page.get_by_role("checkbox", name=f"Select {purged}").check()
+    page.get_by_role("button", name="Purge selected").click()
+    expect(page.locator("#dry-run-count")).to_have_text("1")
+    expect(page.get_by_role("cell", name=purged, exact=True)).to_be_visible()
+    expect(page.get_by_role("cell", name=kept, exact=True)).to_have_count(0)
+    shot(page, "purge-confirm")
+    page.get_by_label("Reason").fill("inspected: not worth replaying")
+    page.get_by_role("button", name="Purge 1 dead letter").click()
+    expect(page.locator("#done-count")).to_have_text("1")
+    assert console_system.get(f"/v1/dead-letters/{purged}")[0] == 404
+    assert console_system.get(f"/v1/dead-letters/{kept}")[0] == 200
+    # Leave none behind for the other tests.
+    assert console_system.post(f"/v1/dead-letters/{kept}/replay")[0] == 202
+    console_system.wait(kept_job)
+
+
+def test_the_api_still_wants_its_bearer_token(console_system: System) -> None:
+    assert http_json("GET", f"{console_system.api_url}/v1/stats")[0] == 401
+    assert http_json("GET", f"{console_system.api_url}/consolex")[0] == 401
+    assert http_json("GET", f"{console_system.api_url}/console/nowhere")[0] == 404
