@@ -32,12 +32,9 @@ class AuditEntry(BaseModel):
 
 
 async def record(redis: Redis, entry: AuditEntry) -> None:
-    """Append ``entry`` to ``cf:audit`` and log it (``console.action``)."""
+    """Log ``entry`` (``console.action``) and append it to ``cf:audit``."""
     entry = entry.model_copy(update={"ids": entry.ids[:IDS_KEPT]})
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.lpush(KEY, entry.model_dump_json())
-        pipe.ltrim(KEY, 0, KEEP - 1)
-        await pipe.execute()
+    # Logged first: an action Redis could not record is still in the logs.
     log.info(
         "console.action",
         who=entry.who,
@@ -47,6 +44,11 @@ async def record(redis: Redis, entry: AuditEntry) -> None:
         selection=entry.selection,
         results=entry.results,
     )
+
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.lpush(KEY, entry.model_dump_json())
+        pipe.ltrim(KEY, 0, KEEP - 1)
+        await pipe.execute()
 
 
 async def recent(redis: Redis, *, limit: int = 100) -> list[AuditEntry]:

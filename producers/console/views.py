@@ -465,6 +465,21 @@ async def confirm(request: web.Request, session: sessions.Session) -> web.Stream
     )
 
 
+async def _act_on(request: web.Request, action: str, dl: DeadLetter) -> tuple[str, str]:
+    """Replay or purge one dead letter: its result, and why when it was not done."""
+    deps = request.app[DEPS]
+    if action == "purge":
+        return ("purged" if await deps.dead_letters.delete(dl.id) else "gone"), ""
+    # As ``POST /v1/dead-letters/{id}/replay`` does: the step replay names, sent.
+    try:
+        nxt = await steps.replay(deps, dl.id)
+    except CancelflowError as exc:
+        return "not replayed", str(exc)
+    if nxt.step is not None and dl.job_id:
+        send_step(request.app[CELERY], nxt.step, dl.job_id, nxt.provider, *nxt.args)
+    return "replayed", ""
+
+
 async def act(request: web.Request, session: sessions.Session) -> web.StreamResponse:
     """Replay or purge what the confirm page showed (as it is now), and audit it."""
     form = await _form(request, session)
@@ -478,40 +493,34 @@ async def act(request: web.Request, session: sessions.Session) -> web.StreamResp
             400, "A reason is needed", f"Give a reason of 1 to {MAX_REASON_CHARS} characters."
         )
     targets, flt = await _targets(request, form, which)
-    deps, celery = request.app[DEPS], request.app[CELERY]
+    deps = request.app[DEPS]
     results: Counter[str] = Counter()
-    rows = []
-    for dl in targets:
-        if action == "purge":
-            outcome = "purged" if await deps.dead_letters.delete(dl.id) else "gone"
-        else:
-            # As ``POST /v1/dead-letters/{id}/replay`` does: the step replay names, sent.
-            try:
-                nxt = await steps.replay(deps, dl.id)
-            except CancelflowError as exc:
-                outcome = "not replayed"
-                rows.append((dl, outcome, str(exc)))
-                results[outcome] += 1
-                continue
-            if nxt.step is not None and dl.job_id:
-                send_step(celery, nxt.step, dl.job_id, nxt.provider, *nxt.args)
-            outcome = "replayed"
-        results[outcome] += 1
-        rows.append((dl, outcome, ""))
-    done = results["purged" if action == "purge" else "replayed"]
-    selection: dict[str, Any] = {"filter": _filter_fields(flt)} if flt else {"ids": len(targets)}
-    await audit.record(
-        deps.store.redis,
-        audit.AuditEntry(
-            who=session.who,
-            action=action,
-            count=done,
-            reason=reason,
-            selection=selection,
-            ids=[dl.id for dl in targets],
-            results=dict(results),
-        ),
-    )
+    rows: list[tuple[DeadLetter, str, str]] = []
+    try:
+        for dl in targets:
+            rows.append((dl, *await _act_on(request, action, dl)))
+            results[rows[-1][1]] += 1
+    finally:
+        # Written even when the action stops part way (Redis gone, the request's time up):
+        # the log says what was done.
+        if len(rows) < len(targets):
+            results["not attempted"] = len(targets) - len(rows)
+        done = results["purged" if action == "purge" else "replayed"]
+        selection: dict[str, Any] = (
+            {"filter": _filter_fields(flt)} if flt else {"ids": len(targets)}
+        )
+        await audit.record(
+            deps.store.redis,
+            audit.AuditEntry(
+                who=session.who,
+                action=action,
+                count=done,
+                reason=reason,
+                selection=selection,
+                ids=[dl.id for dl, _, _ in rows],
+                results=dict(results),
+            ),
+        )
     return _render(
         request, "done.html", session=session, action=action, rows=rows, done=done, results=results
     )

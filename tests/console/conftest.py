@@ -26,6 +26,15 @@ CHROMIUM_ARGS = [
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "console"
 
 Shot = Callable[[Page, str], Path]
+TAKEN: list[Path] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Every screenshot this run took, listed at the end of the run."""
+    if TAKEN:
+        terminalreporter.section("console screenshots")
+        for path in TAKEN:
+            terminalreporter.write_line(str(path))
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +59,7 @@ def shot(request: pytest.FixtureRequest) -> Shot:
         path = ARTIFACTS / f"{test}-{name}.png"
         page.screenshot(path=str(path), full_page=True)
         print(f"screenshot: {path}")
+        TAKEN.append(path)
         return path
 
     return take
