@@ -181,6 +181,11 @@ def test_a_read_token_is_refused_an_action(page: Page, console_system: System, s
     dl_id = dead_letter_of(console_system, job_id)
     sign_in(page, READ_TOKEN)
     expect(page.get_by_text("read-only")).to_be_visible()
+    # The overview counts it: by kind, provider and error type, and its job by status.
+    group = page.get_by_role("row").filter(has_text="ProviderUnavailable")
+    expect(group.get_by_role("cell")).to_have_text(["job", "payway", "ProviderUnavailable", "1"])
+    expect(page.get_by_role("link", name="dead_lettered", exact=True)).to_be_visible()
+    shot(page, "overview-with-a-dead-letter")
 
     nav(page, "Dead letters")
     page.get_by_role("button", name=f"Replay {dl_id}").click()
