@@ -52,7 +52,7 @@ from cancelflow.messaging import create_celery, flush_sent_events, send_step
 from cancelflow.settings import Settings, parse_token_entry
 from cancelflow.store import IdempotencyConflict
 from cancelflow.wiring import build_deps, redis_client, redis_persistence, report_persistence
-from producers import listing, openapi
+from producers import console, listing, openapi
 from producers.billing import BillingProcessor, Rejected
 from producers.billing_rules import Rules, load_rules
 from producers.problems import field_errors, invalid, problem, unavailable
@@ -701,4 +701,5 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
     app.router.add_delete("/v1/dead-letters/{dl_id}", delete_dead_letter)
     app.router.add_get("/v1/providers", list_providers)
     app.router.add_get("/metrics", get_metrics)
+    console.setup(app, settings)
     return app
