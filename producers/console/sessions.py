@@ -38,9 +38,10 @@ class Session:
         return self.scope == "write"
 
 
-def token_id(secret: str) -> str:
+def token_id(secret: bytes | str) -> str:
     """What the console and the audit log call a token: a prefix of its SHA-256, never itself."""
-    return "token:" + hashlib.sha256(secret.encode()).hexdigest()[:12]
+    raw = secret.encode() if isinstance(secret, str) else secret
+    return "token:" + hashlib.sha256(raw).hexdigest()[:12]
 
 
 def signing_key(configured: str | None) -> bytes:

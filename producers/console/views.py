@@ -210,13 +210,13 @@ async def signin(request: web.Request) -> web.StreamResponse:
     if presented.isascii():
         for token in request.app[TOKENS]:
             # Every token compared, in constant time, as the API does.
-            if hmac.compare_digest(token.secret.encode(), presented.encode()):
+            if hmac.compare_digest(token.secret, presented.encode()):
                 found = token
     if found is None:
         log.info("console.signin.refused")
         return _signin_page(request, status=401, error="That is not a token this API accepts.")
     who = sessions.token_id(found.secret)
-    log.info("console.signin", who=who, scope=found.scope)
+    log.info("console.signin", who=who, token_name=found.name, scope=found.scope)
     response = web.HTTPSeeOther(f"{PREFIX}/")
     response.set_cookie(
         sessions.COOKIE,

@@ -13,6 +13,14 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
+from tests import fixtures
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The console tests run against a real system: its fixtures come from the shared plugin.
+    fixtures.use(config, fixtures.SYSTEM)
+
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",

@@ -16,8 +16,8 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect
 
 from producers.local import http_json
 from sandboxes.azotte import DEMO as AZOTTE
-from tests.conftest import API_TOKEN, READ_TOKEN, StartSystem
 from tests.console.conftest import Shot
+from tests.fixtures.system import API_TOKEN, READ_TOKEN, StartSystem
 from tests.support import System
 
 pytestmark = pytest.mark.integration
@@ -295,7 +295,7 @@ def test_a_post_without_the_csrf_token_is_refused(
     dl_id = dead_letter_of(console_system, job_id)
     sign_in(page, API_TOKEN)
     act = f"{console_system.api_url}/console/dead-letters/act"
-    form = {"do": f"purge:{dl_id}", "reason": "forged"}
+    form: dict[str, str | float | bool] = {"do": f"purge:{dl_id}", "reason": "forged"}
 
     # The browser's own cookies, but no CSRF token, or another session's.
     assert context.request.post(act, form=form).status == 403
