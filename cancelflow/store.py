@@ -53,7 +53,11 @@ AWAITING = f"{PREFIX}awaiting"
 # beating is taken over (see worker.leases, which keeps it).
 WORKERS = f"{PREFIX}workers"
 # A subscription's in-flight marker is released when its job ends; this is only a safety net.
+# It must outlive a parked job: ``load_settings`` refuses a provider's decision deadline
+# longer than the TTL less ``INFLIGHT_SPARE_S`` (the time a job may take to park: retries,
+# countdowns, the decision sweep's interval).
 INFLIGHT_TTL_S = 14 * 24 * 3600
+INFLIGHT_SPARE_S = 24 * 3600
 
 # to-status -> the statuses a job may be in to move there. Nothing moves a job backwards but
 # an operator's replay of a dead letter (``replay``).
