@@ -199,8 +199,11 @@ return answer('ok', 0)
 
 
 # One round trip for a callback attempt: appended, the record touched, and the attempts kept
-# as long as the record itself (a finished job's record expires after the retention).
+# as long as the record itself (a finished job's record expires after the retention). A job
+# that is gone (expired, or never was) gets nothing: writing would leave a partial record that
+# never expires. Answers the record's TTL, -2 (as TTL answers) when there is no record.
 _ADD_CALLBACK = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -2 end
 redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[2])
 local ttl = redis.call('TTL', KEYS[1])
@@ -570,11 +573,14 @@ class JobStore:
         self, job_id: str, attempt: CallbackAttempt, *, settle: bool = False
     ) -> None:
         """Record a callback attempt; ``settle``: the job's result callback is at its end,
-        so the watchdog stops watching it (``settle``), in the same round trip."""
-        await self._add_callback(
+        so the watchdog stops watching it (``settle``), in the same round trip.
+        ``JobNotFound`` (and nothing written) when the job is gone."""
+        ttl = await self._add_callback(
             keys=[job_key(job_id), f"{job_key(job_id)}:callbacks", ACTIVE],
             args=[_dump(attempt), attempt.at, job_id if settle else ""],
         )
+        if int(ttl) == -2:
+            raise JobNotFound(job_id)
         if self._observer is not None:
             self._observer.callback_attempted(attempt.result)
 
