@@ -7,6 +7,8 @@ Keys (all under ``cf:``):
   idem:{sha256(key)}  "job_id|fingerprint" of the request that first used the key
   inflight:{provider}:{sha256(identity)}  the job currently cancelling that subscription
   jobs                sorted set of job ids by creation time (for listing)
+  stats:{hour}        hash "provider|status" -> jobs created in that hour (epoch s // 3600)
+                      now in that status: ``/v1/stats`` reads these, never the jobs
 """
 
 from __future__ import annotations
@@ -58,6 +60,14 @@ WORKERS = f"{PREFIX}workers"
 # countdowns, the decision sweep's interval).
 INFLIGHT_TTL_S = 14 * 24 * 3600
 INFLIGHT_SPARE_S = 24 * 3600
+
+# ``/v1/stats`` counts jobs by the hour they were created in, each hour's counts one hash kept
+# by the scripts that create and move jobs (O(1) per move): a window of any size reads at most
+# ``STATS_WINDOW_S / STATS_BUCKET_S + 1`` hashes, however many jobs it holds. A job counts in
+# its creation hour under its current status; an hour's hash expires once no window reaches it.
+STATS_BUCKET_S = 3600
+STATS_WINDOW_S = 31 * 24 * 3600
+STATS_PREFIX = f"{PREFIX}stats:"
 
 # to-status -> the statuses a job may be in to move there. Nothing moves a job backwards but
 # an operator's replay of a dead letter (``replay``).
@@ -157,6 +167,17 @@ if lease ~= '' and lease ~= 'release' then
 end
 local status = cur
 if to ~= '' then status = to end
+-- The job's count moves from its old status to its new one, in the stats hash of the hour it
+-- was created in (named in the job, see ``_COUNT_CREATED``; a job older than the hash, or
+-- older than the counts, is in none). Standalone Redis only, like every key here.
+if status ~= cur then
+  local counted = redis.call('HMGET', job, 'stats_key', 'provider')
+  local stats, provider = counted[1], counted[2]
+  if stats and provider and redis.call('EXISTS', stats) == 1 then
+    redis.call('HINCRBY', stats, provider .. '|' .. cur, -1)
+    redis.call('HINCRBY', stats, provider .. '|' .. status, 1)
+  end
+end
 local args = {'status', status, 'updated_at', now_iso}
 for i = FIRST_FIELD, #ARGV do args[#args + 1] = ARGV[i] end
 redis.call('HSET', job, unpack(args))
@@ -210,6 +231,17 @@ local ttl = redis.call('TTL', KEYS[1])
 if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
 if ARGV[3] ~= '' then redis.call('ZREM', KEYS[3], ARGV[3]) end
 return ttl
+"""
+
+# Runs right after ``_CREATE`` in the same MULTI: the job counts as queued in its creation
+# hour's stats hash, and names that hash for the moves to come. Only a job ``_CREATE`` made
+# exists under this new id (a repeated or joined request made none), so only it is counted.
+_COUNT_CREATED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'stats_key', KEYS[2])
+redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+redis.call('EXPIREAT', KEYS[2], ARGV[2])
+return 1
 """
 
 # The watchdog's claim: jobs quiet since the cutoff, each marked as moved now in the same
@@ -288,6 +320,15 @@ def inflight_key(provider: str, identity: str) -> str:
     return f"{PREFIX}inflight:{provider}:{_sha(identity)}"
 
 
+def stats_key(hour: int) -> str:
+    """The stats hash of the jobs created in ``hour`` (epoch s // ``STATS_BUCKET_S``)."""
+    return f"{STATS_PREFIX}{hour}"
+
+
+def stats_hour(epoch_s: float) -> int:
+    return int(epoch_s // STATS_BUCKET_S)
+
+
 def _dump(model: Any) -> str:
     # pydantic's own JSON (compact, as json.dumps with tight separators wrote it), without
     # the round through Python dicts.
@@ -318,6 +359,7 @@ class JobStore:
         self._create = redis.register_script(_CREATE)
         self._transition = redis.register_script(_TRANSITION)
         self._add_callback = redis.register_script(_ADD_CALLBACK)
+        self._count_created = redis.register_script(_COUNT_CREATED)
         self._claim_stalled = redis.register_script(_CLAIM_STALLED)
         self._drop_deadline = redis.register_script(_DROP_DEADLINE)
         self._marks: list[str] = []
@@ -340,7 +382,11 @@ class JobStore:
             "created_at": at,
             "updated_at": at,
         }
-        how, found = await self._create(
+        hour = stats_hour(now.timestamp())
+        # One round trip, one MULTI: the job and its count are written together.
+        pipe = self.redis.pipeline(transaction=True)
+        await self._create(
+            client=pipe,
             keys=[
                 job_key(job_id),
                 f"{job_key(job_id)}:timeline",
@@ -360,6 +406,16 @@ class JobStore:
                 *[item for pair in fields.items() for item in pair],
             ],
         )
+        await self._count_created(
+            client=pipe,
+            keys=[job_key(job_id), stats_key(hour)],
+            args=[
+                f"{request.provider}|{Status.QUEUED.value}",
+                (hour + 1) * STATS_BUCKET_S + STATS_WINDOW_S,
+            ],
+        )
+        async with pipe:
+            (how, found), _ = await pipe.execute()
         how, found = _s(how), _s(found)
         if how == "conflict":
             raise IdempotencyConflict(found)
