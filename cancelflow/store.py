@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from cancelflow.contract import (
     CallbackAttempt,
@@ -359,7 +359,6 @@ class JobStore:
         self._create = redis.register_script(_CREATE)
         self._transition = redis.register_script(_TRANSITION)
         self._add_callback = redis.register_script(_ADD_CALLBACK)
-        self._count_created = redis.register_script(_COUNT_CREATED)
         self._claim_stalled = redis.register_script(_CLAIM_STALLED)
         self._drop_deadline = redis.register_script(_DROP_DEADLINE)
         self._marks: list[str] = []
@@ -383,10 +382,7 @@ class JobStore:
             "updated_at": at,
         }
         hour = stats_hour(now.timestamp())
-        # One round trip, one MULTI: the job and its count are written together.
-        pipe = self.redis.pipeline(transaction=True)
-        await self._create(
-            client=pipe,
+        how, found = await self._create_counted(
             keys=[
                 job_key(job_id),
                 f"{job_key(job_id)}:timeline",
@@ -405,17 +401,14 @@ class JobStore:
                 entry_json,
                 *[item for pair in fields.items() for item in pair],
             ],
+            count=(
+                [job_key(job_id), stats_key(hour)],
+                [
+                    f"{request.provider}|{Status.QUEUED.value}",
+                    (hour + 1) * STATS_BUCKET_S + STATS_WINDOW_S,
+                ],
+            ),
         )
-        await self._count_created(
-            client=pipe,
-            keys=[job_key(job_id), stats_key(hour)],
-            args=[
-                f"{request.provider}|{Status.QUEUED.value}",
-                (hour + 1) * STATS_BUCKET_S + STATS_WINDOW_S,
-            ],
-        )
-        async with pipe:
-            (how, found), _ = await pipe.execute()
         how, found = _s(how), _s(found)
         if how == "conflict":
             raise IdempotencyConflict(found)
@@ -423,6 +416,27 @@ class JobStore:
             # Exactly what the script wrote: no round trip to read it back.
             return Created(job=_record(fields, [entry_json], []), how=how)
         return Created(job=await self.get(found), how=how)
+
+    async def _create_counted(
+        self, *, keys: list[str], args: list[Any], count: tuple[list[str], list[Any]]
+    ) -> tuple[Any, Any]:
+        """``_CREATE``, then ``_COUNT_CREATED``, in one MULTI: one round trip, and the job is
+        never without its count. Sent as EVALSHA and EVAL, not as registered scripts: on a
+        pipeline those cost a SCRIPT EXISTS round trip first. A NOSCRIPT (Redis restarted)
+        means ``_CREATE`` did not run, and the count found no job: loaded, it runs again."""
+        count_keys, count_args = count
+        for _ in range(2):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.evalsha(self._create.sha, len(keys), *keys, *args)
+                pipe.eval(_COUNT_CREATED, len(count_keys), *count_keys, *count_args)
+                created, counted = await pipe.execute(raise_on_error=False)
+            if not isinstance(created, NoScriptError):
+                break
+            self._create.sha = await self.redis.script_load(_CREATE)
+        for answer in (created, counted):
+            if isinstance(answer, Exception):
+                raise answer
+        return created[0], created[1]
 
     async def get(self, job_id: str) -> JobRecord:
         """The whole record; ``JobNotFound`` if there is none (or it expired)."""

@@ -43,6 +43,10 @@ class Recording(fakeredis.FakeAsyncRedis):
                 outer.sent.extend(_named(args) for args, _ in self.command_stack)
                 return await super().execute(raise_on_error)
 
+            async def immediate_execute_command(self, *args: Any, **options: Any) -> Any:
+                outer.sent.append(_named(args))
+                return await super().immediate_execute_command(*args, **options)
+
         return Noted(self.connection_pool, self.response_callbacks, transaction, shard_hint)
 
 
@@ -153,3 +157,23 @@ async def test_jobs_created_before_the_window_are_not_counted() -> None:
     await redis.rename(key, f"{STATS_PREFIX}{hour - 3}")
     assert (await listing.stats(redis, since_s=STATS_BUCKET_S)).total == 0
     assert (await listing.stats(redis, since_s=4 * STATS_BUCKET_S)).total == 3
+
+
+async def test_a_job_and_its_count_are_one_round_trip_even_after_a_script_flush() -> None:
+    redis = Recording()
+    store = JobStore(redis, retention_s=3600, idempotency_ttl_s=3600)
+    await make_jobs(store, 1, random.Random(2))
+    redis.sent.clear()
+    req = CancellationRequest(provider="payway", subscription={"account_id": "f" * 24})
+    await store.create(req, identity="one-trip")
+    # The MULTI's two scripts and nothing before them (no SCRIPT EXISTS).
+    assert [name for name, _ in redis.sent] == ["EVALSHA", "EVAL"]
+    # Redis lost its scripts (a restart): the create is sent again, once, and counted once.
+    await redis.script_flush()
+    redis.sent.clear()
+    other = CancellationRequest(provider="payway", subscription={"account_id": "e" * 24})
+    assert (await store.create(other, identity="after-flush")).how == "created"
+    assert [name for name, _ in redis.sent] == ["EVALSHA", "EVAL", "SCRIPT LOAD", "EVALSHA", "EVAL"]
+    found = await listing.stats(redis, since_s=3600)
+    assert found.jobs == await brute_force(redis)
+    assert found.total == 3
