@@ -18,6 +18,7 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from cancelflow.contract import isoformat, utcnow
+from cancelflow.errors import CancelflowError
 
 INDEX = "cf:dl:index"
 # "billing_event": a billing event that could not become a job (see producers/billing.py).
@@ -88,10 +89,31 @@ return n
 """
 
 
+# An operator's replay takes the entry out in one step: of two replays at once, only the one
+# that removed it gets it back (and delivers); the other finds nothing.
+_CLAIM = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return false end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+for i = 3, #KEYS do redis.call('SREM', KEYS[i], ARGV[1]) end
+return raw
+"""
+
+
+class AlreadyReplayed(CancelflowError):
+    """The dead letter is gone: another replay took it (or it was purged)."""
+
+    def __init__(self, dl_id: str) -> None:
+        super().__init__(f"dead letter {dl_id} already replayed (or purged)")
+        self.dl_id = dl_id
+
+
 class DeadLetterStore:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
         self._index_kinds = redis.register_script(_INDEX_KINDS)
+        self._claim = redis.register_script(_CLAIM)
 
     async def add(self, dl: DeadLetter) -> DeadLetter:
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -150,6 +172,14 @@ class DeadLetterStore:
                 pipe.srem(kind_key(kind), dl_id)
             deleted, *_ = await pipe.execute()
         return bool(deleted)
+
+    async def claim(self, dl_id: str) -> DeadLetter | None:
+        """Take the entry out of the store (atomically) and return it; None when it is gone,
+        so of two callers at once exactly one gets it."""
+        raw = await self._claim(
+            keys=[key(dl_id), INDEX, *(kind_key(kind) for kind in KINDS)], args=[dl_id]
+        )
+        return DeadLetter.model_validate_json(raw) if raw else None
 
     async def purge(self, flt: DeadLetterFilter | None = None) -> int:
         """Delete every entry the filter matches; returns how many."""

@@ -23,6 +23,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from cancelflow.errors import ConfigError
 from cancelflow.providers import REGISTRY
 from cancelflow.providers.base import ProviderSettings
+from cancelflow.store import INFLIGHT_SPARE_S, INFLIGHT_TTL_S
 
 ENV_PREFIX = "CANCELFLOW_"
 DAY = 24 * 3600
@@ -342,6 +343,7 @@ def load_settings(**overrides: Any) -> Settings:
                 f"{conf.timeout_s:g}s is too long for CANCELFLOW_WORKER__LEASE_S="
                 f"{worker.lease_s:g}s: two heartbeats plus one request must fit in a lease"
             )
+    _check_lifetimes(settings)
     for key, spec in REGISTRY.items():
         configured = getattr(settings.providers, key, None)
         if configured is not None and spec.validate_settings is not None:
@@ -351,6 +353,30 @@ def load_settings(**overrides: Any) -> Settings:
                 # The message carries exc; how the error chains is left as it was.
                 raise ConfigError(f"invalid settings:\n  {env_name(('providers', key))}: {exc}")  # noqa: B904
     return settings
+
+
+def _check_lifetimes(settings: Settings) -> None:
+    """Refuse lifetimes that contradict each other: each record must outlive what points at it."""
+    if settings.job_retention_s < settings.idempotency_ttl_s:
+        # A retry with the key finds the job id under the key and then no job: a 404 where
+        # the client was promised the job it created.
+        raise ConfigError(
+            f"invalid settings:\n  {env_name(('job_retention_s',))}: "
+            f"{settings.job_retention_s}s is shorter than {env_name(('idempotency_ttl_s',))}="
+            f"{settings.idempotency_ttl_s}s: a retry with an idempotency key must still find "
+            "the job it names"
+        )
+    longest = INFLIGHT_TTL_S - INFLIGHT_SPARE_S
+    for key, conf in settings.enabled_providers().items():
+        # A parked job holds its subscription's in-flight marker until its deadline: a
+        # marker that expired first would let a second job cancel the same subscription.
+        if conf.decision_deadline_s > longest:
+            raise ConfigError(
+                f"invalid settings:\n  {env_name(('providers', key, 'decision_deadline_s'))}: "
+                f"{conf.decision_deadline_s:g}s is longer than the in-flight marker allows: "
+                f"the marker lives {INFLIGHT_TTL_S}s (cancelflow.store.INFLIGHT_TTL_S) and must "
+                f"outlast the deadline by {INFLIGHT_SPARE_S}s, so at most {longest}s"
+            )
 
 
 def _showable(err: Any) -> bool:

@@ -37,7 +37,7 @@ from cancelflow.contract import (
     provider_queue,
     utcnow,
 )
-from cancelflow.dead_letters import DeadLetter, DeadLetterStore
+from cancelflow.dead_letters import AlreadyReplayed, DeadLetter, DeadLetterStore
 from cancelflow.errors import CancelflowError, JobNotFound, ProviderError
 from cancelflow.logging import get_logger, redact
 from cancelflow.providers import REGISTRY
@@ -599,24 +599,30 @@ async def dead_letter(
 
 
 async def replay(deps: Deps, dl_id: str) -> Next:
-    """Replay a dead letter from the step it failed at, keeping the job id. Safe to repeat:
-    only the first replay moves the job; the entry is removed once it is replayed."""
+    """Replay a dead letter from the step it failed at, keeping the job id. The entry is
+    claimed (taken out atomically) first: of two replays at once only one goes on, the other
+    raises ``AlreadyReplayed``, whatever the entry's kind."""
     dl = await deps.dead_letters.get(dl_id)
     if dl is None:
-        raise CancelflowError(f"no dead letter {dl_id}")
+        raise AlreadyReplayed(dl_id)
     if dl.kind == "poison" or dl.job_id is None:
         raise DecisionConflict("a poison message has no job to replay; purge it once inspected")
     job = await deps.store.get(dl.job_id)
+    if await deps.dead_letters.claim(dl_id) is None:
+        raise AlreadyReplayed(dl_id)
     if dl.kind == "callback":
-        await deps.dead_letters.delete(dl_id)
         return Next(Step.CALLBACK, job.provider, (dl.event or EVENT_OUTCOME,))
     to = Status.CONFIRMING if dl.step == Step.CONFIRM.value else Status.QUEUED
-    moved = await deps.store.replay(
-        job.id,
-        to,
-        _entry(dl.step or "replay", "replayed", 0, status=to, details={"dead_letter": dl_id}),
-    )
-    await deps.dead_letters.delete(dl_id)
+    try:
+        moved = await deps.store.replay(
+            job.id,
+            to,
+            _entry(dl.step or "replay", "replayed", 0, status=to, details={"dead_letter": dl_id}),
+        )
+    except Exception:
+        # The job did not move: the entry goes back for the operator to replay again.
+        await deps.dead_letters.add(dl)
+        raise
     if not moved.applied:
         return Next.done()
     return Next(Step.CONFIRM if to is Status.CONFIRMING else Step.ELIGIBILITY, job.provider)

@@ -9,6 +9,8 @@ Keys (all under ``cf:``):
   idem:{sha256(key)}  the same, written before keys had namespaces (read only, see ``create``)
   inflight:{provider}:{sha256(identity)}  the job currently cancelling that subscription
   jobs                sorted set of job ids by creation time (for listing)
+  stats:{hour}        hash "provider|status" -> jobs created in that hour (epoch s // 3600)
+                      now in that status: ``/v1/stats`` reads these, never the jobs
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from cancelflow.contract import (
     CallbackAttempt,
@@ -55,7 +57,19 @@ AWAITING = f"{PREFIX}awaiting"
 # beating is taken over (see worker.leases, which keeps it).
 WORKERS = f"{PREFIX}workers"
 # A subscription's in-flight marker is released when its job ends; this is only a safety net.
+# It must outlive a parked job: ``load_settings`` refuses a provider's decision deadline
+# longer than the TTL less ``INFLIGHT_SPARE_S`` (the time a job may take to park: retries,
+# countdowns, the decision sweep's interval).
 INFLIGHT_TTL_S = 14 * 24 * 3600
+INFLIGHT_SPARE_S = 24 * 3600
+
+# ``/v1/stats`` counts jobs by the hour they were created in, each hour's counts one hash kept
+# by the scripts that create and move jobs (O(1) per move): a window of any size reads at most
+# ``STATS_WINDOW_S / STATS_BUCKET_S + 1`` hashes, however many jobs it holds. A job counts in
+# its creation hour under its current status; an hour's hash expires once no window reaches it.
+STATS_BUCKET_S = 3600
+STATS_WINDOW_S = 31 * 24 * 3600
+STATS_PREFIX = f"{PREFIX}stats:"
 
 # to-status -> the statuses a job may be in to move there. Nothing moves a job backwards but
 # an operator's replay of a dead letter (``replay``).
@@ -188,6 +202,17 @@ if lease ~= '' and lease ~= 'release' then
 end
 local status = cur
 if to ~= '' then status = to end
+-- The job's count moves from its old status to its new one, in the stats hash of the hour it
+-- was created in (named in the job, see ``_COUNT_CREATED``; a job older than the hash, or
+-- older than the counts, is in none). Standalone Redis only, like every key here.
+if status ~= cur then
+  local counted = redis.call('HMGET', job, 'stats_key', 'provider')
+  local stats, provider = counted[1], counted[2]
+  if stats and provider and redis.call('EXISTS', stats) == 1 then
+    redis.call('HINCRBY', stats, provider .. '|' .. cur, -1)
+    redis.call('HINCRBY', stats, provider .. '|' .. status, 1)
+  end
+end
 local args = {'status', status, 'updated_at', now_iso}
 for i = FIRST_FIELD, #ARGV do args[#args + 1] = ARGV[i] end
 redis.call('HSET', job, unpack(args))
@@ -230,14 +255,28 @@ return answer('ok', 0)
 
 
 # One round trip for a callback attempt: appended, the record touched, and the attempts kept
-# as long as the record itself (a finished job's record expires after the retention).
+# as long as the record itself (a finished job's record expires after the retention). A job
+# that is gone (expired, or never was) gets nothing: writing would leave a partial record that
+# never expires. Answers the record's TTL, -2 (as TTL answers) when there is no record.
 _ADD_CALLBACK = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -2 end
 redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[2])
 local ttl = redis.call('TTL', KEYS[1])
 if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
 if ARGV[3] ~= '' then redis.call('ZREM', KEYS[3], ARGV[3]) end
 return ttl
+"""
+
+# Runs right after ``_CREATE`` in the same MULTI: the job counts as queued in its creation
+# hour's stats hash, and names that hash for the moves to come. Only a job ``_CREATE`` made
+# exists under this new id (a repeated or joined request made none), so only it is counted.
+_COUNT_CREATED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'stats_key', KEYS[2])
+redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+redis.call('EXPIREAT', KEYS[2], ARGV[2])
+return 1
 """
 
 # The watchdog's claim: jobs quiet since the cutoff, each marked as moved now in the same
@@ -319,6 +358,15 @@ def inflight_key(provider: str, identity: str) -> str:
     return f"{PREFIX}inflight:{provider}:{_sha(identity)}"
 
 
+def stats_key(hour: int) -> str:
+    """The stats hash of the jobs created in ``hour`` (epoch s // ``STATS_BUCKET_S``)."""
+    return f"{STATS_PREFIX}{hour}"
+
+
+def stats_hour(epoch_s: float) -> int:
+    return int(epoch_s // STATS_BUCKET_S)
+
+
 def _dump(model: Any) -> str:
     # pydantic's own JSON (compact, as json.dumps with tight separators wrote it), without
     # the round through Python dicts.
@@ -386,7 +434,8 @@ class JobStore:
             "created_at": at,
             "updated_at": at,
         }
-        how, found, added = await self._create(
+        hour = stats_hour(now.timestamp())
+        how, found, added = await self._create_counted(
             keys=[
                 job_key(job_id),
                 f"{job_key(job_id)}:timeline",
@@ -409,6 +458,13 @@ class JobStore:
                 MAX_EXTRA_CALLBACKS,
                 *[item for pair in fields.items() for item in pair],
             ],
+            count=(
+                [job_key(job_id), stats_key(hour)],
+                [
+                    f"{request.provider}|{Status.QUEUED.value}",
+                    (hour + 1) * STATS_BUCKET_S + STATS_WINDOW_S,
+                ],
+            ),
         )
         how, found = _s(how), _s(found)
         if how == "conflict":
@@ -417,6 +473,27 @@ class JobStore:
             # Exactly what the script wrote: no round trip to read it back.
             return Created(job=_record(fields, [entry_json], []), how=how)
         return Created(job=await self.get(found), how=how, callback_added=_s(added) == "1")
+
+    async def _create_counted(
+        self, *, keys: list[str], args: list[Any], count: tuple[list[str], list[Any]]
+    ) -> tuple[Any, Any, Any]:
+        """``_CREATE``, then ``_COUNT_CREATED``, in one MULTI: one round trip, and the job is
+        never without its count. Sent as EVALSHA and EVAL, not as registered scripts: on a
+        pipeline those cost a SCRIPT EXISTS round trip first. A NOSCRIPT (Redis restarted)
+        means ``_CREATE`` did not run, and the count found no job: loaded, it runs again."""
+        count_keys, count_args = count
+        for _ in range(2):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.evalsha(self._create.sha, len(keys), *keys, *args)
+                pipe.eval(_COUNT_CREATED, len(count_keys), *count_keys, *count_args)
+                created, counted = await pipe.execute(raise_on_error=False)
+            if not isinstance(created, NoScriptError):
+                break
+            self._create.sha = await self.redis.script_load(_CREATE)
+        for answer in (created, counted):
+            if isinstance(answer, Exception):
+                raise answer
+        return created[0], created[1], created[2]
 
     async def get(self, job_id: str) -> JobRecord:
         """The whole record; ``JobNotFound`` if there is none (or it expired)."""
@@ -623,11 +700,14 @@ class JobStore:
         self, job_id: str, attempt: CallbackAttempt, *, settle: bool = False
     ) -> None:
         """Record a callback attempt; ``settle``: the job's result callback is at its end,
-        so the watchdog stops watching it (``settle``), in the same round trip."""
-        await self._add_callback(
+        so the watchdog stops watching it (``settle``), in the same round trip.
+        ``JobNotFound`` (and nothing written) when the job is gone."""
+        ttl = await self._add_callback(
             keys=[job_key(job_id), f"{job_key(job_id)}:callbacks", ACTIVE],
             args=[_dump(attempt), attempt.at, job_id if settle else ""],
         )
+        if int(ttl) == -2:
+            raise JobNotFound(job_id)
         if self._observer is not None:
             self._observer.callback_attempted(attempt.result)
 

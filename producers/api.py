@@ -45,6 +45,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cancelflow import jsonsafe, metrics, steps
 from cancelflow.contract import JOB_ID_RE, Decision
+from cancelflow.dead_letters import AlreadyReplayed
 from cancelflow.errors import CancelflowError, ConfigError, JobNotFound
 from cancelflow.guard import breaker_state
 from cancelflow.logging import get_logger
@@ -556,6 +557,9 @@ async def replay_dead_letter(request: web.Request) -> web.Response:
         return problem(404, "Not found", f"no dead letter {dl_id} (already replayed or purged?)")
     try:
         nxt = await steps.replay(deps, dl_id)
+    except AlreadyReplayed as exc:
+        # A concurrent replay claimed it between the read above and ours: it delivers, not us.
+        return problem(409, "Already replayed", str(exc))
     except CancelflowError as exc:
         return problem(409, "Cannot replay", str(exc))
     if nxt.step is not None and dl.job_id:

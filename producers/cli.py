@@ -394,11 +394,42 @@ def dlq_purge(
 # never need Redis credentials. Only ``billing-consumer`` reads Redis (the stream) directly.
 
 
+# Where ``--token-file``'s token waits for ``_client_settings`` (the option adds no parameter
+# to every command).
+_FROM_FILE = "cancelflow.from_file"
+
+
+def _warn_token_argument(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value:
+        click.echo(
+            "cancelflow: warning: --token is visible to every user of this machine in the "
+            "process list; set CANCELFLOW_API_TOKEN or use --token-file",
+            err=True,
+        )
+    return value
+
+
+def _read_token_file(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        with open(value, encoding="utf-8") as f:
+            ctx.meta[_FROM_FILE] = f.read().strip()
+
+
 def _client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")(fn)
-    fn = click.option("--token", default=None, help="API token (default: CANCELFLOW_API_TOKEN).")(
-        fn
-    )
+    fn = click.option(
+        "--token-file",
+        type=click.Path(exists=True, dir_okay=False),
+        expose_value=False,
+        callback=_read_token_file,
+        help="Read the API token from this file (default: CANCELFLOW_API_TOKEN).",
+    )(fn)
+    fn = click.option(
+        "--token",
+        default=None,
+        callback=_warn_token_argument,
+        help="API token. Visible in the process list: prefer CANCELFLOW_API_TOKEN or --token-file.",
+    )(fn)
     fn = click.option(
         "--api-url",
         default=None,
@@ -417,6 +448,8 @@ def _client_settings(api_url: str | None, token: str | None) -> Any:
     except ValidationError as exc:
         click.echo(f"cancelflow: invalid client settings: {exc}", err=True)
         sys.exit(2)
+    ctx = click.get_current_context(silent=True)
+    token = token or (ctx.meta.get(_FROM_FILE) if ctx is not None else None)
     conf = conf.model_copy(
         update={
             **({"api_url": api_url} if api_url else {}),
@@ -424,7 +457,9 @@ def _client_settings(api_url: str | None, token: str | None) -> Any:
         }
     )
     if conf.api_token is None:
-        click.echo("cancelflow: no API token: pass --token or set CANCELFLOW_API_TOKEN", err=True)
+        click.echo(
+            "cancelflow: no API token: set CANCELFLOW_API_TOKEN or pass --token-file", err=True
+        )
         sys.exit(2)
     return conf
 

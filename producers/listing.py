@@ -1,8 +1,9 @@
 """Reading many jobs at once: filtered, cursor-paginated listing and live counts.
 
-Both walk ``cf:jobs`` (job ids scored by creation time) and read only the few hash fields they
-need, pipelined. Provider and status are not indexed: a page reads a bounded stretch of the
-index (``SCAN_BUDGET`` ids) and may come back short, with a cursor to go on from.
+Listing walks ``cf:jobs`` (job ids scored by creation time) and reads only the few hash fields
+it needs, pipelined. Provider and status are not indexed: a page reads a bounded stretch of the
+index (``SCAN_BUDGET`` ids) and may come back short, with a cursor to go on from. Counts read
+the hourly stats hashes the job store keeps, never the jobs (``stats``).
 """
 
 from __future__ import annotations
@@ -11,14 +12,21 @@ import json
 import math
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
 
 from cancelflow.contract import Status, isoformat, utcnow
 from cancelflow.dead_letters import INDEX as DEAD_LETTER_INDEX
-from cancelflow.store import JOBS_INDEX, job_key
+from cancelflow.store import (
+    JOBS_INDEX,
+    STATS_BUCKET_S,
+    STATS_WINDOW_S,
+    job_key,
+    stats_hour,
+    stats_key,
+)
 from producers.billing import COUNTS_KEY, IGNORED_KEY
 from producers.schemas import CURSOR_RE, JobPage, JobQuery, JobSummary, Stats
 
@@ -154,37 +162,37 @@ def _summary(h: dict[str, str]) -> JobSummary:
 
 
 async def stats(redis: Redis, *, since_s: float) -> Stats:
-    """Jobs created in the last ``since_s`` seconds by provider and status, and the totals
-    of dead letters and billing events."""
-    since: datetime = utcnow() - timedelta(seconds=since_s)
-    counts: dict[str, Counter[str]] = defaultdict(Counter)
-    batch: list[str] = []
+    """Jobs created since the start of the hour ``since_s`` seconds ago, by provider and
+    current status, and the totals of dead letters and billing events.
 
-    async def flush() -> None:
-        async with redis.pipeline(transaction=False) as pipe:
-            for job_id in batch:
-                pipe.hmget(job_key(job_id), ["provider", "status"])
-            rows = await pipe.execute()
-        for provider, status in rows:
-            if provider is not None and status is not None:
-                counts[_s(provider)][_s(status)] += 1
-        batch.clear()
-
-    async for _, job_id in _walk(redis, high="+inf", low=since.timestamp(), after=None):
-        batch.append(job_id)
-        if len(batch) >= 1000:
-            await flush()
-    if batch:
-        await flush()
+    Read from the hourly counts the job store keeps as it creates and moves jobs
+    (``cancelflow.store.stats_key``): at most ``STATS_WINDOW_S / STATS_BUCKET_S + 1`` hashes
+    (745 for 31 days), whatever the number of jobs. A job whose record has expired since is
+    still counted; jobs created before the counts existed are not."""
+    since_s = min(since_s, STATS_WINDOW_S)
+    now = utcnow().timestamp()
+    first, last = stats_hour(now - since_s), stats_hour(now)
     async with redis.pipeline(transaction=False) as pipe:
+        for hour in range(first, last + 1):
+            pipe.hgetall(stats_key(hour))
         pipe.zcard(DEAD_LETTER_INDEX)
         pipe.hgetall(COUNTS_KEY)
         pipe.hgetall(IGNORED_KEY)
-        dead, billing, ignored = await pipe.execute()
+        *hours, dead, billing, ignored = await pipe.execute()
+    counts: dict[str, Counter[str]] = defaultdict(Counter)
+    for found in hours:
+        for field, value in found.items():
+            provider, _, status = _s(field).rpartition("|")
+            counts[provider][status] += int(value)
+    jobs = {
+        provider: {status: n for status, n in sorted(c.items()) if n}
+        for provider, c in sorted(counts.items())
+    }
+    jobs = {provider: c for provider, c in jobs.items() if c}
     return Stats(
-        since=isoformat(since),
-        jobs={p: dict(c) for p, c in sorted(counts.items())},
-        total=sum(sum(c.values()) for c in counts.values()),
+        since=isoformat(datetime.fromtimestamp(first * STATS_BUCKET_S, UTC)),
+        jobs=jobs,
+        total=sum(sum(c.values()) for c in jobs.values()),
         dead_letters=int(dead),
         billing={_s(k): int(v) for k, v in billing.items()},
         billing_ignored={_s(k): int(v) for k, v in ignored.items()},

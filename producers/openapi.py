@@ -235,6 +235,14 @@ def document(
             "get": {
                 "operationId": "getStats",
                 "summary": "Counts of recent jobs by provider and status; dead letters; billing",
+                "description": (
+                    "Jobs created since the start of the hour `since_s` seconds ago (at most 31 "
+                    "days; `since` in the answer is that hour), by provider and current status. "
+                    "Read from hourly counts the job store keeps as it creates and moves jobs: "
+                    "at most 745 hashes, whatever the number of jobs, so the answer takes the "
+                    "same time at 300,000 jobs as at 3. A job still counts after its record "
+                    "expired; jobs created before the counts existed (an older version) do not."
+                ),
                 "parameters": params(StatsQuery),
                 "responses": {"200": answer(Stats, "the counts"), **errors(*read, 422)},
             },
