@@ -88,6 +88,9 @@ class Chaos(threading.Thread):
         super().__init__(daemon=True)
         self.system, self.workers = system, workers  # name -> Celery hostname
         self.stop_event = threading.Event()
+        # Set once the minute of kills is over. The thread itself lives on until the test
+        # ends: the workers it started die with it (ProcessGroup's PR_SET_PDEATHSIG).
+        self.over = threading.Event()
         self.kills: list[tuple[float, int | None]] = []  # (when, pid)
         self.bursts = 0
         self.rng = random.Random(7)
@@ -122,6 +125,8 @@ class Chaos(threading.Thread):
             self.stop_event.wait(1.5)
             set_faults(self.system, FAULTS)
         self.app.close()
+        self.over.set()
+        self.stop_event.wait()
 
 
 def statuses(client: redis.Redis, jobs: list[str]) -> list[bytes | None]:
@@ -187,10 +192,11 @@ def test_chaos(start_system: StartSystem) -> None:
                 )["id"]
             )
         assert len(set(jobs)) == len(jobs) == JOBS
-        chaos.join(CHAOS_S + 300)
-    finally:
+        chaos.over.wait(CHAOS_S + 300)
+    except BaseException:
         chaos.stop_event.set()
-        chaos.join()
+        raise
+    finally:
         set_faults(system, {})
     faults_stopped = time.monotonic()
     first = wait_final(client, jobs, deadline=faults_stopped + SETTLE_S)
@@ -220,6 +226,8 @@ def test_chaos(start_system: StartSystem) -> None:
         for count in system.sandbox.state(provider)["effective_cancels"].values():
             effective[count] += 1
     records = [system.job(j) for j in jobs]
+    chaos.stop_event.set()  # the replacement workers stop with the thread
+    chaos.join()
     waits = recovery_s(records, chaos.kills)
     figures = {
         "jobs": JOBS,
