@@ -50,12 +50,19 @@ _SECRET_PARTS = (
 )
 _WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 REDACTED = "[redacted]"
+# Keys that name or describe a secret without holding one: kept, so the logs still say which
+# token made a request and which OAuth method a provider asked for.
+_NOT_SECRET = frozenset(
+    {"token_name", "token_type", "token_url", "oauth_signature_method", "idempotency_key"}
+)
 
 
 @functools.lru_cache(maxsize=4096)
 def is_secret_key(key: str) -> bool:
     """Whether a value under ``key`` is a secret, in any case or style (``refresh_token``,
     ``apiKey``, ``X-Api-Key``, ``oauth_signature``, ``Set-Cookie``)."""
+    if key.lower().replace("-", "_") in _NOT_SECRET:
+        return False
     words = {w.lower() for w in _WORDS.findall(key)}
     if words & _SECRET_WORDS:
         return True

@@ -145,6 +145,11 @@ class ApiSettings(BaseModel):
     # Per token, held in Redis so every API process counts against the same limit.
     rate_limit_per_s: float = Field(default=100.0, gt=0)
     rate_limit_burst: int = Field(default=200, ge=1)
+    # Failed authentications per client address (held in Redis like the above): a caller
+    # with a typo retries a few times, and clients behind one NAT share an address; a
+    # guesser is held to this rate.
+    auth_failures_per_s: float = Field(default=10.0, gt=0, le=1000)
+    auth_failures_burst: int = Field(default=100, ge=1, le=100_000)
     # Larger request bodies are refused with 413 before they are read whole.
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     # JSON nested deeper than this is refused (400) before it is parsed (cancelflow.jsonsafe);

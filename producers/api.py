@@ -100,11 +100,6 @@ Query = TypeVar("Query", bound=BaseModel)
 REDIS_OUTAGE = (RedisConnectionError, RedisTimeoutError, BrokerError, TimeoutError)
 # A Redis restart or failover takes seconds: clients come back after this many.
 RETRY_AFTER_S = 5
-# Failed authentications per client address: a caller with a typo retries a few times (and
-# clients behind one NAT share an address), a guesser is held to 10 a second. Fixed on
-# purpose: it is not a knob to loosen.
-AUTH_FAILURES_PER_S = 10.0
-AUTH_FAILURES_BURST = 100
 TOKEN = web.RequestKey("token", object)
 
 
@@ -671,7 +666,9 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
             redis, rate_per_s=settings.api.rate_limit_per_s, burst=settings.api.rate_limit_burst
         )
         app[AUTH_FAILURES] = RateLimiter(
-            redis, rate_per_s=AUTH_FAILURES_PER_S, burst=AUTH_FAILURES_BURST
+            redis,
+            rate_per_s=settings.api.auth_failures_per_s,
+            burst=settings.api.auth_failures_burst,
         )
         if RULES in app:
             app[BILLING] = BillingProcessor(app[DEPS], app[CELERY], app[RULES])

@@ -17,9 +17,9 @@ from cancelflow.errors import ProviderError, ProviderProtocolError
 from cancelflow.http import HttpResponse, ProviderHttp
 from cancelflow.logging import redact
 from cancelflow.providers.base import (
+    SEGMENT_CHECK,
     Confirmation,
     Eligibility,
-    PathSegment,
     ProviderSettings,
     ProviderSpec,
     SubscriptionRef,
@@ -35,8 +35,13 @@ MAX_ERROR_BODY = 64 * 1024
 
 # Ids go into the signed URL's path as they are: only URL-unreserved characters, so the URL
 # we sign is byte for byte the URL sent (no percent-encoding for a client to get wrong).
-# "." and ".." are unreserved too, but as a segment they move the request to another resource.
-SubscriptionId = Annotated[PathSegment, StringConstraints(pattern=r"^[A-Za-z0-9._~-]{1,128}$")]
+# "." and ".." are unreserved too, but as a segment they move the request to another resource:
+# at least one character is not a dot.
+SubscriptionId = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9._~-]*[A-Za-z0-9_~-][A-Za-z0-9._~-]*$", max_length=128),
+    SEGMENT_CHECK,
+]
 
 
 class AppDirectRef(SubscriptionRef):

@@ -54,15 +54,26 @@ _PATH_CHANGING = frozenset("/\\%?#")
 
 def _path_segment(value: str) -> str:
     _no_control_characters(value)
-    if value in (".", ".."):
-        raise ValueError("must not be a dot segment ('.' or '..')")
+    if not value.strip().strip(".").strip():
+        raise ValueError("must not be a dot segment ('.', '..'): only dots and spaces")
     if found := sorted(_PATH_CHANGING.intersection(value)):
         raise ValueError(f"must not contain {' '.join(found)}: it would change the request path")
     return value
 
 
+# What ``_path_segment`` accepts, as the OpenAPI document states it (the validator names
+# what is wrong; the pattern lets a client, or a property-based test, know what is right):
+# allowed characters only, and at least one that is neither a dot nor a space.
+_SEGMENT_CHARS = r"[^/\\%?#\x00-\x1f\x7f-\x9f]"
+PATH_SEGMENT_PATTERN = rf"^{_SEGMENT_CHARS}*[^/\\%?#\x00-\x1f\x7f-\x9f.\s]{_SEGMENT_CHARS}*$"
+
 # A reference that becomes one segment of a request path: it must stay exactly one segment.
-PathSegment = Annotated[str, AfterValidator(_path_segment)]
+# ``SEGMENT_CHECK`` alone, after its own ``StringConstraints``, for a reference that states
+# a stricter pattern of its own (the pattern then stays in the OpenAPI document).
+SEGMENT_CHECK = AfterValidator(_path_segment)
+PathSegment = Annotated[
+    str, SEGMENT_CHECK, Field(json_schema_extra={"pattern": PATH_SEGMENT_PATTERN})
+]
 
 
 class SubscriptionRef(BaseModel):

@@ -21,6 +21,8 @@ from tests.contract.support import settings_for
 HOSTILE = [
     ".",
     "..",
+    "...",  # normalised away by some servers: refused like the dot segments
+    ". .",
     "a/b",
     "/",
     "..%2f..",
@@ -64,7 +66,7 @@ def test_a_reference_that_would_change_the_request_is_refused(key: str, value: s
 
 
 @pytest.mark.parametrize("key", ["appdirect", "axelspringer"])
-@pytest.mark.parametrize("value", ["...", "a.b", "a..b", ".hidden", "A-1_2~x"])
+@pytest.mark.parametrize("value", ["a.b", "a..b", ".hidden", "..x", "A-1_2~x"])
 def test_dots_inside_a_path_segment_are_fine(key: str, value: str) -> None:
     (name,) = identity_fields(key)
     REGISTRY[key].reference.model_validate({**success(key), name: value})

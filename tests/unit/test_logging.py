@@ -150,3 +150,22 @@ def test_log_fields_are_redacted_by_pattern(capsys: pytest.CaptureFixture[str]) 
     assert "sekrit" not in json.dumps(line)
     assert line["event"] == "provider.http_response" and line["status"] == 200
     assert line["headers"]["Accept"] == "json"
+
+
+def test_keys_that_name_a_secret_without_holding_one_are_kept() -> None:
+    answer = {
+        "token_name": "crm",
+        "token_type": "Bearer",
+        "idempotency_key": "order-7",
+        "oauth_signature_method": "HMAC-SHA1",
+        "access_token": "s3cret",
+        "oauth_signature": "abc",
+    }
+    assert redact(answer) == {
+        "token_name": "crm",
+        "token_type": "Bearer",
+        "idempotency_key": "order-7",
+        "oauth_signature_method": "HMAC-SHA1",
+        "access_token": "[redacted]",
+        "oauth_signature": "[redacted]",
+    }
