@@ -357,3 +357,41 @@ def test_the_default_system_signs_with_the_demo_secret_the_receiver_holds(
     job_id = enqueue(cb_system, "payway", payway(cb_system, "end_of_period"))
     wait_job(cb_system, job_id, both_ended)
     assert [r["verified"] for r in received(cb_system, job_id)["requests"]] == [True]
+
+
+def test_a_joiners_callback_url_gets_the_jobs_events_too(cb_system: System) -> None:
+    """A request for a subscription already being cancelled joins that job (issue 14, point
+    4): told so in its answer, and its own callback URL is sent the job's outcome, signed."""
+    order = {"order_identifier": fresh(cb_system, "azotte", "offer")}
+    job_id = enqueue(cb_system, "azotte", order)
+    wait_job(cb_system, job_id, lambda j: j["status"] == "awaiting_decision")
+    joiner_url = receiver_url(cb_system) + "?from=joiner"  # another URL than the job's own
+    status, joined = cb_system.post(
+        "/v1/cancellations",
+        {"provider": "azotte", "subscription": order, "callback_url": joiner_url},
+    )
+    assert status in (200, 202), json.dumps(joined)
+    assert joined["id"] == job_id and joined["how"] == "joined"
+    status, _ = cb_system.post(f"/v1/cancellations/{job_id}/decision", {"decision": "accept"})
+    assert status == 202
+
+    def joiner_ended(job: dict[str, Any]) -> bool:
+        return any(
+            c["url"] == joiner_url
+            and c["event_type"] == "cancellation.retained"
+            and c["result"] in ("delivered", "dead_lettered")
+            for c in job["callbacks"]
+        )
+
+    job = wait_job(cb_system, job_id, lambda j: joiner_ended(j) and ended(j, n=2))
+    [to_joiner] = [
+        c
+        for c in job["callbacks"]
+        if c["url"] == joiner_url and c["event_type"] == "cancellation.retained"
+    ]
+    assert to_joiner["result"] == "delivered" and to_joiner["http_status"] == 200
+    # The same event (one id) reached both URLs, each request verified by the receiver.
+    got = received(cb_system, job_id)
+    retained = [r for r in got["requests"] if r["event_type"] == "cancellation.retained"]
+    assert len(retained) == 2 and all(r["verified"] for r in retained), retained
+    assert len({r["event_id"] for r in retained}) == 1
