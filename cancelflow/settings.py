@@ -103,8 +103,8 @@ class WorkerSettings(BaseModel):
     # A process sends a provider request only while its last beat is under
     # ``2 * heartbeat_s`` old, so ``lease_s`` must cover that plus one request: see
     # ``load_settings``. A killed worker's jobs move again within ``lease_s`` plus one sweep.
-    lease_s: float = Field(default=30.0, ge=3)
-    heartbeat_s: float = Field(default=5.0, gt=0)
+    lease_s: float = Field(default=20.0, ge=3)
+    heartbeat_s: float = Field(default=3.0, gt=0)
     # The watchdog re-sends the step of a job this long past when it was expected to move,
     # once no live process holds it and its queue has moved past it (a message lost between
     # Redis's pop and its unacknowledged record, by a worker killed in between).
