@@ -177,7 +177,7 @@ def test_the_read_is_one_pipeline_of_a_fixed_size(fake_redis: fakeredis.FakeAsyn
             sent.append(len(pipe.command_stack))
             return await execute(*a, **kw)
 
-        pipe.execute = counted
+        pipe.execute = counted  # type: ignore[method-assign]
         return pipe
 
     async def go() -> None:
