@@ -114,6 +114,8 @@ class Offer(BaseModel):
     offer_identifier: str | None = None
     details: dict[str, Any] = Field(default_factory=dict)
     cancellation_reasons: list[dict[str, Any]] = Field(default_factory=list)
+    # When the customer's decision is due (ISO 8601 UTC), set once the job waits for it.
+    decision_deadline: str | None = None
 
 
 # --- requests -------------------------------------------------------------------------------

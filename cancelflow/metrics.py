@@ -5,9 +5,11 @@ hooks, never by the steps themselves: the provider-call observer (``cancelflow.h
 job-store observer (``JobObserver``, for jobs that end and callback attempts), and the task
 shells (``worker.tasks``: step durations, retries). None costs a Redis round trip.
 
-Gauges of shared state (queue depths, dead letters, jobs awaiting a decision) are read from
-Redis when ``/metrics`` is scraped, by the API only (``read_store`` then ``StoreGauges``):
-every API replica exports the same values, so queries take ``max``, not ``sum``, of them.
+Gauges of shared state (queue depths and the age of each queue's oldest message, dead
+letters, jobs awaiting a decision, each provider's circuit breaker and in-flight calls) are
+read from Redis when ``/metrics`` is scraped, by the API only (``read_store`` then
+``StoreGauges``): every API replica exports the same values, so queries take ``max``, not
+``sum``, of them.
 
 Workers serve ``/metrics`` on ``CANCELFLOW_WORKER__METRICS_PORT`` (``serve_worker_metrics``);
 the API serves it on its own port, behind a bearer token (``producers.api``).
@@ -15,18 +17,24 @@ the API serves it on its own port, behind a bearer token (``producers.api``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import json
+import math
+import platform
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Any
 
 import prometheus_client
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 from redis.asyncio import Redis
 
 from cancelflow.dead_letters import KINDS, kind_key
 from cancelflow.messaging import queues
+from cancelflow.providers import REGISTRY as PROVIDERS
 from cancelflow.store import AWAITING
 
 # ``_created`` series double the number of series for a timestamp nobody queries.
@@ -75,14 +83,42 @@ CALLBACK_DELIVERIES = Counter(
     "skipped (no URL), failed, refused (unsafe URL or no signing secret).",
     ["result"],
 )
+API_REQUESTS = Counter(
+    "cancelflow_api_requests_total",
+    "Requests the API answered, by method, route (its path template, such as "
+    '/v1/cancellations/{job_id}; "unmatched" when no route matched) and status.',
+    ["method", "route", "status"],
+)
+API_REQUEST_DURATION = Histogram(
+    "cancelflow_api_request_duration_seconds",
+    "Time the API took to answer a request, by method and route (as for the count).",
+    ["method", "route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+# --- what runs where --------------------------------------------------------------------------
+
+BUILD_INFO = Gauge(
+    "cancelflow_build_info",
+    "Always 1; the labels say which Cancelflow, Python and Celery this process runs.",
+    ["version", "python", "celery"],
+)
+BUILD_INFO.labels(version("cancelflow"), platform.python_version(), version("celery")).set(1)
 
 # --- shared state, read from Redis at scrape time (StoreGauges) -------------------------------
 
 QUEUE_DEPTH = "cancelflow_queue_depth"
+QUEUE_OLDEST_AGE = "cancelflow_queue_oldest_message_age_seconds"
 DEAD_LETTERS = "cancelflow_dead_letters"
 JOBS_AWAITING_DECISION = "cancelflow_jobs_awaiting_decision"
+CIRCUIT_STATE = "cancelflow_provider_circuit_state"
+IN_FLIGHT = "cancelflow_provider_in_flight"
 
-EVENT_METRICS: tuple[Counter | Histogram, ...] = (
+# The values of CIRCUIT_STATE: one series per provider, so an alert is `== 2`, and the
+# dashboard maps the numbers back to these names.
+CIRCUIT_CLOSED, CIRCUIT_HALF_OPEN, CIRCUIT_OPEN = 0, 1, 2
+
+EVENT_METRICS: tuple[Counter | Histogram | Gauge, ...] = (
     JOBS_ENQUEUED,
     JOBS_FINISHED,
     STEP_DURATION,
@@ -90,13 +126,23 @@ EVENT_METRICS: tuple[Counter | Histogram, ...] = (
     PROVIDER_CALL_DURATION,
     RETRIES,
     CALLBACK_DELIVERIES,
+    API_REQUESTS,
+    API_REQUEST_DURATION,
+    BUILD_INFO,
 )
 
 
 def sample_names() -> frozenset[str]:
     """Every series name Cancelflow exports (histograms by their _bucket, _count and _sum),
     as alert rules and dashboards may name them."""
-    names = {QUEUE_DEPTH, DEAD_LETTERS, JOBS_AWAITING_DECISION}
+    names = {
+        QUEUE_DEPTH,
+        QUEUE_OLDEST_AGE,
+        DEAD_LETTERS,
+        JOBS_AWAITING_DECISION,
+        CIRCUIT_STATE,
+        IN_FLIGHT,
+    }
     for metric in EVENT_METRICS:
         for family in metric.describe():
             if family.type == "counter":
@@ -145,6 +191,18 @@ def retry_scheduled(provider: str, error_type: str) -> None:
     RETRIES.labels(provider, error_type).inc()
 
 
+# Methods a route can take; anything else a client sends is counted as "other", so no client
+# can grow the method label.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def api_request_done(method: str, route: str, status: int, seconds: float) -> None:
+    """One answered API request; ``route`` is its path template, never the raw path."""
+    shown = method if method in _METHODS else "other"
+    API_REQUESTS.labels(shown, route, str(status)).inc()
+    API_REQUEST_DURATION.labels(shown, route).observe(seconds)
+
+
 # --- store gauges -----------------------------------------------------------------------------
 
 
@@ -155,25 +213,80 @@ class StoreSnapshot:
     queue_depth: Mapping[str, int]
     dead_letters: Mapping[str, int]
     awaiting_decision: int
+    # Per queue: seconds its oldest waiting message has waited; 0 when the queue is empty, no
+    # entry when that message's send time is unknown (not sent by ``send_step``).
+    oldest_message_age_s: Mapping[str, float]
+    # Per provider: CIRCUIT_CLOSED, CIRCUIT_HALF_OPEN or CIRCUIT_OPEN, and calls in flight.
+    circuit_state: Mapping[str, int]
+    in_flight: Mapping[str, int]
 
 
-async def read_store(redis: Redis) -> StoreSnapshot:
+async def read_store(
+    redis: Redis, *, providers: Iterable[str] = PROVIDERS, now: float | None = None
+) -> StoreSnapshot:
     """Queue lengths (``LLEN`` of each Celery queue: waiting messages, not running or
-    countdown ones), dead letters by kind and jobs awaiting a decision, in one pipeline."""
+    countdown ones) and the oldest message of each, dead letters by kind, jobs awaiting a
+    decision, and each provider's breaker and in-flight calls (``cancelflow.guard``'s keys),
+    in one pipeline of a fixed number of commands. ``now``: epoch seconds (the clock)."""
     names = [q.name for q in queues()]
+    keys = list(providers)
+    at = time.time() if now is None else now
     async with redis.pipeline(transaction=False) as pipe:
         for name in names:
             pipe.llen(name)
+        for name in names:
+            pipe.lindex(name, -1)  # kombu pushes on the left and pops on the right
         for kind in KINDS:
             pipe.scard(kind_key(kind))
         pipe.zcard(AWAITING)
+        for key in keys:
+            pipe.hmget(f"cf:cb:{key}", ["open_until", "failures", "opened"])
+            # Scored by when each slot's lease ends: the live ones end after now.
+            pipe.zcount(f"cf:if:{key}", at * 1000, "+inf")
         found: list[Any] = await pipe.execute()
-    depths, rest = found[: len(names)], found[len(names) :]
+    n, k = len(names), len(KINDS)
+    depths, heads = found[:n], found[n : 2 * n]
+    dead, awaiting = found[2 * n : 2 * n + k], found[2 * n + k]
+    guards = found[2 * n + k + 1 :]
+    oldest: dict[str, float] = {}
+    for name, head in zip(names, heads, strict=True):
+        sent_at = 0.0 if head is None else sent_at_of(head)
+        if head is None:
+            oldest[name] = 0.0
+        elif sent_at > 0:
+            oldest[name] = max(0.0, at - sent_at)
     return StoreSnapshot(
-        queue_depth={name: int(n) for name, n in zip(names, depths, strict=True)},
-        dead_letters={kind: int(n) for kind, n in zip(KINDS, rest[: len(KINDS)], strict=True)},
-        awaiting_decision=int(rest[-1]),
+        queue_depth={name: int(d) for name, d in zip(names, depths, strict=True)},
+        dead_letters={kind: int(d) for kind, d in zip(KINDS, dead, strict=True)},
+        awaiting_decision=int(awaiting),
+        oldest_message_age_s=oldest,
+        circuit_state={
+            key: circuit_state(guards[2 * i], now_ms=at * 1000) for i, key in enumerate(keys)
+        },
+        in_flight={key: int(guards[2 * i + 1]) for i, key in enumerate(keys)},
     )
+
+
+def sent_at_of(message: bytes | str) -> float:
+    """When a queued message was sent (the ``sent_at`` header ``send_step`` sets, epoch s):
+    0 when unknown (not ours, or not a kombu JSON envelope)."""
+    try:
+        sent = json.loads(message)["headers"]["sent_at"]
+    except (ValueError, TypeError, KeyError):
+        return 0.0
+    if isinstance(sent, bool) or not isinstance(sent, int | float) or not math.isfinite(sent):
+        return 0.0
+    return float(sent)
+
+
+def circuit_state(fields: list[Any], *, now_ms: float) -> int:
+    """A breaker's state from its hash's ``open_until``, ``failures`` and ``opened``, as
+    ``guard.breaker_state`` reads it: open until ``open_until``; then half-open while the
+    failures that opened it stand (one more re-opens it); closed once a success reset them."""
+    open_until, failures, opened = (int(v) if v is not None else 0 for v in fields)
+    if open_until > now_ms:
+        return CIRCUIT_OPEN
+    return CIRCUIT_HALF_OPEN if opened and failures > 0 else CIRCUIT_CLOSED
 
 
 class StoreGauges(Collector):
@@ -189,6 +302,15 @@ class StoreGauges(Collector):
         for queue, n in self._snapshot.queue_depth.items():
             depth.add_metric([queue], n)
         yield depth
+        age = GaugeMetricFamily(
+            QUEUE_OLDEST_AGE,
+            "Seconds the oldest message waiting in each queue has waited since it was sent; 0 "
+            "when the queue is empty, no series when its send time is unknown.",
+            labels=["queue"],
+        )
+        for queue, seconds in self._snapshot.oldest_message_age_s.items():
+            age.add_metric([queue], seconds)
+        yield age
         dead = GaugeMetricFamily(
             DEAD_LETTERS, "Entries in the dead-letter store, by kind.", labels=["kind"]
         )
@@ -200,6 +322,24 @@ class StoreGauges(Collector):
             "Jobs parked on a retention offer, waiting for the customer's decision.",
             value=self._snapshot.awaiting_decision,
         )
+        circuit = GaugeMetricFamily(
+            CIRCUIT_STATE,
+            "Each provider's circuit breaker: 0 closed, 1 half-open (the next failure opens it "
+            "again), 2 open (no calls; its jobs wait for the cool-down).",
+            labels=["provider"],
+        )
+        for provider, state in self._snapshot.circuit_state.items():
+            circuit.add_metric([provider], state)
+        yield circuit
+        in_flight = GaugeMetricFamily(
+            IN_FLIGHT,
+            "Calls to each provider holding an in-flight slot now (counted only for providers "
+            "with an in-flight limit, max_in_flight; 0 otherwise).",
+            labels=["provider"],
+        )
+        for provider, n in self._snapshot.in_flight.items():
+            in_flight.add_metric([provider], n)
+        yield in_flight
 
 
 def render(*collectors: Collector) -> bytes:

@@ -16,7 +16,7 @@ import asyncio
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -188,6 +188,7 @@ async def retention_offer(deps: Deps, job_id: str, *, attempt: int = 0) -> Next:
     deadline_s = deps.settings.provider(job.provider).decision_deadline_s
     if job.offer is None:
         raise CancelflowError(f"job {job_id} reached the retention step without an offer")
+    due = utcnow() + timedelta(seconds=deadline_s)
     moved = await deps.store.transition(
         job,
         Status.AWAITING_DECISION,
@@ -199,7 +200,9 @@ async def retention_offer(deps: Deps, job_id: str, *, attempt: int = 0) -> Next:
             details={"deadline_s": deadline_s, "kind": job.offer.kind},
         ),
         # Indexed by the same script that parks the job: no crash leaves one without the other.
-        deadline=utcnow().timestamp() + deadline_s,
+        deadline=due.timestamp(),
+        # Kept on the offer too, in the same write: the record and offer_presented show it.
+        offer=job.offer.model_copy(update={"decision_deadline": isoformat(due)}),
     )
     if not moved.applied and moved.previous is not Status.AWAITING_DECISION:
         return resume(moved.previous, job.provider)

@@ -167,6 +167,26 @@ async def errors_and_auth(request: web.Request, handler: Any) -> web.StreamRespo
         return _redis_unavailable(request, exc)
 
 
+@web.middleware
+async def request_metrics(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Count and time each request by method, route template (never the raw path: the
+    label's values stay bounded) and the status it was answered with."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    resource = request.match_info.route.resource  # resolved before any middleware runs
+    route = resource.canonical if resource is not None else "unmatched"
+    status = 500  # what aiohttp answers for an exception that escapes every middleware
+    try:
+        response: web.StreamResponse = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:  # a redirect, or an error no middleware answered
+        status = exc.status
+        raise
+    finally:
+        metrics.api_request_done(request.method, route, status, loop.time() - started)
+
+
 def _redis_unavailable(request: web.Request, exc: BaseException) -> web.Response:
     error = "no answer in time" if type(exc) is TimeoutError else type(exc).__name__
     log.warning("api.redis_unavailable", path=request.path, error=f"{type(exc).__name__}: {exc}")
@@ -583,7 +603,10 @@ async def list_providers(request: web.Request) -> web.Response:
 
 async def get_metrics(request: web.Request) -> web.Response:
     """This process's metrics, and the shared state's gauges read from Redis now."""
-    snapshot = await metrics.read_store(request.app[DEPS].store.redis)
+    deps = request.app[DEPS]
+    snapshot = await metrics.read_store(
+        deps.store.redis, providers=deps.settings.enabled_providers()
+    )
     body = metrics.render(metrics.StoreGauges(snapshot))
     return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
@@ -637,7 +660,9 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
     """The API application; Redis and Celery connections open on start-up. The billing rules,
     when configured, are checked here: a ``RulesError`` stops start-up."""
     limit = settings.api.max_body_bytes
-    app = web.Application(middlewares=[errors_and_auth], client_max_size=limit)
+    # request_metrics goes first (outermost): it sees the answer errors_and_auth gives, its
+    # 401, 429 and 503 included, and the status a handler's error is mapped to.
+    app = web.Application(middlewares=[request_metrics, errors_and_auth], client_max_size=limit)
     app[TOKENS] = parse_tokens(settings)
     app[CELERY] = celery or create_celery(settings)
     app[MAX_BODY] = limit

@@ -149,3 +149,52 @@ def test_the_api_metrics_need_a_token_a_read_only_one_will_do(metered: tuple[Sys
     assert refused.value.code == 401
     samples = scrape(f"{system.api_url}/metrics", READ_TOKEN)
     assert total(samples, "cancelflow_queue_depth", queue="maintenance") == 0
+
+
+def test_the_api_counts_its_requests_by_route_template_and_shows_breakers_and_build(
+    metered: tuple[System, int],
+) -> None:
+    system, _ = metered
+    api_url = f"{system.api_url}/metrics"
+    before = scrape(api_url, system.token)
+    job_id = system.enqueue(payway_body(DEMO.end_of_period))["id"]
+    system.wait(job_id)
+    assert system.get(f"/v1/cancellations/{job_id}")[0] == 200
+    assert system.get(f"/v1/cancellations/job_{'0' * 32}")[0] == 404
+    assert http_json("GET", f"{system.api_url}/v1/cancellations/{job_id}")[0] == 401
+    after = scrape(api_url, system.token)
+
+    route = "/v1/cancellations/{job_id}"
+    name = "cancelflow_api_requests_total"
+
+    def moved(**labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    assert moved(method="GET", route=route, status="200") >= 1  # system.wait polls it too
+    assert moved(method="GET", route=route, status="404") == 1
+    # errors_and_auth's own answers are counted: the metrics middleware is outside it.
+    assert moved(method="GET", route=route, status="401") == 1
+    assert (
+        moved(method="POST", route="/v1/cancellations", status="202")
+        + moved(method="POST", route="/v1/cancellations", status="201")
+        == 1
+    )
+    routes = {dict(ls)["route"] for (n, ls), _ in after.items() if n == name}
+    assert not any(job_id in r for r in routes), routes
+    # Every configured provider's breaker (closed here) and in-flight calls, read from Redis.
+    circuit = {
+        dict(ls)["provider"]: v
+        for (n, ls), v in after.items()
+        if n == "cancelflow_provider_circuit_state"
+    }
+    assert circuit and set(circuit) == system.env_providers() and set(circuit.values()) == {0}
+    assert get(after, "cancelflow_provider_in_flight", provider="payway") == 0
+    # The payway queue is drained: its oldest message is 0 s old.
+    age = "cancelflow_queue_oldest_message_age_seconds"
+    assert get(after, age, queue="cancellations.payway") == 0
+    assert (
+        "cancelflow_queue_oldest_message_age_seconds",
+        frozenset({("queue", "cancellations.payway")}),
+    ) in after
+    builds = [ls for (n, ls), v in after.items() if n == "cancelflow_build_info" and v == 1]
+    assert len(builds) == 1 and {k for k, _ in builds[0]} == {"version", "python", "celery"}
