@@ -6,7 +6,6 @@ sends the next step, or retries, or gives the message back."""
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 import traceback
@@ -528,10 +527,4 @@ def oldest_waiting(celery_app: Any) -> dict[str, float]:
 
 
 def _sent_at(head: bytes | None) -> float:
-    if head is None:
-        return float("inf")
-    try:
-        sent = json.loads(head)["headers"]["sent_at"]
-        return float(sent) if isinstance(sent, int | float) else 0.0
-    except (ValueError, TypeError, KeyError):
-        return 0.0
+    return float("inf") if head is None else metrics.sent_at_of(head)
