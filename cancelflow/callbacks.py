@@ -1,4 +1,4 @@
-"""Result callbacks: the event schema, Stripe-style signatures, URL safety, and delivery.
+"""Result callbacks: the event schema, Standard Webhooks signatures, URL safety, and delivery.
 
 Schema version 1 (``docs/callbacks.md``, ``docs/callback-event.schema.json``)::
 
@@ -6,8 +6,12 @@ Schema version 1 (``docs/callbacks.md``, ``docs/callback-event.schema.json``)::
      "created_at": "…Z", "data": {"job_id", "provider", "subscription", "status",
      "outcome", "offer", "error", "idempotency_key", "metadata"}}
 
-Header: ``Cancelflow-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<body>">``, one ``v1``
-per valid secret while a secret is being rotated (``producers.signatures`` verifies it).
+Headers (Standard Webhooks, https://www.standardwebhooks.com/): ``webhook-id`` (the event's
+id, the same on every retry), ``webhook-timestamp`` (Unix seconds of this attempt) and
+``webhook-signature: v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">``, keyed with the
+base64-decoded bytes of a ``whsec_`` secret, one signature per secret (space-separated) while
+a secret is being rotated. Deprecated, still sent: ``Cancelflow-Signature: t=<unix>,v1=<hex
+HMAC-SHA256 of "<t>.<body>">`` keyed with the secret's text (``producers.signatures``).
 
 URL safety is checked twice: ``check_url`` before a delivery, and ``PolicyResolver`` (the
 resolver of the callbacks session, ``open_session``) on the addresses actually connected to,
@@ -18,6 +22,7 @@ connection (DNS rebinding) is refused too.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import ipaddress
@@ -37,10 +42,15 @@ from cancelflow.contract import JobRecord, OutcomeType, Status
 from cancelflow.errors import CancelflowError
 from cancelflow.http import parse_retry_after
 from cancelflow.logging import is_secret_key
+from cancelflow.providers.base import callback_secret_key
 from cancelflow.settings import CallbackSettings
 
 SCHEMA_VERSION = 1
+# Deprecated (docs/callbacks.md, "Migrating from Cancelflow-Signature"): still sent.
 SIGNATURE_HEADER = "Cancelflow-Signature"
+WEBHOOK_ID = "webhook-id"
+WEBHOOK_TIMESTAMP = "webhook-timestamp"
+WEBHOOK_SIGNATURE = "webhook-signature"
 # The most of a receiver's answer read: its body is never used, only its status.
 MAX_RESPONSE_BODY = 4 * 1024
 
@@ -161,8 +171,33 @@ def encode(event: dict[str, Any]) -> bytes:
     return json.dumps(event, separators=(",", ":"), sort_keys=True).encode()
 
 
+def sign_standard(msg_id: str, timestamp: int, body: bytes, secrets: Sequence[str]) -> str:
+    """The ``webhook-signature`` value: ``v1,<base64>`` per ``whsec_`` secret, space-separated."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    return " ".join(
+        "v1," + base64.b64encode(hmac.digest(callback_secret_key(s), signed, "sha256")).decode()
+        for s in secrets
+    )
+
+
+def signature_headers(
+    event_id: str, body: bytes, secrets: Sequence[str], *, timestamp: int | None = None
+) -> dict[str, str]:
+    """Every signature header of one delivery attempt: the Standard Webhooks three, and the
+    deprecated ``Cancelflow-Signature`` over the same timestamp."""
+    t = int(time.time()) if timestamp is None else timestamp
+    return {
+        WEBHOOK_ID: event_id,
+        WEBHOOK_TIMESTAMP: str(t),
+        WEBHOOK_SIGNATURE: sign_standard(event_id, t, body, secrets),
+        SIGNATURE_HEADER: sign(body, secrets, timestamp=t),
+    }
+
+
 def sign(body: bytes, secrets: Sequence[str], *, timestamp: int | None = None) -> str:
-    """The signature header value for ``body``: ``t=…,v1=…[,v1=…]``."""
+    """The deprecated ``Cancelflow-Signature`` value for ``body``: ``t=…,v1=…[,v1=…]``, keyed
+    with each secret's text (as before ``whsec_`` secrets were decoded), so a receiver using
+    ``producers.signatures`` keeps verifying during the deprecation period."""
     t = int(time.time()) if timestamp is None else timestamp
     signed = f"{t}.".encode() + body
     parts = [f"t={t}"] + [
@@ -429,7 +464,7 @@ async def deliver(
     headers = {
         "Content-Type": "application/json",
         "User-Agent": "Cancelflow-Callbacks/1",
-        SIGNATURE_HEADER: sign(body, secrets),
+        **signature_headers(event["id"], body, secrets),
         "Cancelflow-Event-Id": event["id"],
         "Cancelflow-Event-Type": event["type"],
     }

@@ -56,7 +56,7 @@ from cancelflow.wiring import build_deps, redis_client, redis_persistence, repor
 from producers import console, listing, openapi
 from producers.billing import BillingProcessor, Rejected
 from producers.billing_rules import Rules, load_rules
-from producers.problems import field_errors, invalid, problem, unavailable
+from producers.problems import Problem, field_errors, invalid, problem, unavailable
 from producers.ratelimit import RateLimiter
 from producers.schemas import (
     DEAD_LETTER_ID_RE,
@@ -68,7 +68,15 @@ from producers.schemas import (
     StatsQuery,
 )
 from producers.signatures import SIGNATURE_HEADER, SignatureError, verify_signature
-from producers.submit import reserved_key, submit, validate_request
+from producers.submit import (
+    IDEMPOTENCY_HEADER,
+    KeyRefused,
+    header_key,
+    reserved_key,
+    submit,
+    validate_request,
+    with_header_key,
+)
 
 log = get_logger(__name__)
 
@@ -218,7 +226,7 @@ def _undecodable_header(request: web.Request) -> web.Response | None:
         if name.lower() in _CREDENTIAL_HEADERS:
             continue
         if not value.isascii() and _SURROGATE.search(value):
-            return problem(400, "Bad header", f"the {_shown(name)} header is not UTF-8")
+            return problem(400, Problem.BAD_HEADER, f"the {_shown(name)} header is not UTF-8")
     return None
 
 
@@ -244,7 +252,7 @@ async def _authorised_call(request: web.Request, handler: Any) -> web.StreamResp
             return limited
         if request.method not in ("GET", "HEAD") and token.scope != "write":
             log.info("api.auth.forbidden", method=request.method, path=_shown(request.path))
-            return problem(403, "Forbidden", "this token is read-only")
+            return problem(403, Problem.FORBIDDEN, "this token is read-only")
         request[TOKEN] = token
         return await _handled(request, handler)
 
@@ -284,23 +292,29 @@ async def _handled(request: web.Request, handler: Any) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status >= 400:
             detail = f"{request.method} {_shown(request.path)}: {exc.reason.lower()}"
-            return problem(exc.status, exc.reason, detail)
+            return problem(exc.status, _HTTP_PROBLEMS.get(exc.status, Problem.HTTP_ERROR), detail)
         raise
     except JobNotFound as exc:
-        return problem(404, "Not found", f"no job {exc.args[0]}")
+        return problem(404, Problem.NOT_FOUND, f"no job {exc.args[0]}")
     except ConnectionResetError:
         # The client went away while sending its body: nothing was read, nothing was done.
         log.info("api.client_disconnected", path=request.path)
-        return problem(400, "Client disconnected", "the request body was cut short")
+        return problem(400, Problem.CLIENT_DISCONNECTED, "the request body was cut short")
     except REDIS_OUTAGE:
         raise  # a 503, not a 500: see errors_and_auth
     except Exception:
         log.exception("api.unexpected_error", path=request.path)
-        return problem(500, "Internal error", "the error is logged; nothing was enqueued twice")
+        return problem(
+            500, Problem.INTERNAL_ERROR, "the error is logged; nothing was enqueued twice"
+        )
+
+
+# aiohttp's own refusals (no route, wrong method) as problem types.
+_HTTP_PROBLEMS = {404: Problem.NOT_FOUND, 405: Problem.METHOD_NOT_ALLOWED}
 
 
 def _unauthorised(detail: str) -> web.Response:
-    return problem(401, "Unauthorized", detail, headers={"WWW-Authenticate": "Bearer"})
+    return problem(401, Problem.UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"})
 
 
 async def _rate_limited(
@@ -324,7 +338,7 @@ async def _rate_limited(
     wait = verdict.retry_after_s
     return problem(
         429,
-        "Too many requests",
+        Problem.RATE_LIMITED,
         f"rate limit reached: retry in {wait:.2f}s",
         headers={"Retry-After": str(max(1, math.ceil(wait)))},
         retry_after=round(wait, 3),
@@ -333,7 +347,9 @@ async def _rate_limited(
 
 def _too_large(request: web.Request) -> web.Response:
     return problem(
-        413, "Payload too large", f"request bodies are limited to {request.app[MAX_BODY]} bytes"
+        413,
+        Problem.PAYLOAD_TOO_LARGE,
+        f"request bodies are limited to {request.app[MAX_BODY]} bytes",
     )
 
 
@@ -363,7 +379,7 @@ async def _json_body(request: web.Request) -> Any:
         raise _Refused(
             problem(
                 400,
-                "Malformed JSON",
+                Problem.MALFORMED_JSON,
                 str(exc),
                 errors=[{"field": "(body)", "message": f"{exc.reason}: {exc}"}],
             )
@@ -406,7 +422,7 @@ def _path_id(request: web.Request, name: str, pattern: re.Pattern[str], what: st
     is built from it (an id of another format names nothing, as an unknown id does)."""
     value = request.match_info[name]
     if not pattern.fullmatch(value):  # fullmatch: "$" would let a trailing newline in
-        raise _Refused(problem(404, "Not found", f"no {what} with this id (not a {what} id)"))
+        raise _Refused(problem(404, Problem.NOT_FOUND, f"no {what} with this id (not a {what} id)"))
     return value
 
 
@@ -421,6 +437,12 @@ def _dead_letter_id(request: web.Request) -> str:
 async def create_cancellation(request: web.Request) -> web.Response:
     deps, settings = request.app[DEPS], request.app[DEPS].settings
     body = await _json_body(request)
+    try:
+        body = with_header_key(body, header_key(request.headers.getall(IDEMPOTENCY_HEADER, [])))
+    except KeyRefused as exc:
+        if exc.mismatch:
+            return problem(400, Problem.IDEMPOTENCY_KEY_MISMATCH, str(exc))
+        return invalid([{"field": f"header.{IDEMPOTENCY_HEADER}", "message": str(exc)}])
     checked = validate_request(body, settings)
     if isinstance(checked, list):
         return invalid(checked)
@@ -439,7 +461,10 @@ async def create_cancellation(request: web.Request) -> web.Response:
             deps, request.app[CELERY], checked, namespace="api:" + _token(request).namespace
         )
     except IdempotencyConflict as exc:
-        return problem(409, "Idempotency key reused", str(exc), job_id=exc.job_id)
+        # draft-ietf-httpapi-idempotency-key-header §2.7: reused with another payload, 422.
+        # (No 409 "still in flight": JobStore.create records the job and its key in one
+        # Redis script, so a second request with the key sees the first's job or nothing.)
+        return problem(422, Problem.IDEMPOTENCY_KEY_REUSED, str(exc), job_id=exc.job_id)
     job_json = created.job.model_dump_json()
     return web.Response(
         # pydantic's own JSON (the busiest route: twice as fast as dump + json.dumps), with
@@ -475,7 +500,7 @@ async def post_billing_event(request: web.Request) -> web.Response:
     if BILLING not in request.app or not secrets:
         return problem(
             503,
-            "Billing events not configured",
+            Problem.BILLING_NOT_CONFIGURED,
             "set CANCELFLOW_BILLING__RULES_PATH and CANCELFLOW_BILLING__SECRET",
         )
     signature = request.headers.get(SIGNATURE_HEADER)
@@ -483,7 +508,7 @@ async def post_billing_event(request: web.Request) -> web.Response:
         # Undecodable bytes arrive as surrogate escapes, which cannot be encoded to compare.
         limited = await _failed_authentication(request, "billing signature")
         return limited or problem(
-            401, "Bad signature", f"the {SIGNATURE_HEADER} header is not ASCII"
+            401, Problem.BAD_SIGNATURE, f"the {SIGNATURE_HEADER} header is not ASCII"
         )
     raw = await _raw_body(request)
     try:
@@ -495,7 +520,7 @@ async def post_billing_event(request: web.Request) -> web.Response:
         )
     except SignatureError as exc:
         limited = await _failed_authentication(request, "billing signature")
-        return limited or problem(401, "Bad signature", str(exc))
+        return limited or problem(401, Problem.BAD_SIGNATURE, str(exc))
     # Only a verified event spends the billing system's rate: unsigned floods cannot starve it.
     limited = await _rate_limited(request, "signed:" + request.path)
     if limited is not None:
@@ -507,16 +532,16 @@ async def post_billing_event(request: web.Request) -> web.Response:
     if isinstance(parsed, Rejected):
         errors = [e.model_dump() for e in parsed.errors]
         if parsed.error_type == "BillingEventUnreadable":
-            return problem(400, "Malformed JSON", parsed.errors[0].message, errors=errors)
+            return problem(400, Problem.MALFORMED_JSON, parsed.errors[0].message, errors=errors)
         return problem(
-            422, "Invalid billing event", "the body is not a billing event", errors=errors
+            422, Problem.INVALID_BILLING_EVENT, "the body is not a billing event", errors=errors
         )
     result = await processor.process_event(parsed, raw=raw, source={"http": request.path})
     if result.result == "dead_lettered":
         detail = "the event cannot make a valid request; it is dead-lettered"
         return problem(
             422,
-            "Invalid billing event",
+            Problem.INVALID_BILLING_EVENT,
             detail,
             errors=[e.model_dump() for e in result.errors],
             dead_letter_id=result.dead_letter_id,
@@ -544,7 +569,7 @@ async def post_decision(request: web.Request) -> web.Response:
     try:
         nxt = await steps.decide(deps, job_id, decision)
     except steps.DecisionConflict as exc:
-        return problem(409, "Not awaiting a decision", str(exc))
+        return problem(409, Problem.JOB_NOT_AWAITING_DECISION, str(exc))
     if nxt.step is not None:
         send_step(request.app[CELERY], nxt.step, job_id, nxt.provider, *nxt.args)
     job = await deps.store.get(job_id)
@@ -561,7 +586,7 @@ async def get_dead_letter(request: web.Request) -> web.Response:
     dl_id = _dead_letter_id(request)
     dl = await request.app[DEPS].dead_letters.get(dl_id)
     if dl is None:
-        return problem(404, "Not found", f"no dead letter {dl_id}")
+        return problem(404, Problem.NOT_FOUND, f"no dead letter {dl_id}")
     return web.json_response(dl.model_dump(mode="json"))
 
 
@@ -569,14 +594,16 @@ async def replay_dead_letter(request: web.Request) -> web.Response:
     deps, dl_id = request.app[DEPS], _dead_letter_id(request)
     dl = await deps.dead_letters.get(dl_id)
     if dl is None:
-        return problem(404, "Not found", f"no dead letter {dl_id} (already replayed or purged?)")
+        return problem(
+            404, Problem.NOT_FOUND, f"no dead letter {dl_id} (already replayed or purged?)"
+        )
     try:
         nxt = await steps.replay(deps, dl_id)
     except AlreadyReplayed as exc:
         # A concurrent replay claimed it between the read above and ours: it delivers, not us.
         return problem(409, "Already replayed", str(exc))
     except CancelflowError as exc:
-        return problem(409, "Cannot replay", str(exc))
+        return problem(409, Problem.REPLAY_REFUSED, str(exc))
     if nxt.step is not None and dl.job_id:
         send_step(request.app[CELERY], nxt.step, dl.job_id, nxt.provider, *nxt.args)
     return web.json_response({"replayed": dl_id, "job_id": dl.job_id, "next": nxt.step}, status=202)
@@ -585,7 +612,7 @@ async def replay_dead_letter(request: web.Request) -> web.Response:
 async def delete_dead_letter(request: web.Request) -> web.Response:
     dl_id = _dead_letter_id(request)
     if not await request.app[DEPS].dead_letters.delete(dl_id):
-        return problem(404, "Not found", f"no dead letter {dl_id}")
+        return problem(404, Problem.NOT_FOUND, f"no dead letter {dl_id}")
     return web.Response(status=204)
 
 
@@ -642,7 +669,7 @@ async def readyz(request: web.Request) -> web.Response:
         return unavailable(
             f"redis unreachable: {error}",
             retry_after_s=RETRY_AFTER_S,
-            title="Not ready",
+            kind=Problem.NOT_READY,
             redis="unreachable",
             persistence="unknown",
         )

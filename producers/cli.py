@@ -16,6 +16,7 @@ from cancelflow.errors import ConfigError
 from cancelflow.logging import configure_logging
 from cancelflow.settings import Settings, load_settings
 from producers.flower_cmd import flower
+from producers.secret_cmd import secret
 
 T = TypeVar("T")
 
@@ -43,6 +44,7 @@ def main() -> None:
 
 
 main.add_command(flower)
+main.add_command(secret)
 
 
 @main.command()

@@ -34,6 +34,71 @@ def reserved_key(key: str) -> str | None:
     return next((p for p in RESERVED_KEY_PREFIXES if key.startswith(p)), None)
 
 
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+_MAX_KEY_CHARS = 255  # CancellationRequest.idempotency_key's own bound
+
+
+class KeyRefused(ValueError):
+    """The ``Idempotency-Key`` header cannot be used; ``mismatch`` when it differs from the
+    body's ``idempotency_key`` (else it is malformed)."""
+
+    def __init__(self, message: str, *, mismatch: bool = False) -> None:
+        super().__init__(message)
+        self.mismatch = mismatch
+
+
+def header_key(values: list[str]) -> str | None:
+    """The key an ``Idempotency-Key`` header carries (draft-ietf-httpapi-idempotency-key-header:
+    an RFC 8941 string, ``"…"``; a bare token is taken as it is too), or None when absent."""
+    if not values:
+        return None
+    if len(values) > 1:
+        raise KeyRefused(f"{IDEMPOTENCY_HEADER} given more than once")
+    value = values[0].strip()
+    if value.startswith('"'):
+        value = _sf_string(value)
+    if not value:
+        raise KeyRefused(f"{IDEMPOTENCY_HEADER} is empty")
+    if len(value) > _MAX_KEY_CHARS:
+        raise KeyRefused(f"{IDEMPOTENCY_HEADER} is longer than {_MAX_KEY_CHARS} characters")
+    if not value.isprintable() or not value.isascii():
+        raise KeyRefused(f"{IDEMPOTENCY_HEADER} must be printable ASCII")
+    return value
+
+
+def _sf_string(text: str) -> str:
+    """The content of an RFC 8941 sf-string (``"…"`` with ``\\"`` and ``\\\\`` escapes)."""
+    out, i = [], 1
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text) and text[i + 1] in '"\\':
+            out.append(text[i + 1])
+            i += 2
+        elif ch == '"':
+            if i != len(text) - 1:
+                break
+            return "".join(out)
+        else:
+            out.append(ch)
+            i += 1
+    raise KeyRefused(f"{IDEMPOTENCY_HEADER} is not a valid structured-field string")
+
+
+def with_header_key(body: Any, key: str | None) -> Any:
+    """``body`` with the header's idempotency key as its ``idempotency_key``: the header and
+    the body field are one key, so a retry may send it either way and meet the same job.
+    ``KeyRefused(mismatch=True)`` when the body names another key."""
+    if key is None or not isinstance(body, dict):
+        return body  # no header; or not an object, which validation refuses anyway
+    given = body.get("idempotency_key")
+    if given is not None and given != key:
+        raise KeyRefused(
+            f"the {IDEMPOTENCY_HEADER} header and the body's idempotency_key differ",
+            mismatch=True,
+        )
+    return {**body, "idempotency_key": key}
+
+
 def validate_request(body: Any, settings: Settings) -> CancellationRequest | list[dict[str, str]]:
     """The request, or the list of invalid fields (provider reference included)."""
     try:

@@ -2,11 +2,14 @@
 producer's endpoint that verifies, records and deduplicates Cancelflow's callbacks.
 
 Point a job (or a provider's `CALLBACK_URL`) at `http://HOST:PORT/receiver/events`.
-Each POST is checked with `producers.signatures.verify_signature` against the configured
-secrets (by default `DEMO_CALLBACK_SECRET`, which `sandboxes.env.provider_env` gives every
-provider) and answered as a careful receiver would:
+Each POST is verified as the Standard Webhooks specification says, with its reference library
+(`standardwebhooks.Webhook.verify` on the `webhook-id`, `webhook-timestamp` and
+`webhook-signature` headers), against each configured secret (by default
+`DEMO_CALLBACK_SECRET`, which `sandboxes.env.provider_env` gives every provider), and answered
+as a careful receiver would:
 
-- bad or stale signature: 400 (the sender dead-letters it);
+- bad or stale signature (older or newer than `tolerance_s`, at most the library's 5 minutes):
+  400 (the sender dead-letters it);
 - an event id seen before: 200 again, nothing recorded twice (deduplication by event id);
 - otherwise: 200, and the event is kept.
 
@@ -25,17 +28,30 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from producers.signatures import SIGNATURE_HEADER, SignatureError, verify_signature
+from cancelflow.providers.base import callback_secret_key
 
 KEY = "receiver"
 EVENTS_PATH = "/events"
-DEMO_CALLBACK_SECRET = "whsec_cancelflow_demo_callback_secret"
+# whsec_ + base64(b"cancelflow-demo-callback-secret!"): a demo's, not for anything real.
+DEMO_CALLBACK_SECRET = "whsec_Y2FuY2VsZmxvdy1kZW1vLWNhbGxiYWNrLXNlY3JldCE="
+# standardwebhooks.Webhook.verify refuses timestamps more than 5 minutes off, whatever we say.
+LIBRARY_TOLERANCE_S = 300
+
+
+def _whsec(value: str) -> str:
+    callback_secret_key(value)  # the senders' own rule, so the two can never disagree
+    return value
+
+
+WebhookSecret = Annotated[str, AfterValidator(_whsec)]
 
 
 class ReceiverControl(BaseModel):
@@ -52,8 +68,10 @@ class ReceiverControl(BaseModel):
     down: bool = False
     # Wait this long before answering (to exceed the sender's timeout).
     delay_ms: float = Field(default=0, ge=0, le=120_000)
-    secrets: list[str] = Field(default_factory=lambda: [DEMO_CALLBACK_SECRET], min_length=1)
-    tolerance_s: int = Field(default=300, ge=0)
+    secrets: list[WebhookSecret] = Field(
+        default_factory=lambda: [DEMO_CALLBACK_SECRET], min_length=1
+    )
+    tolerance_s: int = Field(default=LIBRARY_TOLERANCE_S, ge=0, le=LIBRARY_TOLERANCE_S)
 
 
 @dataclass
@@ -99,13 +117,12 @@ class Receiver:
         self.requests.append(seen)
         return seen
 
-    def accept(self, body: bytes, header: str | None) -> Received:
+    def accept(self, body: bytes, headers: Mapping[str, str]) -> Received:
         """Verify, deduplicate and keep one delivery; what the receiver answers."""
         seen = _received(body, status=200)
-        try:
-            verify_signature(body, header, self.control.secrets, tolerance=self.control.tolerance_s)
-        except SignatureError as exc:
-            seen.status, seen.error = 400, f"{type(exc).__name__}: {exc}"
+        error = verify(body, headers, self.control.secrets, tolerance_s=self.control.tolerance_s)
+        if error is not None:
+            seen.status, seen.error = 400, error
         else:
             seen.verified = True
             if not seen.event_id:
@@ -128,6 +145,34 @@ class Receiver:
 
 
 RECEIVER = web.AppKey("receiver", Receiver)
+
+
+def verify(
+    body: bytes,
+    headers: Mapping[str, str],
+    secrets: list[str],
+    *,
+    tolerance_s: int = LIBRARY_TOLERANCE_S,
+    now: float | None = None,
+) -> str | None:
+    """None when the Standard Webhooks signature holds under one of ``secrets``, else why not."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    try:
+        sent_at = int(lowered.get("webhook-timestamp", ""))
+    except ValueError:
+        return "WebhookVerificationError: no webhook-timestamp, or not Unix seconds"
+    if abs((time.time() if now is None else now) - sent_at) > tolerance_s:
+        return f"WebhookVerificationError: timestamp more than {tolerance_s}s from now"
+    errors = []
+    for secret in secrets:
+        try:
+            Webhook(secret).verify(body, lowered, json_parse=False)
+        except (WebhookVerificationError, ValueError) as exc:
+            # ValueError: a signature header the library cannot split or decode.
+            errors.append(f"{type(exc).__name__}: {exc}")
+        else:
+            return None
+    return errors[0] if len(set(errors)) == 1 else "; ".join(errors)
 
 
 def _received(body: bytes, *, status: int, error: str | None = None) -> Received:
@@ -177,7 +222,7 @@ def create_app(receiver: Receiver | None = None) -> web.Application:
             return web.json_response(
                 {"error": "told to fail"}, status=control.status, headers=headers
             )
-        seen = state.accept(body, request.headers.get(SIGNATURE_HEADER))
+        seen = state.accept(body, request.headers)
         answer = {"received": seen.event_id, "duplicate": seen.duplicate}
         if seen.error:
             answer = {"error": seen.error}

@@ -2,14 +2,54 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal, Protocol
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, SecretStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    SecretStr,
+    field_validator,
+)
 
 from cancelflow.contract import JobRecord, Offer, Outcome
 from cancelflow.http import ProviderHttp
+
+# Standard Webhooks secrets: ``whsec_`` and the base64 of 24 to 64 random bytes; the HMAC key is
+# the decoded bytes. https://github.com/standard-webhooks/standard-webhooks/blob/main/spec/standard-webhooks.md
+CALLBACK_SECRET_PREFIX = "whsec_"  # noqa: S105 (a prefix, not a secret)
+CALLBACK_SECRET_BYTES = (24, 64)
+
+
+def callback_secret_key(secret: str) -> bytes:
+    """The HMAC key of a ``whsec_<base64>`` callback secret; ``ValueError`` (never showing
+    the secret) when it is not one."""
+    if not secret.startswith(CALLBACK_SECRET_PREFIX):
+        raise ValueError(
+            f"must be {CALLBACK_SECRET_PREFIX}<base64 of 24 to 64 random bytes> "
+            "(generate one with `cancelflow secret`)"
+        )
+    try:
+        # validate=True: b64decode would otherwise drop every character outside the alphabet,
+        # and "whsec_my_password" would decode to a few bytes of nothing in particular.
+        key = base64.b64decode(secret[len(CALLBACK_SECRET_PREFIX) :], validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(
+            f"is not base64 after {CALLBACK_SECRET_PREFIX} (generate one with `cancelflow secret`)"
+        ) from None
+    low, high = CALLBACK_SECRET_BYTES
+    if not low <= len(key) <= high:
+        raise ValueError(
+            f"decodes to {len(key)} bytes, not {low} to {high} (generate one with "
+            "`cancelflow secret`)"
+        )
+    return key
 
 
 class ProviderSettings(BaseModel):
@@ -36,6 +76,13 @@ class ProviderSettings(BaseModel):
     callback_url: HttpUrl | None = None
     callback_secret: SecretStr | None = None
     callback_secret_previous: SecretStr | None = None
+
+    @field_validator("callback_secret", "callback_secret_previous")
+    @classmethod
+    def _standard_webhooks_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            callback_secret_key(value.get_secret_value())
+        return value
 
 
 def _no_control_characters(value: str) -> str:

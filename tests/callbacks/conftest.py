@@ -9,6 +9,7 @@ import pytest
 
 from sandboxes.receiver import DEMO_CALLBACK_SECRET
 from tests import fixtures
+from tests.callbacks.secrets import ROTATED
 from tests.support import System
 
 
@@ -17,7 +18,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # Payway signs with a new secret and the demo one while rotating; the receiver holds the demo one.
-ROTATED_SECRET = "whsec_rotated_for_the_callback_tests"
+ROTATED_SECRET = ROTATED
 HORIZON_S = 6
 
 

@@ -18,6 +18,7 @@ from sandboxes.payway import DEMO as PAYWAY
 from sandboxes.receiver import DEMO_CALLBACK_SECRET
 from tests.callbacks.conftest import HORIZON_S, ROTATED_SECRET
 from tests.callbacks.hooks_for_tests import EVENTS_KEY, NAME
+from tests.callbacks.secrets import OTHER_SECRET
 from tests.support import System
 
 pytestmark = pytest.mark.integration
@@ -268,7 +269,7 @@ def test_a_receiver_down_for_the_horizon_is_dead_lettered_and_replays(cb_system:
 
 
 def test_a_wrong_secret_is_a_4xx_dead_lettered_at_once_then_replayed(cb_system: System) -> None:
-    control(cb_system, secrets=["whsec_someone_elses"])
+    control(cb_system, secrets=[OTHER_SECRET])
     job_id = enqueue(cb_system, "payway", payway(cb_system, "immediate"))
     job = wait_job(cb_system, job_id, ended)
     assert [(c["result"], c["http_status"]) for c in attempts(job)] == [

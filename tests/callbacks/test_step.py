@@ -16,6 +16,7 @@ from cancelflow.hooks import Hook, HookRejected
 from producers.signatures import verify_signature
 from sandboxes.receiver import DEMO_CALLBACK_SECRET
 from tests.callbacks.harness import SCHEMA, Harness, deliver_until_done, harness, results, settings
+from tests.callbacks.secrets import OTHER_SECRET, ROTATED
 
 VALIDATOR = jsonschema_rs.validator_for(SCHEMA)
 
@@ -335,13 +336,13 @@ def test_no_secret_is_refused_and_dead_lettered() -> None:
 
 def test_while_rotating_both_secrets_sign_and_either_verifies() -> None:
     async def scenario() -> None:
-        async with harness(settings(secret="whsec_new", previous=DEMO_CALLBACK_SECRET)) as h:
-            for held in (["whsec_new"], [DEMO_CALLBACK_SECRET]):
+        async with harness(settings(secret=ROTATED, previous=DEMO_CALLBACK_SECRET)) as h:
+            for held in ([ROTATED], [DEMO_CALLBACK_SECRET]):
                 h.configure(secrets=held)
                 job_id = await h.finished(Outcome(type=OutcomeType.CANCELLED))
                 await deliver_until_done(h, job_id)
                 assert h.receiver.requests[-1].verified
-            h.configure(secrets=["whsec_unknown"])
+            h.configure(secrets=[OTHER_SECRET])
             job_id = await h.finished(Outcome(type=OutcomeType.CANCELLED))
             await deliver_until_done(h, job_id)
             assert h.receiver.requests[-1].status == 400
@@ -352,9 +353,9 @@ def test_while_rotating_both_secrets_sign_and_either_verifies() -> None:
 
 def test_the_signature_covers_the_exact_body_sent() -> None:
     body = callbacks.encode({"id": "evt_1", "type": "cancellation.succeeded"})
-    header = callbacks.sign(body, ["a", "b"], timestamp=1_700_000_000)
+    header = callbacks.sign(body, [ROTATED, OTHER_SECRET], timestamp=1_700_000_000)
     assert header.count("v1=") == 2
-    assert verify_signature(body, header, ["b"], now=1_700_000_100) == 1_700_000_000
+    assert verify_signature(body, header, [OTHER_SECRET], now=1_700_000_100) == 1_700_000_000
 
 
 # --- hooks -----------------------------------------------------------------------------------

@@ -395,7 +395,7 @@ def test_credentials_are_refused_at_submission_naming_callback_url() -> None:
                 "base_url": "http://127.0.0.1:9/azotte",
                 "api_key": azotte.DEMO_API_KEY,
                 "tenant": azotte.DEMO_TENANT,
-                "callback_secret": "whsec_test",
+                "callback_secret": "whsec_Y2FuY2VsZmxvdy10ZXN0LXNlY3JldC1udW1iZXItMDE=",
             }
         }
     )

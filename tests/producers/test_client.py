@@ -68,9 +68,11 @@ def test_sync_enqueue_wait_and_idempotency(system: System) -> None:
             metadata={"customer": "c_1"},
         )
         assert (again.how, again.job.id) == ("existing", first.job.id)
-        with pytest.raises(Conflict) as conflict:
+        # draft-ietf-httpapi-idempotency-key-header: a key reused with another body is a 422.
+        with pytest.raises(ValidationFailed) as reused:
             client.enqueue("payway", subscription, idempotency_key=key)
-        assert conflict.value.job_id == first.job.id
+        assert reused.value.problem.type == "https://cancelflow.dev/problems/idempotency-key-reused"
+        assert reused.value.problem.job_id == first.job.id
 
         done = client.wait(first.job.id, timeout=30)
         assert done.status is Status.FINISHED
