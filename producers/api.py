@@ -601,7 +601,7 @@ async def replay_dead_letter(request: web.Request) -> web.Response:
         nxt = await steps.replay(deps, dl_id)
     except AlreadyReplayed as exc:
         # A concurrent replay claimed it between the read above and ours: it delivers, not us.
-        return problem(409, "Already replayed", str(exc))
+        return problem(409, Problem.ALREADY_REPLAYED, str(exc))
     except CancelflowError as exc:
         return problem(409, Problem.REPLAY_REFUSED, str(exc))
     if nxt.step is not None and dl.job_id:

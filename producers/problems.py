@@ -32,6 +32,7 @@ class Problem(StrEnum):
     IDEMPOTENCY_KEY_MISMATCH = "idempotency-key-mismatch"
     JOB_NOT_AWAITING_DECISION = "job-not-awaiting-decision"
     REPLAY_REFUSED = "replay-refused"
+    ALREADY_REPLAYED = "already-replayed"
     INVALID_BILLING_EVENT = "invalid-billing-event"
     PAYLOAD_TOO_LARGE = "payload-too-large"
     RATE_LIMITED = "rate-limited"
@@ -61,6 +62,7 @@ TITLES: dict[Problem, str] = {
     Problem.IDEMPOTENCY_KEY_MISMATCH: "Idempotency keys differ",
     Problem.JOB_NOT_AWAITING_DECISION: "Not awaiting a decision",
     Problem.REPLAY_REFUSED: "Cannot replay",
+    Problem.ALREADY_REPLAYED: "Already replayed",
     Problem.INVALID_BILLING_EVENT: "Invalid billing event",
     Problem.PAYLOAD_TOO_LARGE: "Payload too large",
     Problem.RATE_LIMITED: "Too many requests",
