@@ -53,6 +53,9 @@ _SECRET_PARTS = (
     "signature",
     "token",
 )
+# Keys that name a secret without holding it: the API's ``token_name`` (which token, never
+# the token) is what its log lines are for.
+_NOT_SECRET_KEYS = frozenset({"token_name"})
 _WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 REDACTED = "[redacted]"
 
@@ -61,6 +64,8 @@ REDACTED = "[redacted]"
 def is_secret_key(key: str) -> bool:
     """Whether a value under ``key`` is a secret, in any case or style (``refresh_token``,
     ``apiKey``, ``X-Api-Key``, ``oauth_signature``, ``Set-Cookie``)."""
+    if key in _NOT_SECRET_KEYS:
+        return False
     words = {w.lower() for w in _WORDS.findall(key)}
     if words & _SECRET_WORDS:
         return True

@@ -95,7 +95,16 @@ def test_secret_keys_are_recognised_in_any_case_or_style(key: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "key", ["status", "subscription_id", "monkey", "author", "keyboard_layout", "expires_in"]
+    "key",
+    [
+        "status",
+        "subscription_id",
+        "monkey",
+        "author",
+        "keyboard_layout",
+        "expires_in",
+        "token_name",
+    ],
 )
 def test_ordinary_keys_pass(key: str) -> None:
     assert redact({key: "v"}) == {key: "v"}
