@@ -308,6 +308,7 @@ def load_settings(**overrides: Any) -> Settings:
         lines = [
             f"  {env_name(tuple(err['loc']))}: {err['msg']}"
             + (f" (got {err['input']!r})" if _showable(err) else "")
+            + _did_you_mean(err)
             for err in exc.errors()
         ]
         raise ConfigError("invalid settings:\n" + "\n".join(lines)) from None
@@ -355,6 +356,16 @@ def load_settings(**overrides: Any) -> Settings:
                 # The message carries exc; how the error chains is left as it was.
                 raise ConfigError(f"invalid settings:\n  {env_name(('providers', key))}: {exc}")  # noqa: B904
     return settings
+
+
+def _did_you_mean(err: Any) -> str:
+    # A misspelt nested variable (CANCELFLOW_WORKER__CONCURENCY) is refused by its group.
+    if err["type"] != "extra_forbidden":
+        return ""
+    close = difflib.get_close_matches(
+        env_name(tuple(err["loc"])), sorted(settings_env_names()), n=1
+    )
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _showable(err: Any) -> bool:

@@ -11,9 +11,11 @@ import warnings
 import pytest
 import structlog
 
+from cancelflow.errors import ConfigError
 from cancelflow.logging import configure_logging
 from cancelflow.settings import (
     CLIENT_ENV_NAMES,
+    load_settings,
     settings_env_names,
     unknown_env,
     warn_unknown_env,
@@ -115,3 +117,15 @@ def test_old_client_names_are_read_with_a_warning(monkeypatch: pytest.MonkeyPatc
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ClientSettings().api_url == "http://new:1"
+
+
+def test_a_misspelt_nested_variable_stops_start_up_naming_the_right_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CANCELFLOW_WORKER__CONCURENCY", "8")
+    with pytest.raises(
+        ConfigError,
+        match=r"CANCELFLOW_WORKER__CONCURENCY: .*\(did you mean "
+        r"CANCELFLOW_WORKER__CONCURRENCY\?\)",
+    ):
+        load_settings()
