@@ -1,4 +1,9 @@
-"""structlog set-up: JSON lines in production, readable lines in a terminal, secrets redacted."""
+"""structlog set-up: JSON lines in production, readable lines in a terminal, secrets redacted.
+
+A JSON line is what log collectors (Cloud Logging, Datadog, Loki's JSON parser) read without
+configuration: the event name under ``message``, ``level``, ``timestamp`` (RFC 3339, UTC,
+``Z``), ``logger``, then the event's fields.
+"""
 
 from __future__ import annotations
 
@@ -134,10 +139,12 @@ def configure_logging(*, fmt: LogFormat = "auto", level: str = "INFO") -> None:
     ]
     # Celery's and aiohttp's own records carry exc_info as a tuple: render it as text too.
     foreign = [*shared, structlog.stdlib.add_logger_name, structlog.processors.format_exc_info]
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
+    # structlog keeps the event name under "event"; collectors look for "message". Renamed
+    # last, just before rendering: the console renderer and the processors above read "event".
+    rendering: list[Any] = (
+        [structlog.processors.EventRenamer("message"), structlog.processors.JSONRenderer()]
         if use_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else [structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
     )
     structlog.configure(
         processors=[
@@ -145,7 +152,7 @@ def configure_logging(*, fmt: LogFormat = "auto", level: str = "INFO") -> None:
             structlog.stdlib.add_logger_name,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
-            renderer,
+            *rendering,
         ],
         logger_factory=_NamedWriteLoggerFactory(file=sys.stderr),
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
@@ -155,7 +162,7 @@ def configure_logging(*, fmt: LogFormat = "auto", level: str = "INFO") -> None:
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=foreign,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *rendering],
         )
     )
     root = logging.getLogger()

@@ -12,6 +12,7 @@ import time
 import weakref
 from typing import Any, Generic, Literal, TypeVar
 
+import structlog
 from celery import Celery
 from celery.events.dispatcher import EventDispatcher
 from kombu.entity import Exchange, Queue
@@ -253,6 +254,15 @@ def send_step(
 ) -> None:
     """Enqueue one step of a job by task name on its provider's queue."""
     task_args = [job_id, *args]
+    headers: dict[str, Any] = {
+        "job_id": job_id,
+        "provider": provider,
+        "sent_at": round(time.time(), 3),
+    }
+    # The API request (or earlier step) that caused this one: the worker binds it to its lines.
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    if request_id is not None:
+        headers["request_id"] = request_id
     app.send_task(
         STEP_TASKS[step],
         args=task_args,
@@ -263,7 +273,7 @@ def send_step(
         countdown=countdown,
         # Shown in Flower, and lets a poison-message handler name the job; ``sent_at`` tells
         # the watchdog (and queue-latency metrics) how long the oldest message has waited.
-        headers={"job_id": job_id, "provider": provider, "sent_at": round(time.time(), 3)},
+        headers=headers,
         # Nobody waits on a step's result (the job store has it). Without this, a producer's
         # send_task subscribes to the task's result channel and unsubscribes again: two
         # more Redis round trips per message (the Redis backend's on_task_call).

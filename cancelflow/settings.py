@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
 import socket
+import types
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -310,6 +314,7 @@ def load_settings(**overrides: Any) -> Settings:
         lines = [
             f"  {env_name(tuple(err['loc']))}: {err['msg']}"
             + (f" (got {err['input']!r})" if _showable(err) else "")
+            + _did_you_mean(err)
             for err in exc.errors()
         ]
         raise ConfigError("invalid settings:\n" + "\n".join(lines)) from None
@@ -384,9 +389,83 @@ def _check_lifetimes(settings: Settings) -> None:
             )
 
 
+def _did_you_mean(err: Any) -> str:
+    # A misspelt nested variable (CANCELFLOW_WORKER__CONCURENCY) is refused by its group.
+    if err["type"] != "extra_forbidden":
+        return ""
+    close = difflib.get_close_matches(
+        env_name(tuple(err["loc"])), sorted(settings_env_names()), n=1
+    )
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def _showable(err: Any) -> bool:
     # Never echo what might be a secret; short scalar inputs help find typos.
     loc = "_".join(str(p) for p in err["loc"]).lower()
     if any(word in loc for word in ("secret", "token", "key", "password")):
         return False
     return isinstance(err.get("input"), str | int | float) and len(str(err["input"])) < 80
+
+
+# ``CANCELFLOW_*`` variables that are not the server's: the API client's
+# (``producers.client.CLIENT_ENV``, new names and the old ones it still reads; a unit test
+# keeps the two lists equal) and the test suite's and chaos runs'.
+CLIENT_ENV_NAMES = frozenset(
+    {
+        *(
+            f"CANCELFLOW_CLIENT__{n}"
+            for n in ("URL", "TOKEN", "TIMEOUT_S", "RETRIES", "RETRY_TIME_S")
+        ),
+        *(f"CANCELFLOW_API_{n}" for n in ("URL", "TOKEN", "TIMEOUT_S", "RETRIES", "RETRY_TIME_S")),
+    }
+)
+_OTHERS_PREFIXES = ("CANCELFLOW_TEST_", "CANCELFLOW_CHAOS_")
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) in (Union, types.UnionType):
+        return next((m for a in get_args(annotation) if (m := _model_of(a)) is not None), None)
+    return None
+
+
+def settings_env_names(
+    model: type[BaseModel] = Settings, loc: tuple[str, ...] = ()
+) -> frozenset[str]:
+    """Every variable ``model`` reads, nested groups (``__``) and the groups themselves (a
+    group may be given whole, as JSON) included."""
+    names: set[str] = set()
+    for field, info in model.model_fields.items():
+        names.add(env_name((*loc, field)))
+        nested = _model_of(info.annotation)
+        if nested is not None:
+            names |= settings_env_names(nested, (*loc, field))
+    return frozenset(names)
+
+
+def unknown_env(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """Each ``CANCELFLOW_*`` variable nothing reads (a typo, most often), with the closest
+    variable that is read, or None."""
+    known = settings_env_names()
+    unknown = []
+    for name in sorted(os.environ if environ is None else environ):
+        upper = name.upper()  # pydantic-settings reads names in any case
+        if not upper.startswith(ENV_PREFIX) or upper in known or upper in CLIENT_ENV_NAMES:
+            continue
+        if upper.startswith(_OTHERS_PREFIXES):
+            continue
+        close = difflib.get_close_matches(upper, sorted(known), n=1)
+        unknown.append((name, close[0] if close else None))
+    return unknown
+
+
+def warn_unknown_env(environ: Mapping[str, str] | None = None) -> None:
+    """A ``settings.unknown_variable`` warning per ``unknown_env`` variable (never its value),
+    for each process to call once its logging is configured."""
+    from cancelflow.logging import get_logger
+
+    for name, suggestion in unknown_env(environ):
+        get_logger(__name__).warning(
+            "settings.unknown_variable", variable=name, did_you_mean=suggestion
+        )

@@ -22,6 +22,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
+import structlog
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
@@ -420,8 +421,17 @@ class JobStore:
         job_id = new_job_id()
         now = utcnow()
         at = isoformat(now)
+        # The API request that enqueued it (bound by the API's request_context), to find
+        # its log lines from the job.
+        request_id = structlog.contextvars.get_contextvars().get("request_id")
         entry_json = _dump(
-            TimelineEntry(at=at, step="enqueue", event="queued", status=Status.QUEUED)
+            TimelineEntry(
+                at=at,
+                step="enqueue",
+                event="queued",
+                status=Status.QUEUED,
+                details={"request_id": request_id} if request_id is not None else {},
+            )
         )
         key = request.idempotency_key
         idem = f"{PREFIX}idem:{_sha(namespace + chr(0) + key)}" if key else ""

@@ -32,6 +32,8 @@ import hmac
 import json
 import math
 import re
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -162,6 +164,55 @@ def _authorised(request: web.Request) -> ApiToken | None:
     # long this takes tells nothing about which token (or how much of one) matched.
     matches = [hmac.compare_digest(token.secret, given) for token in tokens]
     return next((t for t, hit in zip(tokens, matches, strict=True) if hit), None)
+
+
+# A caller's request id is kept when it is 1-128 printable ASCII characters (it goes into log
+# lines and a response header as it is); anything else is replaced by one of ours.
+REQUEST_ID_HEADER = "Request-Id"
+_GIVEN_REQUEST_ID = re.compile(r"[\x20-\x7e]{1,128}")
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get(REQUEST_ID_HEADER)
+    if given is not None and _GIVEN_REQUEST_ID.fullmatch(given):
+        return given
+    return f"req_{uuid.uuid4().hex}"
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Any) -> web.StreamResponse:
+    """The request's id (the caller's ``Request-Id`` when well formed, else a new one) on every
+    log line the request causes, on the steps it sends (``send_step``) and in ``Request-Id``
+    on the answer; one ``api.request`` access line per request, whatever its status."""
+    request_id = _request_id(request)
+    started = time.perf_counter()
+    status = 500  # unless an answer says otherwise: an error no middleware turned into one
+    with structlog.contextvars.bound_contextvars(request_id=request_id):
+        try:
+            response: web.StreamResponse = await handler(request)
+            status = response.status
+            if not response.prepared:  # a streamed answer has sent its headers already
+                response.headers[REQUEST_ID_HEADER] = request_id
+            return response
+        except web.HTTPException as exc:  # a redirect, or an error of a route of its own
+            status = exc.status
+            exc.headers[REQUEST_ID_HEADER] = request_id
+            raise
+        finally:
+            token = request.get(TOKEN)
+            if token is None and status in (403, 429):
+                # Refused after the token was recognised (read-only, rate limit): named too.
+                token = _authorised(request)
+            route = request.match_info.route.resource
+            log.info(
+                "api.request",
+                method=request.method,
+                route=route.canonical if route is not None else None,
+                **({} if route is not None else {"path": _shown(request.path)}),
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                token_name=token.name if isinstance(token, ApiToken) else None,
+            )
 
 
 @web.middleware
@@ -687,9 +738,12 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
     """The API application; Redis and Celery connections open on start-up. The billing rules,
     when configured, are checked here: a ``RulesError`` stops start-up."""
     limit = settings.api.max_body_bytes
-    # request_metrics goes first (outermost): it sees the answer errors_and_auth gives, its
-    # 401, 429 and 503 included, and the status a handler's error is mapped to.
-    app = web.Application(middlewares=[request_metrics, errors_and_auth], client_max_size=limit)
+    # request_context first: every line the request causes carries its id. request_metrics
+    # next (outside errors_and_auth): it sees the answer errors_and_auth gives, its 401, 429
+    # and 503 included, and the status a handler's error is mapped to.
+    app = web.Application(
+        middlewares=[request_context, request_metrics, errors_and_auth], client_max_size=limit
+    )
     app[TOKENS] = parse_tokens(settings)
     app[CELERY] = celery or create_celery(settings)
     app[MAX_BODY] = limit

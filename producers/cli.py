@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 import click
 
 from cancelflow.errors import ConfigError
-from cancelflow.logging import configure_logging
-from cancelflow.settings import Settings, load_settings
+from cancelflow.logging import configure_logging, get_logger
+from cancelflow.settings import Settings, load_settings, warn_unknown_env
 from producers.flower_cmd import flower
 from producers.secret_cmd import secret
 
@@ -58,6 +58,7 @@ def api(host: str, port: int) -> None:
 
     settings = _settings()
     configure_logging(fmt=settings.log_format, level=settings.log_level)
+    warn_unknown_env()
     if not settings.api_tokens:
         click.echo(
             "cancelflow: set CANCELFLOW_API_TOKENS: every route but /healthz needs a token",
@@ -69,7 +70,15 @@ def api(host: str, port: int) -> None:
     except ConfigError as exc:  # the billing rules
         click.echo(f"cancelflow: {exc}", err=True)
         sys.exit(2)
-    web.run_app(app, host=host, port=port, access_log=None, print=None)
+    # aiohttp calls ``print`` once every socket is bound: the line says the API is listening.
+    listening = {"url": f"http://{host}:{port}", "providers": sorted(settings.enabled_providers())}
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        access_log=None,
+        print=lambda _: get_logger(__name__).info("api.listening", **listening),
+    )
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -835,6 +844,7 @@ def billing_consumer(consumer: str | None, check: bool) -> None:
 
     settings = _settings()
     configure_logging(fmt=settings.log_format, level=settings.log_level)
+    warn_unknown_env()
     if settings.billing.rules_path is None:
         click.echo(
             "cancelflow: set CANCELFLOW_BILLING__RULES_PATH to a YAML or TOML rules file", err=True
@@ -869,6 +879,13 @@ def billing_consumer(consumer: str | None, check: bool) -> None:
             await deps.store.flush_marks()
             await redis.aclose()
 
+    get_logger(__name__).info(
+        "billing.consumer.starting",
+        stream=conf.stream,
+        group=conf.group,
+        consumer=conf.consumer,
+        rules=len(rules.rules),
+    )
     _run(go)
 
 

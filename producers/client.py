@@ -34,6 +34,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -42,8 +43,13 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 import aiohttp
-from pydantic import Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from cancelflow.contract import (
     FINAL_STATUSES,
@@ -61,22 +67,57 @@ USER_AGENT = "cancelflow-client/1"
 RETRY_STATUSES = frozenset({502, 503, 504})
 
 
+# The client's variables, one group of their own (``CANCELFLOW_CLIENT__*``), and the names
+# they had before (``CANCELFLOW_API_TOKEN`` was one letter from the server's
+# ``CANCELFLOW_API_TOKENS``): those are still read, with a ``FutureWarning``; a new name wins.
+CLIENT_ENV = {
+    "api_url": ("CANCELFLOW_CLIENT__URL", "CANCELFLOW_API_URL"),
+    "api_token": ("CANCELFLOW_CLIENT__TOKEN", "CANCELFLOW_API_TOKEN"),
+    "api_timeout_s": ("CANCELFLOW_CLIENT__TIMEOUT_S", "CANCELFLOW_API_TIMEOUT_S"),
+    "api_retries": ("CANCELFLOW_CLIENT__RETRIES", "CANCELFLOW_API_RETRIES"),
+    "api_retry_time_s": ("CANCELFLOW_CLIENT__RETRY_TIME_S", "CANCELFLOW_API_RETRY_TIME_S"),
+}
+
+
+def _env(field: str) -> AliasChoices:
+    return AliasChoices(*CLIENT_ENV[field])
+
+
+class _EnvWithOldNames(EnvSettingsSource):
+    def __call__(self) -> dict[str, Any]:
+        for new, old in CLIENT_ENV.values():
+            if old.lower() in self.env_vars and new.lower() not in self.env_vars:
+                warnings.warn(f"{old} is deprecated: set {new}", FutureWarning, stacklevel=2)
+        return super().__call__()
+
+
 class ClientSettings(BaseSettings):
-    """Where the API is and how to reach it: ``CANCELFLOW_API_URL``, ``CANCELFLOW_API_TOKEN``,
-    ``CANCELFLOW_API_TIMEOUT_S``, ``CANCELFLOW_API_RETRIES``, ``CANCELFLOW_API_RETRY_TIME_S``.
+    """Where the API is and how to reach it: ``CANCELFLOW_CLIENT__URL``, ``__TOKEN``,
+    ``__TIMEOUT_S``, ``__RETRIES``, ``__RETRY_TIME_S`` (see ``CLIENT_ENV``).
     A client's own settings: a machine that only calls the API needs none of the server's."""
 
-    model_config = SettingsConfigDict(env_prefix="CANCELFLOW_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
-    api_url: str = "http://127.0.0.1:8080"
-    api_token: SecretStr | None = None
+    api_url: str = Field(default="http://127.0.0.1:8080", validation_alias=_env("api_url"))
+    api_token: SecretStr | None = Field(default=None, validation_alias=_env("api_token"))
     # Longer than the API waits on its Redis (CANCELFLOW_REDIS_READ_TIMEOUT_S, 10 s) before
     # answering 503: the client hears the 503 and its Retry-After rather than timing out.
-    api_timeout_s: float = Field(default=15.0, gt=0)
+    api_timeout_s: float = Field(default=15.0, gt=0, validation_alias=_env("api_timeout_s"))
     # Retries after the first attempt, all within ``api_retry_time_s`` of it: enough to ride
     # out a Redis restart or failover behind the API (it asks for 5 s between tries).
-    api_retries: int = Field(default=6, ge=0)
-    api_retry_time_s: float = Field(default=60.0, ge=0)
+    api_retries: int = Field(default=6, ge=0, validation_alias=_env("api_retries"))
+    api_retry_time_s: float = Field(default=60.0, ge=0, validation_alias=_env("api_retry_time_s"))
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _EnvWithOldNames(settings_cls), dotenv_settings, file_secret_settings
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -325,7 +366,7 @@ class _Base:
             raise ValueError(f"the API URL must be http(s): {self.base_url!r}")
         secret = token or (conf.api_token.get_secret_value() if conf and conf.api_token else None)
         if not secret:
-            raise ValueError("no API token: pass token= or set CANCELFLOW_API_TOKEN")
+            raise ValueError("no API token: pass token= or set CANCELFLOW_CLIENT__TOKEN")
         self._token = secret
         defaults = conf or ClientSettings.model_construct()
         self.timeout_s = timeout_s or defaults.api_timeout_s

@@ -11,9 +11,9 @@ import structlog
 from celery import signals
 from kombu.connection import Connection
 
-from cancelflow.logging import configure_logging
+from cancelflow.logging import configure_logging, get_logger
 from cancelflow.messaging import TRANSPORT, create_celery, flush_sent_events
-from cancelflow.settings import load_settings
+from cancelflow.settings import load_settings, warn_unknown_env
 from worker import leases
 
 settings = load_settings()
@@ -70,6 +70,23 @@ app.conf.beat_schedule = {
 def _setup_logging(**_: Any) -> None:
     # Connecting here stops Celery from installing its own handlers: one format for all.
     configure_logging(fmt=settings.log_format, level=settings.log_level)
+    warn_unknown_env()
+
+
+@signals.celeryd_after_setup.connect  # type: ignore[untyped-decorator]
+def _log_worker_start(sender: str, instance: Any, **_: Any) -> None:
+    get_logger(__name__).info(
+        "worker.starting",
+        hostname=sender,
+        queues=sorted(instance.app.amqp.queues.consume_from),
+        concurrency=instance.concurrency,
+        providers=sorted(settings.enabled_providers()),
+    )
+
+
+@signals.beat_init.connect  # type: ignore[untyped-decorator]
+def _log_beat_start(**_: Any) -> None:
+    get_logger(__name__).info("beat.starting", schedule=sorted(app.conf.beat_schedule))
 
 
 @signals.task_prerun.connect  # type: ignore[untyped-decorator]

@@ -88,6 +88,8 @@ class Delivery:
     queue: str | None
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    # The API request that started the job's chain (``send_step``'s header), if any.
+    request_id: str | None = None
 
     @classmethod
     def of(cls, task_name: str, request: Mapping[str, Any], args: Any, kwargs: Any) -> Delivery:
@@ -99,6 +101,7 @@ class Delivery:
             queue=delivery.get("routing_key"),
             args=tuple(args or ()),
             kwargs=dict(kwargs or {}),
+            request_id=rid if isinstance(rid := request.get("request_id"), str) else None,
         )
 
 
@@ -205,7 +208,7 @@ async def _execute(step: Step, delivery: Delivery) -> Outcome:
         job_id, extra = _parse(step, delivery.args, delivery.kwargs)
     except Poison as exc:
         return await _dead_letter_poison(rt, delivery, exc)
-    structlog.contextvars.bind_contextvars(job_id=job_id)
+    structlog.contextvars.bind_contextvars(job_id=job_id, request_id=delivery.request_id)
     try:
         # Past the soft limit the step is cancelled, with time left before the hard limit
         # (worker.pool) to record the retry.

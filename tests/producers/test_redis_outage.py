@@ -228,7 +228,7 @@ def test_every_route_answers_503_with_retry_after_while_redis_is_down_and_recove
     assert body["title"] == "Not ready"
     assert (body["redis"], body["persistence"]) == ("unreachable", "unknown")
     assert call("GET", f"{api.url}/healthz", token=None)[0] == 200  # liveness: alive
-    assert not [line for line in api.log_lines() if line.get("event") == "api.unexpected_error"]
+    assert not [line for line in api.log_lines() if line.get("message") == "api.unexpected_error"]
 
     redis.start()  # the same port: the API reconnects by itself
     wait_until(lambda: http_ok(f"{api.url}/readyz"), timeout_s=20, what="api ready again")
@@ -305,7 +305,7 @@ def cli_status(api: Api, job_id: str, **env: str) -> subprocess.CompletedProcess
 
 
 def outage_lines(api: Api) -> list[dict[str, Any]]:
-    return [line for line in api.log_lines() if line.get("event") == "api.redis_unavailable"]
+    return [line for line in api.log_lines() if line.get("message") == "api.redis_unavailable"]
 
 
 def test_the_cli_retries_503s_and_at_the_end_names_the_api(
@@ -348,7 +348,7 @@ def test_the_client_error_after_its_retries_names_the_api(
 
 
 def persistence_warnings(api: Api, name: str) -> list[dict[str, Any]]:
-    return [line for line in api.log_lines(name) if line.get("event") == "redis.persistence.none"]
+    return [line for line in api.log_lines(name) if line.get("message") == "redis.persistence.none"]
 
 
 def test_a_redis_that_keeps_nothing_on_disk_is_warned_of_at_start_up(
@@ -374,7 +374,7 @@ def test_a_redis_that_keeps_nothing_on_disk_is_warned_of_at_start_up(
 
     quiet = start_api(durable.url)
     wait_until(
-        lambda: any(line.get("event") == "redis.persistence" for line in quiet.log_lines()),
+        lambda: any(line.get("message") == "redis.persistence" for line in quiet.log_lines()),
         timeout_s=10,
         what="the persistence line",
     )

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -39,7 +41,7 @@ def test_log_lines_are_json_with_context_and_without_secrets(
         # The configuration writes to capsys's stream, closed after this test.
         structlog.reset_defaults()
     line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
-    assert line["event"] == "provider.token.fetched"
+    assert line["message"] == "provider.token.fetched"
     assert line["job_id"] == "job_1" and line["provider"] == "payway"
     assert "sekrit" not in json.dumps(line)
 
@@ -93,7 +95,16 @@ def test_secret_keys_are_recognised_in_any_case_or_style(key: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "key", ["status", "subscription_id", "monkey", "author", "keyboard_layout", "expires_in"]
+    "key",
+    [
+        "status",
+        "subscription_id",
+        "monkey",
+        "author",
+        "keyboard_layout",
+        "expires_in",
+        "token_name",
+    ],
 )
 def test_ordinary_keys_pass(key: str) -> None:
     assert redact({key: "v"}) == {key: "v"}
@@ -148,7 +159,7 @@ def test_log_fields_are_redacted_by_pattern(capsys: pytest.CaptureFixture[str]) 
         structlog.reset_defaults()
     line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert "sekrit" not in json.dumps(line)
-    assert line["event"] == "provider.http_response" and line["status"] == 200
+    assert line["message"] == "provider.http_response" and line["status"] == 200
     assert line["headers"]["Accept"] == "json"
 
 
@@ -169,3 +180,27 @@ def test_keys_that_name_a_secret_without_holding_one_are_kept() -> None:
         "access_token": "[redacted]",
         "oauth_signature": "[redacted]",
     }
+
+
+def test_json_lines_have_the_keys_collectors_read(capsys: pytest.CaptureFixture[str]) -> None:
+    # Cloud Logging, Datadog and Loki read "message" (not structlog's "event"), "level",
+    # an RFC 3339 "timestamp", and the logger's name, with no configuration of theirs.
+    configure_logging(fmt="json", level="INFO")
+    try:
+        get_logger("cancelflow.t").info("job.enqueued", job_id="job_1")
+        logging.getLogger("celery.worker").warning("from the stdlib")
+    finally:
+        logging.getLogger().handlers.clear()
+        structlog.reset_defaults()
+    ours, stdlib = (json.loads(s) for s in capsys.readouterr().err.strip().splitlines()[-2:])
+    assert ours["message"] == "job.enqueued" and "event" not in ours
+    assert ours["level"] == "info" and ours["logger"] == "cancelflow.t"
+    assert ours["job_id"] == "job_1"
+    assert stdlib["message"] == "from the stdlib" and stdlib["level"] == "warning"
+    assert stdlib["logger"] == "celery.worker"
+    for line in (ours, stdlib):
+        stamp = line["timestamp"]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", stamp), stamp
+        parsed = datetime.fromisoformat(stamp)
+        assert parsed.utcoffset() == timedelta(0)
+        assert abs((datetime.now(UTC) - parsed).total_seconds()) < 60
