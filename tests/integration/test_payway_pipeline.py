@@ -133,13 +133,14 @@ def test_bad_input_is_rejected_with_each_field_named(system: System) -> None:
     assert status == 422 and problem["errors"][0]["field"] == "provider"
 
 
-def test_idempotency_key_returns_the_same_job_or_409(system: System) -> None:
+def test_idempotency_key_returns_the_same_job_or_422(system: System) -> None:
     request = payway_body(DEMO.end_of_period, idempotency_key="order-42-cancel")
     first = system.enqueue(request)
     again = system.enqueue(request)
     assert again["id"] == first["id"]
     status, problem = system.post("/v1/cancellations", {**request, "metadata": {"changed": True}})
-    assert status == 409
+    # The status the IETF idempotency-key draft names for a key reused with another body.
+    assert status == 422 and problem["type"].endswith("/idempotency-key-reused")
     assert problem["job_id"] == first["id"]
     system.wait(first["id"])
     assert system.sandbox.state("payway")["effective_cancels"] == {
