@@ -173,7 +173,8 @@ def document(
                 "summary": "Queue a cancellation",
                 "description": (
                     "The same `idempotency_key` with the same body returns the same job "
-                    "(`Cancelflow-Enqueue: existing`); with another body, 422 (idempotency-key-reused). A request for a "
+                    "(`Cancelflow-Enqueue: existing`); with another body, 422 "
+                    "(idempotency-key-reused). A request for a "
                     "subscription whose job is in flight joins it (`Cancelflow-Enqueue: joined`)."
                 ),
                 "requestBody": body(
