@@ -13,6 +13,7 @@ import base64
 import http.client
 import json
 import string
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
@@ -26,7 +27,7 @@ from hypothesis import strategies as st
 from cancelflow.contract import JOB_ID_RE
 from cancelflow.dead_letters import INDEX as DEAD_LETTERS
 from cancelflow.dead_letters import DeadLetter, DeadLetterStore
-from cancelflow.store import JOBS_INDEX
+from cancelflow.store import JOBS_INDEX, UNDISPATCHED
 from producers.problems import PROBLEM_TYPE
 from producers.ratelimit import PREFIX as RATE_LIMIT_PREFIX
 from producers.schemas import DEAD_LETTER_ID_RE
@@ -70,6 +71,12 @@ def target(start_system: StartSystem, billing_rules_path: Any) -> Iterator[Targe
     assert status == 202, job
     client = redis.Redis.from_url(system.redis_url)
     try:
+        # The API marks a job dispatched after its answer (one write for many jobs): wait for
+        # that write, or it would land inside a request's before/after reading.
+        deadline = time.monotonic() + 30
+        while client.zscore(UNDISPATCHED, job["id"]) is not None:
+            assert time.monotonic() < deadline, "the job was never marked dispatched"
+            time.sleep(0.05)
         dead = DeadLetterStore.add_sync(
             client, DeadLetter(kind="poison", error_type="Seeded", error="a seeded entry")
         )
