@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -136,10 +135,9 @@ def test_deep_nesting_is_redacted_without_recursion_error() -> None:
 
 
 def test_a_huge_answer_is_redacted_in_linear_time() -> None:
+    # 200,000 items: a quadratic walk would not end before the suite's per-test timeout.
     huge = {"items": [{"id": i, "apiKey": f"k{i}", "name": f"n{i}"} for i in range(200_000)]}
-    started = time.perf_counter()
     out = redact(huge)
-    assert time.perf_counter() - started < 5
     assert out["items"][123_456] == {"id": 123_456, "apiKey": REDACTED, "name": "n123456"}
     assert "k199999" not in json.dumps(out)
 
