@@ -111,8 +111,9 @@ class WorkerSettings(BaseModel):
     heartbeat_s: float = Field(default=3.0, gt=0)
     # The watchdog re-sends the step of a job this long past when it was expected to move,
     # once no live process holds it and its queue has moved past it (a message lost between
-    # Redis's pop and its unacknowledged record, by a worker killed in between).
-    stalled_after_s: float = Field(default=60.0, gt=0)
+    # Redis's pop and its unacknowledged record, by a worker killed in between). Such a job
+    # moves again within this plus one watchdog period (10 s): under the minute promised.
+    stalled_after_s: float = Field(default=30.0, gt=0)
     # How often beat looks for parked jobs past their decision deadline.
     decision_sweep_s: float = Field(default=30.0, gt=0)
     # Prometheus metrics of the worker process on http://<metrics_host>:<metrics_port>/metrics;
