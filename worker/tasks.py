@@ -10,7 +10,7 @@ import random
 import time
 import traceback
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -117,6 +117,9 @@ class Outcome:
     cause: BaseException | None = None
     requeue: bool = False
     dead_lettered: JobDeadLettered | None = None
+    # The API request that started the chain: the next step's message carries it on (Celery's
+    # tracer has cleared the log context the step's run had bound by the time ``settle`` runs).
+    request_id: str | None = None
 
 
 class StepRequest(Request):  # type: ignore[misc]  # Celery is untyped
@@ -163,7 +166,9 @@ class StepTask(Task):  # type: ignore[misc]
     async def run_async(self, args: Any, kwargs: Any, request: Mapping[str, Any]) -> Outcome:
         """The step's whole work, on the runtime's loop: ``worker.pool`` awaits it there
         before Celery runs the task, whose body then only settles the outcome."""
-        return await execute(self.step, Delivery.of(self.name, request, args, kwargs))
+        delivery = Delivery.of(self.name, request, args, kwargs)
+        outcome = await execute(self.step, delivery)
+        return replace(outcome, request_id=delivery.request_id)
 
 
 def run_step(task: StepTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
@@ -175,6 +180,7 @@ def run_step(task: StepTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> s
             "id": task.request.id,
             "retries": task.request.retries,
             "delivery_info": task.request.delivery_info,
+            "request_id": getattr(task.request, "request_id", None),
         }
         outcome = _runtime().run(task.run_async(args, kwargs, request))
     return settle(task, outcome)
@@ -277,7 +283,8 @@ def settle(task: Task, outcome: Outcome) -> str:
     if nxt is not None:
         assert nxt.step is not None
         try:
-            send_step(app, nxt.step, outcome.job_id, nxt.provider, *nxt.args)
+            with structlog.contextvars.bound_contextvars(request_id=outcome.request_id):
+                send_step(app, nxt.step, outcome.job_id, nxt.provider, *nxt.args)
         except INFRASTRUCTURE_ERRORS as exc:
             # Celery's tracer cleared the log context the step's run had bound.
             log.error(

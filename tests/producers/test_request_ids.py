@@ -14,9 +14,11 @@ from urllib.parse import urlsplit
 import pytest
 
 from producers.local import wait_until
+from sandboxes.payway import DEMO
 from tests.fixtures.system import API_TOKEN, READ_TOKEN
 from tests.producers.test_api import payway_body
 from tests.support import System
+from tests.support import payway_body as demo_body
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +125,9 @@ def test_refusals_have_an_id_and_an_access_line(system: System, billing_api: Sys
 
 def test_the_id_follows_the_job_into_its_timeline_and_the_worker(system: System) -> None:
     rid = f"order-{secrets.token_hex(8)}"
-    status, job = system.post("/v1/cancellations", payway_body(), headers={"Request-Id": rid})
+    system.sandbox.reset("payway")
+    body = demo_body(DEMO.end_of_period, callback_url=f"{system.sandbox.url}/receiver/events")
+    status, job = system.post("/v1/cancellations", body, headers={"Request-Id": rid})
     assert status == 202, job
     queued = job["timeline"][0]
     assert queued["event"] == "queued" and queued["details"] == {"request_id": rid}
@@ -133,7 +137,14 @@ def test_the_id_follows_the_job_into_its_timeline_and_the_worker(system: System)
     def worker_lines() -> list[dict[str, Any]]:
         return [line for name, line in logged(system, rid) if not name.startswith("api")]
 
-    wait_until(lambda: bool(worker_lines()), timeout_s=10, what="a worker line with the id")
+    # Every step of the chain, not only the first the API sent: each step's message carries
+    # the id on to the next.
+    chain = {"eligibility", "confirm", "callback"}
+    wait_until(
+        lambda: chain <= {line.get("step") for line in worker_lines()},
+        timeout_s=10,
+        what=f"worker lines with the id for each of {sorted(chain)}",
+    )
     assert all(line["job_id"] == job["id"] for line in worker_lines())
     api_lines = [line for name, line in logged(system, rid) if name.startswith("api")]
     messages = {line["message"] for line in api_lines}
