@@ -531,7 +531,7 @@ async def create_cancellation(request: web.Request) -> web.Response:
 
 
 async def list_cancellations(request: web.Request) -> web.Response:
-    query = parse_query(request, JobQuery, lists=("status",))
+    query = parse_query(request, JobQuery, lists=("status", "outcome", "metadata"))
     try:
         page = await listing.list_jobs(request.app[DEPS].store.redis, query)
     except listing.BadCursor as exc:
@@ -668,11 +668,17 @@ async def delete_dead_letter(request: web.Request) -> web.Response:
 
 
 async def list_providers(request: web.Request) -> web.Response:
-    """Each configured provider's circuit breaker and in-flight calls, shared by all workers."""
+    """Each configured provider's circuit breaker and in-flight calls, shared by all workers,
+    and the error rate of its jobs of the last hour (``listing.recent_outcomes``)."""
     deps = request.app[DEPS]
+    recent = await listing.recent_outcomes(deps.store.redis)
     items = [
         ProviderState.model_validate(
-            {"provider": key, **await breaker_state(deps.store.redis, key)}
+            {
+                "provider": key,
+                **await breaker_state(deps.store.redis, key),
+                **recent.get(key, {}),
+            }
         )
         for key in deps.settings.enabled_providers()
     ]

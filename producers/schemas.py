@@ -64,6 +64,7 @@ class JobSummary(BaseModel):
     status: Status
     outcome: OutcomeType | None = None
     idempotency_key: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
     created_at: str
     updated_at: str
 
@@ -92,6 +93,21 @@ class JobQuery(BaseModel):
     status: list[Status] | None = Field(
         default=None, description="one or more (repeat the parameter, or separate with commas)"
     )
+    outcome: list[OutcomeType] | None = Field(
+        default=None, description="one or more (repeat the parameter, or separate with commas)"
+    )
+    reference: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        description="a part of any value of the subscription reference (case-insensitive)",
+    )
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    metadata: list[str] | None = Field(
+        default=None,
+        description="``key=value``, repeat for more: every pair must match the job's metadata "
+        "(a value compared as text)",
+    )
     created_after: datetime | None = Field(
         default=None, description="inclusive, ISO 8601 (UTC if no offset)"
     )
@@ -109,6 +125,18 @@ class JobQuery(BaseModel):
     @classmethod
     def _utc(cls, value: datetime | None) -> datetime | None:
         return _as_utc(value)
+
+    @field_validator("metadata")
+    @classmethod
+    def _pairs(cls, value: list[str] | None) -> list[str] | None:
+        for pair in value or []:
+            key, sep, _ = pair.partition("=")
+            if not sep or not key:
+                raise ValueError(f"{pair[:64]!r} is not key=value")
+        return value
+
+    def metadata_pairs(self) -> dict[str, str]:
+        return dict(pair.partition("=")[::2] for pair in self.metadata or [])
 
 
 class NoQuery(BaseModel):
@@ -171,7 +199,8 @@ class Replayed(BaseModel):
 
 
 class ProviderState(BaseModel):
-    """One provider's circuit breaker and calls in flight, shared by all workers."""
+    """One provider's circuit breaker and calls in flight, shared by all workers, and how its
+    jobs of the last hour have ended so far."""
 
     provider: str
     circuit: Literal["open", "half_open", "closed"]
@@ -179,6 +208,15 @@ class ProviderState(BaseModel):
     consecutive_failures: int
     times_opened: int
     in_flight: int
+    jobs_last_hour: int = Field(
+        default=0, description="jobs created since the start of the previous hour"
+    )
+    dead_lettered_last_hour: int = Field(default=0, description="of those, dead-lettered now")
+    error_rate: float | None = Field(
+        default=None,
+        description="dead_lettered / (finished + dead_lettered) of those jobs; null before any "
+        "has ended",
+    )
 
 
 class ProviderStates(BaseModel):
