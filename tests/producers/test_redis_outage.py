@@ -27,7 +27,7 @@ import pytest
 from cancelflow.settings import Settings
 from cancelflow.store import JobStore
 from cancelflow.wiring import redis_client, redis_persistence
-from producers.client import CancelflowClient, ServerError
+from cancelflow_client import CancelflowClient, ServerError
 from producers.local import (
     ProcessGroup,
     cancelflow_command,
