@@ -7,6 +7,7 @@ import asyncio
 import json
 import re
 import sys
+import warnings
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TypeVar
@@ -129,9 +130,13 @@ def client_options(fn: F) -> F:
 
 def client_settings(api_url: str | None, token: str | None) -> ClientSettings:
     try:
-        conf = ClientSettings.from_env()
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always", FutureWarning)
+            conf = ClientSettings.from_env()
     except SettingsError as exc:
         die(f"invalid client settings: {exc}")
+    for warning in warned:  # the old variable names: one line each, not Python's two
+        click.echo(f"cancelflow: warning: {warning.message}", err=True)
     ctx = click.get_current_context(silent=True)
     meta = ctx.meta if ctx is not None else {}
     if token:
@@ -146,7 +151,7 @@ def client_settings(api_url: str | None, token: str | None) -> ClientSettings:
             **({"api_token": SecretStr(token)} if token else {}),
         }
     )
-    if conf.api_token is None:
+    if conf.api_token is None or not conf.api_token.get_secret_value():
         die(f"no API token: set {TOKEN_VARIABLE} or pass --token-file")
     return conf
 
