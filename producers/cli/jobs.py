@@ -42,9 +42,11 @@ def _print_job(job: JobRecord, *, how: str | None = None) -> None:
         console.print(f"outcome: {json.dumps(shown)}")
     if job.offer is not None:
         deadline = job.offer.decision_deadline or "none"
+        waiting = job.status is Status.AWAITING_DECISION
+        hint = f"; cancelflow decide {job.id} accept|reject" if waiting else ""
         console.print(
-            f"offer: {job.offer.kind} {job.offer.offer_identifier or ''} (decision due {deadline}; "
-            f"cancelflow decide {job.id} accept|reject)"
+            f"offer: {job.offer.kind} {job.offer.offer_identifier or ''} "
+            f"(decision due {deadline}{hint})"
         )
     console.print(f"created {job.created_at}, updated {job.updated_at}")
     if job.timeline:
