@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -23,6 +23,8 @@ MAX_DEAD_LETTER_PAGE = 1000
 DEAD_LETTER_ID_RE = re.compile(r"^dl_[0-9a-f]{32}$")
 # ``next_cursor``: the creation time (a Unix timestamp, as Python writes a float) and the id of
 # the last job a page read, so a client can hand back nothing the API would not take.
+# ``metadata`` filters: ``key=value``, the key not empty.
+METADATA_PAIR = r"^[^=]+="
 CURSOR_RE = re.compile(r"^(?P<score>[0-9]{1,12}(\.[0-9]{1,17})?)~(?P<job_id>job_[0-9a-f]{32})$")
 
 
@@ -103,10 +105,10 @@ class JobQuery(BaseModel):
         description="a part of any value of the subscription reference (case-insensitive)",
     )
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
-    metadata: list[str] | None = Field(
+    metadata: list[Annotated[str, Field(pattern=METADATA_PAIR, max_length=1024)]] | None = Field(
         default=None,
-        description="``key=value``, repeat for more: every pair must match the job's metadata "
-        "(a value compared as text)",
+        description="``key=value``, repeat the parameter for more: every pair must match the "
+        "job's metadata (a value compared as JSON text: a string as it is, ``true``, ``42``)",
     )
     created_after: datetime | None = Field(
         default=None, description="inclusive, ISO 8601 (UTC if no offset)"
@@ -125,15 +127,6 @@ class JobQuery(BaseModel):
     @classmethod
     def _utc(cls, value: datetime | None) -> datetime | None:
         return _as_utc(value)
-
-    @field_validator("metadata")
-    @classmethod
-    def _pairs(cls, value: list[str] | None) -> list[str] | None:
-        for pair in value or []:
-            key, sep, _ = pair.partition("=")
-            if not sep or not key:
-                raise ValueError(f"{pair[:64]!r} is not key=value")
-        return value
 
     def metadata_pairs(self) -> dict[str, str]:
         return dict(pair.partition("=")[::2] for pair in self.metadata or [])
