@@ -222,7 +222,7 @@ def test_jobs_are_found_by_every_filter(ops: System) -> None:
 
     # The API refuses a malformed filter by name.
     status, problem = ops.get("/v1/cancellations?metadata=oops")
-    assert status == 422 and problem["errors"][0]["field"] == "query.metadata"
+    assert status == 422 and problem["errors"][0]["field"] == "query.metadata.0"
 
 
 def test_errors_say_what_failed(ops: System) -> None:
