@@ -20,7 +20,8 @@ Nothing a client sends makes a 5xx: JSON bodies are decoded by ``cancelflow.json
 goes through ``parse_query`` (an unknown or malformed parameter is 422); an id in a URL that is
 not of its format (``job_<32 hex>``, ``dl_<32 hex>``) is 404 before it reaches Redis, as an id
 of the right format that names nothing is; a header value that is not ASCII is 401 when it is
-a credential (``Authorization``, the billing signature) and 400 when it is not UTF-8.
+a credential (``Authorization``, the billing signature) and 400 when it is not UTF-8. A
+request aiohttp's own parser refuses (``producers.http_refusals``) is a 400 problem too.
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ import math
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from celery import Celery
 from kombu.exceptions import OperationalError as BrokerError
 from pydantic import BaseModel, ValidationError
@@ -58,6 +61,7 @@ from cancelflow.wiring import build_deps, redis_client, redis_persistence, repor
 from producers import console, listing, openapi
 from producers.billing import BillingProcessor, Rejected
 from producers.billing_rules import Rules, load_rules
+from producers.http_refusals import ProblemAppRunner, parser_reason, refusal_detail
 from producers.problems import Problem, field_errors, invalid, problem, unavailable
 from producers.ratelimit import RateLimiter
 from producers.schemas import (
@@ -347,6 +351,13 @@ async def _handled(request: web.Request, handler: Any) -> web.StreamResponse:
         raise
     except JobNotFound as exc:
         return problem(404, Problem.NOT_FOUND, f"no job {exc.args[0]}")
+    except (HttpProcessingError, web.RequestPayloadError) as exc:
+        # The body is not what its headers say (chunked framing, Content-Encoding): the
+        # parser's refusal, reaching the handler reading it (see http_refusals).
+        log.info("api.request.malformed", error=type(exc).__name__, reason=parser_reason(exc))
+        response = problem(400, Problem.MALFORMED_REQUEST, refusal_detail(exc))
+        response.force_close()  # the rest of the stream cannot be parsed
+        return response
     except ConnectionResetError:
         # The client went away while sending its body: nothing was read, nothing was done.
         log.info("api.client_disconnected", path=request.path)
@@ -810,3 +821,24 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
     app.router.add_get("/metrics", get_metrics)
     console.setup(app, settings)
     return app
+
+
+def serve(app: web.Application, *, host: str, port: int, on_listening: Callable[[], None]) -> None:
+    """Serve ``app`` on ``host:port`` until SIGINT or SIGTERM, as ``web.run_app`` does, on a
+    runner whose connections answer aiohttp's own refusals (a request its parser cannot
+    read) as problem+json (``producers.http_refusals``); ``on_listening`` once bound."""
+
+    async def run() -> None:
+        # handle_signals: SIGINT and SIGTERM raise GracefulExit, which ends asyncio.run; the
+        # task is cancelled and cleanup waits for requests in flight, as run_app's does.
+        runner = ProblemAppRunner(app, access_log=None, handle_signals=True)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+            on_listening()
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    with contextlib.suppress(web.GracefulExit, KeyboardInterrupt):
+        asyncio.run(run())
