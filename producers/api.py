@@ -153,6 +153,12 @@ def _client(request: web.Request) -> str:
     return request.remote or "unknown"
 
 
+def auth_failure_bucket(request: web.Request) -> str:
+    """The failed-authentication bucket (``AUTH_FAILURES``) of the request's client address:
+    one for its bearer tokens, billing signatures and console sign-ins alike."""
+    return "authfail:" + _client(request)
+
+
 def _authorised(request: web.Request) -> ApiToken | None:
     header = request.headers.get("Authorization", "")
     if not header.isascii():
@@ -316,7 +322,7 @@ async def _failures_spent(request: web.Request) -> web.Response | None:
     """A 429 when the client's address has spent its failed authentications (counts nothing):
     asked before a bearer token is compared, so a guesser learns nothing once it is spent."""
     return await _rate_limited(
-        request, "authfail:" + _client(request), limiter=AUTH_FAILURES, count=False
+        request, auth_failure_bucket(request), limiter=AUTH_FAILURES, count=False
     )
 
 
@@ -325,7 +331,7 @@ async def _failed_authentication(request: web.Request, what: str) -> web.Respons
     the address had already spent its failures."""
     client = _client(request)
     log.warning("api.auth.failed", credential=what, client=client, path=_shown(request.path))
-    return await _rate_limited(request, "authfail:" + client, limiter=AUTH_FAILURES)
+    return await _rate_limited(request, auth_failure_bucket(request), limiter=AUTH_FAILURES)
 
 
 def _token(request: web.Request) -> ApiToken:
