@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -187,7 +187,7 @@ def test_every_role_runs_as_its_own_user_and_redis_refuses_none_of_them(
     # the one refusal expected.
     refused = [
         entry
-        for entry in admin.acl_log(count=100)
+        for entry in cast("list[dict[str, Any]]", admin.acl_log(count=100))
         if not (entry["object"] == "config|get" and entry["username"] in ("api", "worker"))
     ]
     assert refused == [], json.dumps(refused, default=str, indent=1)
