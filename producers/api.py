@@ -1,10 +1,10 @@
 """The producer HTTP API (aiohttp).
 
-Every route takes a bearer token but the health checks, ``/openapi.json`` (public: it holds
-nothing secret) and ``POST /v1/billing-events`` (signed by the billing system instead);
-``/metrics`` too (Prometheus sends one: a read-only token is enough). Each
-token is rate-limited (``ratelimit``); bodies over ``api.max_body_bytes`` get 413; every error
-is ``application/problem+json``.
+Every route takes a bearer token but the health checks, ``/openapi.json`` and its page
+``/docs`` (public: they hold nothing secret) and ``POST /v1/billing-events`` (signed by
+the billing system instead); ``/metrics`` too (Prometheus sends one: a read-only token is
+enough). Each token is rate-limited (``ratelimit``); bodies over ``api.max_body_bytes`` get
+413; every error is ``application/problem+json``.
 
 Tokens (``CANCELFLOW_API_TOKENS``, see ``cancelflow.settings.parse_token_entry``) are
 ``[name=]secret[:read|write]``; the name is bound to the request's log context as
@@ -55,7 +55,7 @@ from cancelflow.messaging import create_celery, flush_sent_events, send_step
 from cancelflow.settings import Settings, parse_token_entry
 from cancelflow.store import IdempotencyConflict
 from cancelflow.wiring import build_deps, redis_client, redis_persistence, report_persistence
-from producers import console, listing, openapi
+from producers import console, docs_page, listing, openapi
 from producers.billing import BillingProcessor, Rejected
 from producers.billing_auth import CREDENTIAL_HEADERS, BadSignature, BillingVerifier
 from producers.billing_rules import Rules, load_rules
@@ -286,7 +286,11 @@ async def _authorised_call(request: web.Request, handler: Any) -> web.StreamResp
     refused = _undecodable_header(request)
     if refused is not None:
         return refused
-    if request.path in SIGNED_PATHS or request.path in PUBLIC_PATHS:
+    if (
+        request.path in SIGNED_PATHS
+        or request.path in PUBLIC_PATHS
+        or docs_page.is_docs(request.path)
+    ):
         # Signed routes check their signature, then their rate limit, in the handler: an
         # HMAC cannot be guessed, so a flood of bad ones from the billing system's own
         # address (its failures are limited) never holds back its signed events.
@@ -748,6 +752,7 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
             key: conf.callback_secret is not None
             for key, conf in settings.enabled_providers().items()
         },
+        billing_schemes=settings.billing.accepted_schemes(),
     )
     app[OPENAPI] = json.dumps(document).encode()
     app[BILLING_VERIFIER] = BillingVerifier.from_settings(settings.billing)
@@ -800,5 +805,6 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
     app.router.add_delete("/v1/dead-letters/{dl_id}", delete_dead_letter)
     app.router.add_get("/v1/providers", list_providers)
     app.router.add_get("/metrics", get_metrics)
+    docs_page.setup(app)
     console.setup(app, settings)
     return app
