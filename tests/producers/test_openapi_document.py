@@ -21,7 +21,7 @@ from cancelflow.providers import REGISTRY
 from cancelflow.providers.base import SubscriptionRef
 from producers import api, openapi
 from producers.schemas import CURSOR_RE, DEAD_LETTER_ID_RE
-from producers.submit import IDEMPOTENCY_HEADER
+from producers.submit import IDEMPOTENCY_HEADER, KeyRefused, header_key
 
 
 def _doc(**kw: Any) -> dict[str, Any]:
@@ -234,4 +234,11 @@ def test_every_answer_carries_the_request_id_and_the_headers_are_the_apis() -> N
             assert "Request-Id" in answer["headers"], (method, path, status)
     create = doc["paths"]["/v1/cancellations"]["post"]
     header = next(p for p in create["parameters"] if p.get("name") == IDEMPOTENCY_HEADER)
-    assert header["in"] == "header" and header["schema"]["maxLength"] == 255
+    assert header["in"] == "header"
+    pattern = re.compile(header["schema"]["pattern"])
+    for value in ("order-1", '"order 1"', "k" * 255, '"a\\"b"'):
+        assert pattern.fullmatch(value) and header_key([value]), value
+    for value in ("k" * 256, '"open', "", '""', "\tkey\tx"):
+        assert not pattern.fullmatch(value), value
+        with pytest.raises(KeyRefused):
+            header_key([value])
