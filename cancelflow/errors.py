@@ -110,6 +110,22 @@ class CircuitOpen(ProviderError):
     retryable = True
 
 
+class StepBusy(CancelflowError):
+    """Another delivery of the same step holds its lease; run again after ``retry_after``."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DecisionConflict(CancelflowError):
+    """A decision for a job that is not waiting for one."""
+
+
+class CallbackGiveUp(CancelflowError):
+    """A callback was refused for good or its retry horizon has passed."""
+
+
 class JobDeadLettered(CancelflowError):
     """A step ended in the dead-letter store (``dead_letter_id``; ``error_type``: why): the
     step's Celery task fails with it, so monitoring (Flower) shows a failure, not a success.

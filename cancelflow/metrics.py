@@ -32,8 +32,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 from redis.asyncio import Redis
 
+from cancelflow.contract import queue_names
 from cancelflow.dead_letters import KINDS, kind_key
-from cancelflow.messaging import queues
+from cancelflow.guard import breaker_key, in_flight_key
 from cancelflow.providers import REGISTRY as PROVIDERS
 from cancelflow.store import AWAITING
 
@@ -228,7 +229,7 @@ async def read_store(
     countdown ones) and the oldest message of each, dead letters by kind, jobs awaiting a
     decision, and each provider's breaker and in-flight calls (``cancelflow.guard``'s keys),
     in one pipeline of a fixed number of commands. ``now``: epoch seconds (the clock)."""
-    names = [q.name for q in queues()]
+    names = queue_names(PROVIDERS)
     keys = list(providers)
     at = time.time() if now is None else now
     async with redis.pipeline(transaction=False) as pipe:
@@ -240,9 +241,9 @@ async def read_store(
             pipe.scard(kind_key(kind))
         pipe.zcard(AWAITING)
         for key in keys:
-            pipe.hmget(f"cf:cb:{key}", ["open_until", "failures", "opened"])
+            pipe.hmget(breaker_key(key), ["open_until", "failures", "opened"])
             # Scored by when each slot's lease ends: the live ones end after now.
-            pipe.zcount(f"cf:if:{key}", at * 1000, "+inf")
+            pipe.zcount(in_flight_key(key), at * 1000, "+inf")
         found: list[Any] = await pipe.execute()
     n, k = len(names), len(KINDS)
     depths, heads = found[:n], found[n : 2 * n]

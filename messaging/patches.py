@@ -1,16 +1,36 @@
-"""kombu's Redis transport, made to survive an unreadable item on a queue list, and to
-acknowledge in batches.
+"""Every override of a private Celery or kombu method, in one module.
 
-kombu decodes each list item (its JSON envelope) inside the consumer loop; an item that is
+Each class or function here replaces or depends on an upstream method that is not a public
+API, written against the celery and kombu minor versions pinned in pyproject.toml
+(``celery==5.7.*``, ``kombu==5.7.*``). ``UPSTREAM`` names each such method with the
+SHA-256 of its source at those versions: ``tests/unit/test_patches.py`` fails when one
+changes, so an upgrade is a reading of what changed under the copy, not a surprise in
+production. Each override says why it exists and, where there is one, the upstream issue.
+
+- ``Channel._create_client``: one Redis client per connection pool (kombu builds one per
+  publish, ack and event batch). No upstream issue; measured by ``make bench``.
+- ``SentEvents`` (``EventDispatcher.publish``, calling its ``_prepare_event`` and
+  ``_publish``): Celery's ``task-sent`` events in batches, not one round trip per message.
+- ``WorkerChannel._brpop_read`` / ``_get`` / ``basic_consume``: an item on a queue list that
+  is not a kombu message is dead-lettered instead of stopping the worker
+  (celery/kombu#2421 reports the same crash on SQS).
+- ``QoS.ack``: acknowledgements written in batches on the consumer's hub (kombu's emulated
+  acks cost their own round trips: celery/celery#1776).
+- ``WorkerChannel.restore_worker``: follows ``QoS.restore_by_tag`` (and its
+  ``_do_restore_message``) to give back a dead worker process's messages at once.
+- ``StepRequest.send_event``: a step's task events true to the step for Flower.
+- ``trace_args`` (``Request.execute_using_pool``'s tuple) and ``LoopPoolBase``
+  (``ThreadsPool.on_apply``, ``_get_info``): the pool runs a step's coroutine on the event
+  loop and applies time limits, which Celery's threads pool drops (celery/celery#9203).
+
+The workers' transport (``WorkerTransport``): kombu decodes each list item (its JSON
+envelope) inside the consumer loop; an item that is
 not JSON raises there, stops the worker ("Unrecoverable error") and the item, already popped,
 is lost. So does an envelope kombu cannot make a message of (``properties`` that is not an
 object or has no ``delivery_tag``, headers that are not an object, an unknown body
 encoding: ``kombu.transport.virtual.Message``) or whose delivery it cannot record as
 unacknowledged (no exchange or routing key: ``kombu.transport.redis.QoS.append``). This
 channel dead-letters such an item, parks it on the ``dead_letters`` list, and goes on.
-Follows ``kombu.transport.redis.Channel._brpop_read`` / ``_get`` and
-``kombu.transport.virtual.Channel.basic_consume`` of kombu 5.x.
-Built on ``cancelflow.messaging.Channel`` (one Redis client per pool, not one per publish).
 
 Acknowledging a message removes it from Redis's unacked hash and index, in a round trip of
 its own in kombu. Celery makes its acknowledgements (``acks_late``: after each task) on the
@@ -23,9 +43,16 @@ between a step's end and its acknowledgement). Closing the channel writes the ba
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from queue import Empty  # what kombu.transport.redis raises (it imports it from here)
 from typing import Any
+
+from celery import Celery
+from celery.concurrency.thread import TaskPool as ThreadsPool
+from celery.events.dispatcher import EventDispatcher
+from celery.worker.request import Request
 
 # kombu ships py.typed but leaves these (and its Channel's helpers) unannotated: hence the
 # no-untyped-call ignores below.
@@ -35,12 +62,109 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from cancelflow import messaging
 from cancelflow.contract import DEAD_LETTER_QUEUE
 from cancelflow.dead_letters import DeadLetter, DeadLetterStore, poison_payload
 from cancelflow.logging import get_logger
+from messaging.batch import Batch
 
 log = get_logger(__name__)
+
+# "module:qualname" of every upstream method overridden, copied or unpacked here -> the
+# SHA-256 of its source (``inspect.getsource``) in the pinned versions. Computed by
+# ``source_hash``; ``tests/unit/test_patches.py`` compares.
+UPSTREAM: dict[str, str] = {}
+
+
+def source_hash(qualified: str) -> str:
+    """The SHA-256 of the source of ``module:qualname`` as installed."""
+    import hashlib
+    import importlib
+    import inspect
+
+    module_name, _, qualname = qualified.partition(":")
+    found: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return hashlib.sha256(inspect.getsource(found).encode()).hexdigest()
+
+
+# --- producers and workers: one Redis client per pool -----------------------------------------
+
+
+class Channel(kombu_redis.Channel):
+    """kombu's Redis channel with one client per connection pool.
+
+    kombu builds a new ``redis.Redis`` for every publish, every batch of task events and
+    every acknowledgement (``Channel.conn_or_acquire``), and building one copies redis-py's
+    table of some 200 response callbacks: more CPU than the round trip it serves. A client
+    is safe to share (each command takes a connection from the pool), so one is kept for as
+    long as the channel keeps its pool (kombu replaces the pool after a connection error).
+    """
+
+    _client_for_pool: tuple[Any, Any] | None = None
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        if asynchronous:
+            return super()._create_client(asynchronous=True)  # type: ignore[no-untyped-call]
+        pool = self.pool
+        kept = self._client_for_pool
+        if kept is None or kept[0] is not pool:
+            kept = self._client_for_pool = (pool, super()._create_client())  # type: ignore[no-untyped-call]
+        return kept[1]
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
+
+
+# --- producers and workers: task-sent events in batches ----------------------------------------
+
+
+class SentEvents(EventDispatcher):  # type: ignore[misc]  # Celery is untyped
+    """Celery's ``task-sent`` events (for Flower), published in batches.
+
+    Celery publishes one event per message sent, right after it: one more Redis round trip
+    per message, during which the sender (the API's event loop, a worker's) waits. Sent from
+    an event loop, the events here wait in a buffer published as one message, a list of
+    events (as Celery's workers send their own task events, and as Flower reads them), once
+    ``limit`` are waiting or ``delay_s`` after the first. Sent from a thread without a loop
+    (a maintenance task), an event is published at once. Events are monitoring: a batch
+    that cannot be published is logged and dropped, never retried in the sender's way.
+    """
+
+    def __init__(self, app: Celery, *, limit: int = 100, delay_s: float = 0.05) -> None:
+        super().__init__(app=app, connection=app.connection_for_write(), buffer_while_offline=False)
+        self.delay_s = delay_s
+        self._batch: Batch[Any] = Batch(limit)
+
+    def publish(self, type: str, fields: dict[str, Any], producer: Any, **kwargs: Any) -> Any:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if type != "task-sent" or loop is None:
+            return super().publish(type, fields, producer, **kwargs)
+        when = self._batch.add(self._prepare_event(type, fields))
+        if when == "now":
+            self.flush_sent()
+        elif when == "later":
+            loop.call_later(self.delay_s, self.flush_sent)
+        return None
+
+    def flush_sent(self) -> None:
+        """Publish the events waiting (the API and the workers call it as they stop)."""
+        batch = self._batch.take()
+        if not batch:
+            return
+        try:
+            with self.mutex:
+                self._publish(batch, self.producer, "task.multi")
+        except Exception as exc:  # monitoring only: never fail or block a send for it
+            log.warning("events.sent.dropped", events=len(batch), error=type(exc).__name__)
+
+
+# --- workers: poison-proof reads, batched acknowledgements, a dead worker's messages -----------
+
 
 ACK_BATCH = 100
 ACK_DELAY_S = 0.02
@@ -50,7 +174,7 @@ ACK_DELAY_S = 0.02
 class QoS(kombu_redis.QoS):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
-        self._acks: messaging.Batch[str] = messaging.Batch(ACK_BATCH)
+        self._acks: Batch[str] = Batch(ACK_BATCH)
 
     def ack(self, delivery_tag: str) -> None:
         hub = get_event_loop()
@@ -76,7 +200,10 @@ class QoS(kombu_redis.QoS):
             log.warning("message.ack_failed", messages=len(tags), error=type(exc).__name__)
 
 
-class Channel(messaging.Channel):
+class WorkerChannel(Channel):
+    """The workers' channel: poison-proof reads, batched acknowledgements, and the
+    restore of a dead worker's messages (``worker.leases``); see the module."""
+
     QoS = QoS
 
     def close(self) -> None:
@@ -204,5 +331,54 @@ def _check_delivery(message: Any) -> None:
         raise TypeError(f"headers is not an object: {message.headers!r}")
 
 
-class Transport(messaging.Transport):
-    Channel = Channel
+class WorkerTransport(Transport):
+    Channel = WorkerChannel
+
+
+# --- workers: a step's task events, and the pool ------------------------------------------------
+
+
+class StepRequest(Request):  # type: ignore[misc]  # Celery is untyped
+    """Celery's request of a step, with the task events Flower reads made true to the step.
+
+    The only override of Celery's worker internals for monitoring (``Request.send_event``),
+    so every adjustment of a step's events is here:
+
+    - ``runtime``: the tracer times only the task's body, which carries out a step's result
+      in a millisecond; the step's work ran before it, on the loop (``worker.pool``). The
+      runtime sent is from the pool's start of the step (``on_accepted``'s time,
+      ``time_start``, which Celery keeps as an epoch time) to its end.
+    - a success after retries clears the retried run's ``exception`` and ``traceback``:
+      an event's fields replace the task's in Flower (``celery.events.state.Task.event``),
+      and a success brings neither, so the last retry's error stayed next to it.
+    """
+
+    def send_event(self, type: str, **fields: Any) -> None:
+        if type == "task-succeeded":
+            started = self.time_start
+            if started is not None:
+                fields["runtime"] = time.time() - started
+            if self.request_dict.get("retries"):
+                fields.update(exception=None, traceback=None)
+        super().send_event(type, **fields)
+
+
+def trace_args(args: tuple[Any, ...]) -> tuple[str, Any, Any, str | None, str | None]:
+    """The task id, request, body, content type and encoding out of the arguments Celery's
+    request gives its pool for the tracer (``Request.execute_using_pool``: task name, task
+    id, request, body, content type, content encoding)."""
+    _, task_id, request, body, content_type, content_encoding = args
+    return task_id, request, body, content_type, content_encoding
+
+
+class LoopPoolBase(ThreadsPool):  # type: ignore[misc]  # Celery is untyped
+    """Celery's threads pool, with what ``worker.pool.TaskPool`` adds to its private
+    ``_get_info`` (the steps on the loop, for ``celery inspect stats`` and Flower)."""
+
+    def on_loop_count(self) -> int:
+        raise NotImplementedError
+
+    def _get_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = super()._get_info()
+        info["on-loop"] = self.on_loop_count()
+        return info
