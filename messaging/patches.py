@@ -72,7 +72,66 @@ log = get_logger(__name__)
 # "module:qualname" of every upstream method overridden, copied or unpacked here -> the
 # SHA-256 of its source (``inspect.getsource``) in the pinned versions. Computed by
 # ``source_hash``; ``tests/unit/test_patches.py`` compares.
-UPSTREAM: dict[str, str] = {}
+UPSTREAM: dict[str, str] = {
+    # Channel: one client per pool.
+    "kombu.transport.redis:Channel._create_client": (
+        "dae92bc4075dafb9b1a1ebd3f72cc7ed3e1bfe3ec1f840a1b1ccdfc6a67deb4d"
+    ),
+    # SentEvents: publish overridden, its private helpers called.
+    "celery.events.dispatcher:EventDispatcher.publish": (
+        "e7c0756afa3c16961203049d1d286aa0da30223417a2079f07b2f79970498caa"
+    ),
+    "celery.events.dispatcher:EventDispatcher._publish": (
+        "70b7053ff73568e9db48f96298adf4793073226337269559705c40a05c394496"
+    ),
+    "celery.events.dispatcher:EventDispatcher._prepare_event": (
+        "58ef45a12d13bcd86362e2648d07ad04e4832dc3d1fc0f1d20144c9644643872"
+    ),
+    # WorkerChannel: copies of the reads, the consumer's callback, the close, the restore.
+    "kombu.transport.redis:Channel._brpop_read": (
+        "c42518699709f2df90f55a048fe6346612ae5527e5c4a6819f2c0920dc62088f"
+    ),
+    "kombu.transport.redis:Channel._get": (
+        "be26a9f1eb4cf8da2aa65f4815a1709bf80b4434b064d3d7146872d318ad506c"
+    ),
+    "kombu.transport.virtual.base:Channel.basic_consume": (
+        "0fec962694938b61b8a6b82bfff9c3c8baeef2f2877d64adf30a8c6fdbfca2e6"
+    ),
+    "kombu.transport.redis:Channel.close": (
+        "101e9b9cdad44b88185ecf6a18f07c2057f9768465cfa1e1a4a7fe16068a6bc2"
+    ),
+    "kombu.transport.redis:Channel._do_restore_message": (
+        "8b430df94e45b5b0183c97f12a3eff8c1bc23bb227d1ebc0f3963f528546968a"
+    ),
+    "kombu.transport.redis:QoS.restore_by_tag": (
+        "58e161d81b6fe18d1fe73d53d13e6359271bcc249d0da58ee737c6775d51ceb8"
+    ),
+    # QoS: batched acknowledgements.
+    "kombu.transport.redis:QoS.ack": (
+        "1bc15a4ddf541af6aede3b76093919f847899f93dd8c1a2537ab7eaff1227207"
+    ),
+    "kombu.transport.redis:QoS.pipe_or_acquire": (
+        "ad7f549d96c81107bef9e0faa7b6b0fb88f912249b6cf40f58abdd75c45d13ae"
+    ),
+    # StepRequest: a step's task events.
+    "celery.worker.request:Request.send_event": (
+        "75ec861e3f357ae91412caad613f8f124d2cb375b5a037b0fee263d5f4a81b90"
+    ),
+    # trace_args and worker.pool: the tracer's arguments, how the threads pool applies a
+    # task, and its info.
+    "celery.worker.request:Request.execute_using_pool": (
+        "7979562da58f42665a9c55be03aea994a302357c46cb174602e34f7df13b2df5"
+    ),
+    "celery.concurrency.base:apply_target": (
+        "587f70580295464cd7494a2497d45105355790382525373b5cce1660930077c2"
+    ),
+    "celery.concurrency.thread:TaskPool.on_apply": (
+        "5b5ead7fb32e4e6d862bca107be7d7f1e81f222fbcbfb200cf3e0af8283648a1"
+    ),
+    "celery.concurrency.thread:TaskPool._get_info": (
+        "a6d082fa42de7fe34debad76df7fee73b206cd974d77e9762e51a97a150c3abe"
+    ),
+}
 
 
 def source_hash(qualified: str) -> str:

@@ -204,11 +204,11 @@ async def _execute(rt: Runtime, step: Step, delivery: Delivery) -> StepResult:
         return await _dead_letter_poison(rt, delivery, exc)
     except SoftTimeLimitExceeded as exc:
         error = ProviderTimeout("step ran past its soft time limit", provider="")
-        return await _after_failure(rt, step, job_id, extra, error, exc)
+        return await after_failure(rt.deps, step, job_id, extra, error, exc)
     except INFRASTRUCTURE_ERRORS:
         raise
     except Exception as exc:  # what happens next is the error's to decide (retry.decide)
-        return await _after_failure(rt, step, job_id, extra, exc, exc)
+        return await after_failure(rt.deps, step, job_id, extra, exc, exc)
     return _then(nxt)
 
 
@@ -247,8 +247,8 @@ def carry_out(task: Task, result: StepResult) -> str:
     return result.summary
 
 
-async def _after_failure(
-    rt: Runtime,
+async def after_failure(
+    deps: Deps,
     step: Step,
     job_id: str,
     extra: tuple[str, ...],
@@ -257,11 +257,11 @@ async def _after_failure(
 ) -> StepResult:
     """Carry out on the job what ``retry.decide`` decides for ``error``: note the wait or
     the retry, or dead-letter the job (or callback target), or fail the job."""
-    settings = rt.settings
+    settings = deps.settings
     provider, attempt, age_s = "", 0, 0.0
     policy = retry.waits_only(settings)
     if retry.needs_history(error):
-        job = await rt.deps.store.get(job_id)
+        job = await deps.store.get(job_id)
         provider, attempt = job.provider, retry.attempts(job, step)
         policy = retry.step_policy(settings, step, job.provider)
         age_s = (
@@ -278,13 +278,13 @@ async def _after_failure(
     if isinstance(action, retry.Wait):
         if not action.recorded:  # another delivery holds the step's lease
             return StepResult(f"{job_id} busy", retry_in_s=action.delay_s, cause=cause)
-        await chain.note_wait(rt.deps, job_id, step=step, reason=details, delay_s=action.delay_s)
+        await chain.note_wait(deps, job_id, step=step, reason=details, delay_s=action.delay_s)
         log.warning("step.waiting", reason=details["type"], delay_s=round(action.delay_s, 3))
         metrics.retry_scheduled(provider, details["type"])
         return StepResult(f"{job_id} waiting", retry_in_s=action.delay_s, cause=cause)
     if isinstance(action, retry.Retry):
         await chain.note_retry(
-            rt.deps, job_id, step=step, attempt=attempt, error=details, delay_s=action.delay_s
+            deps, job_id, step=step, attempt=attempt, error=details, delay_s=action.delay_s
         )
         log.warning(
             "step.retry_scheduled", attempt=attempt, delay_s=round(action.delay_s, 3), error=details
@@ -293,10 +293,10 @@ async def _after_failure(
         return StepResult(f"{job_id} retrying", retry_in_s=action.delay_s, cause=cause)
     if isinstance(action, retry.Fail):
         assert isinstance(error, ProviderError)
-        return _then(await chain.fail(rt.deps, job_id, error, step=step, attempt=attempt))
+        return _then(await chain.fail(deps, job_id, error, step=step, attempt=attempt))
     if isinstance(error, CallbackGiveUp):
         dl_id = await delivery.dead_letter_callback(
-            rt.deps, job_id, extra[0], error=action.reason, traceback=_format(cause)
+            deps, job_id, extra[0], error=action.reason, traceback=_format(cause)
         )
         return StepResult(
             f"{job_id} dead-lettered: callback",
@@ -305,7 +305,7 @@ async def _after_failure(
     if not retry.needs_history(error):
         log.exception("step.unexpected_error")
     nxt = await chain.dead_letter(
-        rt.deps,
+        deps,
         job_id,
         step=step,
         error_type=action.error_type,

@@ -173,9 +173,7 @@ def test_the_watchdog_resends_the_step_of_a_job_that_stopped_moving() -> None:
         await chain.confirm(deps, stuck, lease_s=30)
         await asyncio.sleep(0.05)
         assert {
-            n.args
-            for n in await sweeps.resume_stalled(deps, quiet_for_s=0.01)
-            if n.job_id == stuck
+            n.args for n in await sweeps.resume_stalled(deps, quiet_for_s=0.01) if n.job_id == stuck
         } == {(lifecycle.EVENT_OUTCOME,)}
         # ...until the callback step is at its end: then the watchdog stops watching it.
         await delivery.callback(deps, stuck, lifecycle.EVENT_OUTCOME)
