@@ -27,7 +27,7 @@ class ProviderError(CancelflowError):
 
     ``may_have_acted``: the request may have reached the provider and taken effect even though
     no usable answer came back (a timeout, a reset after sending, a 5xx). A cancel that failed
-    so is read back before it is sent again (``steps.confirm``). The HTTP door
+    so is read back before it is sent again (``chain.confirm``). The HTTP door
     (``cancelflow.http``) sets it for each failure; each class has the default of its kind.
     """
 

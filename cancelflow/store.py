@@ -49,7 +49,7 @@ log = get_logger(__name__)
 
 PREFIX = "cf:"
 JOBS_INDEX = f"{PREFIX}jobs"
-# Jobs not yet settled (queued, mid-chain, or ended with the result callback pending), by
+# Jobs still watched (queued, mid-chain, or ended with the result callback pending), by
 # the time they last moved.
 ACTIVE = f"{PREFIX}active"
 # Jobs recorded whose first step no producer has confirmed sending, by creation time.
