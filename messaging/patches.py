@@ -19,6 +19,8 @@ production. Each override says why it exists and, where there is one, the upstre
 - ``WorkerChannel.restore_worker``: follows ``QoS.restore_by_tag`` (and its
   ``_do_restore_message``) to give back a dead worker process's messages at once.
 - ``StepRequest.send_event``: a step's task events true to the step for Flower.
+- ``show_transports_as``: kombu's ``Connection.resolve_aliases`` (read by ``_info``) names
+  our transports by the broker URL's scheme where a connection is shown.
 - ``trace_args`` (``Request.execute_using_pool``'s tuple) and ``LoopPoolBase``
   (``ThreadsPool.on_apply``, ``_get_info``): the pool runs a step's coroutine on the event
   loop and applies time limits, which Celery's threads pool drops (celery/celery#9203).
@@ -57,6 +59,7 @@ from celery.worker.request import Request
 # kombu ships py.typed but leaves these (and its Channel's helpers) unannotated: hence the
 # no-untyped-call ignores below.
 from kombu.asynchronous import get_event_loop
+from kombu.connection import Connection
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
@@ -109,6 +112,10 @@ UPSTREAM: dict[str, str] = {
     # QoS: batched acknowledgements.
     "kombu.transport.redis:QoS.ack": (
         "1bc15a4ddf541af6aede3b76093919f847899f93dd8c1a2537ab7eaff1227207"
+    ),
+    # show_transports_as: the aliases kombu resolves where it shows a connection.
+    "kombu.connection:Connection._info": (
+        "d756812a39364a49dbe3738884663ebbb48cce97d1ab68a52964c273e6015335"
     ),
     "kombu.transport.redis:QoS.pipe_or_acquire": (
         "ad7f549d96c81107bef9e0faa7b6b0fb88f912249b6cf40f58abdd75c45d13ae"
@@ -392,6 +399,16 @@ def _check_delivery(message: Any) -> None:
 
 class WorkerTransport(Transport):
     Channel = WorkerChannel
+
+
+def show_transports_as(scheme: str, *transports: str) -> None:
+    """Name ``transports`` (class paths) ``scheme`` wherever kombu shows a connection as a URL
+    (Celery's banner; Flower's Broker page, which picks its client by that URL's scheme,
+    flower/utils/broker.py, and said "'redis' broker is not supported" for
+    "messaging.patches:WorkerTransport://..."). Only the shown URL changes: kombu's
+    ``Connection.clone`` and every connection made use the class itself
+    (``_info(resolve=False)``)."""
+    Connection.resolve_aliases.update(dict.fromkeys(transports, scheme))
 
 
 # --- workers: a step's task events, and the pool ------------------------------------------------

@@ -16,13 +16,13 @@ from typing import Any
 
 import structlog
 from celery import Celery, signals
-from kombu.connection import Connection
 
 from cancelflow.logging import configure_logging, get_logger
 from cancelflow.settings import Settings, load_settings, warn_unknown_env
 from cancelflow.wiring import redis_client, report_persistence
 from messaging.config import TRANSPORT, create_celery
 from messaging.dispatch import flush_sent_events
+from messaging.patches import show_transports_as
 from worker import leases
 
 WORKER_TRANSPORT = "messaging.patches:WorkerTransport"
@@ -52,16 +52,9 @@ def create_app(settings: Settings) -> Celery:
     }
     app.conf.worker_consumer = "worker.consumer:Consumer"
     app.conf.broker_transport = WORKER_TRANSPORT
-    # Both our transports are kombu's Redis transport: name them by the broker URL's scheme
-    # where a connection is shown as a URL (Celery's banner; Flower's Broker page, which picks
-    # its client by that URL's scheme, flower/utils/broker.py, and said "'redis' broker is not
-    # supported" for "messaging.patches:WorkerTransport://..."). Only the shown URL changes:
-    # kombu's Connection.clone and every connection made use the class itself
-    # (_info(resolve=False)).
-    Connection.resolve_aliases.update(
-        dict.fromkeys(
-            (WORKER_TRANSPORT, TRANSPORT), urllib.parse.urlsplit(settings.redis_url).scheme
-        )
+    # Both our transports are kombu's Redis transport: shown as the broker URL's scheme.
+    show_transports_as(
+        urllib.parse.urlsplit(settings.redis_url).scheme, WORKER_TRANSPORT, TRANSPORT
     )
     # Steps run on the runtime's event loop, other tasks in threads (see worker.pool).
     app.conf.worker_pool = "worker.pool:TaskPool"
