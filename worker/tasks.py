@@ -42,6 +42,7 @@ from cancelflow.wiring import Deps
 from messaging.dispatch import dispatch
 from messaging.patches import StepRequest
 from worker import pool
+from worker.app import settings_of
 from worker.runtime import Runtime, get_runtime
 
 log = get_logger(__name__)
@@ -55,8 +56,6 @@ class Poison(Exception):
 
 def runtime_of(app: Celery) -> Runtime:
     """The process's runtime, built from the Settings of ``app`` on first use."""
-    from worker.app import settings_of
-
     return get_runtime(settings_of(app))
 
 
