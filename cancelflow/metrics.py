@@ -215,7 +215,7 @@ class StoreSnapshot:
     dead_letters: Mapping[str, int]
     awaiting_decision: int
     # Per queue: seconds its oldest waiting message has waited; 0 when the queue is empty, no
-    # entry when that message's send time is unknown (not sent by ``send_step``).
+    # entry when that message's send time is unknown (not sent by ``messaging.dispatch``).
     oldest_message_age_s: Mapping[str, float]
     # Per provider: CIRCUIT_CLOSED, CIRCUIT_HALF_OPEN or CIRCUIT_OPEN, and calls in flight.
     circuit_state: Mapping[str, int]
@@ -269,7 +269,7 @@ async def read_store(
 
 
 def sent_at_of(message: bytes | str) -> float:
-    """When a queued message was sent (the ``sent_at`` header ``send_step`` sets, epoch s):
+    """When a queued message was sent (the ``sent_at`` header ``messaging.dispatch`` sets, epoch s):
     0 when unknown (not ours, or not a kombu JSON envelope)."""
     try:
         sent = json.loads(message)["headers"]["sent_at"]
