@@ -67,7 +67,7 @@ def server_settings() -> Settings:
 
 
 def run_async(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    from cancelflow.messaging import flush_sent_events
+    from messaging.dispatch import flush_sent_events
 
     try:
         return asyncio.run(coro_fn())

@@ -32,7 +32,7 @@ def healthcheck_worker(hostname: str, timeout: float) -> None:
     from celery.utils.nodenames import host_format
     from kombu.exceptions import OperationalError
 
-    from cancelflow.messaging import create_celery
+    from messaging.config import create_celery
 
     node = host_format(hostname)
     celery = create_celery(settings)

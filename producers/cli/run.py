@@ -186,8 +186,8 @@ def billing_consumer(consumer: str | None, check: bool) -> None:
     )
 
     async def go() -> None:
-        from cancelflow.messaging import create_celery
         from cancelflow.wiring import build_deps, redis_client
+        from messaging.config import create_celery
         from producers.billing import BillingConsumer, BillingProcessor
 
         redis = redis_client(settings)
