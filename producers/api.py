@@ -11,7 +11,8 @@ Tokens (``CANCELFLOW_API_TOKENS``, see ``cancelflow.settings.parse_token_entry``
 ``token_name``, never the secret. Failed authentication (a bad or missing bearer token, a
 billing event whose signature does not verify) is limited per client address
 (``request.remote``: behind a proxy, the proxy's) in a bucket of its own; once it is spent
-that address gets 429 before any credential it sends is looked at, so guessing stays slow.
+that address gets 429 whatever credential it sends, so guessing stays slow (that bucket and
+the token's are asked in one round trip, ``ratelimit.Gate``).
 A billing event's signature is checked before the billing bucket is charged, so unsigned
 floods spend only their own address's failures, never the billing system's rate.
 
@@ -59,7 +60,7 @@ from producers import console, listing, openapi
 from producers.billing import BillingProcessor, Rejected
 from producers.billing_rules import Rules, load_rules
 from producers.problems import Problem, field_errors, invalid, problem, unavailable
-from producers.ratelimit import RateLimiter
+from producers.ratelimit import Admission, Gate, RateLimiter
 from producers.schemas import (
     DEAD_LETTER_ID_RE,
     DeadLetterQuery,
@@ -89,6 +90,7 @@ CELERY = web.AppKey("celery", Celery)
 TOKENS = web.AppKey("tokens", list)
 LIMITER = web.AppKey("limiter", RateLimiter)
 AUTH_FAILURES = web.AppKey("auth_failures", RateLimiter)
+GATE = web.AppKey("gate", Gate)
 MAX_BODY = web.AppKey("max_body", int)
 JSON_LIMITS = web.AppKey("json_limits", jsonsafe.JsonLimits)
 RULES = web.AppKey("billing_rules", Rules)
@@ -290,22 +292,40 @@ async def _authorised_call(request: web.Request, handler: Any) -> web.StreamResp
         # HMAC cannot be guessed, so a flood of bad ones from the billing system's own
         # address (its failures are limited) never holds back its signed events.
         return await _handled(request, handler)
-    blocked = await _failures_spent(request)
-    if blocked is not None:
-        return blocked
     token = _authorised(request)
+    # Both limits in one round trip (``Gate``): an address that spent its failed
+    # authentications is answered 429 whatever it presents (the comparison above takes the
+    # same time for any credential, and its result is not shown), so guessing stays slow.
+    admission = await _admit(request, token)
+    if admission.outcome in ("failures_spent", "token_limited"):
+        return _too_many(admission.retry_after_s)
     if token is None:
-        limited = await _failed_authentication(request, "bearer token")
-        return limited or _unauthorised("send Authorization: Bearer <token>")
+        log.warning(
+            "api.auth.failed",
+            credential="bearer token",
+            client=_client(request),
+            path=_shown(request.path),
+        )
+        return _unauthorised("send Authorization: Bearer <token>")
     with structlog.contextvars.bound_contextvars(token_name=token.name):
-        limited = await _rate_limited(request, "token:" + token.namespace)
-        if limited is not None:
-            return limited
         if request.method not in ("GET", "HEAD") and token.scope != "write":
             log.info("api.auth.forbidden", method=request.method, path=_shown(request.path))
             return problem(403, Problem.FORBIDDEN, "this token is read-only")
         request[TOKEN] = token
         return await _handled(request, handler)
+
+
+async def _admit(request: web.Request, token: ApiToken | None) -> Admission:
+    """The client address's failed authentications and the token's rate, asked at once."""
+    try:
+        return await request.app[GATE].admit(
+            _client(request), None if token is None else token.namespace
+        )
+    except REDIS_OUTAGE:
+        raise  # every route needs Redis: the outage is the answer
+    except Exception as exc:
+        log.warning("api.rate_limit.unavailable", error=type(exc).__name__)
+        return Admission("admitted" if token is not None else "failure_counted", 0.0)
 
 
 async def _failures_spent(request: web.Request) -> web.Response | None:
@@ -384,9 +404,10 @@ async def _rate_limited(
     except Exception as exc:
         log.warning("api.rate_limit.unavailable", error=type(exc).__name__)
         return None
-    if verdict.allowed:
-        return None
-    wait = verdict.retry_after_s
+    return None if verdict.allowed else _too_many(verdict.retry_after_s)
+
+
+def _too_many(wait: float) -> web.Response:
     return problem(
         429,
         Problem.RATE_LIMITED,
@@ -776,6 +797,7 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
             rate_per_s=settings.api.auth_failures_per_s,
             burst=settings.api.auth_failures_burst,
         )
+        app[GATE] = Gate(redis, failures=app[AUTH_FAILURES], tokens=app[LIMITER])
         if RULES in app:
             app[BILLING] = BillingProcessor(app[DEPS], app[CELERY], app[RULES])
         background = [
