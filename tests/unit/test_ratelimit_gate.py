@@ -24,7 +24,7 @@ def test_failures_are_counted_per_address_until_spent_then_every_credential_wait
 ) -> None:
     async def run() -> list[str]:
         gate, _, _ = _gate(fake_redis, failures_burst=3, token_burst=100)
-        seen = [(await gate.admit("10.0.0.1", None)).outcome for _ in range(6)]
+        seen: list[str] = [(await gate.admit("10.0.0.1", None)).outcome for _ in range(6)]
         # A right token from the spent address waits too; another address is not affected.
         held = await gate.admit("10.0.0.1", "name:crm")
         assert held.retry_after_s > 0
