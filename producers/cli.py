@@ -54,7 +54,7 @@ def api(host: str, port: int) -> None:
     """Serve the producer HTTP API."""
     from aiohttp import web
 
-    from producers.api import create_app
+    from producers.api import create_app, new_event_loop
 
     settings = _settings()
     configure_logging(fmt=settings.log_format, level=settings.log_level)
@@ -67,7 +67,8 @@ def api(host: str, port: int) -> None:
         sys.exit(2)
     try:
         app = create_app(settings)
-    except ConfigError as exc:  # the billing rules
+        loop = new_event_loop(settings)
+    except ConfigError as exc:  # the billing rules, uvloop asked for and missing
         click.echo(f"cancelflow: {exc}", err=True)
         sys.exit(2)
     # aiohttp calls ``print`` once every socket is bound: the line says the API is listening.
@@ -77,7 +78,10 @@ def api(host: str, port: int) -> None:
         host=host,
         port=port,
         access_log=None,
-        print=lambda _: get_logger(__name__).info("api.listening", **listening),
+        print=lambda _: get_logger(__name__).info(
+            "api.listening", **listening, event_loop=type(loop).__module__.split(".")[0]
+        ),
+        loop=loop,
     )
 
 
