@@ -21,7 +21,8 @@ Nothing a client sends makes a 5xx: JSON bodies are decoded by ``cancelflow.json
 goes through ``parse_query`` (an unknown or malformed parameter is 422); an id in a URL that is
 not of its format (``job_<32 hex>``, ``dl_<32 hex>``) is 404 before it reaches Redis, as an id
 of the right format that names nothing is; a header value that is not ASCII is 401 when it is
-a credential (``Authorization``, the billing signature) and 400 when it is not UTF-8.
+a credential (``Authorization``, the billing signature) and 400 when it is not UTF-8. A
+request aiohttp's own parser refuses (``producers.http_refusals``) is a 400 problem too.
 """
 
 from __future__ import annotations
@@ -35,31 +36,41 @@ import math
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from celery import Celery
 from kombu.exceptions import OperationalError as BrokerError
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from cancelflow import jsonsafe, metrics, steps
+from cancelflow import chain, decisions, jsonsafe, metrics
 from cancelflow.contract import JOB_ID_RE, Decision
 from cancelflow.dead_letters import AlreadyReplayed
-from cancelflow.errors import CancelflowError, ConfigError, JobNotFound
+from cancelflow.errors import CancelflowError, ConfigError, DecisionConflict, JobNotFound
 from cancelflow.guard import breaker_state
 from cancelflow.logging import get_logger
-from cancelflow.messaging import create_celery, flush_sent_events, send_step
 from cancelflow.settings import Settings, parse_token_entry
 from cancelflow.store import IdempotencyConflict
-from cancelflow.wiring import build_deps, redis_client, redis_persistence, report_persistence
+from cancelflow.wiring import (
+    Deps,
+    build_deps,
+    redis_client,
+    redis_persistence,
+    report_persistence,
+)
+from messaging.config import create_celery
+from messaging.dispatch import dispatch, flush_sent_events
 from producers import console, docs_page, listing, openapi
 from producers.billing import BillingProcessor, Rejected
 from producers.billing_auth import CREDENTIAL_HEADERS, BadSignature, BillingVerifier
 from producers.billing_rules import Rules, load_rules
+from producers.http_refusals import ProblemAppRunner, parser_reason, refusal_detail
 from producers.problems import Problem, field_errors, invalid, problem, unavailable
 from producers.ratelimit import Admission, Gate, RateLimiter
 from producers.schemas import (
@@ -85,7 +96,7 @@ log = get_logger(__name__)
 
 # The default of ``api.max_body_bytes``; the app's own limit is ``request.app[MAX_BODY]``.
 MAX_BODY_BYTES = 64 * 1024
-DEPS = web.AppKey("deps", steps.Deps)
+DEPS = web.AppKey("deps", Deps)
 CELERY = web.AppKey("celery", Celery)
 TOKENS = web.AppKey("tokens", list)
 LIMITER = web.AppKey("limiter", RateLimiter)
@@ -152,6 +163,12 @@ def _client(request: web.Request) -> str:
     return request.remote or "unknown"
 
 
+def auth_failure_bucket(request: web.Request) -> str:
+    """The failed-authentication bucket (``AUTH_FAILURES``) of the request's client address:
+    one for its bearer tokens, billing signatures and console sign-ins alike."""
+    return "authfail:" + _client(request)
+
+
 def _authorised(request: web.Request) -> ApiToken | None:
     header = request.headers.get("Authorization", "")
     if not header.isascii():
@@ -185,7 +202,7 @@ def _request_id(request: web.Request) -> str:
 @web.middleware
 async def request_context(request: web.Request, handler: Any) -> web.StreamResponse:
     """The request's id (the caller's ``Request-Id`` when well formed, else a new one) on every
-    log line the request causes, on the steps it sends (``send_step``) and in ``Request-Id``
+    log line the request causes, on the steps it sends (``dispatch``) and in ``Request-Id``
     on the answer; one ``api.request`` access line per request, whatever its status."""
     request_id = _request_id(request)
     started = time.perf_counter()
@@ -337,7 +354,7 @@ async def _failures_spent(request: web.Request) -> web.Response | None:
     """A 429 when the client's address has spent its failed authentications (counts nothing):
     asked before a bearer token is compared, so a guesser learns nothing once it is spent."""
     return await _rate_limited(
-        request, "authfail:" + _client(request), limiter=AUTH_FAILURES, count=False
+        request, auth_failure_bucket(request), limiter=AUTH_FAILURES, count=False
     )
 
 
@@ -346,7 +363,7 @@ async def _failed_authentication(request: web.Request, what: str) -> web.Respons
     the address had already spent its failures."""
     client = _client(request)
     log.warning("api.auth.failed", credential=what, client=client, path=_shown(request.path))
-    return await _rate_limited(request, "authfail:" + client, limiter=AUTH_FAILURES)
+    return await _rate_limited(request, auth_failure_bucket(request), limiter=AUTH_FAILURES)
 
 
 def _token(request: web.Request) -> ApiToken:
@@ -372,6 +389,13 @@ async def _handled(request: web.Request, handler: Any) -> web.StreamResponse:
         raise
     except JobNotFound as exc:
         return problem(404, Problem.NOT_FOUND, f"no job {exc.args[0]}")
+    except (HttpProcessingError, web.RequestPayloadError) as exc:
+        # The body is not what its headers say (chunked framing, Content-Encoding): the
+        # parser's refusal, reaching the handler reading it (see http_refusals).
+        log.info("api.request.malformed", error=type(exc).__name__, reason=parser_reason(exc))
+        response = problem(400, Problem.MALFORMED_REQUEST, refusal_detail(exc))
+        response.force_close()  # the rest of the stream cannot be parsed
+        return response
     except ConnectionResetError:
         # The client went away while sending its body: nothing was read, nothing was done.
         log.info("api.client_disconnected", path=request.path)
@@ -634,11 +658,10 @@ async def post_decision(request: web.Request) -> web.Response:
     except ValidationError as exc:
         return invalid(field_errors(exc))
     try:
-        nxt = await steps.decide(deps, job_id, decision)
-    except steps.DecisionConflict as exc:
+        nxt = await decisions.decide(deps, job_id, decision)
+    except DecisionConflict as exc:
         return problem(409, Problem.JOB_NOT_AWAITING_DECISION, str(exc))
-    if nxt.step is not None:
-        send_step(request.app[CELERY], nxt.step, job_id, nxt.provider, *nxt.args)
+    dispatch(request.app[CELERY], nxt)
     job = await deps.store.get(job_id)
     return web.json_response(job.model_dump(mode="json"), status=202)
 
@@ -665,14 +688,14 @@ async def replay_dead_letter(request: web.Request) -> web.Response:
             404, Problem.NOT_FOUND, f"no dead letter {dl_id} (already replayed or purged?)"
         )
     try:
-        nxt = await steps.replay(deps, dl_id)
+        nxt = await chain.replay(deps, dl_id)
     except AlreadyReplayed as exc:
         # A concurrent replay claimed it between the read above and ours: it delivers, not us.
         return problem(409, Problem.ALREADY_REPLAYED, str(exc))
     except CancelflowError as exc:
         return problem(409, Problem.REPLAY_REFUSED, str(exc))
     if nxt.step is not None and dl.job_id:
-        send_step(request.app[CELERY], nxt.step, dl.job_id, nxt.provider, *nxt.args)
+        dispatch(request.app[CELERY], nxt)
     return web.json_response({"replayed": dl_id, "job_id": dl.job_id, "next": nxt.step}, status=202)
 
 
@@ -709,7 +732,7 @@ async def get_metrics(request: web.Request) -> web.Response:
 _TAKES_QUERY = frozenset({list_cancellations, get_stats, list_dead_letters})
 
 
-async def _index_dead_letter_kinds(deps: steps.Deps) -> None:
+async def _index_dead_letter_kinds(deps: Deps) -> None:
     # Dead letters written before the per-kind sets existed: counted once, in the background.
     try:
         indexed = await deps.dead_letters.index_kinds()
@@ -849,3 +872,35 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
     docs_page.setup(app)
     console.setup(app, settings)
     return app
+
+
+def serve(
+    app: web.Application,
+    *,
+    host: str,
+    port: int,
+    on_listening: Callable[[], None],
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+) -> None:
+    """Serve ``app`` on ``host:port`` until SIGINT or SIGTERM, as ``web.run_app`` does, on a
+    runner whose connections answer aiohttp's own refusals (a request its parser cannot
+    read) as problem+json (``producers.http_refusals``); ``on_listening`` once bound. On
+    the loop ``loop_factory`` makes (``new_event_loop``), else asyncio's."""
+
+    async def run() -> None:
+        # handle_signals: SIGINT and SIGTERM raise GracefulExit, which ends asyncio.run; the
+        # task is cancelled and cleanup waits for requests in flight, as run_app's does.
+        runner = ProblemAppRunner(app, access_log=None, handle_signals=True)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+            on_listening()
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    with (
+        contextlib.suppress(web.GracefulExit, KeyboardInterrupt),
+        asyncio.Runner(loop_factory=loop_factory) as runner,
+    ):
+        runner.run(run())

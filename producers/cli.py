@@ -30,7 +30,7 @@ def _settings() -> Settings:
 
 
 def _run(coro_fn: Callable[[], Any]) -> Any:
-    from cancelflow.messaging import flush_sent_events
+    from messaging.dispatch import flush_sent_events
 
     try:
         return asyncio.run(coro_fn())
@@ -52,9 +52,7 @@ main.add_command(secret)
 @click.option("--port", default=8080, show_default=True, type=int)
 def api(host: str, port: int) -> None:
     """Serve the producer HTTP API."""
-    from aiohttp import web
-
-    from producers.api import create_app, new_event_loop
+    from producers.api import create_app, new_event_loop, serve
 
     settings = _settings()
     configure_logging(fmt=settings.log_format, level=settings.log_level)
@@ -71,17 +69,16 @@ def api(host: str, port: int) -> None:
     except ConfigError as exc:  # the billing rules, uvloop asked for and missing
         click.echo(f"cancelflow: {exc}", err=True)
         sys.exit(2)
-    # aiohttp calls ``print`` once every socket is bound: the line says the API is listening.
+    # Once every socket is bound: the line says the API is listening.
     listening = {"url": f"http://{host}:{port}", "providers": sorted(settings.enabled_providers())}
-    web.run_app(
+    serve(
         app,
         host=host,
         port=port,
-        access_log=None,
-        print=lambda _: get_logger(__name__).info(
+        on_listening=lambda: get_logger(__name__).info(
             "api.listening", **listening, event_loop=type(loop).__module__.split(".")[0]
         ),
-        loop=loop,
+        loop_factory=lambda: loop,
     )
 
 
@@ -191,7 +188,7 @@ def healthcheck_worker(hostname: str, timeout: float) -> None:
     from celery.utils.nodenames import host_format
     from kombu.exceptions import OperationalError
 
-    from cancelflow.messaging import create_celery
+    from messaging.config import create_celery
 
     node = host_format(hostname)
     celery = create_celery(settings)
@@ -341,9 +338,10 @@ def dlq_replay(
 ) -> None:
     """Replay dead letters (by id, or all the filters match) from the step they failed at."""
     settings = _settings()
-    from cancelflow import steps
+    from cancelflow import chain
     from cancelflow.errors import CancelflowError
-    from cancelflow.messaging import create_celery, send_step
+    from messaging.config import create_celery
+    from messaging.dispatch import dispatch
 
     celery = create_celery(settings)
 
@@ -359,12 +357,12 @@ def dlq_replay(
         for dl_id in ids:
             dl = await deps.dead_letters.get(dl_id)
             try:
-                nxt = await steps.replay(deps, dl_id)
+                nxt = await chain.replay(deps, dl_id)
             except CancelflowError as exc:
                 results.append((dl_id, f"not replayed: {exc}"))
                 continue
             if nxt.step is not None and dl is not None and dl.job_id:
-                send_step(celery, nxt.step, dl.job_id, nxt.provider, *nxt.args)
+                dispatch(celery, nxt)
             results.append(
                 (dl_id, f"replayed -> {nxt.step.value if nxt.step else 'nothing to do'}")
             )
@@ -867,8 +865,8 @@ def billing_consumer(consumer: str | None, check: bool) -> None:
     )
 
     async def go() -> None:
-        from cancelflow.messaging import create_celery
         from cancelflow.wiring import build_deps, redis_client
+        from messaging.config import create_celery
         from producers.billing import BillingConsumer, BillingProcessor
 
         redis = redis_client(settings)
