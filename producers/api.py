@@ -487,16 +487,26 @@ async def _json_body(request: web.Request) -> Any:
         ) from None
 
 
-def parse_query(request: web.Request, model: type[Query], *, lists: tuple[str, ...] = ()) -> Query:
+def parse_query(
+    request: web.Request,
+    model: type[Query],
+    *,
+    lists: tuple[str, ...] = (),
+    repeats: tuple[str, ...] = (),
+) -> Query:
     """The query string as ``model``; a 422 problem (``_Refused``) naming each unknown,
-    repeated or malformed parameter. ``lists`` may repeat or hold comma-separated values.
-    The one way every route reads its query, so every route refuses the same way."""
+    repeated or malformed parameter. ``lists`` may repeat or hold comma-separated values;
+    ``repeats`` may repeat (a value may hold a comma). The one way every route reads its
+    query, so every route refuses the same way."""
     values: dict[str, Any] = {}
     errors: list[dict[str, str]] = []
     for key in dict.fromkeys(request.query):
         given = request.query.getall(key)
         if key in lists:
-            values[key] = [v for raw in given for v in raw.split(",") if v]
+            # An empty value is kept: ``status=`` names no status, which is refused (422).
+            values[key] = [v for raw in given for v in raw.split(",")]
+        elif key in repeats:
+            values[key] = given
         elif len(given) > 1:
             errors.append({"field": f"query.{_shown(key)}", "message": "given more than once"})
         else:
@@ -581,7 +591,7 @@ async def create_cancellation(request: web.Request) -> web.Response:
 
 
 async def list_cancellations(request: web.Request) -> web.Response:
-    query = parse_query(request, JobQuery, lists=("status",))
+    query = parse_query(request, JobQuery, lists=("status", "outcome"), repeats=("metadata",))
     try:
         page = await listing.list_jobs(request.app[DEPS].store.redis, query)
     except listing.BadCursor as exc:
@@ -707,11 +717,17 @@ async def delete_dead_letter(request: web.Request) -> web.Response:
 
 
 async def list_providers(request: web.Request) -> web.Response:
-    """Each configured provider's circuit breaker and in-flight calls, shared by all workers."""
+    """Each configured provider's circuit breaker and in-flight calls, shared by all workers,
+    and the error rate of its jobs of the last hour (``listing.recent_outcomes``)."""
     deps = request.app[DEPS]
+    recent = await listing.recent_outcomes(deps.store.redis)
     items = [
         ProviderState.model_validate(
-            {"provider": key, **await breaker_state(deps.store.redis, key)}
+            {
+                "provider": key,
+                **await breaker_state(deps.store.redis, key),
+                **recent.get(key, {}),
+            }
         )
         for key in deps.settings.enabled_providers()
     ]
