@@ -21,6 +21,7 @@ from cancelflow.http import CallObserver, ProviderHttp
 from cancelflow.logging import get_logger
 from cancelflow.providers import REGISTRY
 from cancelflow.providers.base import Provider
+from cancelflow.redis_packing import use_hiredis_packing
 from cancelflow.settings import REDIS_HEALTH_CHECK_INTERVAL_S, Settings
 from cancelflow.store import JobObserver, JobStore
 
@@ -68,7 +69,9 @@ def redis_client(settings: Settings) -> Redis:
         ),
         retry_on_error=[RedisConnectionError],
     )
-    return client
+    # Its commands packed in C, as the sync client's are (a job's creation: some forty
+    # arguments and a script).
+    return use_hiredis_packing(client)
 
 
 async def redis_persistence(redis: Redis) -> Persistence:

@@ -59,19 +59,33 @@ def dispatch(app: Celery, nxt: Next) -> None:
     request_id = structlog.contextvars.get_contextvars().get("request_id")
     if request_id is not None:
         headers["request_id"] = request_id
-    app.send_task(
-        STEP_TASKS[nxt.step],
-        args=task_args,
-        # Our own repr of the arguments (short strings): Celery's saferepr costs more.
-        argsrepr=repr(task_args),
-        kwargsrepr="{}",
-        queue=queue_for(nxt.step, nxt.provider),
-        # Shown in Flower, and lets a poison-message handler name the job; ``sent_at`` tells
-        # the watchdog (and queue-latency metrics) how long the oldest message has waited.
-        headers=headers,
-        # Nobody waits on a step's result (the job store has it). Without this, a producer's
-        # send_task subscribes to the task's result channel and unsubscribes again: two
-        # more Redis round trips per message (the Redis backend's on_task_call).
-        ignore_result=True,
-        event_dispatcher=sent_events(app),
-    )
+    queue = queue_for(nxt.step, nxt.provider)
+    with app.producer_or_acquire() as producer:
+        # kombu declares a queue once per connection (``kombu.common._maybe_declare``, see
+        # messaging.patches.UPSTREAM), but finds it declared only after binding a copy of the
+        # queue and its exchange to the channel, on every publish: a fifth of the publish's
+        # CPU. Its cache is asked here first, by its own key (a queue's hash, its name's);
+        # not found there, kombu declares as before.
+        entity = app.amqp.queues[queue]
+        declared = (
+            entity.can_cache_declaration and hash(entity) in producer.connection.declared_entities
+        )
+        app.send_task(
+            STEP_TASKS[nxt.step],
+            args=task_args,
+            # Our own repr of the arguments (short strings): Celery's saferepr costs more.
+            argsrepr=repr(task_args),
+            kwargsrepr="{}",
+            queue=queue,
+            # Shown in Flower, and lets a poison-message handler name the job; ``sent_at``
+            # tells the watchdog (and queue-latency metrics) how long the oldest message has
+            # waited.
+            headers=headers,
+            # Nobody waits on a step's result (the job store has it). Without this, a
+            # producer's send_task subscribes to the task's result channel and unsubscribes
+            # again: two more Redis round trips per message (the Redis backend's on_task_call).
+            ignore_result=True,
+            event_dispatcher=sent_events(app),
+            producer=producer,
+            declare=[] if declared else None,
+        )

@@ -21,6 +21,9 @@ production. Each override says why it exists and, where there is one, the upstre
 - ``StepRequest.send_event``: a step's task events true to the step for Flower.
 - ``show_transports_as``: kombu's ``Connection.resolve_aliases`` (read by ``_info``) names
   our transports by the broker URL's scheme where a connection is shown.
+- ``dispatch`` (``messaging.dispatch``) reads the cache ``kombu.common._maybe_declare``
+  keeps of the queues declared on a connection, by the same key, and skips a declaration
+  found there: kombu binds a copy of the queue and its exchange on every publish only to look.
 - ``trace_args`` (``Request.execute_using_pool``'s tuple) and ``LoopPoolBase``
   (``ThreadsPool.on_apply``, ``_get_info``): the pool runs a step's coroutine on the event
   loop and applies time limits, which Celery's threads pool drops (celery/celery#9203).
@@ -137,6 +140,11 @@ UPSTREAM: dict[str, str] = {
     ),
     "celery.concurrency.thread:TaskPool._get_info": (
         "a6d082fa42de7fe34debad76df7fee73b206cd974d77e9762e51a97a150c3abe"
+    ),
+    # messaging.dispatch asks kombu's declared-entities cache (per connection, keyed by the
+    # entity's hash) before publishing, as this function does before it declares.
+    "kombu.common:_maybe_declare": (
+        "f9fb7c32e38d56046a82450c218c5bd6c06ee8939492e488819daeb025afa7da"
     ),
 }
 

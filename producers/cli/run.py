@@ -22,7 +22,7 @@ from producers.cli.main import main
 @click.option("--port", default=8080, show_default=True, type=int)
 def api(host: str, port: int) -> None:
     """Serve the producer HTTP API."""
-    from producers.api import create_app, serve
+    from producers.api import create_app, new_event_loop, serve
 
     settings = _settings()
     configure_logging(fmt=settings.log_format, level=settings.log_level)
@@ -35,16 +35,20 @@ def api(host: str, port: int) -> None:
         sys.exit(2)
     try:
         app = create_app(settings)
-    except ConfigError as exc:  # the billing rules
+        loop = new_event_loop(settings)
+    except ConfigError as exc:  # the billing rules, uvloop asked for and missing
         click.echo(f"cancelflow: {exc}", err=True)
         sys.exit(2)
-    # Once every socket is bound: the line says the API is listening.
+    # Once every socket is bound: the line says the API is listening, and on which loop.
     listening = {"url": f"http://{host}:{port}", "providers": sorted(settings.enabled_providers())}
     serve(
         app,
         host=host,
         port=port,
-        on_listening=lambda: get_logger(__name__).info("api.listening", **listening),
+        on_listening=lambda: get_logger(__name__).info(
+            "api.listening", **listening, event_loop=type(loop).__module__.split(".")[0]
+        ),
+        loop_factory=lambda: loop,
     )
 
 
