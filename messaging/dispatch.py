@@ -1,5 +1,7 @@
 """Sending a job's next step: ``dispatch``, by task name on the step's queue, with the
-headers the workers and the watchdog read; Celery's ``task-sent`` events batched per app."""
+headers the workers and the watchdog read; Celery's ``task-sent`` events batched per app.
+``dispatch_async``: the same message, written by an asyncio Redis client on the sender's
+own loop (the API's, the billing consumer's) instead of kombu's blocking publish."""
 
 from __future__ import annotations
 
@@ -10,10 +12,12 @@ from typing import Any
 
 import structlog
 from celery import Celery
+from kombu.entity import Queue
+from redis.asyncio import Redis
 
 from cancelflow.contract import CALLBACKS_QUEUE, STEP_TASKS, Step, provider_queue
 from cancelflow.lifecycle import Next
-from messaging.patches import SentEvents
+from messaging.patches import SentEvents, step_message, step_message_route, step_message_sent
 
 
 def queue_for(step: Step, provider: str) -> str:
@@ -44,12 +48,8 @@ def flush_sent_events(app: Celery | None = None) -> None:
             found.flush_sent()
 
 
-def dispatch(app: Celery, nxt: Next) -> None:
-    """Enqueue ``nxt`` (a step of a job, with its arguments) by task name on its queue; a
-    ``Next`` without a step sends nothing."""
-    if nxt.step is None:
-        return
-    task_args = [nxt.job_id, *nxt.args]
+def _step_headers(nxt: Next) -> dict[str, Any]:
+    """The headers of ``nxt``'s message besides Celery's own."""
     headers: dict[str, Any] = {
         "job_id": nxt.job_id,
         "provider": nxt.provider,
@@ -59,6 +59,60 @@ def dispatch(app: Celery, nxt: Next) -> None:
     request_id = structlog.contextvars.get_contextvars().get("request_id")
     if request_id is not None:
         headers["request_id"] = request_id
+    return headers
+
+
+# (app, task name, queue) -> the queue ``step_message`` may build for, None where only
+# ``send_task`` may send: asked once (it makes a kombu Connection to learn the transport).
+_routes: weakref.WeakKeyDictionary[Celery, dict[tuple[str, str], Queue | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _route(app: Celery, name: str, queue: str) -> Queue | None:
+    known = _routes.setdefault(app, {})
+    if (name, queue) not in known:
+        known[name, queue] = step_message_route(app, name, queue)
+    return known[name, queue]
+
+
+async def dispatch_async(app: Celery, redis: Redis, nxt: Next) -> None:
+    """As ``dispatch``, sent on the running loop: the message ``send_task`` would write
+    (``messaging.patches.step_message``), ``LPUSH``ed by ``redis``, an asyncio client of the
+    broker's own Redis (the caller knows it is: same URL), without blocking the loop on a
+    round trip and kombu's publish. Returns once the message is in Redis; its ``task-sent``
+    event goes into the app's batch as ``dispatch``'s does. Sent by ``dispatch`` where the
+    copy does not apply (``step_message_route``; a worker's task as parent)."""
+    if nxt.step is None:
+        return
+    name, queue = STEP_TASKS[nxt.step], queue_for(nxt.step, nxt.provider)
+    entity = _route(app, name, queue)
+    if entity is None or app.current_worker_task is not None:
+        dispatch(app, nxt)
+        return
+    task_args = [nxt.job_id, *nxt.args]
+    message = step_message(
+        app,
+        name,
+        task_args,
+        queue=entity,
+        headers=_step_headers(nxt),
+        argsrepr=repr(task_args),
+        kwargsrepr="{}",
+    )
+    await redis.lpush(message.key, message.payload)  # type: ignore[misc]  # redis-py's union
+    step_message_sent(message)
+    if message.sent_event is not None:
+        sent_events(app).publish("task-sent", message.sent_event, None)
+
+
+def dispatch(app: Celery, nxt: Next) -> None:
+    """Enqueue ``nxt`` (a step of a job, with its arguments) by task name on its queue; a
+    ``Next`` without a step sends nothing."""
+    if nxt.step is None:
+        return
+    task_args = [nxt.job_id, *nxt.args]
+    headers = _step_headers(nxt)
     queue = queue_for(nxt.step, nxt.provider)
     with app.producer_or_acquire() as producer:
         # kombu declares a queue once per connection (``kombu.common._maybe_declare``, see

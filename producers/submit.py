@@ -20,7 +20,7 @@ from cancelflow.providers import REGISTRY
 from cancelflow.settings import Settings
 from cancelflow.store import DEFAULT_NAMESPACE, Created
 from cancelflow.wiring import Deps
-from messaging.dispatch import dispatch
+from messaging.dispatch import dispatch, dispatch_async
 from producers.problems import field_errors
 
 log = get_logger(__name__)
@@ -160,7 +160,14 @@ async def submit(
         if first:
             log.warning("job.first_step.resent", job_id=job.id)
     if first:
-        dispatch(celery, Next(Step.ELIGIBILITY, job.id, request.provider))
+        nxt = Next(Step.ELIGIBILITY, job.id, request.provider)
+        if celery.conf.broker_url == deps.settings.redis_url:
+            # The broker is the job store's Redis: its asyncio client sends the message on
+            # this loop, where kombu's publish would block it for a round trip. Returns once
+            # the message is in Redis, as kombu's does.
+            await dispatch_async(celery, deps.store.redis, nxt)
+        else:
+            dispatch(celery, nxt)
         deps.store.mark_dispatched_soon(job.id)
         log.info("job.enqueued", job_id=job.id, provider=request.provider)
     if created.how == "joined" and request.callback_url is not None:
