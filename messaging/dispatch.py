@@ -12,12 +12,17 @@ from typing import Any
 
 import structlog
 from celery import Celery
-from kombu.entity import Queue
 from redis.asyncio import Redis
 
 from cancelflow.contract import CALLBACKS_QUEUE, STEP_TASKS, Step, provider_queue
 from cancelflow.lifecycle import Next
-from messaging.patches import SentEvents, step_message, step_message_route, step_message_sent
+from messaging.patches import (
+    SentEvents,
+    StepRoute,
+    step_message,
+    step_message_route,
+    step_message_sent,
+)
 
 
 def queue_for(step: Step, provider: str) -> str:
@@ -62,14 +67,14 @@ def _step_headers(nxt: Next) -> dict[str, Any]:
     return headers
 
 
-# (app, task name, queue) -> the queue ``step_message`` may build for, None where only
-# ``send_task`` may send: asked once (it makes a kombu Connection to learn the transport).
-_routes: weakref.WeakKeyDictionary[Celery, dict[tuple[str, str], Queue | None]] = (
+# app -> (task name, queue) -> how ``step_message`` builds its messages, None where only
+# ``send_task`` may send: read once per app (the settings' lookups cost more than the rest).
+_routes: weakref.WeakKeyDictionary[Celery, dict[tuple[str, str], StepRoute | None]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def _route(app: Celery, name: str, queue: str) -> Queue | None:
+def _route(app: Celery, name: str, queue: str) -> StepRoute | None:
     known = _routes.setdefault(app, {})
     if (name, queue) not in known:
         known[name, queue] = step_message_route(app, name, queue)
@@ -86,8 +91,8 @@ async def dispatch_async(app: Celery, redis: Redis, nxt: Next) -> None:
     if nxt.step is None:
         return
     name, queue = STEP_TASKS[nxt.step], queue_for(nxt.step, nxt.provider)
-    entity = _route(app, name, queue)
-    if entity is None or app.current_worker_task is not None:
+    route = _route(app, name, queue)
+    if route is None or app.current_worker_task is not None:
         dispatch(app, nxt)
         return
     task_args = [nxt.job_id, *nxt.args]
@@ -95,7 +100,7 @@ async def dispatch_async(app: Celery, redis: Redis, nxt: Next) -> None:
         app,
         name,
         task_args,
-        queue=entity,
+        route=route,
         headers=_step_headers(nxt),
         argsrepr=repr(task_args),
         kwargsrepr="{}",

@@ -308,8 +308,24 @@ class StepMessage:
     body: tuple[Any, ...]
 
 
-def step_message_route(app: Celery, name: str, queue: str) -> Queue | None:
-    """The queue ``step_message`` may build ``name``'s message for, or None where
+@dataclass(frozen=True)
+class StepRoute:
+    """What ``send_task`` would make of an app's settings for a task on a queue, read once:
+    the queue, the delivery mode, the serializer, the body encoding (its codec, None for
+    utf-8), whether a sent event goes with the message, the publish retry policy (given to
+    the publish signals)."""
+
+    queue: Queue
+    delivery_mode: int
+    serializer: str
+    body_encoding: str
+    codec: Any
+    create_sent_event: bool
+    retry_policy: dict[str, Any]
+
+
+def step_message_route(app: Celery, name: str, queue: str) -> StepRoute | None:
+    """How ``step_message`` builds ``name``'s message on ``queue``, or None where
     ``send_task`` would do what it does not copy: a task registered in this app (its own
     options), task routes, compression, another protocol or broker, kombu's global key
     prefix, a queue that expires. ``None``: send it with ``send_task``. (Nor does it copy a
@@ -323,6 +339,7 @@ def step_message_route(app: Celery, name: str, queue: str) -> Queue | None:
         transport = connection.get_transport_cls()
     finally:
         connection.release()
+    body_encoding = options.get("body_encoding", virtual.Channel.body_encoding)
     if (
         entity is None
         or getattr(entity, "expires", None) is not None
@@ -333,10 +350,31 @@ def step_message_route(app: Celery, name: str, queue: str) -> Queue | None:
         or conf.broker_write_url not in (None, conf.broker_url)
         or not issubclass(transport, kombu_redis.Transport)
         or options.get("global_keyprefix")
-        or options.get("body_encoding", virtual.Channel.body_encoding) not in virtual.Channel.codecs
+        or (
+            body_encoding
+            and body_encoding.lower() != "utf-8"
+            and body_encoding not in virtual.Channel.codecs
+        )
     ):
         return None
-    return entity
+    return StepRoute(
+        queue=entity,
+        # send_task_message: the queue's exchange's mode, else the app's default; kombu's
+        # Producer._delivery_details turns a name into its number.
+        delivery_mode=maybe_delivery_mode(  # type: ignore[no-untyped-call]
+            entity.exchange.delivery_mode or conf.task_default_delivery_mode
+        ),
+        serializer=conf.task_serializer,
+        body_encoding=body_encoding,
+        # The virtual channel's encode_body: utf-8 (or none) is left as it is.
+        codec=(
+            virtual.Channel.codecs[body_encoding]
+            if body_encoding and body_encoding.lower() != "utf-8"
+            else None
+        ),
+        create_sent_event=bool(conf.task_send_sent_event),
+        retry_policy=dict(conf.task_publish_retry_policy),
+    )
 
 
 def step_message(
@@ -344,21 +382,21 @@ def step_message(
     name: str,
     args: list[Any],
     *,
-    queue: Queue,
+    route: StepRoute,
     headers: dict[str, Any],
     argsrepr: str,
     kwargsrepr: str,
 ) -> StepMessage:
-    """The message ``app.send_task(name, args=args, queue=queue.name, headers=headers,
+    """The message ``app.send_task(name, args=args, queue=route.queue.name, headers=headers,
     argsrepr=argsrepr, kwargsrepr=kwargsrepr, ignore_result=True)`` would have kombu's Redis
-    channel ``LPUSH``, for a route ``step_message_route`` gave; Celery's publish signals sent
-    as it sends them. Mirrors ``Celery.send_task`` (reply_to, the root id), its
+    channel ``LPUSH``, for a route ``step_message_route`` gave; Celery's before-publish
+    signal sent as it sends it. Mirrors ``Celery.send_task`` (reply_to, the root id), its
     ``send_task_message`` (headers merged, the options left over as properties, the anonymous
     exchange, the delivery mode, the sent event's routing), kombu's ``Producer.publish``
     (serialization) and the virtual and Redis channels' ``basic_publish`` / ``_put`` (body
     encoding, delivery tag and info, priority, the list)."""
-    conf = app.conf
     task_id = uuid()
+    queue = route.queue
     # As send_task: Celery's own builder of the protocol-2 headers, properties and body.
     msg_headers, properties, body, sent_event = app.amqp.create_task_message(
         task_id,
@@ -366,7 +404,7 @@ def step_message(
         args,
         None,
         reply_to=app.thread_oid,
-        create_sent_event=conf.task_send_sent_event,
+        create_sent_event=route.create_sent_event,
         ignore_result=True,
         argsrepr=argsrepr,
         kwargsrepr=kwargsrepr,
@@ -378,31 +416,26 @@ def step_message(
     # A direct exchange and a named queue: the anonymous exchange, the queue as routing key,
     # which kombu's virtual channel takes as the destination list (``Channel._lookup``).
     exchange, routing_key = "", queue.name
-    retry_policy = dict(conf.task_publish_retry_policy)
-    signals.before_task_publish.send(
-        sender=name,
-        body=body,
-        exchange=exchange,
-        routing_key=routing_key,
-        declare=[queue],
-        headers=msg_headers,
-        properties=properties,
-        retry_policy=retry_policy,
-    )
-    properties["delivery_mode"] = maybe_delivery_mode(  # type: ignore[no-untyped-call]
-        queue.exchange.delivery_mode or conf.task_default_delivery_mode
-    )
+    if signals.before_task_publish.receivers:
+        signals.before_task_publish.send(
+            sender=name,
+            body=body,
+            exchange=exchange,
+            routing_key=routing_key,
+            declare=[queue],
+            headers=msg_headers,
+            properties=properties,
+            retry_policy=dict(route.retry_policy),
+        )
+    properties["delivery_mode"] = route.delivery_mode
     content_type, content_encoding, data = serialization.dumps(  # type: ignore[no-untyped-call]
-        body, serializer=conf.task_serializer
+        body, serializer=route.serializer
     )
-    body_encoding = (conf.broker_transport_options or {}).get(
-        "body_encoding", virtual.Channel.body_encoding
-    )
-    if body_encoding and body_encoding.lower() != "utf-8":
-        data = virtual.Channel.codecs[body_encoding].encode(data)  # type: ignore[no-untyped-call]
+    if route.codec is not None:
+        data = route.codec.encode(data)
     properties["delivery_info"] = {"exchange": exchange, "routing_key": routing_key}
     properties["priority"] = 0
-    properties["body_encoding"] = body_encoding
+    properties["body_encoding"] = route.body_encoding
     properties["delivery_tag"] = uuid()
     message = {
         "body": data,
@@ -421,6 +454,8 @@ def step_message(
 def step_message_sent(message: StepMessage) -> None:
     """What ``send_task_message`` does once the message is on Redis, but the sent event:
     Celery's after-publish signals."""
+    if not signals.after_task_publish.receivers and not signals.task_sent.receivers:
+        return
     signals.after_task_publish.send(
         sender=message.name,
         body=message.body,
