@@ -65,7 +65,7 @@ from cancelflow.wiring import (
     report_persistence,
 )
 from messaging.config import create_celery
-from messaging.dispatch import dispatch, flush_sent_events
+from messaging.dispatch import flush_sent_events
 from producers import console, docs_page, listing, openapi
 from producers.billing import BillingProcessor, Rejected
 from producers.billing_auth import CREDENTIAL_HEADERS, BadSignature, BillingVerifier
@@ -87,6 +87,7 @@ from producers.submit import (
     KeyRefused,
     header_key,
     reserved_key,
+    send_step,
     submit,
     validate_request,
     with_header_key,
@@ -671,7 +672,7 @@ async def post_decision(request: web.Request) -> web.Response:
         nxt = await decisions.decide(deps, job_id, decision)
     except DecisionConflict as exc:
         return problem(409, Problem.JOB_NOT_AWAITING_DECISION, str(exc))
-    dispatch(request.app[CELERY], nxt)
+    await send_step(deps, request.app[CELERY], nxt)
     job = await deps.store.get(job_id)
     return web.json_response(job.model_dump(mode="json"), status=202)
 
@@ -705,7 +706,7 @@ async def replay_dead_letter(request: web.Request) -> web.Response:
     except CancelflowError as exc:
         return problem(409, Problem.REPLAY_REFUSED, str(exc))
     if nxt.step is not None and dl.job_id:
-        dispatch(request.app[CELERY], nxt)
+        await send_step(deps, request.app[CELERY], nxt)
     return web.json_response({"replayed": dl_id, "job_id": dl.job_id, "next": nxt.step}, status=202)
 
 
