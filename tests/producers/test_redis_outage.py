@@ -324,10 +324,16 @@ def test_the_cli_retries_503s_and_at_the_end_names_the_api(
     assert f"from {api.url}, 2 attempts over" in done.stderr, done.stderr
     assert len(outage_lines(api)) == 2
 
-    back = threading.Timer(3.0, redis.start)
+    # Redis comes back once the CLI has met the outage (its first 503), however long the
+    # command took to start: the default policy (up to 60 s) rides it out.
+    def back_after_a_503() -> None:
+        wait_until(lambda: len(outage_lines(api)) >= 3, timeout_s=60, what="the CLI's 503")
+        redis.start()
+
+    back = threading.Thread(target=back_after_a_503)
     back.start()
     try:
-        done = cli_status(api, job["id"])  # the default policy: up to 60 s
+        done = cli_status(api, job["id"])
     finally:
         back.join()
     assert done.returncode == 0, done
