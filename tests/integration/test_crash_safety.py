@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from cancelflow.providers import REGISTRY
 from producers.local import cancelflow_command, free_port, redis_answers, wait_until
 from sandboxes.payway import DEMO
 from tests.fixtures.system import StartSystem, wait_for_workers
@@ -28,10 +29,7 @@ pytestmark = pytest.mark.integration
 # calls must then be short too (two must fit in the 2 s soft time limit).
 FAST_REDELIVERY = {
     "CANCELFLOW_WORKER__VISIBILITY_TIMEOUT_S": "10",
-    **{
-        f"CANCELFLOW_PROVIDERS__{k}__TIMEOUT_S": "0.9"
-        for k in ("PAYWAY", "AZOTTE", "APPDIRECT", "AXELSPRINGER")
-    },
+    **{f"CANCELFLOW_PROVIDERS__{key.upper()}__TIMEOUT_S": "0.9" for key in REGISTRY},
 }
 
 

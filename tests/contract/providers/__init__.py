@@ -28,6 +28,9 @@ class ContractFixture:
     not_found_outcome: OutcomeType
     # Settings the provider refuses (a wrong secret or key): any call raises ProviderAuthError.
     bad_credentials: dict[str, Any]
+    # A provider call that needs no set-up, as (method, path under the sandbox's /{key}):
+    # faults strike before auth, so the sandbox fault tests (tests/sandboxes) send it.
+    probe: tuple[str, str]
     # Providers with bearer tokens: the token route's name in the sandbox's call counts, and
     # the end of the token endpoint's path (a garbage server answers a token there).
     token_route: str | None = None
