@@ -41,8 +41,15 @@ class ContractFixture:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+# Tables of providers defined outside this package, registered at run time (the throwaway
+# provider of tests/contract/throwaway).
+REGISTERED: dict[str, ContractFixture] = {}
+
+
 def contract_for(key: str) -> ContractFixture | None:
     """The provider's table, or None if it has no module here yet."""
+    if key in REGISTERED:
+        return REGISTERED[key]
     try:
         module = importlib.import_module(f"{__name__}.{key}")
     except ModuleNotFoundError:
