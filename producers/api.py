@@ -1,10 +1,10 @@
 """The producer HTTP API (aiohttp).
 
-Every route takes a bearer token but the health checks, ``/openapi.json`` (public: it holds
-nothing secret) and ``POST /v1/billing-events`` (signed by the billing system instead);
-``/metrics`` too (Prometheus sends one: a read-only token is enough). Each
-token is rate-limited (``ratelimit``); bodies over ``api.max_body_bytes`` get 413; every error
-is ``application/problem+json``.
+Every route takes a bearer token but the health checks, ``/openapi.json`` and its page
+``/docs`` (public: they hold nothing secret) and ``POST /v1/billing-events`` (signed by
+the billing system instead); ``/metrics`` too (Prometheus sends one: a read-only token is
+enough). Each token is rate-limited (``ratelimit``); bodies over ``api.max_body_bytes`` get
+413; every error is ``application/problem+json``.
 
 Tokens (``CANCELFLOW_API_TOKENS``, see ``cancelflow.settings.parse_token_entry``) are
 ``[name=]secret[:read|write]``; the name is bound to the request's log context as
@@ -55,8 +55,9 @@ from cancelflow.messaging import create_celery, flush_sent_events, send_step
 from cancelflow.settings import Settings, parse_token_entry
 from cancelflow.store import IdempotencyConflict
 from cancelflow.wiring import build_deps, redis_client, redis_persistence, report_persistence
-from producers import console, listing, openapi
+from producers import console, docs_page, listing, openapi
 from producers.billing import BillingProcessor, Rejected
+from producers.billing_auth import CREDENTIAL_HEADERS, BadSignature, BillingVerifier
 from producers.billing_rules import Rules, load_rules
 from producers.problems import Problem, field_errors, invalid, problem, unavailable
 from producers.ratelimit import RateLimiter
@@ -69,7 +70,6 @@ from producers.schemas import (
     ProviderStates,
     StatsQuery,
 )
-from producers.signatures import SIGNATURE_HEADER, SignatureError, verify_signature
 from producers.submit import (
     IDEMPOTENCY_HEADER,
     KeyRefused,
@@ -93,6 +93,7 @@ MAX_BODY = web.AppKey("max_body", int)
 JSON_LIMITS = web.AppKey("json_limits", jsonsafe.JsonLimits)
 RULES = web.AppKey("billing_rules", Rules)
 BILLING = web.AppKey("billing", BillingProcessor)
+BILLING_VERIFIER = web.AppKey("billing_verifier", BillingVerifier)
 OPENAPI = web.AppKey("openapi", bytes)
 # The longest a request waits on Redis (the read timeout): then it answers 503.
 REDIS_WAIT_S = web.AppKey("redis_wait_s", float)
@@ -266,7 +267,7 @@ class _Refused(Exception):
 
 # What aiohttp makes of bytes that are not UTF-8 (surrogate escapes).
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_CREDENTIAL_HEADERS = frozenset({"authorization", SIGNATURE_HEADER.lower()})
+_CREDENTIAL_HEADERS = frozenset({"authorization", *CREDENTIAL_HEADERS})
 
 
 def _undecodable_header(request: web.Request) -> web.Response | None:
@@ -285,7 +286,11 @@ async def _authorised_call(request: web.Request, handler: Any) -> web.StreamResp
     refused = _undecodable_header(request)
     if refused is not None:
         return refused
-    if request.path in SIGNED_PATHS or request.path in PUBLIC_PATHS:
+    if (
+        request.path in SIGNED_PATHS
+        or request.path in PUBLIC_PATHS
+        or docs_page.is_docs(request.path)
+    ):
         # Signed routes check their signature, then their rate limit, in the handler: an
         # HMAC cannot be guessed, so a flood of bad ones from the billing system's own
         # address (its failures are limited) never holds back its signed events.
@@ -546,32 +551,22 @@ async def get_stats(request: web.Request) -> web.Response:
 
 
 async def post_billing_event(request: web.Request) -> web.Response:
-    conf = request.app[DEPS].settings.billing
-    secrets = [s.get_secret_value() for s in (conf.secret, conf.secret_previous) if s is not None]
-    if BILLING not in request.app or not secrets:
+    verifier = request.app[BILLING_VERIFIER]
+    if BILLING not in request.app or not verifier.schemes:
         return problem(
             503,
             Problem.BILLING_NOT_CONFIGURED,
-            "set CANCELFLOW_BILLING__RULES_PATH and CANCELFLOW_BILLING__SECRET",
-        )
-    signature = request.headers.get(SIGNATURE_HEADER)
-    if signature is not None and not signature.isascii():
-        # Undecodable bytes arrive as surrogate escapes, which cannot be encoded to compare.
-        limited = await _failed_authentication(request, "billing signature")
-        return limited or problem(
-            401, Problem.BAD_SIGNATURE, f"the {SIGNATURE_HEADER} header is not ASCII"
+            "set CANCELFLOW_BILLING__RULES_PATH and a signing secret (CANCELFLOW_BILLING__SECRET, "
+            "__STANDARD_WEBHOOKS_SECRET or __STRIPE_SECRET)",
         )
     raw = await _raw_body(request)
     try:
-        verify_signature(
-            raw,
-            signature,
-            secrets,
-            tolerance=conf.signature_tolerance_s,
-        )
-    except SignatureError as exc:
+        verifier.verify(request.headers, raw)
+    except BadSignature as exc:
         limited = await _failed_authentication(request, "billing signature")
-        return limited or problem(401, Problem.BAD_SIGNATURE, str(exc))
+        return limited or problem(
+            401, Problem.BAD_SIGNATURE, str(exc), scheme=exc.scheme, reason=exc.reason
+        )
     # Only a verified event spends the billing system's rate: unsigned floods cannot starve it.
     limited = await _rate_limited(request, "signed:" + request.path)
     if limited is not None:
@@ -757,8 +752,10 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
             key: conf.callback_secret is not None
             for key, conf in settings.enabled_providers().items()
         },
+        billing_schemes=settings.billing.accepted_schemes(),
     )
     app[OPENAPI] = json.dumps(document).encode()
+    app[BILLING_VERIFIER] = BillingVerifier.from_settings(settings.billing)
     if settings.billing.rules_path is not None:
         app[RULES] = load_rules(
             settings.billing.rules_path, configured=settings.enabled_providers()
@@ -808,5 +805,6 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
     app.router.add_delete("/v1/dead-letters/{dl_id}", delete_dead_letter)
     app.router.add_get("/v1/providers", list_providers)
     app.router.add_get("/metrics", get_metrics)
+    docs_page.setup(app)
     console.setup(app, settings)
     return app

@@ -245,12 +245,17 @@ def test_a_dead_letter_limit_in_range_is_read(target: Target) -> None:
     assert answer.status == 200 and len(answer.body["items"]) == 1
 
 
+PUBLIC = ("/healthz", "/readyz", "/openapi.json", "/docs", "/docs/assets/swagger-ui.css")
+
+
 # Every route, each with a path that exists (ids of the seeded job and dead letter).
 def routes(t: Target) -> list[tuple[str, str]]:
     return [
         ("GET", "/healthz"),
         ("GET", "/readyz"),
         ("GET", "/openapi.json"),
+        ("GET", "/docs"),
+        ("GET", "/docs/assets/swagger-ui.css"),
         ("GET", "/metrics"),
         ("GET", "/v1/providers"),
         ("GET", "/v1/stats"),
@@ -299,7 +304,7 @@ def test_a_signature_header_of_undecodable_bytes_is_401(target: Target) -> None:
 def test_an_authorization_header_of_undecodable_bytes_is_401_problem_json(target: Target) -> None:
     for value in (b"Bearer tok\xff", b"Bearer \xff\xfe", "Bearer tök".encode(), b"\xffBearer x"):
         for method, path in routes(target):
-            if path == "/v1/billing-events" or path in ("/healthz", "/readyz", "/openapi.json"):
+            if path == "/v1/billing-events" or path in PUBLIC:
                 continue  # not token-authenticated
             answer = refused(
                 target, {401}, method, path, headers={"Authorization": value}, token=False
