@@ -324,7 +324,14 @@ def test_the_cli_retries_503s_and_at_the_end_names_the_api(
     assert f"from {api.url}, 2 attempts over" in done.stderr, done.stderr
     assert len(outage_lines(api)) == 2
 
-    back = threading.Timer(3.0, redis.start)
+    def back_after_the_clis_first_503() -> None:
+        # Redis comes back once the CLI met the outage (the API logs each 503), not after a
+        # fixed delay: on a loaded machine the CLI may take longer than that to start, and
+        # would then never see a 503 to retry. Never back, the CLI fails: so does the test.
+        wait_until(lambda: len(outage_lines(api)) >= 3, timeout_s=60, what="the CLI's 503")
+        redis.start()
+
+    back = threading.Thread(target=back_after_the_clis_first_503)
     back.start()
     try:
         done = cli_status(api, job["id"])  # the default policy: up to 60 s
