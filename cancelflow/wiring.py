@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
 import aiohttp
@@ -13,17 +14,36 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from cancelflow import hooks
 from cancelflow.dead_letters import DeadLetterStore
 from cancelflow.guard import GuardLimits, ProviderGuard
 from cancelflow.http import CallObserver, ProviderHttp
 from cancelflow.logging import get_logger
 from cancelflow.providers import REGISTRY
 from cancelflow.providers.base import Provider
+from cancelflow.redis_packing import use_hiredis_packing
 from cancelflow.settings import REDIS_HEALTH_CHECK_INTERVAL_S, Settings
-from cancelflow.steps import Deps
 from cancelflow.store import JobObserver, JobStore
 
 log = get_logger(__name__)
+
+
+@dataclass
+class Deps:
+    """What the steps need, built once per process (worker or API) by ``build_deps``."""
+
+    settings: Settings
+    store: JobStore
+    dead_letters: DeadLetterStore
+    providers: dict[str, Provider]
+    session: aiohttp.ClientSession | None = None
+    # Callbacks have their own session: its resolver refuses internal addresses.
+    callback_session: aiohttp.ClientSession | None = None
+    # In-process result hooks by provider ("*": every provider), see cancelflow.hooks.
+    hooks: dict[str, list[hooks.Hook]] = field(default_factory=dict)
+    # Jobs whose confirm this process is running now (see ``chain.confirm``).
+    confirming: set[str] = field(default_factory=set)
+
 
 Persistence = Literal["none", "rdb", "aof", "rdb+aof", "unknown"]
 # What a restart of a Redis that keeps nothing on disk loses: everything Cancelflow holds.
@@ -49,24 +69,36 @@ def redis_client(settings: Settings) -> Redis:
         ),
         retry_on_error=[RedisConnectionError],
     )
-    return client
+    # Its commands packed in C, as the sync client's are (a job's creation: some forty
+    # arguments and a script).
+    return use_hiredis_packing(client)
 
 
 async def redis_persistence(redis: Redis) -> Persistence:
     """How Redis keeps its data on disk, from ``CONFIG GET``: ``none`` (no RDB snapshots, no
-    AOF), ``rdb``, ``aof`` or ``rdb+aof``; ``unknown`` when CONFIG is disabled (managed
-    Redis services rename or refuse it) or Redis does not answer. Never raises."""
+    AOF), ``rdb``, ``aof`` or ``rdb+aof``. Where CONFIG is refused (Cancelflow's own ACL users,
+    deploy/redis/acl.yaml: CONFIG GET shows configuration secrets; managed Redis services
+    rename it), from ``INFO persistence``: ``aof`` when AOF is on (RDB snapshots are not
+    visible there), else ``unknown``; ``unknown`` too when Redis does not answer. Never raises."""
     try:
         save = _config_value(await redis.config_get("save"), "save")
         appendonly = _config_value(await redis.config_get("appendonly"), "appendonly")
     except (RedisError, OSError):
-        return "unknown"
+        return await _persistence_from_info(redis)
     if save is None or appendonly is None:
         return "unknown"
     rdb, aof = bool(save.strip()), appendonly.strip().lower() == "yes"
     if rdb and aof:
         return "rdb+aof"
     return "rdb" if rdb else "aof" if aof else "none"
+
+
+async def _persistence_from_info(redis: Redis) -> Persistence:
+    try:
+        info = await redis.info("persistence")
+    except (RedisError, OSError):
+        return "unknown"
+    return "aof" if str(info.get("aof_enabled")) == "1" else "unknown"
 
 
 def _config_value(reply: object, key: str) -> str | None:

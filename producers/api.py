@@ -11,7 +11,8 @@ Tokens (``CANCELFLOW_API_TOKENS``, see ``cancelflow.settings.parse_token_entry``
 ``token_name``, never the secret. Failed authentication (a bad or missing bearer token, a
 billing event whose signature does not verify) is limited per client address
 (``request.remote``: behind a proxy, the proxy's) in a bucket of its own; once it is spent
-that address gets 429 before any credential it sends is looked at, so guessing stays slow.
+that address gets 429 whatever credential it sends, so guessing stays slow (that bucket and
+the token's are asked in one round trip, ``ratelimit.Gate``).
 A billing event's signature is checked before the billing bucket is charged, so unsigned
 floods spend only their own address's failures, never the billing system's rate.
 
@@ -20,7 +21,8 @@ Nothing a client sends makes a 5xx: JSON bodies are decoded by ``cancelflow.json
 goes through ``parse_query`` (an unknown or malformed parameter is 422); an id in a URL that is
 not of its format (``job_<32 hex>``, ``dl_<32 hex>``) is 404 before it reaches Redis, as an id
 of the right format that names nothing is; a header value that is not ASCII is 401 when it is
-a credential (``Authorization``, the billing signature) and 400 when it is not UTF-8.
+a credential (``Authorization``, the billing signature) and 400 when it is not UTF-8. A
+request aiohttp's own parser refuses (``producers.http_refusals``) is a 400 problem too.
 """
 
 from __future__ import annotations
@@ -34,33 +36,43 @@ import math
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from celery import Celery
 from kombu.exceptions import OperationalError as BrokerError
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from cancelflow import jsonsafe, metrics, steps
+from cancelflow import chain, decisions, jsonsafe, metrics
 from cancelflow.contract import JOB_ID_RE, Decision
 from cancelflow.dead_letters import AlreadyReplayed
-from cancelflow.errors import CancelflowError, ConfigError, JobNotFound
+from cancelflow.errors import CancelflowError, ConfigError, DecisionConflict, JobNotFound
 from cancelflow.guard import breaker_state
 from cancelflow.logging import get_logger
-from cancelflow.messaging import create_celery, flush_sent_events, send_step
 from cancelflow.settings import Settings, parse_token_entry
 from cancelflow.store import IdempotencyConflict
-from cancelflow.wiring import build_deps, redis_client, redis_persistence, report_persistence
+from cancelflow.wiring import (
+    Deps,
+    build_deps,
+    redis_client,
+    redis_persistence,
+    report_persistence,
+)
+from messaging.config import create_celery
+from messaging.dispatch import dispatch, flush_sent_events
 from producers import console, docs_page, listing, openapi
 from producers.billing import BillingProcessor, Rejected
 from producers.billing_auth import CREDENTIAL_HEADERS, BadSignature, BillingVerifier
 from producers.billing_rules import Rules, load_rules
+from producers.http_refusals import ProblemAppRunner, parser_reason, refusal_detail
 from producers.problems import Problem, field_errors, invalid, problem, unavailable
-from producers.ratelimit import RateLimiter
+from producers.ratelimit import Admission, Gate, RateLimiter
 from producers.schemas import (
     DEAD_LETTER_ID_RE,
     DeadLetterQuery,
@@ -84,11 +96,12 @@ log = get_logger(__name__)
 
 # The default of ``api.max_body_bytes``; the app's own limit is ``request.app[MAX_BODY]``.
 MAX_BODY_BYTES = 64 * 1024
-DEPS = web.AppKey("deps", steps.Deps)
+DEPS = web.AppKey("deps", Deps)
 CELERY = web.AppKey("celery", Celery)
 TOKENS = web.AppKey("tokens", list)
 LIMITER = web.AppKey("limiter", RateLimiter)
 AUTH_FAILURES = web.AppKey("auth_failures", RateLimiter)
+GATE = web.AppKey("gate", Gate)
 MAX_BODY = web.AppKey("max_body", int)
 JSON_LIMITS = web.AppKey("json_limits", jsonsafe.JsonLimits)
 RULES = web.AppKey("billing_rules", Rules)
@@ -150,6 +163,12 @@ def _client(request: web.Request) -> str:
     return request.remote or "unknown"
 
 
+def auth_failure_bucket(request: web.Request) -> str:
+    """The failed-authentication bucket (``AUTH_FAILURES``) of the request's client address:
+    one for its bearer tokens, billing signatures and console sign-ins alike."""
+    return "authfail:" + _client(request)
+
+
 def _authorised(request: web.Request) -> ApiToken | None:
     header = request.headers.get("Authorization", "")
     if not header.isascii():
@@ -183,7 +202,7 @@ def _request_id(request: web.Request) -> str:
 @web.middleware
 async def request_context(request: web.Request, handler: Any) -> web.StreamResponse:
     """The request's id (the caller's ``Request-Id`` when well formed, else a new one) on every
-    log line the request causes, on the steps it sends (``send_step``) and in ``Request-Id``
+    log line the request causes, on the steps it sends (``dispatch``) and in ``Request-Id``
     on the answer; one ``api.request`` access line per request, whatever its status."""
     request_id = _request_id(request)
     started = time.perf_counter()
@@ -295,17 +314,22 @@ async def _authorised_call(request: web.Request, handler: Any) -> web.StreamResp
         # HMAC cannot be guessed, so a flood of bad ones from the billing system's own
         # address (its failures are limited) never holds back its signed events.
         return await _handled(request, handler)
-    blocked = await _failures_spent(request)
-    if blocked is not None:
-        return blocked
     token = _authorised(request)
+    # Both limits in one round trip (``Gate``): an address that spent its failed
+    # authentications is answered 429 whatever it presents (the comparison above takes the
+    # same time for any credential, and its result is not shown), so guessing stays slow.
+    admission = await _admit(request, token)
+    if admission.outcome in ("failures_spent", "token_limited"):
+        return _too_many(admission.retry_after_s)
     if token is None:
-        limited = await _failed_authentication(request, "bearer token")
-        return limited or _unauthorised("send Authorization: Bearer <token>")
+        log.warning(
+            "api.auth.failed",
+            credential="bearer token",
+            client=_client(request),
+            path=_shown(request.path),
+        )
+        return _unauthorised("send Authorization: Bearer <token>")
     with structlog.contextvars.bound_contextvars(token_name=token.name):
-        limited = await _rate_limited(request, "token:" + token.namespace)
-        if limited is not None:
-            return limited
         if request.method not in ("GET", "HEAD") and token.scope != "write":
             log.info("api.auth.forbidden", method=request.method, path=_shown(request.path))
             return problem(403, Problem.FORBIDDEN, "this token is read-only")
@@ -313,11 +337,24 @@ async def _authorised_call(request: web.Request, handler: Any) -> web.StreamResp
         return await _handled(request, handler)
 
 
+async def _admit(request: web.Request, token: ApiToken | None) -> Admission:
+    """The client address's failed authentications and the token's rate, asked at once."""
+    try:
+        return await request.app[GATE].admit(
+            _client(request), None if token is None else token.namespace
+        )
+    except REDIS_OUTAGE:
+        raise  # every route needs Redis: the outage is the answer
+    except Exception as exc:
+        log.warning("api.rate_limit.unavailable", error=type(exc).__name__)
+        return Admission("admitted" if token is not None else "failure_counted", 0.0)
+
+
 async def _failures_spent(request: web.Request) -> web.Response | None:
     """A 429 when the client's address has spent its failed authentications (counts nothing):
     asked before a bearer token is compared, so a guesser learns nothing once it is spent."""
     return await _rate_limited(
-        request, "authfail:" + _client(request), limiter=AUTH_FAILURES, count=False
+        request, auth_failure_bucket(request), limiter=AUTH_FAILURES, count=False
     )
 
 
@@ -326,7 +363,7 @@ async def _failed_authentication(request: web.Request, what: str) -> web.Respons
     the address had already spent its failures."""
     client = _client(request)
     log.warning("api.auth.failed", credential=what, client=client, path=_shown(request.path))
-    return await _rate_limited(request, "authfail:" + client, limiter=AUTH_FAILURES)
+    return await _rate_limited(request, auth_failure_bucket(request), limiter=AUTH_FAILURES)
 
 
 def _token(request: web.Request) -> ApiToken:
@@ -352,6 +389,13 @@ async def _handled(request: web.Request, handler: Any) -> web.StreamResponse:
         raise
     except JobNotFound as exc:
         return problem(404, Problem.NOT_FOUND, f"no job {exc.args[0]}")
+    except (HttpProcessingError, web.RequestPayloadError) as exc:
+        # The body is not what its headers say (chunked framing, Content-Encoding): the
+        # parser's refusal, reaching the handler reading it (see http_refusals).
+        log.info("api.request.malformed", error=type(exc).__name__, reason=parser_reason(exc))
+        response = problem(400, Problem.MALFORMED_REQUEST, refusal_detail(exc))
+        response.force_close()  # the rest of the stream cannot be parsed
+        return response
     except ConnectionResetError:
         # The client went away while sending its body: nothing was read, nothing was done.
         log.info("api.client_disconnected", path=request.path)
@@ -389,9 +433,10 @@ async def _rate_limited(
     except Exception as exc:
         log.warning("api.rate_limit.unavailable", error=type(exc).__name__)
         return None
-    if verdict.allowed:
-        return None
-    wait = verdict.retry_after_s
+    return None if verdict.allowed else _too_many(verdict.retry_after_s)
+
+
+def _too_many(wait: float) -> web.Response:
     return problem(
         429,
         Problem.RATE_LIMITED,
@@ -442,16 +487,26 @@ async def _json_body(request: web.Request) -> Any:
         ) from None
 
 
-def parse_query(request: web.Request, model: type[Query], *, lists: tuple[str, ...] = ()) -> Query:
+def parse_query(
+    request: web.Request,
+    model: type[Query],
+    *,
+    lists: tuple[str, ...] = (),
+    repeats: tuple[str, ...] = (),
+) -> Query:
     """The query string as ``model``; a 422 problem (``_Refused``) naming each unknown,
-    repeated or malformed parameter. ``lists`` may repeat or hold comma-separated values.
-    The one way every route reads its query, so every route refuses the same way."""
+    repeated or malformed parameter. ``lists`` may repeat or hold comma-separated values;
+    ``repeats`` may repeat (a value may hold a comma). The one way every route reads its
+    query, so every route refuses the same way."""
     values: dict[str, Any] = {}
     errors: list[dict[str, str]] = []
     for key in dict.fromkeys(request.query):
         given = request.query.getall(key)
         if key in lists:
-            values[key] = [v for raw in given for v in raw.split(",") if v]
+            # An empty value is kept: ``status=`` names no status, which is refused (422).
+            values[key] = [v for raw in given for v in raw.split(",")]
+        elif key in repeats:
+            values[key] = given
         elif len(given) > 1:
             errors.append({"field": f"query.{_shown(key)}", "message": "given more than once"})
         else:
@@ -536,7 +591,7 @@ async def create_cancellation(request: web.Request) -> web.Response:
 
 
 async def list_cancellations(request: web.Request) -> web.Response:
-    query = parse_query(request, JobQuery, lists=("status",))
+    query = parse_query(request, JobQuery, lists=("status", "outcome"), repeats=("metadata",))
     try:
         page = await listing.list_jobs(request.app[DEPS].store.redis, query)
     except listing.BadCursor as exc:
@@ -613,11 +668,10 @@ async def post_decision(request: web.Request) -> web.Response:
     except ValidationError as exc:
         return invalid(field_errors(exc))
     try:
-        nxt = await steps.decide(deps, job_id, decision)
-    except steps.DecisionConflict as exc:
+        nxt = await decisions.decide(deps, job_id, decision)
+    except DecisionConflict as exc:
         return problem(409, Problem.JOB_NOT_AWAITING_DECISION, str(exc))
-    if nxt.step is not None:
-        send_step(request.app[CELERY], nxt.step, job_id, nxt.provider, *nxt.args)
+    dispatch(request.app[CELERY], nxt)
     job = await deps.store.get(job_id)
     return web.json_response(job.model_dump(mode="json"), status=202)
 
@@ -644,14 +698,14 @@ async def replay_dead_letter(request: web.Request) -> web.Response:
             404, Problem.NOT_FOUND, f"no dead letter {dl_id} (already replayed or purged?)"
         )
     try:
-        nxt = await steps.replay(deps, dl_id)
+        nxt = await chain.replay(deps, dl_id)
     except AlreadyReplayed as exc:
         # A concurrent replay claimed it between the read above and ours: it delivers, not us.
         return problem(409, Problem.ALREADY_REPLAYED, str(exc))
     except CancelflowError as exc:
         return problem(409, Problem.REPLAY_REFUSED, str(exc))
     if nxt.step is not None and dl.job_id:
-        send_step(request.app[CELERY], nxt.step, dl.job_id, nxt.provider, *nxt.args)
+        dispatch(request.app[CELERY], nxt)
     return web.json_response({"replayed": dl_id, "job_id": dl.job_id, "next": nxt.step}, status=202)
 
 
@@ -663,11 +717,17 @@ async def delete_dead_letter(request: web.Request) -> web.Response:
 
 
 async def list_providers(request: web.Request) -> web.Response:
-    """Each configured provider's circuit breaker and in-flight calls, shared by all workers."""
+    """Each configured provider's circuit breaker and in-flight calls, shared by all workers,
+    and the error rate of its jobs of the last hour (``listing.recent_outcomes``)."""
     deps = request.app[DEPS]
+    recent = await listing.recent_outcomes(deps.store.redis)
     items = [
         ProviderState.model_validate(
-            {"provider": key, **await breaker_state(deps.store.redis, key)}
+            {
+                "provider": key,
+                **await breaker_state(deps.store.redis, key),
+                **recent.get(key, {}),
+            }
         )
         for key in deps.settings.enabled_providers()
     ]
@@ -688,7 +748,7 @@ async def get_metrics(request: web.Request) -> web.Response:
 _TAKES_QUERY = frozenset({list_cancellations, get_stats, list_dead_letters})
 
 
-async def _index_dead_letter_kinds(deps: steps.Deps) -> None:
+async def _index_dead_letter_kinds(deps: Deps) -> None:
     # Dead letters written before the per-kind sets existed: counted once, in the background.
     try:
         indexed = await deps.dead_letters.index_kinds()
@@ -727,6 +787,25 @@ async def readyz(request: web.Request) -> web.Response:
             "persistence": await redis_persistence(redis),
         }
     )
+
+
+def new_event_loop(settings: Settings) -> asyncio.AbstractEventLoop:
+    """The loop the API runs on (``api.event_loop``): uvloop's when it is installed, unless
+    asyncio's is asked for; ``ConfigError`` when uvloop is asked for and missing. uvloop runs
+    the sockets, timers and callbacks in C: the API spends a quarter to a third less CPU per
+    request on it (``python -m bench.enqueue``); everything runs the same on either."""
+    choice = settings.api.event_loop
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise ConfigError(
+                    "invalid settings:\n  CANCELFLOW_API__EVENT_LOOP: uvloop is not installed"
+                ) from None
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Application:
@@ -773,6 +852,7 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
             rate_per_s=settings.api.auth_failures_per_s,
             burst=settings.api.auth_failures_burst,
         )
+        app[GATE] = Gate(redis, failures=app[AUTH_FAILURES], tokens=app[LIMITER])
         if RULES in app:
             app[BILLING] = BillingProcessor(app[DEPS], app[CELERY], app[RULES])
         background = [
@@ -808,3 +888,35 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
     docs_page.setup(app)
     console.setup(app, settings)
     return app
+
+
+def serve(
+    app: web.Application,
+    *,
+    host: str,
+    port: int,
+    on_listening: Callable[[], None],
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+) -> None:
+    """Serve ``app`` on ``host:port`` until SIGINT or SIGTERM, as ``web.run_app`` does, on a
+    runner whose connections answer aiohttp's own refusals (a request its parser cannot
+    read) as problem+json (``producers.http_refusals``); ``on_listening`` once bound. On
+    the loop ``loop_factory`` makes (``new_event_loop``), else asyncio's."""
+
+    async def run() -> None:
+        # handle_signals: SIGINT and SIGTERM raise GracefulExit, which ends asyncio.run; the
+        # task is cancelled and cleanup waits for requests in flight, as run_app's does.
+        runner = ProblemAppRunner(app, access_log=None, handle_signals=True)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+            on_listening()
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    with (
+        contextlib.suppress(web.GracefulExit, KeyboardInterrupt),
+        asyncio.Runner(loop_factory=loop_factory) as runner,
+    ):
+        runner.run(run())

@@ -1,4 +1,5 @@
-"""The health-check tests run a real worker: the system fixtures come from the shared plugin."""
+"""Most deployment checks read files; the health-check commands run against a real system,
+whose fixtures come from the shared plugin (also when this directory runs on its own)."""
 
 from __future__ import annotations
 

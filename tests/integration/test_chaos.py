@@ -28,8 +28,8 @@ from typing import Any, cast
 import pytest
 import redis
 
-from cancelflow.messaging import create_celery
 from cancelflow.settings import Settings
+from messaging.config import create_celery
 from producers.local import cancelflow_command, free_port, http_json
 from sandboxes.server import SANDBOXES
 from tests.fixtures.system import StartSystem

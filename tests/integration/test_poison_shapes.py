@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from cancelflow.contract import CALLBACKS_QUEUE, MAINTENANCE_QUEUE, provider_queue
-from cancelflow.messaging import create_celery
 from cancelflow.providers import REGISTRY
 from cancelflow.settings import Settings
+from messaging.config import create_celery
 from sandboxes.payway import DEMO
 from tests.fixtures.system import StartSystem
 from tests.support import System

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from cancelflow.messaging import queues
 from cancelflow.settings import load_settings
+from messaging.config import queues
 from producers import openapi
 from producers.submit import validate_request
 from sandboxes.env import provider_env
