@@ -28,16 +28,13 @@ from cancelflow.wiring import Deps, build_deps, redis_client
 from messaging.config import create_celery
 from producers.local import http_json
 from producers.submit import submit
-from sandboxes.payway import DEMO as PAYWAY_DEMO
+from sandboxes.server import SANDBOXES
 
-# Provider -> (sandbox kind, reference -> subscription). Each kind is eligible and cancels:
-# eligibility -> confirm -> callback, three tasks, as the baseline's chains.
-KINDS: dict[str, tuple[str, Callable[[Any], dict[str, Any]]]] = {
-    "payway": ("immediate", lambda r: {**r, "cancellation_reason_id": PAYWAY_DEMO.reason_id}),
-    "azotte": ("processed", lambda r: {"order_identifier": r}),
-    "appdirect": ("active", lambda r: {"subscription_id": r}),
-    "axelspringer": ("created", lambda r: {"purchase_ref": r}),
-}
+
+def kind_of(key: str) -> str:
+    """The sandbox kind a job of ``key`` is made of: eligible, and it cancels (eligibility ->
+    confirm -> callback, three tasks, as the baseline's chains)."""
+    return SANDBOXES[key].succeeding_kinds[0]
 
 
 def make_requests(
@@ -54,7 +51,7 @@ def make_requests(
         status, body = http_json(
             "POST",
             f"{sandbox_url}/{key}/_sandbox/subscriptions",
-            {"count": share, "kind": KINDS[key][0]},
+            {"count": share, "kind": kind_of(key)},
         )
         if status != 200:
             raise RuntimeError(f"sandbox refused {share} {key} subscriptions: {body}")
@@ -66,7 +63,7 @@ def make_requests(
             CancellationRequest.model_validate(
                 {
                     "provider": key,
-                    "subscription": KINDS[key][1](refs[key].pop()),
+                    "subscription": SANDBOXES[key].subscription(refs[key].pop()),
                     "reason": {"code": "too_expensive"},
                     "callback_url": f"{sandbox_url}/receiver/events",
                     "idempotency_key": f"bench-{tag}-{i}",

@@ -41,7 +41,6 @@ from producers.local import (
 from sandboxes.env import provider_env
 
 API_TOKEN = "bench-token"  # noqa: S105 - the local API of a bench run
-PROVIDERS = ("PAYWAY", "AZOTTE", "APPDIRECT", "AXELSPRINGER")
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from cancelflow.providers import REGISTRY
 from producers.local import (
     EmbeddedRedis,
     ProcessGroup,
@@ -191,7 +192,7 @@ def run_demo(*, keep_logs: bool = False, keep: bool = False) -> int:
         # Every result goes to the sandbox's receiver, which checks each signature.
         **{
             f"CANCELFLOW_PROVIDERS__{key.upper()}__CALLBACK_URL": f"{sandbox_url}/receiver/events"
-            for key in ("payway", "azotte", "appdirect", "axelspringer")
+            for key in REGISTRY
         },
     }
     procs = ProcessGroup(env=env, log_dir=log_dir)

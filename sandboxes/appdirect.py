@@ -15,7 +15,7 @@ from xml.sax.saxutils import escape
 from aiohttp import web
 
 from sandboxes.control import sandbox_app
-from sandboxes.core import ProviderError, Sandbox
+from sandboxes.core import ProviderError, Sandbox, SandboxSpec
 from sandboxes.faults import FaultSettings
 from sandboxes.oauth1 import OAuth1Rejected, OAuth1Verifier
 from sandboxes.tokens import Clock
@@ -238,3 +238,16 @@ def create_app(
     app.router.add_get(COMPANY_SUBSCRIPTIONS_PATH, company_list, name="company_subscriptions")
     app.router.add_get(USER_SUBSCRIPTIONS_PATH, user_list, name="user_subscriptions")
     return app
+
+
+SPEC = SandboxSpec(
+    key=KEY,
+    create_app=create_app,
+    settings=lambda url: {
+        "base_url": url,
+        "consumer_key": DEMO_CONSUMER_KEY,
+        "consumer_secret": DEMO_CONSUMER_SECRET,
+    },
+    succeeding_kinds=("active",),
+    subscription=lambda ref: {"subscription_id": ref},
+)

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from sandboxes.control import sandbox_app
-from sandboxes.core import ProviderError, Sandbox
+from sandboxes.core import ProviderError, Sandbox, SandboxSpec
 from sandboxes.faults import FaultSettings
 from sandboxes.tokens import InvalidToken, Token, bearer_value
 
@@ -247,3 +247,18 @@ def create_app(
     app.router.add_get(PURCHASE_PATH, read, name="get_purchase")
     app.router.add_post(CANCEL_PATH, cancel, name="cancel_purchase")
     return app
+
+
+SPEC = SandboxSpec(
+    key=KEY,
+    create_app=create_app,
+    settings=lambda url: {
+        "base_url": f"{url}{API}",
+        "token_url": f"{url}{TOKEN_PATH}",
+        "client_id": DEMO_CLIENT_ID,
+        "client_secret": DEMO_CLIENT_SECRET,
+        "partner_id": DEMO_PARTNER_ID,
+    },
+    succeeding_kinds=("created", "redeemed"),
+    subscription=lambda ref: {"purchase_ref": ref},
+)

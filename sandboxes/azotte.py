@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from sandboxes.control import sandbox_app
-from sandboxes.core import ProviderError, Sandbox
+from sandboxes.core import ProviderError, Sandbox, SandboxSpec
 from sandboxes.faults import FaultSettings
 
 KEY = "azotte"
@@ -369,3 +369,13 @@ def create_app(
     app.router.add_post(REQUEST_PATH, request_cancel, name="cancel_request")
     app.router.add_post(CONFIRM_PATH, confirm_cancel, name="cancel_confirm")
     return app
+
+
+SPEC = SandboxSpec(
+    key=KEY,
+    create_app=create_app,
+    settings=lambda url: {"base_url": url, "api_key": DEMO_API_KEY, "tenant": DEMO_TENANT},
+    # app_store: billed by the store, the job ends pending_provider_confirmation.
+    succeeding_kinds=("processed", "app_store"),
+    subscription=lambda ref: {"order_identifier": ref},
+)

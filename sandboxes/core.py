@@ -1,4 +1,5 @@
-"""What every provider sandbox shares: bookkeeping, the provider error type, call counting."""
+"""What every provider sandbox shares: bookkeeping, the provider error type, call counting,
+and the registry entry (``SandboxSpec``) each sandbox module declares."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import abc
 import itertools
 import time
 from collections import Counter
-from typing import Any, ClassVar
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -134,3 +137,32 @@ def provider_errors(sandbox: Sandbox) -> Middleware:
             return sandbox.render_error(error)
 
     return middleware
+
+
+class ProviderAppFactory(Protocol):
+    """Builds one provider's sub-application."""
+
+    def __call__(
+        self, *, faults: FaultSettings | None = None, token_ttl_s: int | None = None
+    ) -> web.Application: ...
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """A sandbox registry entry (``sandboxes.server.SANDBOXES``): what the server, the demo
+    settings, the demo, the benchmark and the tests need to know of one provider's sandbox.
+
+    Its ``key`` is the provider's key in ``cancelflow.providers.REGISTRY``.
+    """
+
+    key: str
+    create_app: ProviderAppFactory
+    # The provider's demo settings (its ProviderSettings field names, lower case) for a
+    # sandbox mounted at ``mount_url`` (``http://HOST:PORT/{key}``): base URL and credentials.
+    settings: Callable[[str], dict[str, str]]
+    # Bulk kinds (``POST /{key}/_sandbox/subscriptions``) whose job succeeds without waiting
+    # on a customer: the chaos run's mix. The first is a plain eligibility -> confirm that
+    # ends ``cancelled``: the benchmark's.
+    succeeding_kinds: tuple[str, ...]
+    # A bulk reference as the ``subscription`` of a cancellation request.
+    subscription: Callable[[Any], dict[str, Any]]

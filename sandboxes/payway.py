@@ -17,7 +17,7 @@ from typing import Any, Literal
 from aiohttp import web
 
 from sandboxes.control import sandbox_app
-from sandboxes.core import ProviderError, Sandbox
+from sandboxes.core import ProviderError, Sandbox, SandboxSpec
 from sandboxes.faults import FaultSettings
 from sandboxes.tokens import InvalidToken, Token, bearer_value
 
@@ -512,3 +512,17 @@ def create_app(
     app.router.add_put(CANCEL_PATH, cancel, name="cancel_subscription")
     app.router.add_get(REASONS_PATH, reasons, name="cancellation_reasons")
     return app
+
+
+SPEC = SandboxSpec(
+    key=KEY,
+    create_app=create_app,
+    settings=lambda url: {
+        "base_url": url,
+        "client_id": DEMO_CLIENT_ID,
+        "client_secret": DEMO_CLIENT_SECRET,
+    },
+    succeeding_kinds=("immediate", "end_of_period"),
+    # A bulk reference is the account and user product; the request also names a reason.
+    subscription=lambda ref: {**ref, "cancellation_reason_id": DEMO.reason_id},
+)

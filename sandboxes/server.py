@@ -1,34 +1,30 @@
 """One aiohttp server hosting every provider sandbox, each under `/{key}`.
 
 Provider base URLs are `http://HOST:PORT/{key}` (axelspringer's API is under
-`/axelspringer/api/v1/`, its token URL `/axelspringer/oauth2/token`). Adding a provider is one
-module with a `create_app` plus one line in PROVIDERS.
+`/axelspringer/api/v1/`, its token URL `/axelspringer/oauth2/token`). Adding a provider's
+sandbox is one module with a `SPEC` (a `SandboxSpec`) plus one line in SANDBOXES, which has
+one entry per key of `cancelflow.providers.REGISTRY`: the demo settings (`sandboxes.env`), the
+demo, the benchmark and the tests derive their provider lists from it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
 
 from aiohttp import web
 
 from sandboxes import appdirect, axelspringer, azotte, payway, receiver
+from sandboxes.core import SandboxSpec
 from sandboxes.faults import FaultSettings
 
-
-class ProviderAppFactory(Protocol):
-    """Builds one provider's sub-application."""
-
-    def __call__(
-        self, *, faults: FaultSettings | None = None, token_ttl_s: int | None = None
-    ) -> web.Application: ...
-
-
-PROVIDERS: dict[str, ProviderAppFactory] = {
-    payway.KEY: payway.create_app,
-    azotte.KEY: azotte.create_app,
-    appdirect.KEY: appdirect.create_app,
-    axelspringer.KEY: axelspringer.create_app,
+SANDBOXES: dict[str, SandboxSpec] = {
+    spec.key: spec
+    for spec in (
+        payway.SPEC,
+        azotte.SPEC,
+        appdirect.SPEC,
+        axelspringer.SPEC,
+    )
 }
 
 # The mounted sub-apps by key, for typed access to a sandbox's state in tests:
@@ -46,14 +42,14 @@ def build_app(
     """
     root = web.Application()
     mounted: dict[str, web.Application] = {}
-    for key, factory in PROVIDERS.items():
-        mounted[key] = factory(faults=faults, token_ttl_s=token_ttl_s)
+    for key, spec in SANDBOXES.items():
+        mounted[key] = spec.create_app(faults=faults, token_ttl_s=token_ttl_s)
         root.add_subapp(f"/{key}", mounted[key])
     root[PROVIDER_APPS] = mounted
     root.add_subapp(f"/{receiver.KEY}", receiver.create_app())  # callbacks land here
 
     async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "providers": sorted(PROVIDERS)})
+        return web.json_response({"status": "ok", "providers": sorted(SANDBOXES)})
 
     root.router.add_get("/healthz", healthz)
     return root
@@ -61,7 +57,7 @@ def build_app(
 
 def base_urls(host: str, port: int) -> dict[str, str]:
     """Each provider's base URL on a server listening at host:port."""
-    return {key: f"http://{host}:{port}/{key}" for key in PROVIDERS}
+    return {key: f"http://{host}:{port}/{key}" for key in SANDBOXES}
 
 
 async def start(

@@ -164,6 +164,9 @@ def test_the_schemas_catch_mistakes() -> None:
 def test_rendered_manifests_are_valid_and_refer_to_what_exists(directory: Path) -> None:
     rendered = kustomize_build(directory)
     if rendered is None:
+        # .ci/run installs kubectl where it is missing: on CI, this test never skips.
+        if os.environ.get("CI"):
+            pytest.fail("kubectl is not installed: .ci/run installs it")
         pytest.skip("kubectl is not installed: the kustomization is not rendered")
     for doc in rendered:
         assert schema_errors(doc) == [], f"{doc['kind']}/{doc['metadata']['name']}"

@@ -31,6 +31,7 @@ import redis
 from cancelflow.settings import Settings
 from messaging.config import create_celery
 from producers.local import cancelflow_command, free_port, http_json
+from sandboxes.server import SANDBOXES
 from tests.fixtures.system import StartSystem
 from tests.integration.test_crash_safety import recovery_s
 from tests.support import System
@@ -50,19 +51,12 @@ FAULTS = {
 BURST = {**FAULTS, "error_rate": 0.15, "rate_limit_rate": 0.4}
 CHAOS_S = 60.0  # how long workers are killed and faults injected
 SETTLE_S = 120.0  # every job final this long after the faults stop
-# (provider, sandbox kind, how a sandbox reference becomes the subscription)
+# (provider, sandbox kind, how a sandbox reference becomes the subscription): every
+# provider's kinds that succeed without a customer's decision.
 MIX: list[tuple[str, str, Any]] = [
-    (
-        "payway",
-        "end_of_period",
-        lambda r: {**r, "cancellation_reason_id": "5cb80481c00000000000000a"},
-    ),
-    ("payway", "immediate", lambda r: {**r, "cancellation_reason_id": "5cb80481c00000000000000a"}),
-    ("azotte", "processed", lambda r: {"order_identifier": r}),
-    ("azotte", "app_store", lambda r: {"order_identifier": r}),
-    ("appdirect", "active", lambda r: {"subscription_id": r}),
-    ("axelspringer", "created", lambda r: {"purchase_ref": r}),
-    ("axelspringer", "redeemed", lambda r: {"purchase_ref": r}),
+    (key, kind, spec.subscription)
+    for key, spec in SANDBOXES.items()
+    for kind in spec.succeeding_kinds
 ]
 FINAL = {b"finished", b"dead_lettered"}
 

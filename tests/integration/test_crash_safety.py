@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from cancelflow.providers import REGISTRY
 from producers.local import cancelflow_command, free_port, redis_answers, wait_until
 from sandboxes.payway import DEMO
 from tests.fixtures.system import StartSystem, wait_for_workers
@@ -31,10 +32,7 @@ pytestmark = pytest.mark.integration
 # calls must then be short too (two must fit in the 2 s soft time limit).
 FAST_REDELIVERY = {
     "CANCELFLOW_WORKER__VISIBILITY_TIMEOUT_S": "10",
-    **{
-        f"CANCELFLOW_PROVIDERS__{k}__TIMEOUT_S": "0.9"
-        for k in ("PAYWAY", "AZOTTE", "APPDIRECT", "AXELSPRINGER")
-    },
+    **{f"CANCELFLOW_PROVIDERS__{key.upper()}__TIMEOUT_S": "0.9" for key in REGISTRY},
 }
 
 

@@ -54,14 +54,17 @@ def describe(pids: list[int]) -> list[str]:
     return lines
 
 
-@pytest.fixture
-def run(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
-    """The interrupted pytest, its marker and its ready file; whatever it left is killed."""
+@contextlib.contextmanager
+def interrupted_run(
+    tmp_path: Path, *prefix: str, **env: str
+) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    """The pytest to interrupt (run by ``prefix``), its marker and its ready file; whatever it
+    left is killed."""
     marker = uuid.uuid4().hex
     ready = tmp_path / "ready.json"
-    env = {**os.environ, MARKER: marker, "CANCELFLOW_INTERRUPT_READY": str(ready)}
+    env = {**os.environ, **env, MARKER: marker, "CANCELFLOW_INTERRUPT_READY": str(ready)}
     log = (tmp_path / "pytest.log").open("wb")
-    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    argv = [*prefix, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     proc = subprocess.Popen(  # its own session: Ctrl-C goes to its process group only
         [*argv, str(HERE / "interrupted" / "run_a_system.py")],
         cwd=ROOT,
@@ -79,6 +82,28 @@ def run(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(10)
         log.close()
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    with interrupted_run(tmp_path) as found:
+        yield found
+
+
+def redis_servers_on(port: int) -> list[str]:
+    """The redis-server processes serving ``port`` (a server retitles itself
+    ``redis-server HOST:PORT``, over its environment too: no marker to find it by)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if (
+                entry.name.isdigit()
+                and cmdline.startswith("redis-server")
+                and f":{port}" in cmdline
+            ):
+                found.append(f"{entry.name}: {cmdline}")
+    return found
 
 
 def interrupt(proc: subprocess.Popen[bytes], how: str) -> None:
@@ -135,3 +160,31 @@ def test_a_killed_run_takes_its_children_along_and_its_locks_expire(
     for url in dbs:
         ttl = cast(int, admin.ttl(DB_LOCK.format(db=int(urlsplit(url).path.strip("/")))))
         assert 0 < ttl <= LOCK_TTL_S, (url, ttl)
+
+
+def test_ctrl_c_on_make_test_stops_its_redis_after_the_teardown(tmp_path: Path) -> None:
+    """``make test`` runs pytest under ``scripts/with-redis``: Ctrl-C reaches pytest, whose
+    teardown (stopping its processes, releasing and flushing its DBs) still finds its Redis,
+    and the server is stopped after."""
+    no_url = {"CANCELFLOW_REDIS_URL": "", "CANCELFLOW_TEST_REDIS_URL": ""}
+    with interrupted_run(tmp_path, str(ROOT / "scripts" / "with-redis"), **no_url) as found:
+        proc, marker, ready = found
+        wait_until(lambda: ready.exists() or proc.poll() is not None, timeout_s=120, what="system")
+        assert ready.exists(), (tmp_path / "pytest.log").read_text()
+        port = urlsplit(json.loads(ready.read_text())["dbs"][0]).port
+        assert port is not None
+        assert redis_servers_on(port), "the run's own server"
+
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(90)
+
+        log = (tmp_path / "pytest.log").read_text()
+        assert "KeyboardInterrupt" in log, log
+        # pytest's "interrupted", with no teardown error: Redis still answered it.
+        assert proc.returncode == pytest.ExitCode.INTERRUPTED, log
+        assert "Error" not in log, log
+        deadline = time.monotonic() + 5
+        while (left := marked(marker)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert left == [], describe(left)
+        assert redis_servers_on(port) == []

@@ -7,6 +7,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from cancelflow.providers import REGISTRY
 from sandboxes import server
 from sandboxes.control import SANDBOX
 from sandboxes.faults import FaultSettings
@@ -14,7 +15,26 @@ from sandboxes.payway import DEMO, PaywayRef
 from tests.sandboxes.support import provider_app, sandbox_client, state
 from tests.sandboxes.test_payway import auth, cancel
 
-KEYS = sorted(server.PROVIDERS)
+KEYS = sorted(server.SANDBOXES)
+
+
+def test_every_registered_provider_has_one_sandbox() -> None:
+    assert sorted(REGISTRY) == KEYS, "one sandboxes/<key>.py SPEC per registry key"
+    assert all(spec.key == key for key, spec in server.SANDBOXES.items())
+
+
+@pytest.mark.parametrize("key", KEYS)
+async def test_succeeding_kinds_make_requests_the_provider_accepts(key: str) -> None:
+    spec = server.SANDBOXES[key]
+    assert spec.succeeding_kinds, "the chaos run and the benchmark need one at least"
+    async with sandbox_client() as client:
+        assert set(spec.succeeding_kinds) <= set(provider_app(client, key)[SANDBOX].bulk_kinds)
+        for kind in spec.succeeding_kinds:
+            response = await client.post(
+                f"/{key}/_sandbox/subscriptions", json={"count": 1, "kind": kind}
+            )
+            (ref,) = (await response.json())["references"]
+            REGISTRY[key].reference.model_validate(spec.subscription(ref))
 
 
 async def test_healthz_lists_the_providers() -> None:

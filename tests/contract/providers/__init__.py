@@ -28,6 +28,9 @@ class ContractFixture:
     not_found_outcome: OutcomeType
     # Settings the provider refuses (a wrong secret or key): any call raises ProviderAuthError.
     bad_credentials: dict[str, Any]
+    # A provider call that needs no set-up, as (method, path under the sandbox's /{key}):
+    # faults strike before auth, so the sandbox fault tests (tests/sandboxes) send it.
+    probe: tuple[str, str]
     # Providers with bearer tokens: the token route's name in the sandbox's call counts, and
     # the end of the token endpoint's path (a garbage server answers a token there).
     token_route: str | None = None
@@ -38,8 +41,15 @@ class ContractFixture:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+# Tables of providers defined outside this package, registered at run time (the throwaway
+# provider of tests/contract/throwaway).
+REGISTERED: dict[str, ContractFixture] = {}
+
+
 def contract_for(key: str) -> ContractFixture | None:
     """The provider's table, or None if it has no module here yet."""
+    if key in REGISTERED:
+        return REGISTERED[key]
     try:
         module = importlib.import_module(f"{__name__}.{key}")
     except ModuleNotFoundError:

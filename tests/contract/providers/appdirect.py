@@ -1,5 +1,5 @@
 from cancelflow.contract import OutcomeType
-from sandboxes.appdirect import DEMO
+from sandboxes.appdirect import API, DEMO
 from tests.contract.providers import ContractFixture
 
 CONTRACT = ContractFixture(
@@ -10,6 +10,7 @@ CONTRACT = ContractFixture(
     not_found_outcome=OutcomeType.NOT_FOUND,
     # A signature made with the wrong consumer secret.
     bad_credentials={"consumer_secret": "not-the-secret"},
+    probe=("DELETE", f"{API}/subscriptions/{DEMO.active}"),
     # DELETE answers 204 without a body: only the read parses one.
     parses_body=("check",),
 )

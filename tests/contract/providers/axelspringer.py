@@ -1,5 +1,5 @@
 from cancelflow.contract import OutcomeType
-from sandboxes.axelspringer import DEMO
+from sandboxes.axelspringer import DEMO, TOKEN_PATH
 from tests.contract.providers import ContractFixture
 
 CONTRACT = ContractFixture(
@@ -9,6 +9,7 @@ CONTRACT = ContractFixture(
     not_found={"purchase_ref": DEMO.unknown},
     not_found_outcome=OutcomeType.NOT_FOUND,
     bad_credentials={"client_secret": "not-the-secret"},
+    probe=("POST", TOKEN_PATH),
     token_route="token",
-    token_path="/oauth2/token",
+    token_path=TOKEN_PATH,
 )

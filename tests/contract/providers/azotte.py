@@ -1,5 +1,5 @@
 from cancelflow.contract import OutcomeType
-from sandboxes.azotte import DEMO
+from sandboxes.azotte import DEMO, REQUEST_PATH
 from tests.contract.providers import ContractFixture
 
 CONTRACT = ContractFixture(
@@ -9,4 +9,5 @@ CONTRACT = ContractFixture(
     not_found={"order_identifier": DEMO.not_found},
     not_found_outcome=OutcomeType.NOT_FOUND,
     bad_credentials={"api_key": "sk_sandbox_wrong_key"},
+    probe=("POST", REQUEST_PATH),
 )

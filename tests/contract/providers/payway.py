@@ -1,5 +1,5 @@
 from cancelflow.contract import OutcomeType
-from sandboxes.payway import DEMO, PaywayRef
+from sandboxes.payway import CAN_CANCEL_PATH, DEMO, PaywayRef
 from tests.contract.providers import ContractFixture
 
 
@@ -15,6 +15,7 @@ CONTRACT = ContractFixture(
     not_found=_ref(DEMO.user_product_not_found),
     not_found_outcome=OutcomeType.NOT_ELIGIBLE,
     bad_credentials={"client_secret": "not-the-secret"},
+    probe=("GET", CAN_CANCEL_PATH),
     token_route="access_token",
     token_path="/api/authorization/access_token",
 )
