@@ -84,8 +84,8 @@ def queues() -> list[Queue]:
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     limits = settings.limits()
-    return {
-        "broker_url": settings.redis_url,
+    config: dict[str, Any] = {
+        "broker_url": settings.broker(),
         "broker_transport": TRANSPORT,
         "result_backend": settings.redis_url,
         "task_serializer": "json",
@@ -138,10 +138,20 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_redirect_stdouts": False,
         "enable_utc": True,
     }
+    if settings.broker_kind() == "amqp":
+        from brokers import amqp
+
+        config.update(amqp.celery_config(settings))
+    return config
 
 
 def create_celery(settings: Settings, *, name: str = "cancelflow") -> Celery:
-    app = Celery(name)
+    if settings.broker_kind() == "amqp":
+        from brokers.amqp import AmqpCelery
+
+        app: Celery = AmqpCelery(name)
+    else:
+        app = Celery(name)
     app.conf.update(celery_config(settings))
     return app
 

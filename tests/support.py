@@ -44,6 +44,9 @@ class System:
     redis_url: str
     procs: ProcessGroup
     env: dict[str, str] = field(default_factory=dict)
+    # ``redis`` or ``amqp``, and the broker's URL (the job store's when it is Redis).
+    broker: str = "redis"
+    broker_url: str = ""
 
     def env_providers(self) -> set[str]:
         """Keys of the providers this system is configured with."""

@@ -18,25 +18,27 @@ from worker import leases
 
 settings = load_settings()
 app = create_celery(settings)
-# Each worker process holds its unacknowledged messages apart, so another can give them
-# back the moment it dies (worker.leases), not an hour later.
-app.conf.broker_transport_options = {
-    **app.conf.broker_transport_options,
-    **leases.unacked_keys(leases.WORKER_ID),
-}
 app.conf.include = ["worker.tasks"]
 app.conf.worker_consumer = "worker.consumer:Consumer"
-app.conf.broker_transport = "worker.transport:Transport"
-# Both our transports are kombu's Redis transport: name them by the broker URL's scheme where
-# a connection is shown as a URL (Celery's banner; Flower's Broker page, which picks its
-# client by that URL's scheme, flower/utils/broker.py, and said "'redis' broker is not
-# supported" for "worker.transport:Transport://..."). Only the shown URL changes: kombu's
-# Connection.clone and every connection made use the class itself (_info(resolve=False)).
-Connection.resolve_aliases.update(
-    dict.fromkeys(
-        (app.conf.broker_transport, TRANSPORT), urllib.parse.urlsplit(settings.redis_url).scheme
+if settings.broker_kind() == "redis":
+    # Each worker process holds its unacknowledged messages apart, so another can give them
+    # back the moment it dies (worker.leases), not an hour later. (RabbitMQ does both this
+    # and what worker.transport does natively: brokers.amqp.)
+    app.conf.broker_transport_options = {
+        **app.conf.broker_transport_options,
+        **leases.unacked_keys(leases.WORKER_ID),
+    }
+    app.conf.broker_transport = "worker.transport:Transport"
+    # Both our transports are kombu's Redis transport: name them by the broker URL's scheme
+    # where a connection is shown as a URL (Celery's banner; Flower's Broker page, which picks
+    # its client by that URL's scheme, flower/utils/broker.py, and said "'redis' broker is not
+    # supported" for "worker.transport:Transport://..."). Only the shown URL changes: kombu's
+    # Connection.clone and every connection made use the class itself (_info(resolve=False)).
+    Connection.resolve_aliases.update(
+        dict.fromkeys(
+            (app.conf.broker_transport, TRANSPORT), urllib.parse.urlsplit(settings.broker()).scheme
+        )
     )
-)
 # Steps run on the runtime's event loop, other tasks in threads (see worker.pool).
 app.conf.worker_pool = "worker.pool:TaskPool"
 # Interval schedules only: the state file is a scratch file, one per process.

@@ -86,6 +86,8 @@ class Leases(threading.Thread):
         self.app = app
         self.conf: WorkerSettings = settings.worker
         self.worker_id = worker_id
+        # Only Redis needs its dead workers' messages put back (brokers.amqp).
+        self.restores = settings.broker_kind() == "redis"
         timeout = max(1.0, self.conf.heartbeat_s)
         self._redis = redis.Redis.from_url(
             settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
@@ -134,8 +136,10 @@ class Leases(threading.Thread):
             worker_id = raw.decode() if isinstance(raw, bytes) else str(raw)
             if worker_id == self.worker_id:
                 continue  # our own beats lapsed (Redis was away): we are alive
-            with self.app.connection_for_write() as conn:
-                count = conn.default_channel.restore_worker(**unacked_keys(worker_id))
+            count = 0
+            if self.restores:  # RabbitMQ gave them back as the connection dropped
+                with self.app.connection_for_write() as conn:
+                    count = conn.default_channel.restore_worker(**unacked_keys(worker_id))
             self._forget(keys=[WORKERS], args=[worker_id, cutoff])
             restored += count
             log.warning("worker.dead.restored", dead_worker=worker_id, messages=count)

@@ -21,6 +21,7 @@ from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 from celery.worker.request import Request
 
+from brokers.routing import queue_of
 from cancelflow import metrics, steps
 from cancelflow.callbacks import CallbackRetryable
 from cancelflow.contract import JOB_ID_RE, Step, isoformat, utcnow
@@ -98,7 +99,7 @@ class Delivery:
             task_id=str(request.get("id")),
             task_name=task_name,
             retries=int(request.get("retries") or 0),
-            queue=delivery.get("routing_key"),
+            queue=queue_of(delivery.get("routing_key")),
             args=tuple(args or ()),
             kwargs=dict(kwargs or {}),
             request_id=rid if isinstance(rid := request.get("request_id"), str) else None,

@@ -9,3 +9,11 @@ from tests import fixtures
 
 def pytest_configure(config: pytest.Config) -> None:
     fixtures.use(config, fixtures.SYSTEM)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # One suite over every broker, as dramatiq runs its tests over every backend.
+    if "broker" in metafunc.fixturenames:
+        from tests.fixtures.system import BROKERS
+
+        metafunc.parametrize("broker", BROKERS, indirect=True, scope="session")
