@@ -15,7 +15,8 @@ What RabbitMQ does natively that Redis needs Cancelflow's code for:
   task message is dead-lettered by ``worker.consumer`` (store entry), then rejected without
   requeue, and the queue's dead-letter exchange parks it byte for byte on ``dead_letters``.
   A message delivered ``broker_delivery_limit`` times without an ack (a worker dying on it
-  each time) is parked there by the broker itself, never requeued forever.
+  each time) is parked there by the broker itself, never requeued forever; so is the message
+  of a step that failed (Celery rejects it; Redis drops it), whose job is in the store.
 - **Countdowns.** Celery's native delayed delivery (5.5+) holds a countdown in RabbitMQ's
   ``celery_delayed_*`` queues (28 levels of per-queue TTL, so up to 2**28 - 1 s), not in a
   worker's memory: no visibility timeout can deliver it twice. What caps a countdown on
@@ -44,8 +45,11 @@ from cancelflow.settings import AMQP_MAX_COUNTDOWN_S, Settings
 
 # kombu ships py.typed but leaves Exchange and Queue unannotated: hence the ignores below.
 EXCHANGE = Exchange("cancelflow", type="topic", durable=True)  # type: ignore[no-untyped-call]
-DEAD_LETTER_EXCHANGE = Exchange(DEAD_LETTER_QUEUE, type="direct", durable=True)  # type: ignore[no-untyped-call]
+# Topic, as every exchange native delayed delivery binds its queues through.
+DEAD_LETTER_EXCHANGE = Exchange(DEAD_LETTER_QUEUE, type="topic", durable=True)  # type: ignore[no-untyped-call]
 
+# Messages the dead_letters queue keeps (each also has its entry in the dead-letter store).
+DEAD_LETTERS_KEPT = 100_000
 # The longest countdown on RabbitMQ (see above).
 MAX_COUNTDOWN_S = AMQP_MAX_COUNTDOWN_S
 # A broker host that vanishes without closing the connection is noticed after two missed
@@ -93,7 +97,8 @@ def queues(settings: Settings) -> list[Queue]:
             DEAD_LETTER_EXCHANGE,
             routing_key=DEAD_LETTER_QUEUE,
             durable=True,
-            queue_arguments={"x-queue-type": "quorum"},
+            # Bounded: the oldest parked message goes first past this many.
+            queue_arguments={"x-queue-type": "quorum", "x-max-length": DEAD_LETTERS_KEPT},
         ),
     ]
 
@@ -132,3 +137,13 @@ class AmqpCelery(Celery):  # type: ignore[misc]  # Celery is untyped
         if countdown is not None and countdown > 0:
             countdown = float(math.ceil(countdown))
         return super().send_task(*args, countdown=countdown, **kwargs)
+
+
+def declare_dead_letters(app: Celery) -> None:
+    """Declare the dead-letter exchange and queue (no worker consumes them, so Celery would
+    not): until they exist, RabbitMQ drops what a queue dead-letters, and Celery's native
+    delayed delivery fails to bind the dead-letter queue at start-up."""
+    with app.connection_for_write() as conn:
+        for queue in app.conf.task_queues:
+            if queue.name == DEAD_LETTER_QUEUE:
+                queue.bind(conn.default_channel).declare()

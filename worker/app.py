@@ -108,6 +108,10 @@ def _serve_metrics(**_: Any) -> None:
     metrics_server.start(settings.worker)
     # Beating before the first message is taken: whatever this process holds is covered.
     leases.start(app, settings)
+    if settings.broker_kind() == "amqp":
+        from brokers.amqp import declare_dead_letters
+
+        declare_dead_letters(app)
 
 
 @signals.worker_shutdown.connect  # type: ignore[untyped-decorator]

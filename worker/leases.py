@@ -95,7 +95,8 @@ class Leases(threading.Thread):
         self._beat = self._redis.register_script(_BEAT)
         self._claim = self._redis.register_script(_CLAIM_DEAD)
         self._forget = self._redis.register_script(_FORGET)
-        self._stop = threading.Event()
+        # Not ``_stop``: threading.Thread has a method of that name, which join() calls.
+        self._stopping = threading.Event()
         self._pid = os.getpid()  # a forked child (an embedded beat) must not unregister us
         self._last_beat = 0.0  # monotonic time of the last beat Redis took
 
@@ -117,7 +118,7 @@ class Leases(threading.Thread):
         super().start()
 
     def run(self) -> None:
-        while not self._stop.wait(self.conf.heartbeat_s):
+        while not self._stopping.wait(self.conf.heartbeat_s):
             try:
                 self.beat()
             except redis.RedisError as exc:
@@ -148,7 +149,7 @@ class Leases(threading.Thread):
     def stop(self) -> None:
         """Stop beating. A warm shutdown gave back its messages (kombu restores what is
         unacknowledged as the channel closes); if any are left, others restore them."""
-        self._stop.set()
+        self._stopping.set()
         if os.getpid() != self._pid:
             return
         if self.is_alive():

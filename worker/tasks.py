@@ -21,8 +21,10 @@ from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 from celery.worker.request import Request
 
+from brokers import queues as broker_queues
 from brokers.routing import queue_of
 from cancelflow import metrics, steps
+from cancelflow.broker_urls import broker_kind
 from cancelflow.callbacks import CallbackRetryable
 from cancelflow.contract import JOB_ID_RE, Step, isoformat, utcnow
 from cancelflow.dead_letters import DeadLetter
@@ -528,6 +530,8 @@ def oldest_waiting(celery_app: Any) -> dict[str, float]:
     """Per queue, when its oldest waiting message was sent (``send_step``'s ``sent_at``
     header): ``inf`` when the queue is empty, 0 when unknown (not ours, or unreadable)."""
     names = [q.name for q in celery_app.conf.task_queues]
+    if broker_kind(celery_app.conf.broker_url) == "amqp":
+        return broker_queues.oldest_waiting(celery_app.conf.broker_url, names)
     with celery_app.connection_for_read() as conn:
         client = conn.default_channel.client
         with client.pipeline(transaction=False) as pipe:

@@ -40,7 +40,15 @@ from cancelflow.messaging import send_step
 from cancelflow.settings import Settings
 from cancelflow.store import AWAITING, job_key
 from producers import listing
-from producers.api import CELERY, DEPS, REDIS_OUTAGE, REDIS_WAIT_S, RETRY_AFTER_S, TOKENS
+from producers.api import (
+    CELERY,
+    DEPS,
+    REDIS_OUTAGE,
+    REDIS_WAIT_S,
+    RETRY_AFTER_S,
+    TOKENS,
+    broker_queues,
+)
 from producers.console import audit, sessions
 from producers.schemas import DEAD_LETTER_ID_RE, JobQuery
 
@@ -244,7 +252,7 @@ async def signout(request: web.Request, session: sessions.Session) -> web.Stream
 async def overview(request: web.Request, session: sessions.Session) -> web.StreamResponse:
     deps = request.app[DEPS]
     redis = deps.store.redis
-    snapshot = await metrics.read_store(redis)
+    snapshot = await metrics.read_store(redis, broker_queues=broker_queues(request.app))
     stats = await listing.stats(redis, since_s=24 * 3600)
     by_status: Counter[str] = Counter()
     for counts in stats.jobs.values():

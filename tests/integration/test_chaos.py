@@ -29,7 +29,6 @@ import pytest
 import redis
 
 from cancelflow.messaging import create_celery
-from cancelflow.settings import Settings
 from producers.local import cancelflow_command, free_port, http_json
 from tests.fixtures.system import StartSystem
 from tests.integration.test_crash_safety import recovery_s
@@ -94,7 +93,7 @@ class Chaos(threading.Thread):
         self.kills: list[tuple[float, int | None]] = []  # (when, pid)
         self.bursts = 0
         self.rng = random.Random(7)
-        self.app = create_celery(Settings(redis_url=system.redis_url))
+        self.app = create_celery(system.settings())
 
     def consuming(self) -> list[str]:
         try:

@@ -54,7 +54,7 @@ def payway_jobs(system: System, count: int, kind: str = "end_of_period") -> list
 def start_worker(system: System, name: str, *args: str) -> str:
     hostname = f"{name}-{free_port()}@{socket.gethostname()}"
     system.procs.start(name, cancelflow_command("worker", "-c", "8", "-n", hostname, *args))
-    wait_for_workers(system.redis_url, [hostname])
+    wait_for_workers(system.redis_url, [hostname], broker_url=system.settings().broker_url)
     return hostname
 
 
@@ -63,7 +63,9 @@ def liveness_probe(system: System, name: str, hostname: str) -> str:
     stops answering pings is replaced. Celery's consumer has been seen, rarely, not to come
     back after a Redis crash with tasks in flight; its messages are safe in Redis either way."""
     try:
-        wait_for_workers(system.redis_url, [hostname], timeout_s=30)
+        wait_for_workers(
+            system.redis_url, [hostname], broker_url=system.settings().broker_url, timeout_s=30
+        )
         return hostname
     except TimeoutError:
         print(f"liveness probe: {hostname} stopped answering after the Redis crash; replacing it")
