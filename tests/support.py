@@ -6,6 +6,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit
 
 from kombu.exceptions import ChannelError
 
@@ -14,6 +15,7 @@ from cancelflow.messaging import create_celery
 from cancelflow.settings import Settings
 from producers.local import ProcessGroup, http_json
 from sandboxes.payway import DEMO, PaywayRef
+from tests.rabbitmq import Management
 
 
 @dataclass
@@ -88,6 +90,17 @@ class System:
                 return int(found.message_count)
         finally:
             app.close()
+
+    def amqp_queue(self, name: str) -> dict[str, Any]:
+        """A RabbitMQ queue as its management API shows it (counts sampled every 5 s)."""
+        url = urlsplit(self.env["CANCELFLOW_BROKER_MANAGEMENT_URL"])
+        vhost = urlsplit(self.broker_url).path.lstrip("/")
+        management = Management(
+            url._replace(netloc=url.netloc.rpartition("@")[2]).geturl(),
+            unquote(url.username or ""),
+            unquote(url.password or ""),
+        )
+        return management.call("GET", f"queues/{vhost}/{quote(name, safe='')}")  # type: ignore[no-any-return]
 
     def env_providers(self) -> set[str]:
         """Keys of the providers this system is configured with."""
