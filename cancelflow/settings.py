@@ -27,7 +27,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from cancelflow.broker_urls import BrokerKind, broker_kind, check_broker_url, check_store_url
 from cancelflow.errors import ConfigError
 from cancelflow.providers import REGISTRY
-from cancelflow.providers.base import ProviderSettings
+from cancelflow.providers.base import ProviderSettings, callback_secret_key
 from cancelflow.store import INFLIGHT_SPARE_S, INFLIGHT_TTL_S
 
 ENV_PREFIX = "CANCELFLOW_"
@@ -171,6 +171,15 @@ class ApiSettings(BaseModel):
     console_secret: SecretStr | None = None
 
 
+# The signature schemes of billing events, and each one's (secret, previous secret) settings.
+BillingScheme = Literal["cancelflow", "standard-webhooks", "stripe"]
+BILLING_SCHEME_SECRETS: dict[str, tuple[str, str]] = {
+    "cancelflow": ("secret", "secret_previous"),
+    "standard-webhooks": ("standard_webhooks_secret", "standard_webhooks_secret_previous"),
+    "stripe": ("stripe_secret", "stripe_secret_previous"),
+}
+
+
 class BillingSettings(BaseModel):
     """Billing events: a Redis Stream read as a consumer group, and ``POST /v1/billing-events``."""
 
@@ -188,10 +197,64 @@ class BillingSettings(BaseModel):
     batch_size: int = Field(default=50, ge=1, le=1000)
     block_s: float = Field(default=2.0, gt=0)
     rules_path: Path | None = None
-    # HTTP events are signed like our callbacks; the previous secret is accepted while rotating.
+    # ``POST /v1/billing-events`` is signed with one of three schemes (producers/billing_auth.py),
+    # each with a secret and a previous one accepted while rotating: ``cancelflow``
+    # (``Cancelflow-Signature``), ``standard-webhooks`` (``webhook-signature``, a whsec_ base64
+    # secret) and ``stripe`` (``Stripe-Signature``, the endpoint's whsec_ secret as Stripe shows
+    # it). Accepted: the schemes named in ``signature_schemes``, by default every scheme whose
+    # secret is set; naming one without its secret stops start-up.
     secret: SecretStr | None = None
     secret_previous: SecretStr | None = None
+    standard_webhooks_secret: SecretStr | None = None
+    standard_webhooks_secret_previous: SecretStr | None = None
+    stripe_secret: SecretStr | None = None
+    stripe_secret_previous: SecretStr | None = None
+    signature_schemes: Annotated[list[BillingScheme], NoDecode] | None = None
+    # How far a signed timestamp may be from now (either way). Stripe's own default is 300 s;
+    # the standardwebhooks library refuses more than 300 s whatever this says.
     signature_tolerance_s: int = Field(default=300, ge=1)
+
+    @field_validator("signature_schemes", mode="before")
+    @classmethod
+    def _split_schemes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [s.strip() for s in value.split(",") if s.strip()]
+        return value
+
+    @field_validator("standard_webhooks_secret", "standard_webhooks_secret_previous")
+    @classmethod
+    def _whsec(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            callback_secret_key(value.get_secret_value())  # a ValueError names the field
+        return value
+
+    @model_validator(mode="after")
+    def _named_schemes_have_secrets(self) -> BillingSettings:
+        for scheme in self.signature_schemes or []:
+            if not self.scheme_secrets(scheme):
+                name = BILLING_SCHEME_SECRETS[scheme][0].upper()
+                raise ValueError(
+                    f"CANCELFLOW_BILLING__SIGNATURE_SCHEMES names {scheme}, but "
+                    f"CANCELFLOW_BILLING__{name} is not set"
+                )
+        return self
+
+    def scheme_secrets(self, scheme: BillingScheme) -> list[str]:
+        """The secrets of ``scheme``, current first; none when it has no secret set."""
+        current, previous = (getattr(self, name) for name in BILLING_SCHEME_SECRETS[scheme])
+        if current is None:
+            return []
+        return [s.get_secret_value() for s in (current, previous) if s is not None]
+
+    def accepted_schemes(self) -> list[BillingScheme]:
+        """The signature schemes ``POST /v1/billing-events`` accepts, in the order it looks
+        for their headers."""
+        named = self.signature_schemes
+        return [
+            s
+            for s in get_args(BillingScheme)
+            if (s in named if named is not None else bool(self.scheme_secrets(s)))
+        ]
 
 
 class Settings(BaseSettings):

@@ -54,19 +54,29 @@ def redis_client(settings: Settings) -> Redis:
 
 async def redis_persistence(redis: Redis) -> Persistence:
     """How Redis keeps its data on disk, from ``CONFIG GET``: ``none`` (no RDB snapshots, no
-    AOF), ``rdb``, ``aof`` or ``rdb+aof``; ``unknown`` when CONFIG is disabled (managed
-    Redis services rename or refuse it) or Redis does not answer. Never raises."""
+    AOF), ``rdb``, ``aof`` or ``rdb+aof``. Where CONFIG is refused (Cancelflow's own ACL users,
+    deploy/redis/acl.yaml: CONFIG GET shows configuration secrets; managed Redis services
+    rename it), from ``INFO persistence``: ``aof`` when AOF is on (RDB snapshots are not
+    visible there), else ``unknown``; ``unknown`` too when Redis does not answer. Never raises."""
     try:
         save = _config_value(await redis.config_get("save"), "save")
         appendonly = _config_value(await redis.config_get("appendonly"), "appendonly")
     except (RedisError, OSError):
-        return "unknown"
+        return await _persistence_from_info(redis)
     if save is None or appendonly is None:
         return "unknown"
     rdb, aof = bool(save.strip()), appendonly.strip().lower() == "yes"
     if rdb and aof:
         return "rdb+aof"
     return "rdb" if rdb else "aof" if aof else "none"
+
+
+async def _persistence_from_info(redis: Redis) -> Persistence:
+    try:
+        info = await redis.info("persistence")
+    except (RedisError, OSError):
+        return "unknown"
+    return "aof" if str(info.get("aof_enabled")) == "1" else "unknown"
 
 
 def _config_value(reply: object, key: str) -> str | None:

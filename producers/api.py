@@ -1,10 +1,10 @@
 """The producer HTTP API (aiohttp).
 
-Every route takes a bearer token but the health checks, ``/openapi.json`` (public: it holds
-nothing secret) and ``POST /v1/billing-events`` (signed by the billing system instead);
-``/metrics`` too (Prometheus sends one: a read-only token is enough). Each
-token is rate-limited (``ratelimit``); bodies over ``api.max_body_bytes`` get 413; every error
-is ``application/problem+json``.
+Every route takes a bearer token but the health checks, ``/openapi.json`` and its page
+``/docs`` (public: they hold nothing secret) and ``POST /v1/billing-events`` (signed by
+the billing system instead); ``/metrics`` too (Prometheus sends one: a read-only token is
+enough). Each token is rate-limited (``ratelimit``); bodies over ``api.max_body_bytes`` get
+413; every error is ``application/problem+json``.
 
 Tokens (``CANCELFLOW_API_TOKENS``, see ``cancelflow.settings.parse_token_entry``) are
 ``[name=]secret[:read|write]``; the name is bound to the request's log context as
@@ -20,7 +20,8 @@ Nothing a client sends makes a 5xx: JSON bodies are decoded by ``cancelflow.json
 goes through ``parse_query`` (an unknown or malformed parameter is 422); an id in a URL that is
 not of its format (``job_<32 hex>``, ``dl_<32 hex>``) is 404 before it reaches Redis, as an id
 of the right format that names nothing is; a header value that is not ASCII is 401 when it is
-a credential (``Authorization``, the billing signature) and 400 when it is not UTF-8.
+a credential (``Authorization``, the billing signature) and 400 when it is not UTF-8. A
+request aiohttp's own parser refuses (``producers.http_refusals``) is a 400 problem too.
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ import math
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from celery import Celery
 from kombu.exceptions import OperationalError as BrokerError
 from pydantic import BaseModel, ValidationError
@@ -56,9 +59,11 @@ from cancelflow.messaging import create_celery, flush_sent_events, send_step
 from cancelflow.settings import Settings, parse_token_entry
 from cancelflow.store import IdempotencyConflict
 from cancelflow.wiring import build_deps, redis_client, redis_persistence, report_persistence
-from producers import console, listing, openapi
+from producers import console, docs_page, listing, openapi
 from producers.billing import BillingProcessor, Rejected
+from producers.billing_auth import CREDENTIAL_HEADERS, BadSignature, BillingVerifier
 from producers.billing_rules import Rules, load_rules
+from producers.http_refusals import ProblemAppRunner, parser_reason, refusal_detail
 from producers.problems import Problem, field_errors, invalid, problem, unavailable
 from producers.ratelimit import RateLimiter
 from producers.schemas import (
@@ -70,7 +75,6 @@ from producers.schemas import (
     ProviderStates,
     StatsQuery,
 )
-from producers.signatures import SIGNATURE_HEADER, SignatureError, verify_signature
 from producers.submit import (
     IDEMPOTENCY_HEADER,
     KeyRefused,
@@ -94,6 +98,7 @@ MAX_BODY = web.AppKey("max_body", int)
 JSON_LIMITS = web.AppKey("json_limits", jsonsafe.JsonLimits)
 RULES = web.AppKey("billing_rules", Rules)
 BILLING = web.AppKey("billing", BillingProcessor)
+BILLING_VERIFIER = web.AppKey("billing_verifier", BillingVerifier)
 OPENAPI = web.AppKey("openapi", bytes)
 # Reads the broker's queues when it is not the job store's Redis (brokers.queues).
 BROKER_QUEUES = web.AppKey("broker_queues", object)
@@ -150,6 +155,12 @@ def parse_tokens(settings: Settings) -> list[ApiToken]:
 def _client(request: web.Request) -> str:
     """The address failed authentications are counted against (the TCP peer)."""
     return request.remote or "unknown"
+
+
+def auth_failure_bucket(request: web.Request) -> str:
+    """The failed-authentication bucket (``AUTH_FAILURES``) of the request's client address:
+    one for its bearer tokens, billing signatures and console sign-ins alike."""
+    return "authfail:" + _client(request)
 
 
 def _authorised(request: web.Request) -> ApiToken | None:
@@ -269,7 +280,7 @@ class _Refused(Exception):
 
 # What aiohttp makes of bytes that are not UTF-8 (surrogate escapes).
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_CREDENTIAL_HEADERS = frozenset({"authorization", SIGNATURE_HEADER.lower()})
+_CREDENTIAL_HEADERS = frozenset({"authorization", *CREDENTIAL_HEADERS})
 
 
 def _undecodable_header(request: web.Request) -> web.Response | None:
@@ -288,7 +299,11 @@ async def _authorised_call(request: web.Request, handler: Any) -> web.StreamResp
     refused = _undecodable_header(request)
     if refused is not None:
         return refused
-    if request.path in SIGNED_PATHS or request.path in PUBLIC_PATHS:
+    if (
+        request.path in SIGNED_PATHS
+        or request.path in PUBLIC_PATHS
+        or docs_page.is_docs(request.path)
+    ):
         # Signed routes check their signature, then their rate limit, in the handler: an
         # HMAC cannot be guessed, so a flood of bad ones from the billing system's own
         # address (its failures are limited) never holds back its signed events.
@@ -315,7 +330,7 @@ async def _failures_spent(request: web.Request) -> web.Response | None:
     """A 429 when the client's address has spent its failed authentications (counts nothing):
     asked before a bearer token is compared, so a guesser learns nothing once it is spent."""
     return await _rate_limited(
-        request, "authfail:" + _client(request), limiter=AUTH_FAILURES, count=False
+        request, auth_failure_bucket(request), limiter=AUTH_FAILURES, count=False
     )
 
 
@@ -324,7 +339,7 @@ async def _failed_authentication(request: web.Request, what: str) -> web.Respons
     the address had already spent its failures."""
     client = _client(request)
     log.warning("api.auth.failed", credential=what, client=client, path=_shown(request.path))
-    return await _rate_limited(request, "authfail:" + client, limiter=AUTH_FAILURES)
+    return await _rate_limited(request, auth_failure_bucket(request), limiter=AUTH_FAILURES)
 
 
 def _token(request: web.Request) -> ApiToken:
@@ -350,6 +365,13 @@ async def _handled(request: web.Request, handler: Any) -> web.StreamResponse:
         raise
     except JobNotFound as exc:
         return problem(404, Problem.NOT_FOUND, f"no job {exc.args[0]}")
+    except (HttpProcessingError, web.RequestPayloadError) as exc:
+        # The body is not what its headers say (chunked framing, Content-Encoding): the
+        # parser's refusal, reaching the handler reading it (see http_refusals).
+        log.info("api.request.malformed", error=type(exc).__name__, reason=parser_reason(exc))
+        response = problem(400, Problem.MALFORMED_REQUEST, refusal_detail(exc))
+        response.force_close()  # the rest of the stream cannot be parsed
+        return response
     except ConnectionResetError:
         # The client went away while sending its body: nothing was read, nothing was done.
         log.info("api.client_disconnected", path=request.path)
@@ -549,32 +571,22 @@ async def get_stats(request: web.Request) -> web.Response:
 
 
 async def post_billing_event(request: web.Request) -> web.Response:
-    conf = request.app[DEPS].settings.billing
-    secrets = [s.get_secret_value() for s in (conf.secret, conf.secret_previous) if s is not None]
-    if BILLING not in request.app or not secrets:
+    verifier = request.app[BILLING_VERIFIER]
+    if BILLING not in request.app or not verifier.schemes:
         return problem(
             503,
             Problem.BILLING_NOT_CONFIGURED,
-            "set CANCELFLOW_BILLING__RULES_PATH and CANCELFLOW_BILLING__SECRET",
-        )
-    signature = request.headers.get(SIGNATURE_HEADER)
-    if signature is not None and not signature.isascii():
-        # Undecodable bytes arrive as surrogate escapes, which cannot be encoded to compare.
-        limited = await _failed_authentication(request, "billing signature")
-        return limited or problem(
-            401, Problem.BAD_SIGNATURE, f"the {SIGNATURE_HEADER} header is not ASCII"
+            "set CANCELFLOW_BILLING__RULES_PATH and a signing secret (CANCELFLOW_BILLING__SECRET, "
+            "__STANDARD_WEBHOOKS_SECRET or __STRIPE_SECRET)",
         )
     raw = await _raw_body(request)
     try:
-        verify_signature(
-            raw,
-            signature,
-            secrets,
-            tolerance=conf.signature_tolerance_s,
-        )
-    except SignatureError as exc:
+        verifier.verify(request.headers, raw)
+    except BadSignature as exc:
         limited = await _failed_authentication(request, "billing signature")
-        return limited or problem(401, Problem.BAD_SIGNATURE, str(exc))
+        return limited or problem(
+            401, Problem.BAD_SIGNATURE, str(exc), scheme=exc.scheme, reason=exc.reason
+        )
     # Only a verified event spends the billing system's rate: unsigned floods cannot starve it.
     limited = await _rate_limited(request, "signed:" + request.path)
     if limited is not None:
@@ -768,8 +780,10 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
             key: conf.callback_secret is not None
             for key, conf in settings.enabled_providers().items()
         },
+        billing_schemes=settings.billing.accepted_schemes(),
     )
     app[OPENAPI] = json.dumps(document).encode()
+    app[BILLING_VERIFIER] = BillingVerifier.from_settings(settings.billing)
     if settings.billing.rules_path is not None:
         app[RULES] = load_rules(
             settings.billing.rules_path, configured=settings.enabled_providers()
@@ -822,5 +836,27 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
     app.router.add_delete("/v1/dead-letters/{dl_id}", delete_dead_letter)
     app.router.add_get("/v1/providers", list_providers)
     app.router.add_get("/metrics", get_metrics)
+    docs_page.setup(app)
     console.setup(app, settings)
     return app
+
+
+def serve(app: web.Application, *, host: str, port: int, on_listening: Callable[[], None]) -> None:
+    """Serve ``app`` on ``host:port`` until SIGINT or SIGTERM, as ``web.run_app`` does, on a
+    runner whose connections answer aiohttp's own refusals (a request its parser cannot
+    read) as problem+json (``producers.http_refusals``); ``on_listening`` once bound."""
+
+    async def run() -> None:
+        # handle_signals: SIGINT and SIGTERM raise GracefulExit, which ends asyncio.run; the
+        # task is cancelled and cleanup waits for requests in flight, as run_app's does.
+        runner = ProblemAppRunner(app, access_log=None, handle_signals=True)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+            on_listening()
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    with contextlib.suppress(web.GracefulExit, KeyboardInterrupt):
+        asyncio.run(run())

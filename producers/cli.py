@@ -52,9 +52,7 @@ main.add_command(secret)
 @click.option("--port", default=8080, show_default=True, type=int)
 def api(host: str, port: int) -> None:
     """Serve the producer HTTP API."""
-    from aiohttp import web
-
-    from producers.api import create_app
+    from producers.api import create_app, serve
 
     settings = _settings()
     configure_logging(fmt=settings.log_format, level=settings.log_level)
@@ -70,14 +68,13 @@ def api(host: str, port: int) -> None:
     except ConfigError as exc:  # the billing rules
         click.echo(f"cancelflow: {exc}", err=True)
         sys.exit(2)
-    # aiohttp calls ``print`` once every socket is bound: the line says the API is listening.
+    # Once every socket is bound: the line says the API is listening.
     listening = {"url": f"http://{host}:{port}", "providers": sorted(settings.enabled_providers())}
-    web.run_app(
+    serve(
         app,
         host=host,
         port=port,
-        access_log=None,
-        print=lambda _: get_logger(__name__).info("api.listening", **listening),
+        on_listening=lambda: get_logger(__name__).info("api.listening", **listening),
     )
 
 

@@ -20,6 +20,7 @@ class Problem(StrEnum):
 
     VALIDATION_ERROR = "validation-error"
     MALFORMED_JSON = "malformed-json"
+    MALFORMED_REQUEST = "malformed-request"
     BAD_HEADER = "bad-header"
     CLIENT_DISCONNECTED = "client-disconnected"
     UNAUTHORIZED = "unauthorized"
@@ -37,6 +38,7 @@ class Problem(StrEnum):
     PAYLOAD_TOO_LARGE = "payload-too-large"
     RATE_LIMITED = "rate-limited"
     INTERNAL_ERROR = "internal-error"
+    TIMED_OUT = "timed-out"
     UNAVAILABLE = "unavailable"
     NOT_READY = "not-ready"
     BILLING_NOT_CONFIGURED = "billing-not-configured"
@@ -50,6 +52,7 @@ class Problem(StrEnum):
 TITLES: dict[Problem, str] = {
     Problem.VALIDATION_ERROR: "Invalid request",
     Problem.MALFORMED_JSON: "Malformed JSON",
+    Problem.MALFORMED_REQUEST: "Malformed HTTP request",
     Problem.BAD_HEADER: "Bad header",
     Problem.CLIENT_DISCONNECTED: "Client disconnected",
     Problem.UNAUTHORIZED: "Unauthorized",
@@ -67,6 +70,7 @@ TITLES: dict[Problem, str] = {
     Problem.PAYLOAD_TOO_LARGE: "Payload too large",
     Problem.RATE_LIMITED: "Too many requests",
     Problem.INTERNAL_ERROR: "Internal error",
+    Problem.TIMED_OUT: "Timed out",
     Problem.UNAVAILABLE: "Service unavailable",
     Problem.NOT_READY: "Not ready",
     Problem.BILLING_NOT_CONFIGURED: "Billing events not configured",

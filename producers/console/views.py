@@ -6,7 +6,9 @@ instead and answers them itself, from a router of its own (so the API's router, 
 OpenAPI document that describes every route of it, hold the API alone): a signed session
 cookie (``sessions``) instead of the bearer token, a CSRF token checked on every POST, HTML
 error pages, and a 503 page within the Redis read timeout while Redis is unreachable, as the
-API does. Every other path goes on to the API's middleware untouched.
+API does. A failed sign-in counts against the client address's failed authentications, the
+API's own bucket: once they are spent the sign-in form answers 429. Every other path goes on
+to the API's middleware untouched.
 
 A read token sees every page; only a write token replays or purges. Actions go through the
 domain functions the API uses (``steps.replay`` then ``send_step``, ``DeadLetterStore.delete``)
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import secrets
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -41,12 +44,14 @@ from cancelflow.settings import Settings
 from cancelflow.store import AWAITING, job_key
 from producers import listing
 from producers.api import (
+    AUTH_FAILURES,
     CELERY,
     DEPS,
     REDIS_OUTAGE,
     REDIS_WAIT_S,
     RETRY_AFTER_S,
     TOKENS,
+    auth_failure_bucket,
     broker_queues,
 )
 from producers.console import audit, sessions
@@ -206,7 +211,37 @@ def _signin_page(request: web.Request, *, status: int = 200, error: str = "") ->
     return response
 
 
+async def _signin_limited(request: web.Request, *, count: bool) -> web.Response | None:
+    """The sign-in page answered 429 (with ``Retry-After``) when the client's address has
+    spent its failed authentications, the API's bucket (``auth_failure_bucket``): a failed
+    sign-in is a failed authentication, and a guesser is held to the same rate by either
+    door. ``count``: this request is a failure to count; else only ask, counting nothing."""
+    try:
+        verdict = await request.app[AUTH_FAILURES].hit(auth_failure_bucket(request), count=count)
+    except REDIS_OUTAGE:
+        raise  # the gate's 503 page
+    except Exception as exc:  # as the API's limits: a limiter fault never locks everyone out
+        log.warning("console.rate_limit.unavailable", error=type(exc).__name__)
+        return None
+    if verdict.allowed:
+        return None
+    wait_s = max(1, math.ceil(verdict.retry_after_s))
+    log.warning("console.signin.limited", client=request.remote, retry_after_s=wait_s)
+    response = _signin_page(
+        request,
+        status=429,
+        error=f"Too many failed sign-ins from this address: try again in {wait_s} seconds.",
+    )
+    response.headers["Retry-After"] = str(wait_s)
+    return response
+
+
 async def signin(request: web.Request) -> web.StreamResponse:
+    # Asked before the form is read or any token compared: once an address has spent its
+    # failures, nothing it sends is looked at, so guessing stays slow.
+    limited = await _signin_limited(request, count=False)
+    if limited is not None:
+        return limited
     form = await request.post()
     given = form.get("csrf")
     if not sessions.csrf_matches(
@@ -221,8 +256,11 @@ async def signin(request: web.Request) -> web.StreamResponse:
             if hmac.compare_digest(token.secret, presented.encode()):
                 found = token
     if found is None:
-        log.info("console.signin.refused")
-        return _signin_page(request, status=401, error="That is not a token this API accepts.")
+        log.info("console.signin.refused", client=request.remote)
+        limited = await _signin_limited(request, count=True)
+        return limited or _signin_page(
+            request, status=401, error="That is not a token this API accepts."
+        )
     who = sessions.token_id(found.secret)
     log.info("console.signin", who=who, token_name=found.name, scope=found.scope)
     response = web.HTTPSeeOther(f"{PREFIX}/")

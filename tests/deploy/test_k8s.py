@@ -221,7 +221,9 @@ def test_each_consumed_queue_has_exactly_one_worker_group() -> None:
 
 def test_scaled_objects_scale_each_worker_group_on_its_own_queues() -> None:
     groups = workers()
-    secret_url = generator_literals(EXAMPLE, "Secret", "cancelflow-secrets")["CANCELFLOW_REDIS_URL"]
+    secret_url = generator_literals(EXAMPLE, "Secret", "cancelflow-redis-worker")[
+        "CANCELFLOW_REDIS_URL"
+    ]
     database = urlsplit(secret_url).path.strip("/") or "0"
     scaled = {doc["spec"]["scaleTargetRef"]["name"]: doc for doc in docs_of("ScaledObject")}
     assert set(scaled) == set(groups), "one ScaledObject per worker group"

@@ -1,11 +1,11 @@
 """A deployment locked down by default: Redis takes no connection without a password, in
 Compose and in Kubernetes (checked against a real redis-server started with the shipped
-arguments), every service's Redis URL carries credentials, network policies let only
+arguments), every service's Redis URL names its role's ACL user (tests/deploy/test_redis_acl.py:
+the users are deploy/redis/acl.yaml's), network policies let only
 Cancelflow reach Redis and only Prometheus reach the workers' metrics."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import socket
 import subprocess
@@ -21,8 +21,8 @@ import redis
 from cancelflow.settings import WorkerSettings
 from tests.deploy.support import ENV_EXAMPLE, compose, env_file, generator_literals
 from tests.deploy.test_k8s import EXAMPLE, docs_of, is_cancelflow_image, pod_specs
+from tests.redis_acl import compose_password, redis_users
 
-PASSWORD_VAR = re.compile(r"\$\{REDIS_PASSWORD:\?[^}]+\}")
 REDIS_SERVER = shutil.which("redis-server")
 needs_redis_server = pytest.mark.skipif(REDIS_SERVER is None, reason="no redis-server here")
 
@@ -74,45 +74,77 @@ def on_port(url: str, port: int) -> str:
 
 # --- Compose ------------------------------------------------------------------------------
 
+# Each Compose service's role, by the command it runs: its Redis user (deploy/redis/acl.yaml).
+COMPOSE_ROLES = {"api": "api", "worker": "worker", "beat": "beat", "flower": "flower"}
+# Each Kubernetes Deployment's role, by the `cancelflow` command its container runs.
+K8S_ROLES = {"api": "api", "worker": "worker", "beat": "beat"}
 
-def test_every_compose_service_logs_in_to_redis_with_the_required_password() -> None:
+
+def compose_role(service: dict[str, Any]) -> str | None:
+    """The Redis user a Compose service logs in as: the role of the command it runs (the
+    sandbox plays the providers and never touches Redis)."""
+    command = service.get("command") or []
+    return COMPOSE_ROLES.get(command[0]) if command else None
+
+
+def test_every_compose_service_logs_in_to_redis_as_its_role_with_a_required_password() -> None:
     services = compose()["services"]
     ours = {name: s for name, s in services.items() if "build" in s}
     assert "CANCELFLOW_REDIS_URL" not in env_file(ENV_EXAMPLE), "no URL without credentials"
+    users = redis_users()
+    roles_seen = set()
     for name, service in ours.items():
-        url = service["environment"]["CANCELFLOW_REDIS_URL"]
-        # `:?`: Compose refuses to start while REDIS_PASSWORD is unset or empty.
-        assert len(PASSWORD_VAR.findall(url)) == 1, f"{name}: {url}"
-        parts = urlsplit(PASSWORD_VAR.sub("pw", url))
-        assert parts.hostname == "redis" and parts.username == "cancelflow", name
+        role = compose_role(service)
+        env = service.get("environment") or {}
+        if role is None:
+            assert "CANCELFLOW_REDIS_URL" not in env, f"{name}: no Redis for the sandbox"
+            continue
+        roles_seen.add(role)
+        url = env["CANCELFLOW_REDIS_URL"]
+        var = users[role].password_var
+        # `:?`: Compose refuses to start while the role's password is unset or empty.
+        assert url.count(compose_password(var)) == 1, f"{name}: {url}"
+        parts = urlsplit(url.replace(compose_password(var), "pw"))
+        assert parts.hostname == "redis" and parts.username == role, f"{name}: {url}"
         assert parts.password == "pw", f"{name}: {url}"
+    assert roles_seen == set(COMPOSE_ROLES.values())
     redis_service = services["redis"]
-    assert PASSWORD_VAR.fullmatch(redis_service["environment"]["REDISCLI_AUTH"])
-    assert any(PASSWORD_VAR.search(arg) for arg in redis_service["command"])
+    assert redis_service["environment"]["REDISCLI_AUTH"] == compose_password("REDIS_API_PASSWORD")
 
 
-def compose_redis_args(password: str) -> list[str]:
-    return [PASSWORD_VAR.sub(password, arg) for arg in compose()["services"]["redis"]["command"]]
+def compose_redis_args(passwords: dict[str, str]) -> list[str]:
+    """The Compose Redis's arguments with each role's password put in."""
+    args = list(compose()["services"]["redis"]["command"])
+    for user in redis_users().values():
+        args = [a.replace(compose_password(user.password_var), passwords[user.name]) for a in args]
+    return args
 
 
 @needs_redis_server
-def test_compose_redis_refuses_anonymous_clients_and_takes_the_services_url(
+def test_compose_redis_refuses_anonymous_clients_and_takes_each_services_url(
     tmp_path: Path,
 ) -> None:
-    password = "compose-test-password"
-    for port in start_redis(compose_redis_args(password), tmp_path):
+    passwords = {name: f"compose-{name}-password" for name in redis_users()}
+    for port in start_redis(compose_redis_args(passwords), tmp_path):
         assert_no_access_without_password(port)
-        url = PASSWORD_VAR.sub(
-            password, compose()["services"]["api"]["environment"]["CANCELFLOW_REDIS_URL"]
-        )
-        client = redis.Redis.from_url(on_port(url, port))
-        assert client.ping() and client.set("x", "1")
+        for name, service in compose()["services"].items():
+            role = compose_role(service)
+            if role is None or "build" not in service:
+                continue
+            url = service["environment"]["CANCELFLOW_REDIS_URL"].replace(
+                compose_password(redis_users()[role].password_var), passwords[role]
+            )
+            client = redis.Redis.from_url(on_port(url, port))
+            assert client.ping(), name
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                client.flushall()
         # The health check is healthy on an authenticated PONG only (redis-cli exits 0 on
         # a NOAUTH error, so the plain `redis-cli ping` never failed).
         test = compose()["services"]["redis"]["healthcheck"]["test"]
         assert test[:3] == ["CMD", "sh", "-c"]
         script = test[3].replace("redis-cli", f"redis-cli -p {port}")
-        ok = subprocess.run(["sh", "-c", script], env={"REDISCLI_AUTH": password}, check=False)
+        good = {"REDISCLI_AUTH": passwords["api"]}
+        ok = subprocess.run(["sh", "-c", script], env=good, check=False)
         assert ok.returncode == 0
         bad = subprocess.run(["sh", "-c", script], env={"REDISCLI_AUTH": "wrong"}, check=False)
         assert bad.returncode != 0
@@ -132,8 +164,24 @@ def acl_secret() -> dict[str, str]:
     return {k: v.replace("\\n", "\n") for k, v in literals.items()}
 
 
-def test_every_cancelflow_pod_takes_its_redis_url_from_a_secret() -> None:
-    secret_names = {"cancelflow-secrets"}
+def acl_passwords() -> dict[str, str]:
+    """Each user's password in the example's users.acl."""
+    found = {}
+    for line in acl_secret()["users.acl"].splitlines():
+        words = line.split()
+        if len(words) > 3 and words[3].startswith(">"):
+            found[words[1]] = words[3][1:]
+    return found
+
+
+def k8s_role(container: dict[str, Any]) -> str | None:
+    args = container.get("args") or container.get("command") or []
+    return next((K8S_ROLES[a] for a in args if a in K8S_ROLES), None)
+
+
+def test_every_cancelflow_pod_takes_its_roles_redis_url_from_a_secret() -> None:
+    passwords = acl_passwords()
+    roles_seen = set()
     for name, spec in pod_specs():
         for container in spec["containers"]:
             # The sandboxes play the providers and never touch Redis.
@@ -141,11 +189,20 @@ def test_every_cancelflow_pod_takes_its_redis_url_from_a_secret() -> None:
                 continue
             env_names = {e["name"] for e in container.get("env", [])}
             assert "CANCELFLOW_REDIS_URL" not in env_names, f"{name}: the URL belongs in a Secret"
-            refs = {s["secretRef"]["name"] for s in container["envFrom"] if "secretRef" in s}
-            assert refs & secret_names, f"{name}: no Secret with CANCELFLOW_REDIS_URL"
-    url = generator_literals(EXAMPLE, "Secret", "cancelflow-secrets")["CANCELFLOW_REDIS_URL"]
-    parts = urlsplit(url)
-    assert parts.username == "cancelflow" and parts.password == acl_secret()["password"]
+            role = k8s_role(container)
+            assert role is not None, f"{name}: which role?"
+            roles_seen.add(role)
+            refs = [s["secretRef"]["name"] for s in container["envFrom"] if "secretRef" in s]
+            # The role's Secret last: its CANCELFLOW_REDIS_URL wins.
+            assert refs[-1].startswith(f"cancelflow-redis-{role}"), f"{name}: {refs}"
+            url = generator_literals(EXAMPLE, "Secret", f"cancelflow-redis-{role}")[
+                "CANCELFLOW_REDIS_URL"
+            ]
+            parts = urlsplit(url)
+            assert parts.username == role and parts.password == passwords[role], name
+    assert roles_seen == set(K8S_ROLES.values())
+    shared = generator_literals(EXAMPLE, "Secret", "cancelflow-secrets")
+    assert "CANCELFLOW_REDIS_URL" not in shared, "one URL per role, none shared"
 
 
 def test_kubernetes_redis_reads_its_users_from_the_secret() -> None:
@@ -162,7 +219,10 @@ def test_kubernetes_redis_reads_its_users_from_the_secret() -> None:
     keda = generator_literals(EXAMPLE, "Secret", "cancelflow-keda-redis")
     users = acl_secret()["users.acl"]
     assert "user default off" in users.splitlines()
-    assert f"user keda on >{keda['password']} " in users and keda["username"] == "keda"
+    assert acl_passwords()["keda"] == keda["password"] and keda["username"] == "keda"
+    # The readiness probe's user and password are the api's.
+    probe = container["readinessProbe"]["exec"]["command"]
+    assert "--user api " in probe[-1] and acl_secret()["password"] == acl_passwords()["api"]
 
 
 @needs_redis_server
@@ -174,9 +234,23 @@ def test_kubernetes_redis_refuses_anonymous_clients_and_limits_keda(tmp_path: Pa
     args[args.index("--aclfile") + 1] = str(acl)
     for port in start_redis(args, tmp_path):
         assert_no_access_without_password(port)
-        url = generator_literals(EXAMPLE, "Secret", "cancelflow-secrets")["CANCELFLOW_REDIS_URL"]
-        client = redis.Redis.from_url(on_port(url, port))
-        assert client.ping() and client.set("x", "1") and client.rpush("callbacks", "m")
+        for role in K8S_ROLES.values():
+            url = generator_literals(EXAMPLE, "Secret", f"cancelflow-redis-{role}")[
+                "CANCELFLOW_REDIS_URL"
+            ]
+            client = redis.Redis.from_url(on_port(url, port))
+            assert client.ping(), role
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                client.config_set("appendonly", "no")
+        api = redis.Redis.from_url(
+            on_port(
+                generator_literals(EXAMPLE, "Secret", "cancelflow-redis-api")[
+                    "CANCELFLOW_REDIS_URL"
+                ],
+                port,
+            )
+        )
+        assert api.set("cf:x", "1") and api.rpush("callbacks", "m")
         keda = generator_literals(EXAMPLE, "Secret", "cancelflow-keda-redis")
         scaler = redis.Redis(port=port, username=keda["username"], password=keda["password"])
         for scaled in docs_of("ScaledObject"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import shutil
 import signal
@@ -9,11 +10,13 @@ import socket
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -275,3 +278,118 @@ def test_warm_shutdown_finishes_or_returns_in_flight_work(start_system: StartSys
         assert_cancelled_once(system, jobs, timeout_s=60)
     finally:
         system.sandbox.faults("payway")
+
+
+class Partition:
+    """A TCP proxy to Redis that can cut the network: while cut, every connection through it
+    stays open and carries nothing either way (packets dropped, as a lost route or a failed
+    switch does: no reset, no error, only silence), and new connections are accepted and left
+    silent. ``heal`` closes those connections, as a routing change the peers notice, and
+    forwards again."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.port = free_port()
+        self._cut = threading.Event()
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="partition")
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._conns.add(client)
+            if self._cut.is_set():
+                continue  # accepted, never answered
+            try:
+                upstream = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns.add(upstream)
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                if not self._cut.is_set():
+                    dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self._cut.set()
+
+    def heal(self) -> None:
+        with self._lock:
+            conns, self._conns = self._conns, set()
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        self._cut.clear()
+
+    def close(self) -> None:
+        self._server.close()
+        self.heal()
+
+
+def test_a_worker_cut_off_from_redis_is_taken_over_within_a_lease(
+    start_system: StartSystem,
+) -> None:
+    """A worker that loses its route to Redis mid-step (not killed: it goes on running, its
+    provider calls may still succeed) stops beating; another worker resumes its jobs after
+    the lease, and no subscription is cancelled twice, also once the network is back and the
+    cut-off worker's late writes arrive."""
+    system = start_system(isolated=True, concurrency=8, beat=True, workers=0)
+    assert "VISIBILITY_TIMEOUT_S" not in str(system.env)
+    parts = urlsplit(system.redis_url)
+    assert parts.hostname is not None and parts.port is not None
+    partition = Partition((parts.hostname, parts.port))
+    via_partition = f"redis://127.0.0.1:{partition.port}{parts.path}"
+    system.sandbox.reset("payway")
+    system.sandbox.faults("payway", latency_ms=600)
+    try:
+        hostname = f"cut-off-{free_port()}@{socket.gethostname()}"
+        proc = system.procs.start(
+            "worker-cut-off",
+            cancelflow_command("worker", "-c", "8", "-n", hostname),
+            extra_env={"CANCELFLOW_REDIS_URL": via_partition},
+        )
+        wait_for_workers(system.redis_url, [hostname])
+        jobs = payway_jobs(system, 24)
+        time.sleep(1.5)  # steps are in flight, some provider calls half done
+        partition.cut()
+        cut_at = time.time()
+        start_worker(system, "worker-b")
+        done = assert_cancelled_once(system, jobs)
+        assert proc.poll() is None, "the cut-off worker was not killed: it kept running"
+        # The network comes back: whatever the cut-off worker still had to write lands now,
+        # fenced by the store (a step it held was taken over), and nothing moves back.
+        partition.heal()
+        wait_for_workers(system.redis_url, [hostname], timeout_s=60)
+        time.sleep(5)
+        again = assert_cancelled_once(system, jobs)
+        assert [j["outcome"] for j in again] == [j["outcome"] for j in done]
+    finally:
+        system.sandbox.faults("payway")
+        partition.close()
+    waits = recovery_s(done, [(cut_at, proc.pid)])
+    print(
+        f"RECOVERY after a worker was cut off from Redis: {len(waits)} steps interrupted, "
+        f"median {statistics.median(waits):.1f}s, max {max(waits):.1f}s"
+    )
+    assert waits, "no job was in flight at the cut"
+    assert max(waits) < 60, waits

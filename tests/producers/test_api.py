@@ -54,10 +54,15 @@ def test_openapi_is_public_and_made_from_the_models(billing_api: System) -> None
     assert doc["openapi"] == "3.1.0"
     schemas = doc["components"]["schemas"]
     expected = CancellationRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    assert schemas["CancellationRequest"]["properties"] == expected["properties"]
+    payway = schemas["PaywayCancellationRequest"]["properties"]
+    assert payway["reason"] == expected["properties"]["reason"]
+    assert payway["subscription"] == {"$ref": "#/components/schemas/PaywayRef"}
     assert {"PaywayRef", "AzotteRef", "JobRecord", "JobPage", "Problem", "BillingEvent"} <= set(
         schemas
     )
+    # Billing events here are signed with Cancelflow-Signature only (the one secret set).
+    billing = doc["paths"]["/v1/billing-events"]["post"]
+    assert billing["security"] == [{"cancelflowSignature": []}]
     operations = {(path, method) for path, item in doc["paths"].items() for method in item}
     assert {
         ("/v1/cancellations", "post"),
@@ -76,6 +81,7 @@ def test_openapi_is_public_and_made_from_the_models(billing_api: System) -> None
 
 def test_openapi_describes_every_route() -> None:
     app = create_app(Settings(redis_url="redis://127.0.0.1:1/0"))
+    # The web console is not part of the API (its own pages, behind its own sign-in).
     routes = {
         (route.resource.canonical, route.method.lower())
         for route in app.router.routes()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import socket
 import string
 import time
 from collections.abc import Iterator
@@ -245,12 +246,17 @@ def test_a_dead_letter_limit_in_range_is_read(target: Target) -> None:
     assert answer.status == 200 and len(answer.body["items"]) == 1
 
 
+PUBLIC = ("/healthz", "/readyz", "/openapi.json", "/docs", "/docs/assets/swagger-ui.css")
+
+
 # Every route, each with a path that exists (ids of the seeded job and dead letter).
 def routes(t: Target) -> list[tuple[str, str]]:
     return [
         ("GET", "/healthz"),
         ("GET", "/readyz"),
         ("GET", "/openapi.json"),
+        ("GET", "/docs"),
+        ("GET", "/docs/assets/swagger-ui.css"),
         ("GET", "/metrics"),
         ("GET", "/v1/providers"),
         ("GET", "/v1/stats"),
@@ -299,7 +305,7 @@ def test_a_signature_header_of_undecodable_bytes_is_401(target: Target) -> None:
 def test_an_authorization_header_of_undecodable_bytes_is_401_problem_json(target: Target) -> None:
     for value in (b"Bearer tok\xff", b"Bearer \xff\xfe", "Bearer tök".encode(), b"\xffBearer x"):
         for method, path in routes(target):
-            if path == "/v1/billing-events" or path in ("/healthz", "/readyz", "/openapi.json"):
+            if path == "/v1/billing-events" or path in PUBLIC:
                 continue  # not token-authenticated
             answer = refused(
                 target, {401}, method, path, headers={"Authorization": value}, token=False
@@ -503,3 +509,123 @@ def test_any_undecodable_credential_is_401(target: Target, value: bytes) -> None
 @given(value=HEADER_BYTES, name=st.sampled_from(["X-Note", "User-Agent", "Accept", "Origin"]))
 def test_any_other_undecodable_header_is_400(target: Target, value: bytes, name: str) -> None:
     refused(target, {400}, "GET", "/v1/stats", headers={name: value})
+
+
+# --- requests aiohttp's own HTTP parser refuses (producers/http_refusals.py) -----------------
+
+# In a refused line, to show it is neither answered nor logged.
+SECRET = "s3cret-in-a-refused-line"
+
+
+NOT_GZIP = b"\x1f\x8b not gzip at all"  # gzip's magic number, then not gzip
+
+
+def payload_headers(token: str, extra: str) -> bytes:
+    return (
+        f"POST /v1/cancellations HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\n{extra}\r\n"
+    ).encode()
+
+
+# name -> (what is sent, in writes the parser sees apart); every one refused by the parser,
+# before any route, or (the body's framing and encoding) while the handler reads the body.
+def unparsable(token: str) -> dict[str, tuple[bytes, ...]]:
+    post = b"POST /v1/cancellations HTTP/1.1\r\nHost: api\r\n"
+    return {
+        "a request line that is not one": (b"GARBAGE\r\n\r\n",),
+        "a method of characters no method has": (b"G@T /v1/stats HTTP/1.1\r\nHost: api\r\n\r\n",),
+        "an HTTP version that does not exist": (b"GET /v1/stats HTTP/9.x\r\nHost: api\r\n\r\n",),
+        "a NUL byte in a header value": (b"GET /healthz HTTP/1.1\r\nX-Note: a\x00b\r\n\r\n",),
+        "a control byte in the credential": (
+            f"GET /v1/stats HTTP/1.1\r\nAuthorization: Bearer {SECRET}\x01\r\n\r\n".encode(),
+        ),
+        "a space in a header name": (
+            f"GET /v1/stats HTTP/1.1\r\nX Note: {SECRET}\r\n\r\n".encode(),
+        ),
+        "a header line without a colon": (
+            f"GET /v1/stats HTTP/1.1\r\nAuthorization Bearer {SECRET}\r\n\r\n".encode(),
+        ),
+        "a Content-Length that is not a number": (post + b"Content-Length: abc\r\n\r\n",),
+        "a negative Content-Length": (post + b"Content-Length: -1\r\n\r\n",),
+        "two Content-Lengths": (post + b"Content-Length: 1\r\nContent-Length: 2\r\n\r\nab",),
+        "Content-Length with Transfer-Encoding": (
+            post + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ),
+        "an unsupported Transfer-Encoding": (post + b"Transfer-Encoding: gzip\r\n\r\nabc",),
+        "a chunk size that is not hex": (
+            post + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+        ),
+        "a header line over 8190 bytes": (
+            b"GET /healthz HTTP/1.1\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n",
+        ),
+        "a request line over 8190 bytes": (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n",),
+        "TLS sent to the plain port": (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",),
+        # The body's framing refused after the handler started reading it (its headers were
+        # parsed apart): llhttp does not fail the body by itself, http_refusals does.
+        "a chunk size that is not hex, after the headers": (
+            payload_headers(token, "Transfer-Encoding: chunked\r\n"),
+            b"zz\r\n{}\r\n0\r\n\r\n",
+        ),
+        "a chunk not ended where its size says, after the headers": (
+            payload_headers(token, "Transfer-Encoding: chunked\r\n"),
+            b"2\r\n{}XX\r\n0\r\n\r\n",
+        ),
+        "a gzip Content-Encoding over bytes that are not gzip": (
+            payload_headers(
+                token, f"Content-Encoding: gzip\r\nContent-Length: {len(NOT_GZIP)}\r\n"
+            ),
+            NOT_GZIP,
+        ),
+    }
+
+
+@dataclass(frozen=True)
+class RawAnswer:
+    status: int
+    headers: dict[str, str]
+    body: Any
+
+
+def exchange(system: System, writes: tuple[bytes, ...]) -> RawAnswer:
+    """Send ``writes`` on one connection (pausing between them, so the server parses them
+    apart) and read until the server closes it: a reset or no close fails the test."""
+    parts = urlsplit(system.api_url)
+    with socket.create_connection((str(parts.hostname), int(parts.port or 80)), timeout=30) as s:
+        for n, data in enumerate(writes):
+            if n:
+                time.sleep(0.3)
+            s.sendall(data)
+        received = b""
+        while chunk := s.recv(65536):  # b"": closed cleanly (a reset raises, a hang times out)
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    length = int(headers["content-length"])
+    assert len(body) == length, (received, "more than one answer, or a short one")
+    return RawAnswer(int(status_line.split()[1]), headers, json.loads(body))
+
+
+@pytest.mark.parametrize("kind", sorted(unparsable("test-token")))
+def test_a_request_the_http_parser_refuses_is_a_400_problem_and_the_connection_closed(
+    target: Target, kind: str
+) -> None:
+    system = target.system
+    api_log = system.procs.log_dir / "api.log"
+    logged_before = api_log.stat().st_size
+    before = stored(system)
+    answer = exchange(system, unparsable(system.token)[kind])
+    assert stored(system) == before
+    assert answer.status == 400, answer
+    assert answer.headers["content-type"].startswith(PROBLEM_TYPE), answer
+    assert answer.body["type"].endswith("/malformed-request"), answer
+    assert answer.body["status"] == 400 and answer.body["title"] and answer.body["detail"]
+    assert answer.headers["request-id"].startswith("req_"), answer.headers
+    assert SECRET not in json.dumps(answer.body)
+    with api_log.open("rb") as log:
+        log.seek(logged_before)
+        lines = [json.loads(line) for line in log.read().splitlines() if line.startswith(b"{")]
+    assert SECRET.encode() not in api_log.read_bytes()
+    ours = [line for line in lines if line.get("request_id") == answer.headers["request-id"]]
+    assert ours, lines
+    assert all("Traceback" not in json.dumps(line) for line in ours), ours

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from typing import Any
 
 import pytest
@@ -28,6 +29,7 @@ from schemathesis.config._checks import (
 from schemathesis.core.result import Ok
 from schemathesis.generation import GenerationMode
 
+from producers.openapi import IDEMPOTENCY_KEY_PATTERN
 from tests.support import System
 
 pytestmark = pytest.mark.integration
@@ -57,16 +59,19 @@ CONFIG = SchemathesisConfig.from_dict(
 def _own_idempotency_key(case: Any) -> None:
     """A generated idempotency key made the body's own (a hash of the rest of it): the same
     body repeats its key, another body never reuses it. Hypothesis reuses small values, and
-    a key sent again with another body is rightly refused (422, idempotency-key-reused)."""
+    a key sent again with another body is rightly refused (422, idempotency-key-reused).
+    Only a valid key is replaced: an invalid one (a negative case) stays, to be refused."""
     body = case.body
-    if isinstance(body, dict) and isinstance(body.get("idempotency_key"), str):
-        rest = json.dumps({k: v for k, v in body.items() if k != "idempotency_key"}, sort_keys=True)
-        body["idempotency_key"] = "fuzz-" + hashlib.sha256(rest.encode()).hexdigest()[:32]
-    for name in list(case.headers or {}):
-        if name.lower() == "idempotency-key" and isinstance(body, dict):
-            case.headers[name] = body.get("idempotency_key") or (
-                "fuzz-" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
-            )
+    if not isinstance(body, dict):
+        return
+    rest = json.dumps({k: v for k, v in body.items() if k != "idempotency_key"}, sort_keys=True)
+    own = "fuzz-" + hashlib.sha256(rest.encode()).hexdigest()[:32]
+    key = body.get("idempotency_key")
+    if isinstance(key, str) and 1 <= len(key) <= 255:
+        body["idempotency_key"] = own
+    for name, value in list((case.headers or {}).items()):
+        if name.lower() == "idempotency-key" and re.fullmatch(IDEMPOTENCY_KEY_PATTERN, value):
+            case.headers[name] = own  # equal to the body's key, when that is valid
 
 
 def test_the_api_keeps_to_its_openapi_document(billing_api: System) -> None:
