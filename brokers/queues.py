@@ -25,6 +25,7 @@ from kombu.exceptions import ChannelError
 from redis.asyncio import Redis
 
 from cancelflow.metrics import sent_at_of
+from cancelflow.redis_clients import async_client
 from cancelflow.settings import Settings
 
 
@@ -46,7 +47,7 @@ class RedisQueues:
     """A Redis broker apart from the job store: its lists."""
 
     def __init__(self, url: str) -> None:
-        self._redis: Redis = Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._redis: Redis = async_client(url, socket_timeout=5, socket_connect_timeout=5)
 
     async def read(self, names: Sequence[str], *, now: float) -> Waiting:
         async with self._redis.pipeline(transaction=False) as pipe:

@@ -18,6 +18,7 @@ from celery.events.dispatcher import EventDispatcher
 from kombu.entity import Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
+from cancelflow.broker_urls import parse_sentinel, scheme_of
 from cancelflow.contract import (
     CALLBACKS_QUEUE,
     DEAD_LETTER_QUEUE,
@@ -64,7 +65,16 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The same channel, its pool the master's that the sentinels name (and re-name)."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
 TRANSPORT = f"{__name__}:Transport"
+SENTINEL_TRANSPORT = f"{__name__}:SentinelTransport"
 
 
 def queues() -> list[Queue]:
@@ -142,6 +152,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         from brokers import amqp
 
         config.update(amqp.celery_config(settings))
+    elif scheme_of(settings.broker()) == "sentinel":
+        found = parse_sentinel(settings.broker())
+        config["broker_url"] = found.kombu_url()
+        config["broker_transport"] = SENTINEL_TRANSPORT
+        config["broker_transport_options"]["master_name"] = found.master
+    if scheme_of(settings.redis_url) == "sentinel":
+        found = parse_sentinel(settings.redis_url)
+        config["result_backend"] = found.kombu_url()
+        config["result_backend_transport_options"]["master_name"] = found.master
     return config
 
 

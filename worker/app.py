@@ -12,7 +12,7 @@ from celery import signals
 from kombu.connection import Connection
 
 from cancelflow.logging import configure_logging, get_logger
-from cancelflow.messaging import TRANSPORT, create_celery, flush_sent_events
+from cancelflow.messaging import SENTINEL_TRANSPORT, TRANSPORT, create_celery, flush_sent_events
 from cancelflow.settings import load_settings, warn_unknown_env
 from worker import leases
 
@@ -28,7 +28,10 @@ if settings.broker_kind() == "redis":
         **app.conf.broker_transport_options,
         **leases.unacked_keys(leases.WORKER_ID),
     }
-    app.conf.broker_transport = "worker.transport:Transport"
+    sentinel = urllib.parse.urlsplit(settings.broker()).scheme == "sentinel"
+    app.conf.broker_transport = (
+        "worker.transport:SentinelTransport" if sentinel else "worker.transport:Transport"
+    )
     # Both our transports are kombu's Redis transport: name them by the broker URL's scheme
     # where a connection is shown as a URL (Celery's banner; Flower's Broker page, which picks
     # its client by that URL's scheme, flower/utils/broker.py, and said "'redis' broker is not
@@ -36,7 +39,8 @@ if settings.broker_kind() == "redis":
     # Connection.clone and every connection made use the class itself (_info(resolve=False)).
     Connection.resolve_aliases.update(
         dict.fromkeys(
-            (app.conf.broker_transport, TRANSPORT), urllib.parse.urlsplit(settings.broker()).scheme
+            (app.conf.broker_transport, TRANSPORT, SENTINEL_TRANSPORT),
+            urllib.parse.urlsplit(settings.broker()).scheme,
         )
     )
 # Steps run on the runtime's event loop, other tasks in threads (see worker.pool).

@@ -30,6 +30,7 @@ from typing import Any
 import redis
 
 from cancelflow.logging import get_logger
+from cancelflow.redis_clients import sync_client
 from cancelflow.settings import Settings, WorkerSettings
 from cancelflow.store import WORKERS
 
@@ -89,7 +90,7 @@ class Leases(threading.Thread):
         # Only Redis needs its dead workers' messages put back (brokers.amqp).
         self.restores = settings.broker_kind() == "redis"
         timeout = max(1.0, self.conf.heartbeat_s)
-        self._redis = redis.Redis.from_url(
+        self._redis = sync_client(
             settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
         self._beat = self._redis.register_script(_BEAT)

@@ -206,3 +206,11 @@ def _check_delivery(message: Any) -> None:
 
 class Transport(messaging.Transport):
     Channel = Channel
+
+
+class SentinelChannel(Channel, messaging.SentinelChannel):
+    """This channel on a Redis reached through Sentinel."""
+
+
+class SentinelTransport(messaging.SentinelTransport):
+    Channel = SentinelChannel

@@ -12,6 +12,7 @@ from celery import signals
 
 from brokers import amqp
 from brokers.routing import queue_of
+from cancelflow.broker_urls import parse_sentinel
 from cancelflow.contract import DEAD_LETTER_QUEUE, MAINTENANCE_QUEUE
 from cancelflow.errors import ConfigError
 from cancelflow.messaging import celery_config, create_celery
@@ -144,3 +145,18 @@ def test_a_delayed_messages_routing_key_names_its_queue() -> None:
     delayed = ".".join("0" * 27 + "1") + ".cancellations.payway"
     assert queue_of(delayed) == "cancellations.payway"
     assert queue_of(None) is None
+
+
+def test_a_sentinel_url_names_its_sentinels_master_and_db() -> None:
+    url = "sentinel://:pw@s1:26379;sentinel://s2:26380;sentinel://s3/2?master=cf"
+    found = parse_sentinel(url)
+    assert found.sentinels == (("s1", 26379), ("s2", 26380), ("s3", 26379))
+    assert (found.master, found.db, found.password) == ("cf", 2, "pw")
+    # kombu's form: the master goes in the transport options, not the URL.
+    assert found.kombu_url() == "sentinel://:pw@s1:26379;sentinel://s2:26380;sentinel://s3:26379/2"
+    config = celery_config(Settings(redis_url=url))
+    assert config["broker_url"] == found.kombu_url()
+    assert config["broker_transport_options"]["master_name"] == "cf"
+    assert config["result_backend_transport_options"]["master_name"] == "cf"
+    with pytest.raises(ConfigError, match="name the master"):
+        load_settings(redis_url="sentinel://s1:26379")
