@@ -1,7 +1,7 @@
 """The baseline: plain Celery chains of tasks that do nothing, on Cancelflow's own Celery config.
 
 Same broker, serializer, acks (``acks_late``, ``reject_on_worker_lost``, prefetch 1), events
-and visibility timeout as ``cancelflow.messaging.celery_config``; only the queue differs. The
+and visibility timeout as ``messaging.config.celery_config``; only the queue differs. The
 bench runs its workers as ``cancelflow worker`` runs ours (same concurrency and flags) on
 Celery's stock threads pool, so the comparison measures what Cancelflow adds to a chain of
 tasks:
@@ -19,8 +19,8 @@ import redis
 from celery import Celery, chain
 from kombu import Queue  # type: ignore[attr-defined]
 
-from cancelflow.messaging import EXCHANGE, celery_config
 from cancelflow.settings import Settings, load_settings
+from messaging.config import EXCHANGE, celery_config
 
 QUEUE = "bench.baseline"
 # Never consumed: the target for the "loop of plain send_task calls" of the enqueue benchmark.

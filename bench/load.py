@@ -22,11 +22,10 @@ from celery import Celery
 
 from bench import baseline
 from cancelflow.contract import CancellationRequest, JobRecord
-from cancelflow.messaging import create_celery
 from cancelflow.settings import Settings
-from cancelflow.steps import Deps
 from cancelflow.store import Created, job_key
-from cancelflow.wiring import build_deps, redis_client
+from cancelflow.wiring import Deps, build_deps, redis_client
+from messaging.config import create_celery
 from producers.local import http_json
 from producers.submit import submit
 from sandboxes.payway import DEMO as PAYWAY_DEMO

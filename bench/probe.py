@@ -164,7 +164,7 @@ def install_worker_timers() -> None:
     _timed_async(ProviderHttp, "_send", "provider_http")
     _timed_async(callbacks, "deliver", "callback_http")
     _timed_async(callbacks, "check_url", "callback_url_check")
-    _timed_sync(worker.tasks, "send_step", "send_next_step")
+    _timed_sync(worker.tasks, "dispatch", "send_next_step")
     _time_tasks()
 
 

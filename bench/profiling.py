@@ -28,8 +28,8 @@ from bench import load, probe
 from bench.load import Flight, Run, make_requests
 from cancelflow.contract import CancellationRequest
 from cancelflow.settings import Settings
-from cancelflow.steps import Deps
 from cancelflow.store import Created
+from cancelflow.wiring import Deps
 from producers.submit import submit
 
 if TYPE_CHECKING:

@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 
 import redis
 
-from cancelflow.messaging import create_celery
 from cancelflow.settings import Settings
+from messaging.config import create_celery
 from producers.local import (
     ProcessGroup,
     cancelflow_command,

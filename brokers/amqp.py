@@ -9,11 +9,12 @@ What RabbitMQ does natively that Redis needs Cancelflow's code for:
   restores nothing on RabbitMQ; its heartbeats in the job store still guard the confirm lease
   and stop a process cut off from Redis from calling providers.
 - **Acknowledgements.** An AMQP ack is one frame on the open connection, with no reply to
-  wait for: ``worker.transport``'s batching (a Redis round trip per ack) has nothing to save.
+  wait for: the Redis channel's batching (a Redis round trip per ack) has nothing to save.
 - **Unreadable messages.** AMQP frames every message: there is no list item that is not an
-  envelope, the case ``worker.transport``'s channel exists for. A body that is not a valid
-  task message is dead-lettered by ``worker.consumer`` (store entry), then rejected without
-  requeue, and the queue's dead-letter exchange parks it byte for byte on ``dead_letters``.
+  envelope, the case the workers' Redis channel (``messaging.patches``) exists for. A body
+  that is not a valid task message is dead-lettered by ``worker.consumer`` (store entry),
+  then rejected without requeue, and the queue's dead-letter exchange parks it byte for
+  byte on ``dead_letters``.
   A message delivered ``broker_delivery_limit`` times without an ack (a worker dying on it
   each time) is parked there by the broker itself, never requeued forever; so is the message
   of a step that failed (Celery rejects it; Redis drops it), whose job is in the store.
@@ -104,7 +105,7 @@ def queues(settings: Settings) -> list[Queue]:
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    """What ``cancelflow.messaging.celery_config`` changes for RabbitMQ."""
+    """What ``messaging.config.celery_config`` changes for RabbitMQ."""
     return {
         "broker_url": settings.broker(),
         # kombu's py-amqp transport, chosen by the URL's scheme.

@@ -85,6 +85,9 @@ class CallbackRetryable(CancelflowError):
         self.status = status
         self.retry_after = retry_after
         self.elapsed_s = elapsed_s
+        # How long its target's retry window has been open (set by ``cancelflow.delivery``,
+        # which gives up a target past the horizon: see ``cancelflow.retry.decide``).
+        self.window_age_s = 0.0
 
 
 class CallbackRejected(CancelflowError):

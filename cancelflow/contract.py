@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
@@ -31,6 +32,16 @@ MAINTENANCE_QUEUE = "maintenance"
 def provider_queue(provider: str) -> str:
     """The queue of one provider: a slow provider cannot starve the others."""
     return f"cancellations.{provider}"
+
+
+def queue_names(providers: Iterable[str]) -> list[str]:
+    """Every queue: one per provider, then callbacks, maintenance and dead letters."""
+    return [
+        *(provider_queue(key) for key in providers),
+        CALLBACKS_QUEUE,
+        MAINTENANCE_QUEUE,
+        DEAD_LETTER_QUEUE,
+    ]
 
 
 JOB_ID_RE = re.compile(r"^job_[0-9a-f]{32}$")

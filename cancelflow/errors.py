@@ -27,7 +27,7 @@ class ProviderError(CancelflowError):
 
     ``may_have_acted``: the request may have reached the provider and taken effect even though
     no usable answer came back (a timeout, a reset after sending, a 5xx). A cancel that failed
-    so is read back before it is sent again (``steps.confirm``). The HTTP door
+    so is read back before it is sent again (``chain.confirm``). The HTTP door
     (``cancelflow.http``) sets it for each failure; each class has the default of its kind.
     """
 
@@ -108,6 +108,22 @@ class CircuitOpen(ProviderError):
     """The provider's circuit breaker is open: leave the job queued and try after the cool-down."""
 
     retryable = True
+
+
+class StepBusy(CancelflowError):
+    """Another delivery of the same step holds its lease; run again after ``retry_after``."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DecisionConflict(CancelflowError):
+    """A decision for a job that is not waiting for one."""
+
+
+class CallbackGiveUp(CancelflowError):
+    """A callback was refused for good or its retry horizon has passed."""
 
 
 class JobDeadLettered(CancelflowError):

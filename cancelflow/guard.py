@@ -96,11 +96,26 @@ class GuardLimits:
     breaker_read_s: float = 0.5  # how long a read finding the breaker closed and clean holds
 
 
+def breaker_key(provider: str) -> str:
+    """The provider's circuit breaker (hash: open_until, failures, opened)."""
+    return f"cf:cb:{provider}"
+
+
+def rate_key(provider: str) -> str:
+    """The provider's calls in the current second (the rate limit)."""
+    return f"cf:rl:{provider}"
+
+
+def in_flight_key(provider: str) -> str:
+    """The provider's calls in flight (sorted set scored by when each slot's lease ends)."""
+    return f"cf:if:{provider}"
+
+
 class ProviderGuard:
     def __init__(self, redis: Redis, provider: str, limits: GuardLimits) -> None:
         self.provider = provider
         self._limits = limits
-        self._keys = [f"cf:cb:{provider}", f"cf:rl:{provider}", f"cf:if:{provider}"]
+        self._keys = [breaker_key(provider), rate_key(provider), in_flight_key(provider)]
         self._admit = redis.register_script(_ADMIT)
         self._release = redis.register_script(_RELEASE)
         self._redis = redis
@@ -181,7 +196,7 @@ def classify(error: BaseException | None) -> Result:
 async def breaker_state(redis: Redis, provider: str) -> dict[str, Any]:
     """The breaker and limits as an operator sees them (``GET /v1/providers``)."""
     # redis-py types each command for the sync and the async client at once.
-    raw = await cast("Awaitable[dict[Any, Any]]", redis.hgetall(f"cf:cb:{provider}"))
+    raw = await cast("Awaitable[dict[Any, Any]]", redis.hgetall(breaker_key(provider)))
     h = {
         (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
         for k, v in raw.items()
@@ -197,5 +212,5 @@ async def breaker_state(redis: Redis, provider: str) -> dict[str, Any]:
         "open_for_s": round(max(0.0, open_until - now), 3),
         "consecutive_failures": int(h.get("failures", 0)),
         "times_opened": int(h.get("opened", 0)),
-        "in_flight": int(await redis.zcount(f"cf:if:{provider}", now * 1000, "+inf")),
+        "in_flight": int(await redis.zcount(in_flight_key(provider), now * 1000, "+inf")),
     }

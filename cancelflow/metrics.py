@@ -32,8 +32,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 from redis.asyncio import Redis
 
+from cancelflow.contract import queue_names
 from cancelflow.dead_letters import KINDS, kind_key
-from cancelflow.messaging import queues
+from cancelflow.guard import breaker_key, in_flight_key
 from cancelflow.providers import REGISTRY as PROVIDERS
 from cancelflow.store import AWAITING
 
@@ -228,7 +229,7 @@ class StoreSnapshot:
     dead_letters: Mapping[str, int]
     awaiting_decision: int
     # Per queue: seconds its oldest waiting message has waited; 0 when the queue is empty, no
-    # entry when that message's send time is unknown (not sent by ``send_step``).
+    # entry when that message's send time is unknown (not sent by ``messaging.dispatch``).
     oldest_message_age_s: Mapping[str, float]
     # Per provider: CIRCUIT_CLOSED, CIRCUIT_HALF_OPEN or CIRCUIT_OPEN, and calls in flight.
     circuit_state: Mapping[str, int]
@@ -248,7 +249,7 @@ async def read_store(
     in one pipeline of a fixed number of commands. ``now``: epoch seconds (the clock).
     ``broker_queues``: when the broker is not this Redis, what reads its queues instead
     (``brokers.queues``)."""
-    names = [q.name for q in queues()]
+    names = queue_names(PROVIDERS)
     keys = list(providers)
     at = time.time() if now is None else now
     from_broker = None if broker_queues is None else await broker_queues.read(names, now=at)
@@ -261,9 +262,9 @@ async def read_store(
             pipe.scard(kind_key(kind))
         pipe.zcard(AWAITING)
         for key in keys:
-            pipe.hmget(f"cf:cb:{key}", ["open_until", "failures", "opened"])
+            pipe.hmget(breaker_key(key), ["open_until", "failures", "opened"])
             # Scored by when each slot's lease ends: the live ones end after now.
-            pipe.zcount(f"cf:if:{key}", at * 1000, "+inf")
+            pipe.zcount(in_flight_key(key), at * 1000, "+inf")
         found: list[Any] = await pipe.execute()
     n, k = 0 if from_broker is not None else len(names), len(KINDS)
     depths, heads = found[:n], found[n : 2 * n]
@@ -292,7 +293,7 @@ async def read_store(
 
 
 def sent_at_of(message: bytes | str) -> float:
-    """When a queued message was sent (the ``sent_at`` header ``send_step`` sets, epoch s):
+    """When a queued message was sent (the ``sent_at`` header ``messaging.dispatch`` sets, epoch s):
     0 when unknown (not ours, or not a kombu JSON envelope)."""
     try:
         sent = json.loads(message)["headers"]["sent_at"]

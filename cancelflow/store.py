@@ -8,6 +8,7 @@ Keys (all under ``cf:``):
                       key in its namespace (an API token's, or a producer's: "billing")
   idem:{sha256(key)}  the same, written before keys had namespaces (read only, see ``create``)
   inflight:{provider}:{sha256(identity)}  the job currently cancelling that subscription
+  lease:{id}:confirm  the confirm step's lease: the worker process calling the provider
   jobs                sorted set of job ids by creation time (for listing)
   stats:{hour}        hash "provider|status" -> jobs created in that hour (epoch s // 3600)
                       now in that status: ``/v1/stats`` reads these, never the jobs
@@ -26,6 +27,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
+from cancelflow import lifecycle
 from cancelflow.contract import (
     CallbackAttempt,
     CancellationRequest,
@@ -47,7 +49,7 @@ log = get_logger(__name__)
 
 PREFIX = "cf:"
 JOBS_INDEX = f"{PREFIX}jobs"
-# Jobs not yet settled (queued, mid-chain, or ended with the result callback pending), by
+# Jobs still watched (queued, mid-chain, or ended with the result callback pending), by
 # the time they last moved.
 ACTIVE = f"{PREFIX}active"
 # Jobs recorded whose first step no producer has confirmed sending, by creation time.
@@ -72,92 +74,89 @@ STATS_BUCKET_S = 3600
 STATS_WINDOW_S = 31 * 24 * 3600
 STATS_PREFIX = f"{PREFIX}stats:"
 
-# to-status -> the statuses a job may be in to move there. Nothing moves a job backwards but
-# an operator's replay of a dead letter (``replay``).
-TRANSITIONS: dict[Status, frozenset[Status]] = {
-    Status.CHECKING: frozenset({Status.QUEUED, Status.CHECKING}),
-    Status.AWAITING_DECISION: frozenset({Status.CHECKING}),
-    Status.CONFIRMING: frozenset({Status.CHECKING, Status.AWAITING_DECISION, Status.CONFIRMING}),
-    Status.FINISHED: frozenset({Status.CHECKING, Status.AWAITING_DECISION, Status.CONFIRMING}),
-    Status.DEAD_LETTERED: frozenset(
-        {Status.QUEUED, Status.CHECKING, Status.AWAITING_DECISION, Status.CONFIRMING}
-    ),
-}
-REPLAYABLE_TO = frozenset({Status.QUEUED, Status.CONFIRMING})
-
 # The idempotency namespace of a caller that names none (tools, tests): not an API token's,
 # not a producer's.
 DEFAULT_NAMESPACE = "default"
 # A joined job keeps at most this many joiners' callback URLs (``extra_callbacks``).
 MAX_EXTRA_CALLBACKS = 16
 
-# KEYS: job, timeline, idempotency key (namespaced, or ''), in-flight marker, the three
-# indexes, the key's pre-namespace form (or ''). ARGV: job id, fingerprint, idempotency TTL,
-# in-flight TTL, now, timeline entry, the job key prefix, the caller's callback URL (or ''),
-# the most extra callbacks a job keeps, then the hash's fields.
+# Keys and arguments are named below, in the order ``JobStore.create`` passes them.
 # A pre-namespace key counts only for the same body: with another body it is taken for
 # another caller's key in the old shared namespace, not for a conflict.
 _CREATE = """
-if KEYS[3] ~= '' then
-  local v = redis.call('GET', KEYS[3])
+local job, timeline, idem, inflight = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local jobs, undispatched, active, legacy_idem = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local job_id, fingerprint, idem_ttl, inflight_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local now, entry, job_prefix, callback_url = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local max_extra_callbacks = tonumber(ARGV[9])
+local FIRST_FIELD = 10
+
+-- The same idempotency key: the same job (same body), or a conflict (another body).
+if idem ~= '' then
+  local v = redis.call('GET', idem)
   local legacy = false
-  if not v and KEYS[8] ~= '' then
-    v = redis.call('GET', KEYS[8])
+  if not v and legacy_idem ~= '' then
+    v = redis.call('GET', legacy_idem)
     legacy = true
   end
   if v then
     local sep = string.find(v, '|', 1, true)
     local id = string.sub(v, 1, sep - 1)
-    if string.sub(v, sep + 1) == ARGV[2] then return {'existing', id, '0'} end
+    if string.sub(v, sep + 1) == fingerprint then return {'existing', id, '0'} end
     if not legacy then return {'conflict', id, '0'} end
   end
 end
-local inflight = redis.call('GET', KEYS[4])
-if inflight then
-  if KEYS[3] ~= '' then
-    redis.call('SET', KEYS[3], inflight .. '|' .. ARGV[2], 'EX', ARGV[3])
+-- A job already cancelling the subscription: the request joins it, with its callback URL.
+local joined_id = redis.call('GET', inflight)
+if joined_id then
+  if idem ~= '' then
+    redis.call('SET', idem, joined_id .. '|' .. fingerprint, 'EX', idem_ttl)
   end
   local added = '0'
-  if ARGV[8] ~= '' then
-    local joined = ARGV[7] .. inflight
+  if callback_url ~= '' then
+    local joined = job_prefix .. joined_id
     local raw = redis.call('HGET', joined, 'extra_callbacks')
     local urls = {}
     if raw then urls = cjson.decode(raw) end
     local known = false
-    for _, u in ipairs(urls) do if u == ARGV[8] then known = true end end
+    for _, u in ipairs(urls) do if u == callback_url then known = true end end
     if known then
       added = '1'
-    elseif #urls < tonumber(ARGV[9]) then
-      urls[#urls + 1] = ARGV[8]
+    elseif #urls < max_extra_callbacks then
+      urls[#urls + 1] = callback_url
       redis.call('HSET', joined, 'extra_callbacks', cjson.encode(urls))
       added = '1'
     end
   end
-  return {'joined', inflight, added}
+  return {'joined', joined_id, added}
 end
+-- A new job: its record, its first timeline entry, its marker and its indexes.
 local fields = {}
-for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], unpack(fields))
-redis.call('RPUSH', KEYS[2], ARGV[6])
-redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[4])
-if KEYS[3] ~= '' then
-  redis.call('SET', KEYS[3], ARGV[1] .. '|' .. ARGV[2], 'EX', ARGV[3])
+for i = FIRST_FIELD, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', job, unpack(fields))
+redis.call('RPUSH', timeline, entry)
+redis.call('SET', inflight, job_id, 'EX', inflight_ttl)
+if idem ~= '' then
+  redis.call('SET', idem, job_id .. '|' .. fingerprint, 'EX', idem_ttl)
 end
-redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])
-redis.call('ZADD', KEYS[6], ARGV[5], ARGV[1])
-redis.call('ZADD', KEYS[7], ARGV[5], ARGV[1])
-return {'created', ARGV[1], '0'}
+redis.call('ZADD', jobs, now, job_id)
+redis.call('ZADD', undispatched, now, job_id)
+redis.call('ZADD', active, now, job_id)
+return {'created', job_id, '0'}
 """
 
 # Every move of a job is this one script, so each step costs as few round trips as it can.
-# Keys and arguments are named below, in the order ``JobStore._run`` passes them.
+# It is written in parts, by purpose, joined in this order into one script; keys and
+# arguments are named in the first, in the order ``JobStore._run`` passes them.
 # Answers {verdict, previous status, lease ms left, [hash, timeline, callbacks]}; verdict is
 # 'ok', 'rejected' (not in an allowed status), 'leased' (the lease is held by a live
 # process) or 'missing'.
-_TRANSITION = """
+_MOVE_NAMES = """
 local job, timeline, inflight, callbacks = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local active, lease_key, dl_key, dl_index, dl_kind = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local workers, awaiting = KEYS[10], KEYS[11]
+-- The status to move to ('' for none) and the statuses it may move from (cancelflow.lifecycle;
+-- '' for any).
 local to, allowed, now_iso, entry, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local job_id, now, lease, with_record = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local dl_id, dl_json = ARGV[10], ARGV[11]
@@ -169,7 +168,9 @@ local dl_id, dl_json = ARGV[10], ARGV[11]
 local holder, holds, alive_s, deadline = ARGV[12], ARGV[13], tonumber(ARGV[14]), ARGV[15]
 -- When the job is next expected to move (epoch s): now, or when a countdown is due.
 local expected = ARGV[16]
-local FIRST_FIELD = 17
+-- The status of a job parked on a decision (cancelflow.lifecycle.PARKED).
+local parked = ARGV[17]
+local FIRST_FIELD = 18
 
 if lease == 'release' then redis.call('DEL', lease_key) end
 local cur = redis.call('HGET', job, 'status')
@@ -179,6 +180,10 @@ local function answer(verdict, left)
   return {verdict, cur, left, redis.call('HGETALL', job),
           redis.call('LRANGE', timeline, 0, -1), redis.call('LRANGE', callbacks, 0, -1)}
 end
+"""
+
+# Whether the job may move from where it is.
+_MOVE_ALLOWED = """
 if allowed ~= '' then
   local ok = false
   for s in string.gmatch(allowed, '%S+') do
@@ -186,8 +191,11 @@ if allowed ~= '' then
   end
   if not ok then return answer('rejected', 0) end
 end
--- A lease names the process holding it. One whose process stopped beating (see
--- worker.leases) is taken over at once: its holder died mid-call.
+"""
+
+# A lease names the process holding it. One whose process stopped beating (see
+# worker.leases) is taken over at once: its holder died mid-call.
+_MOVE_LEASE = """
 if lease ~= '' and lease ~= 'release' then
   local mine = holder ~= '' and holder or '1'
   if not redis.call('SET', lease_key, mine, 'NX', 'PX', lease) then
@@ -203,9 +211,12 @@ if lease ~= '' and lease ~= 'release' then
 end
 local status = cur
 if to ~= '' then status = to end
--- The job's count moves from its old status to its new one, in the stats hash of the hour it
--- was created in (named in the job, see ``_COUNT_CREATED``; a job older than the hash, or
--- older than the counts, is in none). Standalone Redis only, like every key here.
+"""
+
+# The job's count moves from its old status to its new one, in the stats hash of the hour it
+# was created in (named in the job, see ``_COUNT_CREATED``; a job older than the hash, or
+# older than the counts, is in none). Standalone Redis only, like every key here.
+_MOVE_COUNT = """
 if status ~= cur then
   local counted = redis.call('HMGET', job, 'stats_key', 'provider')
   local stats, provider = counted[1], counted[2]
@@ -214,29 +225,39 @@ if status ~= cur then
     redis.call('HINCRBY', stats, provider .. '|' .. status, 1)
   end
 end
+"""
+
+# The record itself, and which process runs the job's step now: set by a step's start,
+# cleared by its next write.
+_MOVE_WRITE = """
 local args = {'status', status, 'updated_at', now_iso}
 for i = FIRST_FIELD, #ARGV do args[#args + 1] = ARGV[i] end
 redis.call('HSET', job, unpack(args))
--- Which process runs the job's step now: set by a step's start, cleared by its next write.
 if holds ~= '' then
   redis.call('HSET', job, 'held_by', holder, 'held_since', now_iso)
 else
   redis.call('HDEL', job, 'held_by', 'held_since')
 end
--- Jobs not yet settled, by when they are next expected to move: the watchdog's index (see
--- ``stalled``).
--- A parked job waits on purpose; an ended one stays until its result callback settles.
--- The decision deadlines' index moves with the job, in this same script.
-if status == 'awaiting_decision' then
-  redis.call('ZREM', active, job_id)
-  if cur ~= 'awaiting_decision' then redis.call('ZADD', awaiting, deadline, job_id) end
-else
-  redis.call('ZADD', active, expected, job_id)
-  if cur == 'awaiting_decision' then redis.call('ZREM', awaiting, job_id) end
-end
 if entry ~= '' then redis.call('RPUSH', timeline, entry) end
 if inflight ~= '' and redis.call('GET', inflight) == job_id then redis.call('DEL', inflight) end
--- The job's dead letter is written with the move, so no crash can leave one without the other.
+"""
+
+# Jobs still watched, by when they are next expected to move: the watchdog's index (see
+# ``stalled``). A parked job waits on purpose; an ended one stays until its result callback
+# is at its end. The decision deadlines' index moves with the job, in this same script.
+_MOVE_INDEX = """
+if status == parked then
+  redis.call('ZREM', active, job_id)
+  if cur ~= parked then redis.call('ZADD', awaiting, deadline, job_id) end
+else
+  redis.call('ZADD', active, expected, job_id)
+  if cur == parked then redis.call('ZREM', awaiting, job_id) end
+end
+"""
+
+# The job's dead letter is written with the move, so no crash can leave one without the
+# other; a final job's keys expire after the retention (or a replayed one's never).
+_MOVE_KEEP = """
 if dl_key ~= '' then
   redis.call('SET', dl_key, dl_json)
   redis.call('ZADD', dl_index, now, dl_id)
@@ -254,18 +275,25 @@ end
 return answer('ok', 0)
 """
 
+_TRANSITION = "".join(
+    (_MOVE_NAMES, _MOVE_ALLOWED, _MOVE_LEASE, _MOVE_COUNT, _MOVE_WRITE, _MOVE_INDEX, _MOVE_KEEP)
+)
+
 
 # One round trip for a callback attempt: appended, the record touched, and the attempts kept
 # as long as the record itself (a finished job's record expires after the retention). A job
 # that is gone (expired, or never was) gets nothing: writing would leave a partial record that
 # never expires. Answers the record's TTL, -2 (as TTL answers) when there is no record.
 _ADD_CALLBACK = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -2 end
-redis.call('RPUSH', KEYS[2], ARGV[1])
-redis.call('HSET', KEYS[1], 'updated_at', ARGV[2])
-local ttl = redis.call('TTL', KEYS[1])
-if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
-if ARGV[3] ~= '' then redis.call('ZREM', KEYS[3], ARGV[3]) end
+local job, callbacks, active = KEYS[1], KEYS[2], KEYS[3]
+-- The attempt, its time, and the job's id when the watchdog stops watching it ('' if not).
+local attempt, at, unwatch = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('EXISTS', job) == 0 then return -2 end
+redis.call('RPUSH', callbacks, attempt)
+redis.call('HSET', job, 'updated_at', at)
+local ttl = redis.call('TTL', job)
+if ttl > 0 then redis.call('EXPIRE', callbacks, ttl) end
+if unwatch ~= '' then redis.call('ZREM', active, unwatch) end
 return ttl
 """
 
@@ -273,18 +301,22 @@ return ttl
 # hour's stats hash, and names that hash for the moves to come. Only a job ``_CREATE`` made
 # exists under this new id (a repeated or joined request made none), so only it is counted.
 _COUNT_CREATED = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'stats_key', KEYS[2])
-redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
-redis.call('EXPIREAT', KEYS[2], ARGV[2])
+local job, stats = KEYS[1], KEYS[2]
+local field, expire_at = ARGV[1], ARGV[2]
+if redis.call('EXISTS', job) == 0 then return 0 end
+redis.call('HSET', job, 'stats_key', stats)
+redis.call('HINCRBY', stats, field, 1)
+redis.call('EXPIREAT', stats, expire_at)
 return 1
 """
 
 # The watchdog's claim: jobs quiet since the cutoff, each marked as moved now in the same
 # script, so two sweeps running at once never both pick (and re-send) the same job.
 _CLAIM_STALLED = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
-for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], 'XX', ARGV[2], id) end
+local active = KEYS[1]
+local cutoff, now, limit = ARGV[1], ARGV[2], ARGV[3]
+local ids = redis.call('ZRANGEBYSCORE', active, '-inf', cutoff, 'LIMIT', 0, limit)
+for _, id in ipairs(ids) do redis.call('ZADD', active, 'XX', now, id) end
 return ids
 """
 
@@ -292,8 +324,10 @@ return ids
 # A deadline entry whose job is gone or no longer parked (written by an older version, which
 # indexed apart from the move) is dropped; one whose job is still parked is kept.
 _DROP_DEADLINE = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'awaiting_decision' then
-  return redis.call('ZREM', KEYS[2], ARGV[1])
+local job, awaiting = KEYS[1], KEYS[2]
+local job_id, parked = ARGV[1], ARGV[2]
+if redis.call('HGET', job, 'status') ~= parked then
+  return redis.call('ZREM', awaiting, job_id)
 end
 return 0
 """
@@ -353,6 +387,11 @@ def _sha(value: str) -> str:
 
 def job_key(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}"
+
+
+def confirm_lease_key(job_id: str) -> str:
+    """The confirm step's lease of a job: held by the worker process calling the provider."""
+    return f"{PREFIX}lease:{job_id}:confirm"
 
 
 def inflight_key(provider: str, identity: str) -> str:
@@ -546,11 +585,20 @@ class JobStore:
     async def drop_deadline(self, job_id: str) -> bool:
         """Forget the deadline of a job that no longer waits for a decision (or no longer
         exists); True if an entry was dropped."""
-        return bool(await self._drop_deadline(keys=[job_key(job_id), AWAITING], args=[job_id]))
+        return bool(
+            await self._drop_deadline(
+                keys=[job_key(job_id), AWAITING], args=[job_id, lifecycle.PARKED.value]
+            )
+        )
 
-    async def settle(self, job_id: str) -> None:
-        """The job ended and its result callback reached its end: nothing more to watch."""
+    async def unwatch(self, job_id: str) -> None:
+        """The job ended and its result callback reached its end: the watchdog stops
+        watching it."""
         await self.redis.zrem(ACTIVE, job_id)
+
+    async def release_confirm_lease(self, job_id: str) -> None:
+        """Give back the confirm lease of a confirm that ends without moving the job."""
+        await self.redis.delete(confirm_lease_key(job_id))
 
     async def mark_dispatched(self, job_id: str) -> None:
         """The job's first step is on the broker."""
@@ -601,27 +649,28 @@ class JobStore:
     async def begin(
         self,
         job_id: str,
+        event: lifecycle.Event,
         *,
-        to: Status | None,
-        allowed: frozenset[Status],
         entry: TimelineEntry,
-        lease: tuple[str, float] | None = None,
+        lease_s: float | None = None,
         sole: bool = False,
     ) -> Began:
-        """A step's first write and its read in one round trip: move the job to ``to`` (or
-        only note ``entry``) if it is in ``allowed``, taking ``lease`` (key, seconds) if
-        given, and answer with the record as it stands after. ``sole``: this process runs
-        no other delivery of the step, so a lease it holds itself is taken again (left by a
-        delivery that could not release it, Redis being away)."""
+        """A step's first write and its read in one round trip: move the job by ``event``
+        (or only note ``entry``, when the event keeps its status) if the job is where the
+        event moves from, taking the confirm lease for ``lease_s`` seconds if given, and
+        answer with the record as it stands after. ``sole``: this process runs no other
+        delivery of the step, so a lease it holds itself is taken again (left by a delivery
+        that could not release it, Redis being away)."""
+        to = lifecycle.target(event)
         result, previous, left, job = await self._run(
             job_id,
-            to=to.value if to else "",
-            allowed=allowed,
+            to=to.value,
+            allowed=lifecycle.sources(event),
             entry=entry,
             release="",
             ttl=0,
             fields={},
-            lease=(lease[0], str(int(lease[1] * 1000))) if lease else None,
+            lease=(confirm_lease_key(job_id), str(int(lease_s * 1000))) if lease_s else None,
             with_record=True,
             holds="sole" if sole else "yes",
         )
@@ -636,31 +685,32 @@ class JobStore:
     async def transition(
         self,
         job: JobRecord,
-        to: Status,
+        event: lifecycle.Event,
         *,
         entry: TimelineEntry | None = None,
         identity: str | None = None,
-        release_lease: str | None = None,
+        release_lease: bool = False,
         dead_letter: DeadLetter | None = None,
         deadline: float | None = None,
         **fields: Any,
     ) -> Transition:
-        """Move the job to ``to`` if the transition is allowed from where it is now.
+        """Move the job by ``event`` if the job is in a status the event moves from.
 
-        ``release_lease``: a confirm lease deleted in the same round trip, whatever the
-        answer. ``dead_letter``: the job's entry in the dead-letter store, written only if
-        the job moves (with it, atomically). ``deadline``: for a move to
-        ``awaiting_decision``, when the decision is due (epoch s), indexed with the move."""
+        ``release_lease``: the job's confirm lease is deleted in the same round trip,
+        whatever the answer. ``dead_letter``: the job's entry in the dead-letter store,
+        written only if the job moves (with it, atomically). ``deadline``: for a move to
+        ``lifecycle.PARKED``, when the decision is due (epoch s), indexed with the move."""
+        to = lifecycle.target(event)
         result, previous, _, _ = await self._run(
             job.id,
             to=to.value,
-            allowed=TRANSITIONS[to],
+            allowed=lifecycle.sources(event),
             entry=entry,
             # A final status frees the subscription for a new job and starts the retention.
             release=inflight_key(job.provider, identity) if identity and _ends(to) else "",
             ttl=self._retention if to is Status.FINISHED else 0,
             fields=fields,
-            lease=(release_lease, "release") if release_lease else None,
+            lease=(confirm_lease_key(job.id), "release") if release_lease else None,
             dead_letter=dead_letter,
             deadline=deadline,
         )
@@ -696,14 +746,15 @@ class JobStore:
         )
         return Transition(applied=result == "ok", previous=previous)
 
-    async def replay(self, job_id: str, to: Status, entry: TimelineEntry) -> Transition:
-        """An operator's replay: a dead-lettered job goes back to ``to``, keeping its id."""
-        if to not in REPLAYABLE_TO:
-            raise ValueError(f"cannot replay to {to}")
+    async def replay(self, job_id: str, event: lifecycle.Event, entry: TimelineEntry) -> Transition:
+        """An operator's replay: a dead-lettered job goes back to where ``event`` (a replay)
+        leads, keeping its id."""
+        if event not in (lifecycle.Event.REPLAY, lifecycle.Event.REPLAY_AT_CONFIRM):
+            raise ValueError(f"{event} is not a replay")
         result, previous, _, _ = await self._run(
             job_id,
-            to=to.value,
-            allowed=frozenset({Status.DEAD_LETTERED}),
+            to=lifecycle.target(event).value,
+            allowed=lifecycle.sources(event),
             entry=entry,
             release="",
             ttl=0,
@@ -712,14 +763,14 @@ class JobStore:
         return Transition(applied=result == "ok", previous=previous)
 
     async def add_callback_attempt(
-        self, job_id: str, attempt: CallbackAttempt, *, settle: bool = False
+        self, job_id: str, attempt: CallbackAttempt, *, unwatch: bool = False
     ) -> None:
-        """Record a callback attempt; ``settle``: the job's result callback is at its end,
-        so the watchdog stops watching it (``settle``), in the same round trip.
+        """Record a callback attempt; ``unwatch``: the job's result callback is at its end,
+        so the watchdog stops watching it (``unwatch``), in the same round trip.
         ``JobNotFound`` (and nothing written) when the job is gone."""
         ttl = await self._add_callback(
             keys=[job_key(job_id), f"{job_key(job_id)}:callbacks", ACTIVE],
-            args=[_dump(attempt), attempt.at, job_id if settle else ""],
+            args=[_dump(attempt), attempt.at, job_id if unwatch else ""],
         )
         if int(ttl) == -2:
             raise JobNotFound(job_id)
@@ -781,6 +832,7 @@ class JobStore:
                 self._alive_s,
                 deadline if deadline is not None else now.timestamp(),
                 now.timestamp() + due_in_s,
+                lifecycle.PARKED.value,
                 *flat,
             ],
         )
@@ -820,7 +872,7 @@ def _record(h: dict[str, str], timeline: list[Any], callbacks: list[Any]) -> Job
 
 
 def _ends(status: Status) -> bool:
-    return status in (Status.FINISHED, Status.DEAD_LETTERED)
+    return status in lifecycle.FINAL
 
 
 def _s(value: Any) -> str:

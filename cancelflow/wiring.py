@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
 import aiohttp
@@ -13,6 +14,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from cancelflow import hooks
 from cancelflow.dead_letters import DeadLetterStore
 from cancelflow.guard import GuardLimits, ProviderGuard
 from cancelflow.http import CallObserver, ProviderHttp
@@ -21,10 +23,27 @@ from cancelflow.providers import REGISTRY
 from cancelflow.providers.base import Provider
 from cancelflow.redis_clients import async_client
 from cancelflow.settings import REDIS_HEALTH_CHECK_INTERVAL_S, Settings
-from cancelflow.steps import Deps
 from cancelflow.store import JobObserver, JobStore
 
 log = get_logger(__name__)
+
+
+@dataclass
+class Deps:
+    """What the steps need, built once per process (worker or API) by ``build_deps``."""
+
+    settings: Settings
+    store: JobStore
+    dead_letters: DeadLetterStore
+    providers: dict[str, Provider]
+    session: aiohttp.ClientSession | None = None
+    # Callbacks have their own session: its resolver refuses internal addresses.
+    callback_session: aiohttp.ClientSession | None = None
+    # In-process result hooks by provider ("*": every provider), see cancelflow.hooks.
+    hooks: dict[str, list[hooks.Hook]] = field(default_factory=dict)
+    # Jobs whose confirm this process is running now (see ``chain.confirm``).
+    confirming: set[str] = field(default_factory=set)
+
 
 Persistence = Literal["none", "rdb", "aof", "rdb+aof", "unknown"]
 # What a restart of a Redis that keeps nothing on disk loses: everything Cancelflow holds.

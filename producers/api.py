@@ -49,16 +49,23 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from brokers.queues import QueueReader, queue_reader
-from cancelflow import jsonsafe, metrics, steps
+from cancelflow import chain, decisions, jsonsafe, metrics
 from cancelflow.contract import JOB_ID_RE, Decision
 from cancelflow.dead_letters import AlreadyReplayed
-from cancelflow.errors import CancelflowError, ConfigError, JobNotFound
+from cancelflow.errors import CancelflowError, ConfigError, DecisionConflict, JobNotFound
 from cancelflow.guard import breaker_state
 from cancelflow.logging import get_logger
-from cancelflow.messaging import create_celery, flush_sent_events, send_step
 from cancelflow.settings import Settings, parse_token_entry
 from cancelflow.store import IdempotencyConflict
-from cancelflow.wiring import build_deps, redis_client, redis_persistence, report_persistence
+from cancelflow.wiring import (
+    Deps,
+    build_deps,
+    redis_client,
+    redis_persistence,
+    report_persistence,
+)
+from messaging.config import create_celery
+from messaging.dispatch import dispatch, flush_sent_events
 from producers import console, docs_page, listing, openapi
 from producers.billing import BillingProcessor, Rejected
 from producers.billing_auth import CREDENTIAL_HEADERS, BadSignature, BillingVerifier
@@ -89,7 +96,7 @@ log = get_logger(__name__)
 
 # The default of ``api.max_body_bytes``; the app's own limit is ``request.app[MAX_BODY]``.
 MAX_BODY_BYTES = 64 * 1024
-DEPS = web.AppKey("deps", steps.Deps)
+DEPS = web.AppKey("deps", Deps)
 CELERY = web.AppKey("celery", Celery)
 TOKENS = web.AppKey("tokens", list)
 LIMITER = web.AppKey("limiter", RateLimiter)
@@ -196,7 +203,7 @@ def _request_id(request: web.Request) -> str:
 @web.middleware
 async def request_context(request: web.Request, handler: Any) -> web.StreamResponse:
     """The request's id (the caller's ``Request-Id`` when well formed, else a new one) on every
-    log line the request causes, on the steps it sends (``send_step``) and in ``Request-Id``
+    log line the request causes, on the steps it sends (``dispatch``) and in ``Request-Id``
     on the answer; one ``api.request`` access line per request, whatever its status."""
     request_id = _request_id(request)
     started = time.perf_counter()
@@ -633,11 +640,10 @@ async def post_decision(request: web.Request) -> web.Response:
     except ValidationError as exc:
         return invalid(field_errors(exc))
     try:
-        nxt = await steps.decide(deps, job_id, decision)
-    except steps.DecisionConflict as exc:
+        nxt = await decisions.decide(deps, job_id, decision)
+    except DecisionConflict as exc:
         return problem(409, Problem.JOB_NOT_AWAITING_DECISION, str(exc))
-    if nxt.step is not None:
-        send_step(request.app[CELERY], nxt.step, job_id, nxt.provider, *nxt.args)
+    dispatch(request.app[CELERY], nxt)
     job = await deps.store.get(job_id)
     return web.json_response(job.model_dump(mode="json"), status=202)
 
@@ -664,14 +670,14 @@ async def replay_dead_letter(request: web.Request) -> web.Response:
             404, Problem.NOT_FOUND, f"no dead letter {dl_id} (already replayed or purged?)"
         )
     try:
-        nxt = await steps.replay(deps, dl_id)
+        nxt = await chain.replay(deps, dl_id)
     except AlreadyReplayed as exc:
         # A concurrent replay claimed it between the read above and ours: it delivers, not us.
         return problem(409, Problem.ALREADY_REPLAYED, str(exc))
     except CancelflowError as exc:
         return problem(409, Problem.REPLAY_REFUSED, str(exc))
     if nxt.step is not None and dl.job_id:
-        send_step(request.app[CELERY], nxt.step, dl.job_id, nxt.provider, *nxt.args)
+        dispatch(request.app[CELERY], nxt)
     return web.json_response({"replayed": dl_id, "job_id": dl.job_id, "next": nxt.step}, status=202)
 
 
@@ -710,7 +716,7 @@ async def get_metrics(request: web.Request) -> web.Response:
 _TAKES_QUERY = frozenset({list_cancellations, get_stats, list_dead_letters})
 
 
-async def _index_dead_letter_kinds(deps: steps.Deps) -> None:
+async def _index_dead_letter_kinds(deps: Deps) -> None:
     # Dead letters written before the per-kind sets existed: counted once, in the background.
     try:
         indexed = await deps.dead_letters.index_kinds()

@@ -48,8 +48,8 @@ from cancelflow.contract import isoformat, utcnow
 from cancelflow.dead_letters import DeadLetter
 from cancelflow.logging import get_logger
 from cancelflow.settings import BillingSettings, Settings
-from cancelflow.steps import Deps
 from cancelflow.store import IdempotencyConflict
+from cancelflow.wiring import Deps
 from producers.billing_rules import MissingFields, Rule, Rules
 from producers.problems import field_errors
 from producers.schemas import BillingEvent, BillingOutcome, BillingResult, FieldError

@@ -30,7 +30,7 @@ def _settings() -> Settings:
 
 
 def _run(coro_fn: Callable[[], Any]) -> Any:
-    from cancelflow.messaging import flush_sent_events
+    from messaging.dispatch import flush_sent_events
 
     try:
         return asyncio.run(coro_fn())
@@ -184,7 +184,7 @@ def healthcheck_worker(hostname: str, timeout: float) -> None:
     from celery.utils.nodenames import host_format
     from kombu.exceptions import OperationalError
 
-    from cancelflow.messaging import create_celery
+    from messaging.config import create_celery
 
     node = host_format(hostname)
     celery = create_celery(settings)
@@ -334,9 +334,10 @@ def dlq_replay(
 ) -> None:
     """Replay dead letters (by id, or all the filters match) from the step they failed at."""
     settings = _settings()
-    from cancelflow import steps
+    from cancelflow import chain
     from cancelflow.errors import CancelflowError
-    from cancelflow.messaging import create_celery, send_step
+    from messaging.config import create_celery
+    from messaging.dispatch import dispatch
 
     celery = create_celery(settings)
 
@@ -352,12 +353,12 @@ def dlq_replay(
         for dl_id in ids:
             dl = await deps.dead_letters.get(dl_id)
             try:
-                nxt = await steps.replay(deps, dl_id)
+                nxt = await chain.replay(deps, dl_id)
             except CancelflowError as exc:
                 results.append((dl_id, f"not replayed: {exc}"))
                 continue
             if nxt.step is not None and dl is not None and dl.job_id:
-                send_step(celery, nxt.step, dl.job_id, nxt.provider, *nxt.args)
+                dispatch(celery, nxt)
             results.append(
                 (dl_id, f"replayed -> {nxt.step.value if nxt.step else 'nothing to do'}")
             )
@@ -860,8 +861,8 @@ def billing_consumer(consumer: str | None, check: bool) -> None:
     )
 
     async def go() -> None:
-        from cancelflow.messaging import create_celery
         from cancelflow.wiring import build_deps, redis_client
+        from messaging.config import create_celery
         from producers.billing import BillingConsumer, BillingProcessor
 
         redis = redis_client(settings)

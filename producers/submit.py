@@ -14,12 +14,13 @@ from pydantic import ValidationError
 from cancelflow import metrics
 from cancelflow.callbacks import UnsafeCallbackUrl, check_url_form
 from cancelflow.contract import CancellationRequest, Status, Step
+from cancelflow.lifecycle import Next
 from cancelflow.logging import get_logger
-from cancelflow.messaging import send_step
 from cancelflow.providers import REGISTRY
 from cancelflow.settings import Settings
-from cancelflow.steps import Deps
 from cancelflow.store import DEFAULT_NAMESPACE, Created
+from cancelflow.wiring import Deps
+from messaging.dispatch import dispatch
 from producers.problems import field_errors
 
 log = get_logger(__name__)
@@ -159,7 +160,7 @@ async def submit(
         if first:
             log.warning("job.first_step.resent", job_id=job.id)
     if first:
-        send_step(celery, Step.ELIGIBILITY, job.id, request.provider)
+        dispatch(celery, Next(Step.ELIGIBILITY, job.id, request.provider))
         deps.store.mark_dispatched_soon(job.id)
         log.info("job.enqueued", job_id=job.id, provider=request.provider)
     if created.how == "joined" and request.callback_url is not None:

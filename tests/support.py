@@ -11,8 +11,8 @@ from urllib.parse import quote, unquote, urlsplit
 from kombu.exceptions import ChannelError
 
 from cancelflow.contract import DEAD_LETTER_QUEUE, FINAL_STATUSES
-from cancelflow.messaging import create_celery
 from cancelflow.settings import Settings
+from messaging.config import create_celery
 from producers.local import ProcessGroup, http_json
 from sandboxes.payway import DEMO, PaywayRef
 from tests.rabbitmq import Management

@@ -15,7 +15,8 @@ Celery only recognises some invalid messages: a body that decodes to anything bu
 Each task's strategy is wrapped here by ``task_message_problem``, a check of what the
 strategy, the ``Request`` and the pool take from a message, before Celery reads it: a
 message that fails it is an invalid task message (``on_invalid_task``). The envelope itself
-(properties, headers as kombu needs them) is checked earlier, by ``worker.transport``.
+(properties, headers as kombu needs them) is checked earlier, by
+``messaging.patches.WorkerChannel``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from brokers.routing import queue_of
 from cancelflow.contract import DEAD_LETTER_QUEUE
 from cancelflow.dead_letters import DeadLetter, poison_payload
 from cancelflow.logging import get_logger
-from cancelflow.messaging import DEAD_LETTER_EXCHANGE
+from messaging.config import DEAD_LETTER_EXCHANGE
 
 log = get_logger(__name__)
 
@@ -147,7 +148,7 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
         self._dead_letter(message, type(exc).__name__, f"invalid task message: {exc}")
 
     def _dead_letter(self, message: Any, error_type: str, error: str) -> None:
-        from worker.app import settings
+        from worker.app import settings_of
         from worker.runtime import get_runtime
 
         delivery = getattr(message, "delivery_info", None) or {}
@@ -165,7 +166,7 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
         # A RabbitMQ queue with a dead-letter exchange parks what it is told to reject.
         broker_parks = self._dead_letter_exchange(queue) is not None
         try:
-            runtime = get_runtime(settings)
+            runtime = get_runtime(settings_of(self.app))
             runtime.run(runtime.deps.dead_letters.add(dl), timeout=30)
             if not broker_parks:
                 self._park(message)

@@ -41,9 +41,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.concurrency.base import apply_target
 from celery.concurrency.thread import ApplyResult
-from celery.concurrency.thread import TaskPool as ThreadsPool
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from kombu.serialization import loads, prepare_accept_content
+
+from messaging.patches import LoopPoolBase, trace_args
 
 if TYPE_CHECKING:
     from worker.runtime import Runtime
@@ -111,7 +112,7 @@ def prepared(task_id: str | None) -> Any:
     return found[1]
 
 
-class TaskPool(ThreadsPool):  # type: ignore[misc]  # Celery is untyped
+class TaskPool(LoopPoolBase):
     """``worker_pool = "worker.pool:TaskPool"``; see the module's docstring."""
 
     def __init__(
@@ -125,10 +126,10 @@ class TaskPool(ThreadsPool):  # type: ignore[misc]  # Celery is untyped
 
     def loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
-            from worker.app import settings
+            from worker.app import settings_of
             from worker.runtime import get_runtime
 
-            self._loop = get_runtime(settings).loop
+            self._loop = get_runtime(settings_of(self.app)).loop
         return self._loop
 
     def on_apply(
@@ -173,8 +174,7 @@ class TaskPool(ThreadsPool):  # type: ignore[misc]  # Celery is untyped
         soft: float | None = None,
         hard: float | None = None,
     ) -> None:
-        # The tracer's arguments: (task name, task id, request, body, content type, encoding).
-        _, task_id, request, body, content_type, content_encoding = args
+        task_id, request, body, content_type, content_encoding = trace_args(args)
         if accept_callback:
             accept_callback(os.getpid(), time.monotonic())
         result: Any = None
@@ -263,7 +263,5 @@ class TaskPool(ThreadsPool):  # type: ignore[misc]  # Celery is untyped
         wait(list(self._on_loop))
         super().on_stop()
 
-    def _get_info(self) -> dict[str, Any]:
-        info: dict[str, Any] = super()._get_info()
-        info["on-loop"] = len(self._on_loop)
-        return info
+    def on_loop_count(self) -> int:
+        return len(self._on_loop)

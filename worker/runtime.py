@@ -15,13 +15,11 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import aiohttp
-from celery import signals
 
 from cancelflow import callbacks, hooks, metrics
 from cancelflow.logging import configure_logging, get_logger
 from cancelflow.settings import Settings
-from cancelflow.steps import Deps
-from cancelflow.wiring import build_deps, redis_client, report_persistence
+from cancelflow.wiring import Deps, build_deps, redis_client
 from worker import leases
 from worker.leases import WORKER_ID
 
@@ -101,21 +99,3 @@ def shutdown_runtime() -> None:
         if _runtime is not None:
             _runtime.close()
             _runtime = None
-
-
-@signals.worker_ready.connect  # type: ignore[untyped-decorator]  # Celery is untyped
-def _report_persistence(**_: Any) -> None:
-    # Once per worker, at start-up, on a client of its own in a thread of its own: a Redis
-    # that does not answer delays nothing (the check is bounded by the Redis timeouts).
-    from worker.app import settings
-
-    async def check() -> None:
-        redis = redis_client(settings)
-        try:
-            await report_persistence(redis, settings, process="worker")
-        finally:
-            await redis.aclose()
-
-    threading.Thread(
-        target=asyncio.run, args=(check(),), name="redis-persistence", daemon=True
-    ).start()

@@ -1,61 +1,65 @@
 """The task shells. Each names its step; ``execute`` (a coroutine, run on the runtime's loop by
-``worker.pool``) turns the message into ids, runs the step and decides by the error's type
-whether to retry or dead-letter; the task's body then settles that ``Outcome`` with Celery:
-sends the next step, or retries, or gives the message back."""
+``worker.pool``) turns the message into ids, runs the step and, when it fails, carries out what
+``cancelflow.retry.decide`` decides for the error (recording the retry, the wait or the dead
+letter on the job); the task's body then carries that ``StepResult`` out with Celery
+(``carry_out``): sends the next step, or retries, or gives the message back.
+
+Importing this module reads no environment: ``register`` adds the tasks to an app built by
+``worker.app.create_app``, and each task finds its Settings on its app.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 import traceback
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime
 from typing import Any
 
 import kombu.exceptions
 import redis.exceptions
 import structlog
-from celery import Task
+from celery import Celery, Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
-from celery.worker.request import Request
 
 from brokers import queues as broker_queues
 from brokers.routing import queue_of
-from cancelflow import metrics, steps
+from cancelflow import chain, decisions, delivery, metrics, retry, sweeps
 from cancelflow.broker_urls import broker_kind
 from cancelflow.callbacks import CallbackRetryable
 from cancelflow.contract import JOB_ID_RE, Step, isoformat, utcnow
 from cancelflow.dead_letters import DeadLetter
 from cancelflow.errors import (
-    CircuitOpen,
+    CallbackGiveUp,
+    DecisionConflict,
     JobDeadLettered,
     JobNotFound,
     LeaseLost,
-    ProviderAuthError,
     ProviderError,
     ProviderTimeout,
 )
-from cancelflow.guard import ProviderThrottled
+from cancelflow.lifecycle import Next
 from cancelflow.logging import get_logger
-from cancelflow.messaging import send_step
-from cancelflow.retry import RetryPolicy
+from cancelflow.wiring import Deps
+from messaging.dispatch import dispatch
+from messaging.patches import StepRequest
 from worker import pool
-from worker.app import app, settings
+from worker.app import settings_of
 from worker.runtime import Runtime, get_runtime
 
 log = get_logger(__name__)
 
-StepCall = Callable[..., Coroutine[Any, Any, steps.Next]]
+StepCall = Callable[..., Coroutine[Any, Any, Next]]
 
 
 class Poison(Exception):
     """A message whose arguments are not what its task takes."""
 
 
-def _runtime() -> Runtime:
-    return get_runtime(settings)
+def runtime_of(app: Celery) -> Runtime:
+    """The process's runtime, built from the Settings of ``app`` on first use."""
+    return get_runtime(settings_of(app))
 
 
 def _parse(
@@ -91,7 +95,7 @@ class Delivery:
     queue: str | None
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
-    # The API request that started the job's chain (``send_step``'s header), if any.
+    # The API request that started the job's chain (``dispatch``'s header), if any.
     request_id: str | None = None
 
     @classmethod
@@ -109,45 +113,21 @@ class Delivery:
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """What a step's run leaves for Celery to do: send the next step, retry, or requeue;
-    ``dead_lettered``: the step ended in the dead-letter store, its task fails with it."""
+class StepResult:
+    """What a step's run leaves for Celery to do (``carry_out``): send the next step, retry,
+    or requeue; ``dead_lettered``: the step ended in the dead-letter store, its task fails
+    with it. (How a job ended is its ``contract.Outcome``, in the job store.)"""
 
     summary: str  # the task's result: short, Celery writes its repr into task events
-    job_id: str = ""
-    next: steps.Next | None = None
+    next: Next | None = None
     retry_in_s: float | None = None
     cause: BaseException | None = None
     requeue: bool = False
     dead_lettered: JobDeadLettered | None = None
     # The API request that started the chain: the next step's message carries it on (Celery's
-    # tracer has cleared the log context the step's run had bound by the time ``settle`` runs).
+    # tracer has cleared the log context the step's run had bound by the time ``carry_out``
+    # runs).
     request_id: str | None = None
-
-
-class StepRequest(Request):  # type: ignore[misc]  # Celery is untyped
-    """Celery's request of a step, with the task events Flower reads made true to the step.
-
-    The only override of Celery's worker internals for monitoring (``Request.send_event``,
-    Celery 5.x), so every adjustment of a step's events is here:
-
-    - ``runtime``: the tracer times only the task's body, which settles an outcome in a
-      millisecond; the step's work ran before it, on the loop (``worker.pool``). The runtime
-      sent is from the pool's start of the step (``on_accepted``'s time, ``time_start``,
-      which Celery keeps as an epoch time) to its end.
-    - a success after retries clears the retried run's ``exception`` and ``traceback``:
-      an event's fields replace the task's in Flower (``celery.events.state.Task.event``),
-      and a success brings neither, so the last retry's error stayed next to it.
-    """
-
-    def send_event(self, type: str, **fields: Any) -> None:
-        if type == "task-succeeded":
-            started = self.time_start
-            if started is not None:
-                fields["runtime"] = time.time() - started
-            if self.request_dict.get("retries"):
-                fields.update(exception=None, traceback=None)
-        super().send_event(type, **fields)
 
 
 class StepTask(Task):  # type: ignore[misc]
@@ -166,30 +146,30 @@ class StepTask(Task):  # type: ignore[misc]
     typing = False
     step: Step  # set per task, by the decorator
 
-    async def run_async(self, args: Any, kwargs: Any, request: Mapping[str, Any]) -> Outcome:
+    async def run_async(self, args: Any, kwargs: Any, request: Mapping[str, Any]) -> StepResult:
         """The step's whole work, on the runtime's loop: ``worker.pool`` awaits it there
-        before Celery runs the task, whose body then only settles the outcome."""
-        delivery = Delivery.of(self.name, request, args, kwargs)
-        outcome = await execute(self.step, delivery)
-        return replace(outcome, request_id=delivery.request_id)
+        before Celery runs the task, whose body then only carries the result out."""
+        message = Delivery.of(self.name, request, args, kwargs)
+        result = await execute(runtime_of(self.app), self.step, message)
+        return replace(result, request_id=message.request_id)
 
 
 def run_step(task: StepTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    """A step task's body: settle what ``run_async`` came to, running it first if no pool
+    """A step task's body: carry out what ``run_async`` came to, running it first if no pool
     did (another pool than ``worker.pool``, or a task called eagerly)."""
-    outcome = pool.prepared(task.request.id)
-    if outcome is None:
+    result = pool.prepared(task.request.id)
+    if result is None:
         request = {
             "id": task.request.id,
             "retries": task.request.retries,
             "delivery_info": task.request.delivery_info,
             "request_id": getattr(task.request, "request_id", None),
         }
-        outcome = _runtime().run(task.run_async(args, kwargs, request))
-    return settle(task, outcome)
+        result = runtime_of(task.app).run(task.run_async(args, kwargs, request))
+    return carry_out(task, result)
 
 
-async def execute(step: Step, delivery: Delivery) -> Outcome:
+async def execute(rt: Runtime, step: Step, delivery: Delivery) -> StepResult:
     """Run one step; when Redis is unreachable mid-step, ask for the message to be requeued.
 
     Celery drops a failed acks_late message (it rejects it without requeue), so an error
@@ -199,18 +179,17 @@ async def execute(step: Step, delivery: Delivery) -> Outcome:
     """
     started = time.perf_counter()
     try:
-        return await _execute(step, delivery)
+        return await _execute(rt, step, delivery)
     except INFRASTRUCTURE_ERRORS as exc:
         log.error("step.redis_unreachable", error=f"{type(exc).__name__}: {exc}")
         await asyncio.sleep(1.0)  # no hot loop while Redis comes back
-        return Outcome("requeued: redis unreachable", cause=exc, requeue=True)
+        return StepResult("requeued: redis unreachable", cause=exc, requeue=True)
     finally:
         # Every run, whatever its end.
         metrics.step_ran(step.value, time.perf_counter() - started)
 
 
-async def _execute(step: Step, delivery: Delivery) -> Outcome:
-    rt = _runtime()
+async def _execute(rt: Runtime, step: Step, delivery: Delivery) -> StepResult:
     call = STEP_CALLS[step]
     structlog.contextvars.bind_contextvars(task_id=delivery.task_id, step=step.value)
     try:
@@ -227,172 +206,124 @@ async def _execute(step: Step, delivery: Delivery) -> Outcome:
         return await _dead_letter_poison(rt, delivery, exc)
     except SoftTimeLimitExceeded as exc:
         error = ProviderTimeout("step ran past its soft time limit", provider="")
-        return await _retry_or_give_up(rt, step, job_id, error, exc, extra)
-    except (ProviderError, CallbackRetryable) as exc:
-        return await _retry_or_give_up(rt, step, job_id, exc, exc, extra)
-    except steps.StepBusy as exc:
-        delay = min(exc.retry_after + random.uniform(0, 0.5), rt.settings.limits().max_countdown_s)
-        return Outcome(f"{job_id} busy", retry_in_s=delay, cause=exc)
-    except steps.CallbackGiveUp as exc:
-        dl_id = await steps.dead_letter_callback(
-            rt.deps, job_id, extra[0], error=str(exc), traceback=traceback.format_exc()
-        )
-        dead = JobDeadLettered(dl_id, type(exc).__name__)
-        return Outcome(f"{job_id} dead-lettered: callback", dead_lettered=dead)
+        return await after_failure(rt.deps, step, job_id, extra, error, exc)
     except INFRASTRUCTURE_ERRORS:
         raise
-    except Exception as exc:  # any surprise goes to the dead-letter store
-        log.exception("step.unexpected_error")
-        return await _dead_letter_job(
-            rt,
-            job_id,
-            step=step,
-            error_type=type(exc).__name__,
-            error=str(exc),
-            traceback=traceback.format_exc(),
-            payload={"args": list(delivery.args)},
-        )
-    return _then(job_id, nxt)
+    except Exception as exc:  # what happens next is the error's to decide (retry.decide)
+        return await after_failure(rt.deps, step, job_id, extra, exc, exc)
+    return _then(nxt)
 
 
-def _then(job_id: str, nxt: steps.Next, dead: JobDeadLettered | None = None) -> Outcome:
+def _then(nxt: Next, dead: JobDeadLettered | None = None) -> StepResult:
     if nxt.step is None:
-        return Outcome(f"{job_id} done", dead_lettered=dead)
-    return Outcome(f"{job_id} next: {nxt.step.value}", job_id=job_id, next=nxt, dead_lettered=dead)
+        return StepResult(f"{nxt.job_id} done", dead_lettered=dead)
+    return StepResult(f"{nxt.job_id} next: {nxt.step.value}", next=nxt, dead_lettered=dead)
 
 
-async def _dead_letter_job(
-    rt: Runtime, job_id: str, *, step: Step, error_type: str, **details: Any
-) -> Outcome:
-    """``steps.dead_letter``, and what the task does then: send the result callback and fail
-    with the dead letter's id (no failure if the job had moved on and was not dead-lettered)."""
-    nxt = await steps.dead_letter(rt.deps, job_id, step=step, error_type=error_type, **details)
-    dead = JobDeadLettered(nxt.dead_letter, error_type) if nxt.dead_letter else None
-    return _then(job_id, nxt, dead)
-
-
-def settle(task: Task, outcome: Outcome) -> str:
+def carry_out(task: Task, result: StepResult) -> str:
     """Do with Celery what the step's run asked: send its next step, retry it, requeue it;
     a step that dead-lettered fails, after its next step (the result callback) was sent.
 
     A failure is acknowledged: acks_late without ``acks_on_failure_or_timeout``, Celery
     rejects the message without requeue (``Request.on_failure``), which kombu's Redis QoS
     takes as removing it from the unacknowledged hash, once; nothing delivers it again."""
-    if outcome.requeue:
-        raise Reject(outcome.summary, requeue=True) from outcome.cause
-    if outcome.retry_in_s is not None:
-        raise task.retry(countdown=outcome.retry_in_s, exc=outcome.cause, max_retries=None)
-    nxt = outcome.next
+    if result.requeue:
+        raise Reject(result.summary, requeue=True) from result.cause
+    if result.retry_in_s is not None:
+        raise task.retry(countdown=result.retry_in_s, exc=result.cause, max_retries=None)
+    nxt = result.next
     if nxt is not None:
-        assert nxt.step is not None
         try:
-            with structlog.contextvars.bound_contextvars(request_id=outcome.request_id):
-                send_step(app, nxt.step, outcome.job_id, nxt.provider, *nxt.args)
+            with structlog.contextvars.bound_contextvars(request_id=result.request_id):
+                dispatch(task.app, nxt)
         except INFRASTRUCTURE_ERRORS as exc:
             # Celery's tracer cleared the log context the step's run had bound.
             log.error(
                 "step.redis_unreachable",
-                job_id=outcome.job_id,
+                job_id=nxt.job_id,
                 error=f"{type(exc).__name__}: {exc}",
             )
             raise Reject(f"redis unreachable: {exc}", requeue=True) from exc
-    if outcome.dead_lettered is not None:
-        raise outcome.dead_lettered
-    return outcome.summary
+    if result.dead_lettered is not None:
+        raise result.dead_lettered
+    return result.summary
 
 
-async def _retry_or_give_up(
-    rt: Runtime,
+async def after_failure(
+    deps: Deps,
     step: Step,
     job_id: str,
+    extra: tuple[str, ...],
     error: Exception,
     cause: BaseException,
-    extra: tuple[str, ...],
-) -> Outcome:
-    """Retry a transient failure with backoff, or end the job as the error's type says."""
-    retryable = getattr(error, "retryable", isinstance(error, CallbackRetryable))
-    job = await rt.deps.store.get(job_id)
-    # Attempts are the failures recorded for this step (not Celery's retry count, which
-    # also counts waits on our own limits and knows nothing of a replay).
-    attempt = steps.attempts(job, step)
+) -> StepResult:
+    """Carry out on the job what ``retry.decide`` decides for ``error``: note the wait or
+    the retry, or dead-letter the job (or callback target), or fail the job."""
+    settings = deps.settings
+    provider, attempt, age_s = "", 0, 0.0
+    policy = retry.waits_only(settings)
+    if retry.needs_history(error):
+        job = await deps.store.get(job_id)
+        provider, attempt = job.provider, retry.attempts(job, step)
+        policy = retry.step_policy(settings, step, job.provider)
+        age_s = (
+            error.window_age_s
+            if isinstance(error, CallbackRetryable)
+            else retry.age_s(job, utcnow())
+        )
+    action = retry.decide(error, step=step, attempt=attempt, age_s=age_s, policy=policy)
     details = (
         error.as_dict()
         if isinstance(error, ProviderError)
         else {"type": type(error).__name__, "message": str(error)}
     )
-    limits = rt.settings.limits()
-    if isinstance(error, CircuitOpen | ProviderThrottled):
-        # Our own protection of the provider: the job waits, no attempt is spent.
-        delay = min(limits.max_countdown_s, (error.retry_after or 1.0) + random.uniform(0, 1))
-        await steps.note_wait(rt.deps, job_id, step=step, reason=details, delay_s=delay)
-        log.warning("step.waiting", reason=details["type"], delay_s=round(delay, 3))
-        metrics.retry_scheduled(job.provider, details["type"])
-        return Outcome(f"{job_id} waiting", retry_in_s=delay, cause=cause)
-    if step is Step.CALLBACK:
-        policy = _callback_policy(rt)
-    else:
-        conf = rt.settings.provider(job.provider)
-        policy = RetryPolicy(
-            base_s=conf.retry_base_s,
-            max_attempts=conf.max_attempts,
-            max_age_s=conf.max_age_s,
-            cap_s=limits.max_countdown_s,
+    if isinstance(action, retry.Wait):
+        if not action.recorded:  # another delivery holds the step's lease
+            return StepResult(f"{job_id} busy", retry_in_s=action.delay_s, cause=cause)
+        await chain.note_wait(deps, job_id, step=step, reason=details, delay_s=action.delay_s)
+        log.warning("step.waiting", reason=details["type"], delay_s=round(action.delay_s, 3))
+        metrics.retry_scheduled(provider, details["type"])
+        return StepResult(f"{job_id} waiting", retry_in_s=action.delay_s, cause=cause)
+    if isinstance(action, retry.Retry):
+        await chain.note_retry(
+            deps, job_id, step=step, attempt=attempt, error=details, delay_s=action.delay_s
         )
-    if retryable:
-        age = (utcnow() - datetime.fromisoformat(job.created_at)).total_seconds()
-        why_not = policy.exhausted(attempt, age_s=age) if step is not Step.CALLBACK else None
-        if why_not is None:
-            delay = policy.delay(attempt, retry_after=getattr(error, "retry_after", None))
-            await steps.note_retry(
-                rt.deps, job_id, step=step, attempt=attempt, error=details, delay_s=delay
-            )
-            log.warning(
-                "step.retry_scheduled", attempt=attempt, delay_s=round(delay, 3), error=details
-            )
-            metrics.retry_scheduled(job.provider, details["type"])
-            return Outcome(f"{job_id} retrying", retry_in_s=delay, cause=cause)
-        reason = f"{why_not}; last error: {details.get('message')}"
-        return await _dead_letter_job(
-            rt,
-            job_id,
-            step=step,
-            error_type=details["type"],
-            error=reason,
-            traceback=_format(cause),
-            payload={"args": [job_id, *extra]},
+        log.warning(
+            "step.retry_scheduled", attempt=attempt, delay_s=round(action.delay_s, 3), error=details
         )
-    elif isinstance(error, ProviderAuthError):
-        # Credentials are an operator's to fix; the job can be replayed after.
-        return await _dead_letter_job(
-            rt,
-            job_id,
-            step=step,
-            error_type=details["type"],
-            error=str(error),
-            traceback=_format(cause),
-            payload={"args": [job_id, *extra]},
-        )
-    else:
+        metrics.retry_scheduled(provider, details["type"])
+        return StepResult(f"{job_id} retrying", retry_in_s=action.delay_s, cause=cause)
+    if isinstance(action, retry.Fail):
         assert isinstance(error, ProviderError)
-        nxt = await steps.fail(rt.deps, job_id, error, step=step, attempt=attempt)
-    return _then(job_id, nxt)
-
-
-def _callback_policy(rt: Runtime) -> RetryPolicy:
-    # The horizon (not a count) ends callback retries: see steps.callback.
-    return RetryPolicy(
-        base_s=2.0,
-        max_attempts=10**6,
-        max_age_s=float("inf"),
-        cap_s=min(3600.0, rt.settings.limits().max_countdown_s),
+        return _then(await chain.fail(deps, job_id, error, step=step, attempt=attempt))
+    if isinstance(error, CallbackGiveUp):
+        dl_id = await delivery.dead_letter_callback(
+            deps, job_id, extra[0], error=action.reason, traceback=_format(cause)
+        )
+        return StepResult(
+            f"{job_id} dead-lettered: callback",
+            dead_lettered=JobDeadLettered(dl_id, action.error_type),
+        )
+    if not retry.needs_history(error):
+        log.exception("step.unexpected_error")
+    nxt = await chain.dead_letter(
+        deps,
+        job_id,
+        step=step,
+        error_type=action.error_type,
+        error=action.reason,
+        traceback=_format(cause),
+        payload={"args": [job_id, *extra]},
     )
+    dead_lettered = JobDeadLettered(nxt.dead_letter, action.error_type) if nxt.dead_letter else None
+    return _then(nxt, dead_lettered)
 
 
 def _format(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc))
 
 
-async def _dead_letter_poison(rt: Runtime, delivery: Delivery, exc: Exception) -> Outcome:
+async def _dead_letter_poison(rt: Runtime, delivery: Delivery, exc: Exception) -> StepResult:
     dl = DeadLetter(
         kind="poison",
         step=delivery.task_name,
@@ -410,7 +341,7 @@ async def _dead_letter_poison(rt: Runtime, delivery: Delivery, exc: Exception) -
     log.error(
         "message.dead_lettered", task=delivery.task_name, error=str(exc), dead_letter_id=dl.id
     )
-    return Outcome(
+    return StepResult(
         "dead-lettered: poison", dead_lettered=JobDeadLettered(dl.id, type(exc).__name__)
     )
 
@@ -428,73 +359,62 @@ def _safe(value: Any) -> Any:
 # --- the chain -------------------------------------------------------------------------------
 
 
-async def _confirm(deps: steps.Deps, job_id: str, *, attempt: int) -> steps.Next:
+async def _confirm(deps: Deps, job_id: str, *, attempt: int) -> Next:
     lease = deps.settings.limits().task_time_limit_s
-    return await steps.confirm(deps, job_id, attempt=attempt, lease_s=lease)
+    return await chain.confirm(deps, job_id, attempt=attempt, lease_s=lease)
 
 
 STEP_CALLS: dict[Step, StepCall] = {
-    Step.ELIGIBILITY: steps.eligibility,
-    Step.RETENTION_OFFER: steps.retention_offer,
+    Step.ELIGIBILITY: chain.eligibility,
+    Step.RETENTION_OFFER: chain.retention_offer,
     Step.CONFIRM: _confirm,
-    Step.CALLBACK: steps.callback,
+    Step.CALLBACK: delivery.callback,
 }
 
 
-# Celery is untyped: its task decorator hides each task's signature from mypy. Options it
-# does not know (step) become attributes of the task's class.
-@app.task(name="cancelflow.eligibility", base=StepTask, bind=True, step=Step.ELIGIBILITY)  # type: ignore[untyped-decorator]
 def eligibility(self: StepTask, *args: Any, **kwargs: Any) -> str:
     """Ask the provider whether the subscription can be cancelled."""
     return run_step(self, args, kwargs)
 
 
-@app.task(name="cancelflow.retention_offer", base=StepTask, bind=True, step=Step.RETENTION_OFFER)  # type: ignore[untyped-decorator]
 def retention_offer(self: StepTask, *args: Any, **kwargs: Any) -> str:
     """Park the job on the provider's retention offer until the customer decides."""
     return run_step(self, args, kwargs)
 
 
-@app.task(name="cancelflow.confirm", base=StepTask, bind=True, step=Step.CONFIRM)  # type: ignore[untyped-decorator]
 def confirm(self: StepTask, *args: Any, **kwargs: Any) -> str:
     """Make the provider's cancel call."""
     return run_step(self, args, kwargs)
 
 
-@app.task(name="cancelflow.callback", base=StepTask, bind=True, step=Step.CALLBACK)  # type: ignore[untyped-decorator]
 def callback(self: StepTask, *args: Any, **kwargs: Any) -> str:
     """Deliver the job's signed result callback."""
     return run_step(self, args, kwargs)
 
 
-@app.task(name="cancelflow.expire_decisions", bind=True, ignore_result=True)  # type: ignore[untyped-decorator]
 def expire_decisions(self: Task) -> dict[str, int]:
     """Apply each provider's default action to parked jobs past their decision deadline."""
-    rt = _runtime()
-    due = pool.run_limited(rt, steps.due_decisions(rt.deps, utcnow()))
+    rt = runtime_of(self.app)
+    due = pool.run_limited(rt, decisions.due_decisions(rt.deps, utcnow()))
     applied = 0
     for job_id in due:
         try:
-            nxt = pool.run_limited(rt, steps.expire_decision(rt.deps, job_id))
-        except steps.DecisionConflict:
+            nxt = pool.run_limited(rt, decisions.expire_decision(rt.deps, job_id))
+        except DecisionConflict:
             continue
         applied += 1
-        if nxt.step is not None:
-            send_step(app, nxt.step, job_id, nxt.provider, *nxt.args)
+        dispatch(self.app, nxt)
     return {"due": len(due), "applied": applied}
 
 
-@app.task(name="cancelflow.dispatch_stragglers", bind=True, ignore_result=True)  # type: ignore[untyped-decorator]
 def dispatch_stragglers(self: Task) -> dict[str, int]:
     """Send the first step of jobs whose producer died between recording and sending them."""
-    rt = _runtime()
-    found = pool.run_limited(rt, steps.stragglers(rt.deps, older_than_s=STRAGGLER_AGE_S))
+    rt = runtime_of(self.app)
+    found = pool.run_limited(rt, sweeps.stragglers(rt.deps, older_than_s=STRAGGLER_AGE_S))
     for nxt in found:
-        job_id = nxt.args[0]
-        assert nxt.step is not None
-        send_step(app, nxt.step, job_id, nxt.provider)
-        pool.run_limited(rt, rt.deps.store.mark_dispatched(job_id))
-        log.warning("job.first_step.resent", job_id=job_id)
+        dispatch(self.app, nxt)
+        pool.run_limited(rt, rt.deps.store.mark_dispatched(nxt.job_id))
+        log.warning("job.first_step.resent", job_id=nxt.job_id)
     return {"resent": len(found)}
 
 
@@ -503,17 +423,16 @@ def dispatch_stragglers(self: Task) -> dict[str, int]:
 STRAGGLER_AGE_S = 60.0
 
 
-@app.task(name="cancelflow.resume_stalled", bind=True, ignore_result=True)  # type: ignore[untyped-decorator]
 def resume_stalled(self: Task) -> dict[str, int]:
     """Re-send the pending step of jobs that stopped moving mid-chain."""
-    rt = _runtime()
+    rt = runtime_of(self.app)
     limits = rt.settings.limits()
     found = pool.run_limited(
         rt,
-        steps.resume_stalled(
+        sweeps.resume_stalled(
             rt.deps,
             quiet_for_s=rt.settings.worker.stalled_after_s,
-            oldest_waiting=oldest_waiting(app),
+            oldest_waiting=oldest_waiting(self.app),
             # Longer than any legitimate silence: a countdown, a run, and a redelivery.
             give_up_waiting_s=(
                 limits.max_countdown_s + limits.task_time_limit_s + limits.visibility_timeout_s
@@ -521,13 +440,12 @@ def resume_stalled(self: Task) -> dict[str, int]:
         ),
     )
     for nxt in found:
-        assert nxt.step is not None
-        send_step(app, nxt.step, nxt.args[0], nxt.provider, *nxt.args[1:])
+        dispatch(self.app, nxt)
     return {"resent": len(found)}
 
 
 def oldest_waiting(celery_app: Any) -> dict[str, float]:
-    """Per queue, when its oldest waiting message was sent (``send_step``'s ``sent_at``
+    """Per queue, when its oldest waiting message was sent (``dispatch``'s ``sent_at``
     header): ``inf`` when the queue is empty, 0 when unknown (not ours, or unreadable)."""
     names = [q.name for q in celery_app.conf.task_queues]
     if broker_kind(celery_app.conf.broker_url) == "amqp":
@@ -543,3 +461,27 @@ def oldest_waiting(celery_app: Any) -> dict[str, float]:
 
 def _sent_at(head: bytes | None) -> float:
     return float("inf") if head is None else metrics.sent_at_of(head)
+
+
+# The step tasks: (name, step, body). Names and queues are the contract with producers and
+# with the messages already queued: they never change.
+STEP_TASK_BODIES: tuple[tuple[str, Step, Callable[..., str]], ...] = (
+    ("cancelflow.eligibility", Step.ELIGIBILITY, eligibility),
+    ("cancelflow.retention_offer", Step.RETENTION_OFFER, retention_offer),
+    ("cancelflow.confirm", Step.CONFIRM, confirm),
+    ("cancelflow.callback", Step.CALLBACK, callback),
+)
+MAINTENANCE_TASK_BODIES: tuple[tuple[str, Callable[..., dict[str, int]]], ...] = (
+    ("cancelflow.expire_decisions", expire_decisions),
+    ("cancelflow.dispatch_stragglers", dispatch_stragglers),
+    ("cancelflow.resume_stalled", resume_stalled),
+)
+
+
+def register(app: Celery) -> None:
+    """Add every task to ``app`` (``worker.app.create_app`` does). Options Celery does not
+    know (``step``) become attributes of the task's class."""
+    for name, step, body in STEP_TASK_BODIES:
+        app.task(name=name, base=StepTask, bind=True, step=step)(body)
+    for name, sweep in MAINTENANCE_TASK_BODIES:
+        app.task(name=name, bind=True, ignore_result=True)(sweep)

@@ -34,7 +34,7 @@ SCOPES = "/external/subscription_system/r /external/subscription_system/w"
 # An already cancelled product answers can_cancel=false with this reason.
 ALREADY_CANCELLED_REASON = "already_cancelled"
 # Payway documents no answer for a product we cancelled ourselves. The reconcile read
-# (``steps.confirm``, after a cancel whose answer was lost; the job is then confirming) comes
+# (``chain.confirm``, after a cancel whose answer was lost; the job is then confirming) comes
 # after can_cancel said true: can_cancel=false then means that cancel took effect, whatever
 # the reason. False to read it as at eligibility instead (the reason decides).
 FALSE_AFTER_OUR_CANCEL_IS_CANCELLED = True

@@ -11,7 +11,7 @@ API's own bucket: once they are spent the sign-in form answers 429. Every other 
 to the API's middleware untouched.
 
 A read token sees every page; only a write token replays or purges. Actions go through the
-domain functions the API uses (``steps.replay`` then ``send_step``, ``DeadLetterStore.delete``)
+domain functions the API uses (``chain.replay`` then ``dispatch``, ``DeadLetterStore.delete``)
 and each is written to the audit log (``audit``).
 """
 
@@ -33,15 +33,15 @@ from aiohttp import web
 from multidict import MultiDictProxy
 from pydantic import ValidationError
 
-from cancelflow import metrics, steps
+from cancelflow import chain, metrics
 from cancelflow.contract import JOB_ID_RE, Status
 from cancelflow.dead_letters import KINDS, DeadLetter, DeadLetterFilter
 from cancelflow.errors import CancelflowError, JobNotFound
 from cancelflow.guard import breaker_state
 from cancelflow.logging import get_logger, redact
-from cancelflow.messaging import send_step
 from cancelflow.settings import Settings
 from cancelflow.store import AWAITING, job_key
+from messaging.dispatch import dispatch
 from producers import listing
 from producers.api import (
     AUTH_FAILURES,
@@ -518,11 +518,11 @@ async def _act_on(request: web.Request, action: str, dl: DeadLetter) -> tuple[st
         return ("purged" if await deps.dead_letters.delete(dl.id) else "gone"), ""
     # As ``POST /v1/dead-letters/{id}/replay`` does: the step replay names, sent.
     try:
-        nxt = await steps.replay(deps, dl.id)
+        nxt = await chain.replay(deps, dl.id)
     except CancelflowError as exc:
         return "not replayed", str(exc)
     if nxt.step is not None and dl.job_id:
-        send_step(request.app[CELERY], nxt.step, dl.job_id, nxt.provider, *nxt.args)
+        dispatch(request.app[CELERY], nxt)
     return "replayed", ""
 
 

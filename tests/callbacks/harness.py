@@ -14,8 +14,8 @@ from typing import Any
 import fakeredis
 from aiohttp import web
 
-from cancelflow import callbacks, steps
-from cancelflow.contract import CancellationRequest, JobRecord, Offer, Outcome, Status, Step
+from cancelflow import callbacks, chain, delivery, lifecycle, wiring
+from cancelflow.contract import CancellationRequest, JobRecord, Offer, Outcome, Step
 from cancelflow.dead_letters import DeadLetter, DeadLetterStore
 from cancelflow.hooks import Hook
 from cancelflow.providers.payway import PaywayRef
@@ -60,7 +60,7 @@ def settings(
 
 @dataclass
 class Harness:
-    deps: steps.Deps
+    deps: wiring.Deps
     receiver: Receiver
     url: str
 
@@ -78,13 +78,13 @@ class Harness:
 
     async def checking(self, **request: Any) -> JobRecord:
         job = await self.job(**request)
-        moved = await self.deps.store.transition(job, Status.CHECKING)
+        moved = await self.deps.store.transition(job, lifecycle.Event.CHECK)
         assert moved.applied
         return await self.deps.store.get(job.id)
 
     async def finished(self, outcome: Outcome, **request: Any) -> str:
         job = await self.checking(**request)
-        nxt = await steps.finish(self.deps, job, outcome, step=Step.CONFIRM, attempt=0)
+        nxt = await chain.finish(self.deps, job, outcome, step=Step.CONFIRM, attempt=0)
         assert nxt.step is Step.CALLBACK
         return job.id
 
@@ -92,15 +92,15 @@ class Harness:
         job = await self.checking(**request)
         offer = Offer(kind="offer", offer_identifier="of_demo", details={"discount": "50%"})
         await self.deps.store.record(
-            job.id, steps._entry(Step.ELIGIBILITY, "offer_received", 0), offer=offer
+            job.id, chain.entry(Step.ELIGIBILITY, "offer_received", 0), offer=offer
         )
-        nxt = await steps.retention_offer(self.deps, job.id)
-        assert nxt.args == (steps.EVENT_OFFER,)
+        nxt = await chain.retention_offer(self.deps, job.id)
+        assert nxt.args == (lifecycle.EVENT_OFFER,)
         return job.id
 
     async def dead_lettered(self, **request: Any) -> str:
         job = await self.checking(**request)
-        await steps.dead_letter(
+        await chain.dead_letter(
             self.deps,
             job.id,
             step=Step.CONFIRM,
@@ -135,7 +135,7 @@ async def harness(
     port = runner.addresses[0][1]
     redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
     session = callbacks.open_session(config.callbacks)
-    deps = steps.Deps(
+    deps = wiring.Deps(
         settings=config,
         store=JobStore(redis, retention_s=3600, idempotency_ttl_s=24 * 3600),
         dead_letters=DeadLetterStore(redis),
@@ -152,13 +152,13 @@ async def harness(
 
 
 async def deliver_until_done(
-    h: Harness, job_id: str, event: str = steps.EVENT_OUTCOME, *, max_attempts: int = 10
+    h: Harness, job_id: str, event: str = lifecycle.EVENT_OUTCOME, *, max_attempts: int = 10
 ) -> list[callbacks.CallbackRetryable]:
     """Run the callback step as the task would, retrying at once; the errors retried on."""
     errors: list[callbacks.CallbackRetryable] = []
     for attempt in range(max_attempts):
         try:
-            await steps.callback(h.deps, job_id, event, attempt=attempt)
+            await delivery.callback(h.deps, job_id, event, attempt=attempt)
         except callbacks.CallbackRetryable as exc:
             errors.append(exc)
             continue
@@ -172,4 +172,4 @@ def results(job: JobRecord, target: str | None = None) -> list[str]:
 
 
 def target_of(url: str | None) -> str:
-    return url if url and url.startswith("hook:") else steps.WEBHOOK
+    return url if url and url.startswith("hook:") else delivery.WEBHOOK

@@ -10,7 +10,7 @@ from typing import Any
 import jsonschema_rs
 import pytest
 
-from cancelflow import callbacks, steps
+from cancelflow import callbacks, chain, decisions, delivery, lifecycle
 from cancelflow.contract import Decision, Outcome, OutcomeType, Step
 from cancelflow.hooks import Hook, HookRejected
 from producers.signatures import verify_signature
@@ -25,29 +25,29 @@ Setup = Callable[[Harness], Awaitable[tuple[str, str]]]
 
 def _finished(outcome: Outcome) -> Setup:
     async def setup(h: Harness) -> tuple[str, str]:
-        return await h.finished(outcome), steps.EVENT_OUTCOME
+        return await h.finished(outcome), lifecycle.EVENT_OUTCOME
 
     return setup
 
 
 async def _offer_presented(h: Harness) -> tuple[str, str]:
-    return await h.offered(), steps.EVENT_OFFER
+    return await h.offered(), lifecycle.EVENT_OFFER
 
 
 async def _retained(h: Harness) -> tuple[str, str]:
     job_id = await h.offered()
-    await steps.decide(h.deps, job_id, Decision(decision="accept"))
-    return job_id, steps.EVENT_OUTCOME
+    await decisions.decide(h.deps, job_id, Decision(decision="accept"))
+    return job_id, lifecycle.EVENT_OUTCOME
 
 
 async def _abandoned(h: Harness) -> tuple[str, str]:
     job_id = await h.offered()
-    await steps.abandon(h.deps, job_id)
-    return job_id, steps.EVENT_OUTCOME
+    await decisions.abandon(h.deps, job_id)
+    return job_id, lifecycle.EVENT_OUTCOME
 
 
 async def _dead_lettered(h: Harness) -> tuple[str, str]:
-    return await h.dead_lettered(), steps.EVENT_OUTCOME
+    return await h.dead_lettered(), lifecycle.EVENT_OUTCOME
 
 
 EVENTS: dict[str, tuple[Setup, str]] = {
@@ -161,7 +161,7 @@ def test_a_receiver_failing_twice_gets_exactly_one_recorded_success() -> None:
             assert [c.attempt for c in job.callbacks] == [0, 1, 2]
             assert all(c.latency_ms is not None for c in job.callbacks)
             # A redelivered message finds the event delivered and sends nothing.
-            await steps.callback(h.deps, job_id, steps.EVENT_OUTCOME, attempt=3)
+            await delivery.callback(h.deps, job_id, lifecycle.EVENT_OUTCOME, attempt=3)
             assert len(h.receiver.requests) == 3
             assert await h.dead_letters() == []
 
@@ -185,12 +185,12 @@ def test_connection_errors_and_timeouts_are_retried() -> None:
             job_id = await h.finished(Outcome(type=OutcomeType.CANCELLED))
             h.configure(down=True)
             with pytest.raises(callbacks.CallbackRetryable, match="connection failed"):
-                await steps.callback(h.deps, job_id, steps.EVENT_OUTCOME)
+                await delivery.callback(h.deps, job_id, lifecycle.EVENT_OUTCOME)
             h.configure(delay_ms=1000)
             with pytest.raises(callbacks.CallbackRetryable, match="no answer within"):
-                await steps.callback(h.deps, job_id, steps.EVENT_OUTCOME, attempt=1)
+                await delivery.callback(h.deps, job_id, lifecycle.EVENT_OUTCOME, attempt=1)
             h.configure()
-            await steps.callback(h.deps, job_id, steps.EVENT_OUTCOME, attempt=2)
+            await delivery.callback(h.deps, job_id, lifecycle.EVENT_OUTCOME, attempt=2)
             assert results(await h.record(job_id)) == ["failed", "failed", "delivered"]
 
     asyncio.run(scenario())
@@ -213,10 +213,10 @@ def test_another_4xx_or_a_redirect_dead_letters_at_once_and_replays(status: int)
             )
             assert dl.errors[0]["status"] == status
             # A retried message does not send a dead-lettered event again...
-            await steps.callback(h.deps, job_id, steps.EVENT_OUTCOME, attempt=1)
+            await delivery.callback(h.deps, job_id, lifecycle.EVENT_OUTCOME, attempt=1)
             assert len(h.receiver.requests) == 1
             # ...an operator's replay does.
-            nxt = await steps.replay(h.deps, dl.id)
+            nxt = await chain.replay(h.deps, dl.id)
             assert nxt.step is Step.CALLBACK
             await deliver_until_done(h, job_id, *nxt.args)
             assert results(await h.record(job_id)) == ["failed", "dead_lettered", "delivered"]
@@ -233,7 +233,9 @@ def test_a_receiver_down_past_the_horizon_is_dead_lettered_and_a_replay_starts_a
             job_id = await h.finished(Outcome(type=OutcomeType.CANCELLED))
             for attempt in range(100):
                 try:
-                    await steps.callback(h.deps, job_id, steps.EVENT_OUTCOME, attempt=attempt)
+                    await delivery.callback(
+                        h.deps, job_id, lifecycle.EVENT_OUTCOME, attempt=attempt
+                    )
                 except callbacks.CallbackRetryable:
                     await asyncio.sleep(0.05)
                     continue
@@ -245,9 +247,9 @@ def test_a_receiver_down_past_the_horizon_is_dead_lettered_and_a_replay_starts_a
             assert dl.error_type == "CallbackGiveUp" and "horizon" in dl.error
             assert len(dl.errors) == len(results(job)) - 1
             # The replay gets a horizon of its own: its first failure is retried.
-            nxt = await steps.replay(h.deps, dl.id)
+            nxt = await chain.replay(h.deps, dl.id)
             with pytest.raises(callbacks.CallbackRetryable):
-                await steps.callback(h.deps, job_id, *nxt.args)
+                await delivery.callback(h.deps, job_id, *nxt.args)
             h.configure()
             await deliver_until_done(h, job_id, *nxt.args)
             assert results(await h.record(job_id))[-2:] == ["failed", "delivered"]
@@ -428,7 +430,7 @@ def test_a_rejecting_hook_is_dead_lettered_alone_and_replays_alone() -> None:
             [dl] = await h.dead_letters()
             assert (dl.event, dl.error_type) == ("outcome@hook:billing", "CallbackRejected")
             billing.reject = False
-            nxt = await steps.replay(h.deps, dl.id)
+            nxt = await chain.replay(h.deps, dl.id)
             await deliver_until_done(h, job_id, *nxt.args)
             job = await h.record(job_id)
             assert results(job, "hook:billing")[-1] == "delivered"
@@ -444,7 +446,7 @@ def test_a_slow_hook_times_out_and_does_not_hold_up_the_url() -> None:
         async with harness(settings(timeout_s=0.2), hooks=_hooks(slow=slow)) as h:
             job_id = await h.finished(Outcome(type=OutcomeType.CANCELLED))
             with pytest.raises(callbacks.CallbackRetryable, match="did not finish"):
-                await steps.callback(h.deps, job_id, steps.EVENT_OUTCOME)
+                await delivery.callback(h.deps, job_id, lifecycle.EVENT_OUTCOME)
             job = await h.record(job_id)
             assert results(job, "webhook") == ["delivered"]
             assert results(job, "hook:slow") == ["failed"]
@@ -468,7 +470,7 @@ def test_a_hook_no_longer_registered_is_dead_lettered_on_replay() -> None:
     async def scenario() -> None:
         async with harness() as h:
             job_id = await h.finished(Outcome(type=OutcomeType.CANCELLED))
-            await steps.callback(h.deps, job_id, "outcome@hook:gone")
+            await delivery.callback(h.deps, job_id, "outcome@hook:gone")
             [dl] = await h.dead_letters()
             assert dl.error_type == "CallbackMisconfigured" and "hook:gone" in dl.error
 

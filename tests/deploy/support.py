@@ -18,8 +18,8 @@ from dockerfile_parse import DockerfileParser
 from pydantic import BaseModel, SecretStr
 
 from cancelflow.contract import DEAD_LETTER_QUEUE
-from cancelflow.messaging import queues
 from cancelflow.settings import ENV_PREFIX, Settings
+from messaging.config import queues
 from producers.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -235,7 +235,7 @@ def _resolve_cancelflow(argv: list[str]) -> Command:
 def _celery_context() -> Any:
     from celery.bin.base import CLIContext
 
-    from cancelflow.messaging import create_celery
+    from messaging.config import create_celery
 
     return CLIContext(app=create_celery(Settings()), no_color=True, workdir=None, quiet=True)
 

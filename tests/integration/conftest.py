@@ -16,7 +16,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "broker" in metafunc.fixturenames:
         from tests.fixtures.system import BROKERS
 
-        # A test of a Redis part (worker.transport's list items, say) has no RabbitMQ leg.
+        # A test of a Redis part (the workers' Redis channel's list items, say) has no RabbitMQ leg.
         only_redis = metafunc.definition.get_closest_marker("redis_broker") is not None
         brokers = [b for b in BROKERS if b == "redis"] if only_redis else list(BROKERS)
         metafunc.parametrize("broker", brokers, indirect=True, scope="session")

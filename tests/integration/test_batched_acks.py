@@ -1,4 +1,5 @@
-"""The worker's channel (worker.transport) acknowledges in batches on the consumer's hub.
+"""The worker's channel (messaging.patches.WorkerChannel) acknowledges in batches on the
+consumer's hub.
 
 Real Redis, real kombu consumer and hub: messages taken are recorded in Redis's unacked hash
 (what Redis redelivers after the visibility timeout); an acknowledgement made on the hub's
@@ -21,8 +22,8 @@ from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 from kombu.messaging import Consumer, Producer
 
+from messaging import patches as transport
 from tests.fixtures.system import locked_db
-from worker import transport
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +39,7 @@ def url() -> Iterator[str]:
 
 def taken(url: str, n: int) -> tuple[Connection, Any, list[Any]]:
     """``n`` messages published and taken by a consumer on the worker's channel, not acked."""
-    conn = Connection(url, transport="worker.transport:Transport")
+    conn = Connection(url, transport="messaging.patches:WorkerTransport")
     with Producer(conn) as producer:
         for i in range(n):
             producer.publish(

@@ -28,7 +28,7 @@ from typing import Any, cast
 import pytest
 import redis
 
-from cancelflow.messaging import create_celery
+from messaging.config import create_celery
 from producers.local import cancelflow_command, free_port, http_json
 from tests.fixtures.system import StartSystem
 from tests.integration.test_crash_safety import recovery_s

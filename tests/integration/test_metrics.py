@@ -14,7 +14,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from cancelflow.dead_letters import KINDS
-from cancelflow.messaging import queues
+from messaging.config import queues
 from producers.local import free_port, http_json
 from sandboxes.payway import DEMO
 from tests.fixtures.system import READ_TOKEN, StartSystem

@@ -17,8 +17,8 @@ from cancelflow.contract import (
     MAINTENANCE_QUEUE,
     provider_queue,
 )
-from cancelflow.messaging import create_celery
 from cancelflow.providers import REGISTRY
+from messaging.config import create_celery
 from sandboxes.payway import DEMO
 from tests.support import System
 

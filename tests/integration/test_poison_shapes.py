@@ -22,15 +22,15 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from cancelflow.contract import CALLBACKS_QUEUE, MAINTENANCE_QUEUE, provider_queue
-from cancelflow.messaging import create_celery
 from cancelflow.providers import REGISTRY
 from cancelflow.settings import Settings
+from messaging.config import create_celery
 from sandboxes.payway import DEMO
 from tests.fixtures.system import StartSystem
 from tests.support import System
 
-# Items on a Redis list (worker.transport): AMQP frames every message, there is no envelope
-# to get wrong on RabbitMQ.
+# Items on a Redis list (messaging.patches.WorkerChannel): AMQP frames every message, there
+# is no envelope to get wrong on RabbitMQ.
 pytestmark = [pytest.mark.integration, pytest.mark.redis_broker]
 
 # The task each queue's consumer expects: a step, the callback step, a maintenance sweep.

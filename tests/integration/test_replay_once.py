@@ -14,7 +14,7 @@ import fakeredis
 import pytest
 from redis.asyncio import Redis
 
-from cancelflow import steps
+from cancelflow import chain, delivery, lifecycle, wiring
 from cancelflow.contract import CancellationRequest, Status, Step
 from cancelflow.dead_letters import AlreadyReplayed
 from cancelflow.settings import Settings
@@ -45,7 +45,7 @@ def backend(request: pytest.FixtureRequest) -> Backend:
     return open_redis
 
 
-async def dead_lettered_job(deps: steps.Deps) -> str:
+async def dead_lettered_job(deps: wiring.Deps) -> str:
     req = CancellationRequest(
         provider="payway",
         subscription={
@@ -55,7 +55,7 @@ async def dead_lettered_job(deps: steps.Deps) -> str:
         },
     )
     job_id = (await deps.store.create(req, identity=secrets.token_hex(8))).job.id
-    await steps.dead_letter(
+    await chain.dead_letter(
         deps,
         job_id,
         step=Step.ELIGIBILITY,
@@ -67,14 +67,14 @@ async def dead_lettered_job(deps: steps.Deps) -> str:
     return job_id
 
 
-async def only_letter(deps: steps.Deps, job_id: str, kind: str) -> str:
+async def only_letter(deps: wiring.Deps, job_id: str, kind: str) -> str:
     found = [d for d in await deps.dead_letters.list(limit=10_000) if d.job_id == job_id]
     assert [d.kind for d in found if d.kind == kind] == [kind]
     return next(d.id for d in found if d.kind == kind)
 
 
-def split(results: Sequence[Any]) -> tuple[list[steps.Next], list[BaseException]]:
-    went = [r for r in results if isinstance(r, steps.Next)]
+def split(results: Sequence[Any]) -> tuple[list[lifecycle.Next], list[BaseException]]:
+    went = [r for r in results if isinstance(r, lifecycle.Next)]
     refused = [r for r in results if isinstance(r, BaseException)]
     return went, refused
 
@@ -86,7 +86,7 @@ async def test_two_replays_of_a_job_dead_letter_at_once_move_it_once(backend: Ba
         dl_id = await only_letter(deps, job_id, "job")
 
         results = await asyncio.gather(
-            steps.replay(deps, dl_id), steps.replay(deps, dl_id), return_exceptions=True
+            chain.replay(deps, dl_id), chain.replay(deps, dl_id), return_exceptions=True
         )
 
         went, refused = split(results)
@@ -106,13 +106,13 @@ async def test_two_replays_of_a_callback_dead_letter_at_once_deliver_once(
     async with backend() as redis:
         deps = build_deps(SETTINGS, redis=redis)
         job_id = await dead_lettered_job(deps)
-        await steps.dead_letter_callback(
+        await delivery.dead_letter_callback(
             deps, job_id, "outcome@webhook", error="410 Gone", traceback=None
         )
         dl_id = await only_letter(deps, job_id, "callback")
 
         results = await asyncio.gather(
-            steps.replay(deps, dl_id), steps.replay(deps, dl_id), return_exceptions=True
+            chain.replay(deps, dl_id), chain.replay(deps, dl_id), return_exceptions=True
         )
 
         went, refused = split(results)
@@ -133,6 +133,6 @@ async def test_a_replay_after_a_replay_is_refused_and_a_claim_gets_the_entry_onc
         claims = await asyncio.gather(*(deps.dead_letters.claim(dl_id) for _ in range(8)))
         assert [c.id for c in claims if c is not None] == [dl_id]
         with pytest.raises(AlreadyReplayed):
-            await steps.replay(deps, dl_id)
+            await chain.replay(deps, dl_id)
         # Unclaimed, the job stays where the dead letter left it.
         assert (await deps.store.get(job_id)).status is Status.DEAD_LETTERED

@@ -1,4 +1,4 @@
-"""Celery's task-sent events, as the steps' senders publish them (cancelflow.messaging).
+"""Celery's task-sent events, as the steps' senders publish them (messaging.dispatch).
 
 Sent from an event loop (the API, a worker's steps) they go out in batches, one Redis
 message holding a list of events; from a thread without a loop, one message each. Read here
@@ -19,8 +19,10 @@ import pytest
 import redis
 
 from cancelflow.contract import Step, new_job_id
-from cancelflow.messaging import create_celery, flush_sent_events, send_step
+from cancelflow.lifecycle import Next
 from cancelflow.settings import Settings
+from messaging.config import create_celery
+from messaging.dispatch import dispatch, flush_sent_events
 from tests.fixtures.system import locked_db
 
 pytestmark = pytest.mark.integration
@@ -69,7 +71,7 @@ def test_steps_sent_from_a_loop_publish_their_sent_events_in_one_batch(db_url: s
     def send(ids: list[str]) -> None:
         async def go() -> None:
             for job_id in ids:
-                send_step(app, Step.ELIGIBILITY, job_id, "payway")
+                dispatch(app, Next(Step.ELIGIBILITY, job_id, "payway"))
             await asyncio.sleep(0.2)  # past the batch's delay: its timer publishes it
 
         asyncio.run(go())
@@ -87,7 +89,7 @@ def test_from_a_thread_without_a_loop_each_sent_event_goes_at_once(db_url: str) 
 
     def send(ids: list[str]) -> None:
         for job_id in ids:
-            send_step(app, Step.ELIGIBILITY, job_id, "payway")
+            dispatch(app, Next(Step.ELIGIBILITY, job_id, "payway"))
 
     assert [len(m) for m in sent_messages(db_url, send, 3)] == [1, 1, 1]
     app.close()
@@ -99,7 +101,7 @@ def test_events_still_waiting_when_the_loop_ends_are_published_by_the_flush(db_u
     def send(ids: list[str]) -> None:
         async def go() -> None:
             for job_id in ids:
-                send_step(app, Step.ELIGIBILITY, job_id, "payway")
+                dispatch(app, Next(Step.ELIGIBILITY, job_id, "payway"))
 
         asyncio.run(go())  # ends before the batch's timer
         flush_sent_events()

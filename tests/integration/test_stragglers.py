@@ -9,10 +9,10 @@ import pytest
 import redis
 
 from cancelflow.contract import CancellationRequest
-from cancelflow.messaging import create_celery
 from cancelflow.settings import Settings
 from cancelflow.store import UNDISPATCHED, JobStore
 from cancelflow.wiring import redis_client
+from messaging.config import create_celery
 from sandboxes.payway import DEMO
 from tests.support import System
 

@@ -19,10 +19,10 @@ from typing import Any, cast
 
 import redis
 
-from cancelflow.messaging import create_celery
 from cancelflow.settings import Settings
 from cancelflow.store import JOBS_INDEX
 from cancelflow.wiring import build_deps, redis_client
+from messaging.config import create_celery
 from producers.billing import COUNTS_KEY, IGNORED_KEY, BillingConsumer, BillingProcessor
 from producers.billing_rules import load_rules
 from producers.local import ProcessGroup, cancelflow_command, wait_until

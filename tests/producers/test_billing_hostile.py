@@ -24,10 +24,10 @@ from hypothesis import strategies as st
 from redis.typing import EncodableT, FieldT
 
 from cancelflow.dead_letters import DeadLetter
-from cancelflow.messaging import create_celery
 from cancelflow.settings import Settings
 from cancelflow.store import JOBS_INDEX
 from cancelflow.wiring import build_deps, redis_client
+from messaging.config import create_celery
 from producers.billing import RECENT_IGNORED_KEY, BillingConsumer, BillingProcessor
 from producers.billing_rules import load_rules
 from producers.local import ProcessGroup, cancelflow_command, wait_until

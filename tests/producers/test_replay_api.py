@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from cancelflow.contract import Status
+from cancelflow import lifecycle
 from cancelflow.dead_letters import DeadLetter
 from cancelflow.store import JobStore
 from producers.local import http_json
@@ -36,7 +36,9 @@ def dead_letter(system: System, job_id: str) -> str:
                 error_type="ProviderUnavailable",
                 error="503",
             )
-            assert (await store.transition(job, Status.DEAD_LETTERED, dead_letter=dl)).applied
+            assert (
+                await store.transition(job, lifecycle.Event.DEAD_LETTER, dead_letter=dl)
+            ).applied
             return dl.id
         finally:
             await redis.aclose()

@@ -11,7 +11,8 @@ from typing import Any, cast
 import fakeredis
 from redis.asyncio.client import Pipeline
 
-from cancelflow.contract import CancellationRequest, Outcome, OutcomeType, Status, TimelineEntry
+from cancelflow import lifecycle
+from cancelflow.contract import CancellationRequest, Outcome, OutcomeType, TimelineEntry
 from cancelflow.store import (
     STATS_BUCKET_S,
     STATS_PREFIX,
@@ -79,25 +80,25 @@ async def make_jobs(store: JobStore, n: int, rng: random.Random) -> None:
         path = rng.choice(["queued", "checking", "awaiting", "finished", "dead", "replayed"])
         if path == "queued":
             continue
-        await store.transition(job, Status.CHECKING, entry=entry())
+        await store.transition(job, lifecycle.Event.CHECK, entry=entry())
         if path == "checking":
             continue
         if path == "awaiting":
-            await store.transition(job, Status.AWAITING_DECISION, entry=entry(), deadline=1.0)
+            await store.transition(job, lifecycle.Event.PARK, entry=entry(), deadline=1.0)
             # A move that is refused (not allowed from here) counts nothing.
-            assert not (await store.transition(job, Status.CHECKING)).applied
+            assert not (await store.transition(job, lifecycle.Event.CHECK)).applied
         elif path == "finished":
             await store.transition(
                 job,
-                Status.FINISHED,
+                lifecycle.Event.FINISH,
                 identity=f"sub-{i}",
                 outcome=Outcome(type=OutcomeType.CANCELLED),
             )
         else:
-            await store.transition(job, Status.DEAD_LETTERED, identity=f"sub-{i}")
+            await store.transition(job, lifecycle.Event.DEAD_LETTER, identity=f"sub-{i}")
             if path == "replayed":
-                await store.replay(job.id, Status.QUEUED, entry())
-                await store.transition(job, Status.CHECKING, entry=entry())
+                await store.replay(job.id, lifecycle.Event.REPLAY, entry())
+                await store.transition(job, lifecycle.Event.CHECK, entry=entry())
         # A redelivered step: the record changes, the status does not.
         await store.record(job.id, entry())
 

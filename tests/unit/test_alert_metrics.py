@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cancelflow import metrics
 from cancelflow.dead_letters import KINDS
 from cancelflow.guard import GuardLimits, ProviderGuard, breaker_state
-from cancelflow.messaging import queues
+from messaging.config import queues
 from producers.api import request_metrics
 
 QUEUE = "cancellations.payway"
@@ -126,7 +126,7 @@ def test_oldest_message_age_reads_the_right_end_of_each_queue(
         # kombu LPUSHes: the first message sent ends up at the right, where BRPOP takes it.
         await cast("Awaitable[int]", fake_redis.lpush(QUEUE, envelope(sent_at=now - 90.5)))
         await cast("Awaitable[int]", fake_redis.lpush(QUEUE, envelope(sent_at=now - 2)))
-        # A message without sent_at (not sent by send_step): its age is unknown.
+        # A message without sent_at (not sent by dispatch): its age is unknown.
         await cast("Awaitable[int]", fake_redis.lpush("maintenance", envelope(job_id="x")))
         await cast("Awaitable[int]", fake_redis.lpush("callbacks", envelope(sent_at=now + 5)))
         return await metrics.read_store(fake_redis, now=now)

@@ -15,8 +15,8 @@ from brokers.routing import queue_of
 from cancelflow.broker_urls import parse_sentinel
 from cancelflow.contract import DEAD_LETTER_QUEUE, MAINTENANCE_QUEUE
 from cancelflow.errors import ConfigError
-from cancelflow.messaging import celery_config, create_celery
 from cancelflow.settings import Settings, load_settings
+from messaging.config import celery_config, create_celery
 from producers.local import cancelflow_command
 
 

@@ -7,8 +7,8 @@ import asyncio
 import fakeredis
 import pytest
 
-from cancelflow import steps
-from cancelflow.contract import CancellationRequest, Status, TimelineEntry, utcnow
+from cancelflow import decisions, errors, lifecycle
+from cancelflow.contract import CancellationRequest, TimelineEntry, utcnow
 from cancelflow.settings import Settings
 from cancelflow.store import AWAITING
 from cancelflow.wiring import build_deps
@@ -26,17 +26,16 @@ def test_a_deadline_whose_job_is_gone_or_moved_on_is_dropped_not_fatal() -> None
         ).job
         await deps.store.begin(
             job.id,
-            to=Status.CHECKING,
-            allowed=frozenset({Status.QUEUED}),
+            lifecycle.Event.CHECK,
             entry=TimelineEntry(at="2026-01-01T00:00:00Z", step="t", event="started"),
         )
         # Left by a crash of an older version between a decision and the index: one job that
         # expired since, one that moved on.
         await redis.zadd(AWAITING, {"job_expired": 1.0, job.id: 2.0})
-        assert await steps.due_decisions(deps, utcnow()) == ["job_expired", job.id]
+        assert await decisions.due_decisions(deps, utcnow()) == ["job_expired", job.id]
         for job_id in ("job_expired", job.id):
-            with pytest.raises(steps.DecisionConflict):
-                await steps.expire_decision(deps, job_id)
-        assert await steps.due_decisions(deps, utcnow()) == []
+            with pytest.raises(errors.DecisionConflict):
+                await decisions.expire_decision(deps, job_id)
+        assert await decisions.due_decisions(deps, utcnow()) == []
 
     asyncio.run(go())

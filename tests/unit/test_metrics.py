@@ -12,12 +12,12 @@ import fakeredis
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from cancelflow import metrics
-from cancelflow.contract import CallbackAttempt, CancellationRequest, Outcome, OutcomeType, Status
+from cancelflow import lifecycle, metrics
+from cancelflow.contract import CallbackAttempt, CancellationRequest, Outcome, OutcomeType
 from cancelflow.dead_letters import INDEX, KINDS, DeadLetter, DeadLetterStore, kind_key
-from cancelflow.messaging import queues
 from cancelflow.settings import WorkerSettings
 from cancelflow.store import AWAITING, JobStore
+from messaging.config import queues
 from worker import metrics_server
 
 
@@ -74,12 +74,12 @@ def test_the_store_reports_a_job_ending_once_and_callback_attempts(
         req = CancellationRequest(provider="payway", subscription={"account_id": "a" * 24})
         job = (await store.create(req, identity="sub-1")).job
         outcome = Outcome(type=OutcomeType.CANCELLED)
-        assert (await store.transition(job, Status.CHECKING)).applied
-        assert (await store.transition(job, Status.FINISHED, outcome=outcome)).applied
+        assert (await store.transition(job, lifecycle.Event.CHECK)).applied
+        assert (await store.transition(job, lifecycle.Event.FINISH, outcome=outcome)).applied
         # A redelivered step finds the job finished: nothing moves, nothing is reported.
-        assert not (await store.transition(job, Status.FINISHED, outcome=outcome)).applied
+        assert not (await store.transition(job, lifecycle.Event.FINISH, outcome=outcome)).applied
         other = (await store.create(req, identity="sub-2")).job
-        assert (await store.transition(other, Status.DEAD_LETTERED)).applied
+        assert (await store.transition(other, lifecycle.Event.DEAD_LETTER)).applied
         await store.add_callback_attempt(
             job.id,
             CallbackAttempt(

@@ -7,7 +7,7 @@ from datetime import datetime
 
 import fakeredis
 
-from cancelflow import callbacks, steps
+from cancelflow import callbacks, chain, lifecycle
 from cancelflow.contract import CancellationRequest, Offer, Status, TimelineEntry, utcnow
 from cancelflow.settings import Settings
 from cancelflow.store import AWAITING
@@ -31,8 +31,7 @@ def test_an_offer_carries_its_decision_deadline_on_the_record_and_in_the_event()
         job = (await deps.store.create(req, identity="o-1")).job
         await deps.store.begin(
             job.id,
-            to=Status.CHECKING,
-            allowed=frozenset({Status.QUEUED}),
+            lifecycle.Event.CHECK,
             entry=TimelineEntry(at="2026-01-01T00:00:00Z", step="t", event="started"),
         )
         # What the eligibility step records when the provider answers with an offer.
@@ -42,8 +41,8 @@ def test_an_offer_carries_its_decision_deadline_on_the_record_and_in_the_event()
         assert (await deps.store.get(job.id)).offer == offer  # no deadline before it waits
 
         before = utcnow()
-        nxt = await steps.retention_offer(deps, job.id)
-        assert nxt.args == (steps.EVENT_OFFER,)
+        nxt = await chain.retention_offer(deps, job.id)
+        assert nxt.args == (lifecycle.EVENT_OFFER,)
         parked = await deps.store.get(job.id)
         assert parked.status is Status.AWAITING_DECISION and parked.offer is not None
         deadline = parked.offer.decision_deadline

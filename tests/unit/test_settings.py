@@ -109,8 +109,8 @@ def test_kombu_brpop_timeout_is_the_one_the_read_timeout_is_checked_against() ->
     # Fails when kombu changes how long its BRPOP blocks: the check above would then be wrong.
     from kombu.transport import redis as kombu_redis
 
-    from cancelflow.messaging import celery_config
     from cancelflow.settings import KOMBU_BRPOP_TIMEOUT_S
+    from messaging.config import celery_config
 
     assert kombu_redis.Transport.brpop_timeout == KOMBU_BRPOP_TIMEOUT_S
     options = celery_config(Settings())["broker_transport_options"]

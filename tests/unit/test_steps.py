@@ -11,7 +11,7 @@ import fakeredis
 import pytest
 from aiohttp.test_utils import TestServer
 
-from cancelflow import steps
+from cancelflow import chain, delivery, errors, lifecycle, sweeps, wiring
 from cancelflow.contract import CancellationRequest, OutcomeType, Status, Step
 from cancelflow.errors import ProviderError, ProviderRateLimited, ProviderUnavailable
 from cancelflow.providers import REGISTRY
@@ -24,7 +24,7 @@ from sandboxes.server import PROVIDER_APPS, build_app
 from tests.contract.providers import contract_for
 from tests.contract.support import settings_for
 
-Scenario = Callable[[steps.Deps, Any], Awaitable[None]]
+Scenario = Callable[[wiring.Deps, Any], Awaitable[None]]
 
 
 def run(scenario: Scenario) -> None:
@@ -46,7 +46,7 @@ def run(scenario: Scenario) -> None:
     asyncio.run(go())
 
 
-async def enqueue(deps: steps.Deps, kind: str = "end_of_period") -> str:
+async def enqueue(deps: wiring.Deps, kind: str = "end_of_period") -> str:
     ref = getattr(payway_sandbox.DEMO, kind)
     req = CancellationRequest(
         provider="payway",
@@ -67,12 +67,14 @@ def calls(state: Any) -> dict[str, int]:
 
 
 def test_the_chain_and_its_next_steps() -> None:
-    async def scenario(deps: steps.Deps, state: Any) -> None:
+    async def scenario(deps: wiring.Deps, state: Any) -> None:
         job_id = await enqueue(deps)
-        assert await steps.eligibility(deps, job_id) == steps.Next(Step.CONFIRM, "payway")
+        assert await chain.eligibility(deps, job_id) == lifecycle.Next(
+            Step.CONFIRM, job_id, "payway"
+        )
         assert (await deps.store.get(job_id)).status is Status.CONFIRMING
-        nxt = await steps.confirm(deps, job_id, lease_s=30)
-        assert nxt == steps.Next(Step.CALLBACK, "payway", (steps.EVENT_OUTCOME,))
+        nxt = await chain.confirm(deps, job_id, lease_s=30)
+        assert nxt == lifecycle.Next(Step.CALLBACK, job_id, "payway", (lifecycle.EVENT_OUTCOME,))
         job = await deps.store.get(job_id)
         assert (
             job.status is Status.FINISHED
@@ -84,18 +86,20 @@ def test_the_chain_and_its_next_steps() -> None:
 
 
 def test_a_redelivered_step_calls_no_provider_and_resends_what_follows() -> None:
-    async def scenario(deps: steps.Deps, state: Any) -> None:
+    async def scenario(deps: wiring.Deps, state: Any) -> None:
         job_id = await enqueue(deps)
-        await steps.eligibility(deps, job_id)
+        await chain.eligibility(deps, job_id)
         before = calls(state)
         # The eligibility message delivered again (the worker died before acknowledging).
-        assert await steps.eligibility(deps, job_id) == steps.Next(Step.CONFIRM, "payway")
+        assert await chain.eligibility(deps, job_id) == lifecycle.Next(
+            Step.CONFIRM, job_id, "payway"
+        )
         assert calls(state) == before
-        await steps.confirm(deps, job_id, lease_s=30)
+        await chain.confirm(deps, job_id, lease_s=30)
         before = calls(state)
         # Confirm delivered again after the job finished: no second cancel call.
-        assert await steps.confirm(deps, job_id, lease_s=30) == steps.Next(
-            Step.CALLBACK, "payway", (steps.EVENT_OUTCOME,)
+        assert await chain.confirm(deps, job_id, lease_s=30) == lifecycle.Next(
+            Step.CALLBACK, job_id, "payway", (lifecycle.EVENT_OUTCOME,)
         )
         assert calls(state) == before
         assert state.state()["effective_cancels"] == {
@@ -106,28 +110,28 @@ def test_a_redelivered_step_calls_no_provider_and_resends_what_follows() -> None
 
 
 def test_two_deliveries_of_confirm_at_once_make_one_cancel_call() -> None:
-    async def scenario(deps: steps.Deps, state: Any) -> None:
+    async def scenario(deps: wiring.Deps, state: Any) -> None:
         job_id = await enqueue(deps, "immediate")
-        await steps.eligibility(deps, job_id)
+        await chain.eligibility(deps, job_id)
         results = await asyncio.gather(
-            *(steps.confirm(deps, job_id, lease_s=30) for _ in range(5)), return_exceptions=True
+            *(chain.confirm(deps, job_id, lease_s=30) for _ in range(5)), return_exceptions=True
         )
         assert calls(state).get("cancel_subscription") == 1
-        assert sum(isinstance(r, steps.Next) and r.step is Step.CALLBACK for r in results) == 1
+        assert sum(isinstance(r, lifecycle.Next) and r.step is Step.CALLBACK for r in results) == 1
         # The others are told to come back once the lease is gone; then they find it done.
-        busy = [r for r in results if isinstance(r, steps.StepBusy)]
+        busy = [r for r in results if isinstance(r, errors.StepBusy)]
         assert len(busy) == 4 and all(0 < b.retry_after <= 30 for b in busy)
-        assert await steps.confirm(deps, job_id, lease_s=30) == steps.Next(
-            Step.CALLBACK, "payway", (steps.EVENT_OUTCOME,)
+        assert await chain.confirm(deps, job_id, lease_s=30) == lifecycle.Next(
+            Step.CALLBACK, job_id, "payway", (lifecycle.EVENT_OUTCOME,)
         )
 
     run(scenario)
 
 
 def test_not_eligible_finishes_at_eligibility() -> None:
-    async def scenario(deps: steps.Deps, state: Any) -> None:
+    async def scenario(deps: wiring.Deps, state: Any) -> None:
         job_id = await enqueue(deps, "not_web_originated")
-        assert (await steps.eligibility(deps, job_id)).step is Step.CALLBACK
+        assert (await chain.eligibility(deps, job_id)).step is Step.CALLBACK
         job = await deps.store.get(job_id)
         assert job.outcome and (job.outcome.type.value, job.outcome.reason) == (
             "not_eligible",
@@ -139,11 +143,11 @@ def test_not_eligible_finishes_at_eligibility() -> None:
 
 
 def test_callback_without_url_is_recorded_as_skipped_once() -> None:
-    async def scenario(deps: steps.Deps, state: Any) -> None:
+    async def scenario(deps: wiring.Deps, state: Any) -> None:
         job_id = await enqueue(deps, "already_cancelled")
-        await steps.eligibility(deps, job_id)
-        await steps.callback(deps, job_id, steps.EVENT_OUTCOME)
-        await steps.callback(deps, job_id, steps.EVENT_OUTCOME)
+        await chain.eligibility(deps, job_id)
+        await delivery.callback(deps, job_id, lifecycle.EVENT_OUTCOME)
+        await delivery.callback(deps, job_id, lifecycle.EVENT_OUTCOME)
         job = await deps.store.get(job_id)
         assert [c.result for c in job.callbacks] == ["skipped"]
         assert job.callbacks[0].event_type == "cancellation.succeeded"
@@ -152,34 +156,34 @@ def test_callback_without_url_is_recorded_as_skipped_once() -> None:
 
 
 def test_the_watchdog_resends_the_step_of_a_job_that_stopped_moving() -> None:
-    async def scenario(deps: steps.Deps, state: Any) -> None:
+    async def scenario(deps: wiring.Deps, state: Any) -> None:
         moving = await enqueue(deps, "immediate")
         await deps.store.mark_dispatched(moving)
         stuck = await enqueue(deps, "autogiro")
         await deps.store.mark_dispatched(stuck)
-        await steps.eligibility(deps, stuck)  # now confirming; its confirm message "lost"
+        await chain.eligibility(deps, stuck)  # now confirming; its confirm message "lost"
         never_sent = await enqueue(deps, "end_of_period")  # the straggler sweep's case
         await asyncio.sleep(0.05)
-        found = await steps.resume_stalled(deps, quiet_for_s=0.01)
-        assert {n.args[0]: n.step for n in found} == {stuck: Step.CONFIRM, moving: Step.ELIGIBILITY}
-        assert never_sent not in {n.args[0] for n in found}
+        found = await sweeps.resume_stalled(deps, quiet_for_s=0.01)
+        assert {n.job_id: n.step for n in found} == {stuck: Step.CONFIRM, moving: Step.ELIGIBILITY}
+        assert never_sent not in {n.job_id for n in found}
         # Re-sent once, not again until it has been quiet that long again.
-        assert await steps.resume_stalled(deps, quiet_for_s=10) == []
+        assert await sweeps.resume_stalled(deps, quiet_for_s=10) == []
         # Finished, its result callback not yet sent: still watched...
-        await steps.confirm(deps, stuck, lease_s=30)
+        await chain.confirm(deps, stuck, lease_s=30)
         await asyncio.sleep(0.05)
         assert {
-            n.args for n in await steps.resume_stalled(deps, quiet_for_s=0.01) if n.args[0] == stuck
-        } == {(stuck, steps.EVENT_OUTCOME)}
-        # ...until the callback step settles it.
-        await steps.callback(deps, stuck, steps.EVENT_OUTCOME)
+            n.args for n in await sweeps.resume_stalled(deps, quiet_for_s=0.01) if n.job_id == stuck
+        } == {(lifecycle.EVENT_OUTCOME,)}
+        # ...until the callback step is at its end: then the watchdog stops watching it.
+        await delivery.callback(deps, stuck, lifecycle.EVENT_OUTCOME)
         assert stuck not in await deps.store.stalled(quiet_for_s=0)
 
     run(scenario)
 
 
 def test_two_watchdog_sweeps_at_once_resend_each_job_once() -> None:
-    async def scenario(deps: steps.Deps, state: Any) -> None:
+    async def scenario(deps: wiring.Deps, state: Any) -> None:
         stuck = []
         for kind in ("immediate", "autogiro", "end_of_period"):
             job_id = await enqueue(deps, kind)
@@ -192,15 +196,15 @@ def test_two_watchdog_sweeps_at_once_resend_each_job_once() -> None:
         assert await deps.store.stalled(quiet_for_s=0.01) == []
         await asyncio.sleep(0.05)
         a, b = await asyncio.gather(
-            *(steps.resume_stalled(deps, quiet_for_s=0.01) for _ in range(2))
+            *(sweeps.resume_stalled(deps, quiet_for_s=0.01) for _ in range(2))
         )
-        assert sorted(n.args[0] for n in (*a, *b)) == sorted(stuck)
+        assert sorted(n.job_id for n in (*a, *b)) == sorted(stuck)
 
     run(scenario)
 
 
 def test_a_dead_letter_is_written_with_the_move_and_only_once() -> None:
-    async def scenario(deps: steps.Deps, state: Any) -> None:
+    async def scenario(deps: wiring.Deps, state: Any) -> None:
         job_id = await enqueue(deps)
         args: dict[str, Any] = {
             "step": Step.ELIGIBILITY,
@@ -209,18 +213,18 @@ def test_a_dead_letter_is_written_with_the_move_and_only_once() -> None:
             "traceback": None,
             "payload": {"args": [job_id]},
         }
-        assert (await steps.dead_letter(deps, job_id, **args)).step is Step.CALLBACK
+        assert (await chain.dead_letter(deps, job_id, **args)).step is Step.CALLBACK
         # The same step delivered again after a crash: the job has moved, nothing more is written.
-        assert (await steps.dead_letter(deps, job_id, **args)).step is Step.CALLBACK
+        assert (await chain.dead_letter(deps, job_id, **args)).step is Step.CALLBACK
         letters = await deps.dead_letters.list()
         assert [(dl.kind, dl.job_id, dl.step) for dl in letters] == [("job", job_id, "eligibility")]
         assert (await deps.store.get(job_id)).status is Status.DEAD_LETTERED
 
         # A job that finished meanwhile is not dead-lettered, and gets no entry.
         done = await enqueue(deps, "immediate")
-        await steps.eligibility(deps, done)
-        await steps.confirm(deps, done, lease_s=30)
-        await steps.dead_letter(deps, done, **{**args, "step": Step.CONFIRM})
+        await chain.eligibility(deps, done)
+        await chain.confirm(deps, done, lease_s=30)
+        await chain.dead_letter(deps, done, **{**args, "step": Step.CONFIRM})
         assert (await deps.store.get(done)).status is Status.FINISHED
         assert len(await deps.dead_letters.list()) == 1
 
@@ -228,21 +232,21 @@ def test_a_dead_letter_is_written_with_the_move_and_only_once() -> None:
 
 
 def test_confirm_releases_its_lease_when_it_finishes_or_fails() -> None:
-    async def scenario(deps: steps.Deps, state: Any) -> None:
+    async def scenario(deps: wiring.Deps, state: Any) -> None:
         job_id = await enqueue(deps, "immediate")
-        await steps.eligibility(deps, job_id)
-        await steps.confirm(deps, job_id, lease_s=30)
+        await chain.eligibility(deps, job_id)
+        await chain.confirm(deps, job_id, lease_s=30)
         assert not await deps.store.redis.exists(f"cf:lease:{job_id}:confirm")
 
         failing = await enqueue(deps, "autogiro")
-        await steps.eligibility(deps, failing)
+        await chain.eligibility(deps, failing)
         state.faults.replace(FaultSettings(error_rate=1))
         with pytest.raises(ProviderUnavailable):
-            await steps.confirm(deps, failing, lease_s=30)
+            await chain.confirm(deps, failing, lease_s=30)
         assert not await deps.store.redis.exists(f"cf:lease:{failing}:confirm")
         # So the retry takes the lease at once and cancels.
         state.faults.replace(FaultSettings())
-        assert (await steps.confirm(deps, failing, lease_s=30)).step is Step.CALLBACK
+        assert (await chain.confirm(deps, failing, lease_s=30)).step is Step.CALLBACK
 
     run(scenario)
 
@@ -264,22 +268,22 @@ def run_on(key: str, scenario: Scenario) -> None:
     asyncio.run(go())
 
 
-async def enqueue_on(deps: steps.Deps, key: str) -> str:
+async def enqueue_on(deps: wiring.Deps, key: str) -> str:
     """A job for ``key``'s cancellable demo subscription, past eligibility (confirming)."""
     contract = contract_for(key)
     assert contract is not None
     req = CancellationRequest(provider=key, subscription=contract.success)
     identity = REGISTRY[key].reference.model_validate(req.subscription).identity()
     job_id = (await deps.store.create(req, identity=identity)).job.id
-    assert (await steps.eligibility(deps, job_id)).step is Step.CONFIRM
+    assert (await chain.eligibility(deps, job_id)).step is Step.CONFIRM
     return job_id
 
 
-async def failed_confirm(deps: steps.Deps, job_id: str, attempt: int) -> ProviderError:
+async def failed_confirm(deps: wiring.Deps, job_id: str, attempt: int) -> ProviderError:
     """A confirm attempt that fails, recorded on the timeline as the worker records it."""
     with pytest.raises(ProviderError) as caught:
-        await steps.confirm(deps, job_id, attempt=attempt, lease_s=30)
-    await steps.note_retry(
+        await chain.confirm(deps, job_id, attempt=attempt, lease_s=30)
+    await chain.note_retry(
         deps, job_id, step=Step.CONFIRM, attempt=attempt, error=caught.value.as_dict(), delay_s=1
     )
     return caught.value
@@ -293,7 +297,7 @@ def finished_entry(job: Any) -> Any:
 def test_a_cancel_that_acted_and_lost_its_answer_ends_cancelled_without_a_second_cancel(
     key: str,
 ) -> None:
-    async def scenario(deps: steps.Deps, sandbox: Any) -> None:
+    async def scenario(deps: wiring.Deps, sandbox: Any) -> None:
         job_id = await enqueue_on(deps, key)
         reads = sum(sandbox.calls.values())  # calls so far: eligibility (and a token)
         sandbox.faults.replace(FaultSettings(lost_answer_rate=1))
@@ -302,7 +306,7 @@ def test_a_cancel_that_acted_and_lost_its_answer_ends_cancelled_without_a_second
         cancel_calls = dict(sandbox.calls)
         sandbox.faults.replace(FaultSettings())
 
-        assert (await steps.confirm(deps, job_id, attempt=1, lease_s=30)).step is Step.CALLBACK
+        assert (await chain.confirm(deps, job_id, attempt=1, lease_s=30)).step is Step.CALLBACK
         job = await deps.store.get(job_id)
         assert job.outcome is not None
         assert job.outcome.type is OutcomeType.CANCELLED, job.outcome
@@ -319,10 +323,10 @@ def test_a_cancel_that_acted_and_lost_its_answer_ends_cancelled_without_a_second
 
 
 def test_the_first_confirm_makes_one_call_and_no_read() -> None:
-    async def scenario(deps: steps.Deps, state: Any) -> None:
+    async def scenario(deps: wiring.Deps, state: Any) -> None:
         job_id = await enqueue(deps)
-        await steps.eligibility(deps, job_id)
-        await steps.confirm(deps, job_id, lease_s=30)
+        await chain.eligibility(deps, job_id)
+        await chain.confirm(deps, job_id, lease_s=30)
         assert calls(state) == {
             "access_token": 1,
             "can_cancel_subscription": 1,
@@ -335,14 +339,14 @@ def test_the_first_confirm_makes_one_call_and_no_read() -> None:
 
 
 def test_a_retry_after_an_error_that_cannot_have_acted_makes_no_read() -> None:
-    async def scenario(deps: steps.Deps, state: Any) -> None:
+    async def scenario(deps: wiring.Deps, state: Any) -> None:
         job_id = await enqueue(deps)
-        await steps.eligibility(deps, job_id)
+        await chain.eligibility(deps, job_id)
         state.faults.replace(FaultSettings(rate_limit_rate=1))
         error = await failed_confirm(deps, job_id, 0)
         assert isinstance(error, ProviderRateLimited) and not error.may_have_acted
         state.faults.replace(FaultSettings())
-        await steps.confirm(deps, job_id, attempt=1, lease_s=30)
+        await chain.confirm(deps, job_id, attempt=1, lease_s=30)
         assert calls(state)["can_cancel_subscription"] == 1  # eligibility's only
         assert calls(state)["cancel_subscription"] == 2
         job = await deps.store.get(job_id)
@@ -353,14 +357,14 @@ def test_a_retry_after_an_error_that_cannot_have_acted_makes_no_read() -> None:
 
 
 def test_a_read_that_finds_it_still_cancellable_cancels() -> None:
-    async def scenario(deps: steps.Deps, state: Any) -> None:
+    async def scenario(deps: wiring.Deps, state: Any) -> None:
         job_id = await enqueue(deps, "immediate")
-        await steps.eligibility(deps, job_id)
+        await chain.eligibility(deps, job_id)
         # A 503 may have acted but did not: the read says can_cancel=true, the cancel follows.
         state.faults.replace(FaultSettings(error_rate=1))
         assert (await failed_confirm(deps, job_id, 0)).may_have_acted
         state.faults.replace(FaultSettings())
-        await steps.confirm(deps, job_id, attempt=1, lease_s=30)
+        await chain.confirm(deps, job_id, attempt=1, lease_s=30)
         assert calls(state)["can_cancel_subscription"] == 2
         assert calls(state)["cancel_subscription"] == 2
         job = await deps.store.get(job_id)
@@ -372,15 +376,15 @@ def test_a_read_that_finds_it_still_cancellable_cancels() -> None:
 
 
 def test_an_attempt_that_recorded_no_end_is_reconciled() -> None:
-    async def scenario(deps: steps.Deps, state: Any) -> None:
+    async def scenario(deps: wiring.Deps, state: Any) -> None:
         job_id = await enqueue(deps, "autogiro")
-        await steps.eligibility(deps, job_id)
+        await chain.eligibility(deps, job_id)
         # The cancel acts, then the worker dies before recording anything (no retry entry).
         state.faults.replace(FaultSettings(lost_answer_rate=1))
         with pytest.raises(ProviderUnavailable):
-            await steps.confirm(deps, job_id, lease_s=30)
+            await chain.confirm(deps, job_id, lease_s=30)
         state.faults.replace(FaultSettings())
-        await steps.confirm(deps, job_id, attempt=1, lease_s=30)
+        await chain.confirm(deps, job_id, attempt=1, lease_s=30)
         job = await deps.store.get(job_id)
         assert job.outcome is not None and job.outcome.details.get("reconciled") is True
         assert calls(state)["cancel_subscription"] == 1
@@ -389,9 +393,9 @@ def test_an_attempt_that_recorded_no_end_is_reconciled() -> None:
 
 
 def test_an_earlier_lost_answer_still_counts_after_an_attempt_that_did_not_act() -> None:
-    async def scenario(deps: steps.Deps, state: Any) -> None:
+    async def scenario(deps: wiring.Deps, state: Any) -> None:
         job_id = await enqueue(deps, "end_of_period_with_credit")
-        await steps.eligibility(deps, job_id)
+        await chain.eligibility(deps, job_id)
         state.faults.replace(FaultSettings(lost_answer_rate=1))
         assert (await failed_confirm(deps, job_id, 0)).may_have_acted
         # The next attempt's read is rate limited: that attempt acted on nothing...
@@ -399,7 +403,7 @@ def test_an_earlier_lost_answer_still_counts_after_an_attempt_that_did_not_act()
         assert not (await failed_confirm(deps, job_id, 1)).may_have_acted
         # ...and the first one's cancel may still have happened: read again, then end.
         state.faults.replace(FaultSettings())
-        await steps.confirm(deps, job_id, attempt=2, lease_s=30)
+        await chain.confirm(deps, job_id, attempt=2, lease_s=30)
         job = await deps.store.get(job_id)
         assert job.outcome is not None and job.outcome.type is OutcomeType.CANCELLED
         assert job.outcome.details.get("reconciled") is True

@@ -8,8 +8,16 @@ from typing import Any
 import fakeredis
 import pytest
 
+from cancelflow import lifecycle
 from cancelflow.contract import CancellationRequest, Outcome, OutcomeType, Status, TimelineEntry
-from cancelflow.store import AWAITING, WORKERS, IdempotencyConflict, JobStore, inflight_key
+from cancelflow.store import (
+    AWAITING,
+    WORKERS,
+    IdempotencyConflict,
+    JobStore,
+    confirm_lease_key,
+    inflight_key,
+)
 
 
 def store(redis: fakeredis.FakeAsyncRedis) -> JobStore:
@@ -74,9 +82,12 @@ def test_second_request_for_a_subscription_in_flight_joins_until_it_ends(
         other = await s.create(request(), identity="sub-2")
         assert other.how == "created"
         job = first.job
-        await s.transition(job, Status.CHECKING)
+        await s.transition(job, lifecycle.Event.CHECK)
         await s.transition(
-            job, Status.FINISHED, identity="sub-1", outcome=Outcome(type=OutcomeType.CANCELLED)
+            job,
+            lifecycle.Event.FINISH,
+            identity="sub-1",
+            outcome=Outcome(type=OutcomeType.CANCELLED),
         )
         assert not await fake_redis.exists(inflight_key("payway", "sub-1"))
         fresh = await s.create(request(), identity="sub-1")
@@ -89,23 +100,26 @@ def test_transitions_only_move_forward(fake_redis: fakeredis.FakeAsyncRedis) -> 
     async def go() -> None:
         s = store(fake_redis)
         job = (await s.create(request(), identity="sub-1")).job
-        assert (await s.transition(job, Status.CHECKING)).applied
-        assert (await s.transition(job, Status.CONFIRMING)).applied
+        assert (await s.transition(job, lifecycle.Event.CHECK)).applied
+        assert (await s.transition(job, lifecycle.Event.CONFIRM)).applied
         # A late, duplicate eligibility task cannot move the job back.
-        late = await s.transition(job, Status.CHECKING, entry=entry("late"))
+        late = await s.transition(job, lifecycle.Event.CHECK, entry=entry("late"))
         assert not late.applied and late.previous is Status.CONFIRMING
         done = await s.transition(
-            job, Status.FINISHED, outcome=Outcome(type=OutcomeType.CANCELLED), identity="sub-1"
+            job,
+            lifecycle.Event.FINISH,
+            outcome=Outcome(type=OutcomeType.CANCELLED),
+            identity="sub-1",
         )
         assert done.applied
-        for to in (
-            Status.CHECKING,
-            Status.CONFIRMING,
-            Status.AWAITING_DECISION,
-            Status.FINISHED,
-            Status.DEAD_LETTERED,
+        for event in (
+            lifecycle.Event.CHECK,
+            lifecycle.Event.CONFIRM,
+            lifecycle.Event.PARK,
+            lifecycle.Event.FINISH,
+            lifecycle.Event.DEAD_LETTER,
         ):
-            assert not (await s.transition(job, to)).applied
+            assert not (await s.transition(job, event)).applied
         record = await s.get(job.id)
         assert record.status is Status.FINISHED
         assert record.outcome is not None and record.outcome.type is OutcomeType.CANCELLED
@@ -119,8 +133,8 @@ def test_finished_records_expire_after_the_retention(fake_redis: fakeredis.FakeA
         s = store(fake_redis)
         job = (await s.create(request(), identity="sub-1")).job
         assert await fake_redis.ttl(f"cf:job:{job.id}") == -1
-        await s.transition(job, Status.CHECKING)
-        await s.transition(job, Status.FINISHED, outcome=Outcome(type=OutcomeType.NOT_FOUND))
+        await s.transition(job, lifecycle.Event.CHECK)
+        await s.transition(job, lifecycle.Event.FINISH, outcome=Outcome(type=OutcomeType.NOT_FOUND))
         assert 3500 < await fake_redis.ttl(f"cf:job:{job.id}") <= 3600
         assert 3500 < await fake_redis.ttl(f"cf:job:{job.id}:timeline") <= 3600
 
@@ -131,10 +145,10 @@ def test_replay_only_from_dead_lettered(fake_redis: fakeredis.FakeAsyncRedis) ->
     async def go() -> None:
         s = store(fake_redis)
         job = (await s.create(request(), identity="sub-1")).job
-        assert not (await s.replay(job.id, Status.QUEUED, entry("replayed"))).applied
-        await s.transition(job, Status.DEAD_LETTERED)
-        assert (await s.replay(job.id, Status.QUEUED, entry("replayed"))).applied
-        assert not (await s.replay(job.id, Status.QUEUED, entry("replayed"))).applied
+        assert not (await s.replay(job.id, lifecycle.Event.REPLAY, entry("replayed"))).applied
+        await s.transition(job, lifecycle.Event.DEAD_LETTER)
+        assert (await s.replay(job.id, lifecycle.Event.REPLAY, entry("replayed"))).applied
+        assert not (await s.replay(job.id, lifecycle.Event.REPLAY, entry("replayed"))).applied
         assert (await s.get(job.id)).status is Status.QUEUED
 
     run(go())
@@ -144,9 +158,9 @@ def test_concurrent_transitions_apply_once(fake_redis: fakeredis.FakeAsyncRedis)
     async def go() -> None:
         s = store(fake_redis)
         job = (await s.create(request(), identity="sub-1")).job
-        await s.transition(job, Status.CHECKING)
+        await s.transition(job, lifecycle.Event.CHECK)
         results = await asyncio.gather(
-            *(s.transition(job, Status.AWAITING_DECISION) for _ in range(20))
+            *(s.transition(job, lifecycle.Event.PARK) for _ in range(20))
         )
         assert sum(r.applied for r in results) == 1
 
@@ -159,33 +173,28 @@ def test_begin_moves_and_reads_in_one_and_the_lease_is_exclusive(
     async def go() -> None:
         s = store(fake_redis)
         job = (await s.create(request(), identity="sub-1")).job
-        began = await s.begin(
-            job.id, to=Status.CHECKING, allowed=frozenset({Status.QUEUED}), entry=entry("started")
-        )
+        began = await s.begin(job.id, lifecycle.Event.CHECK, entry=entry("started"))
         assert began.applied and began.previous is Status.QUEUED and began.leased_for_ms is None
         assert began.job.status is Status.CHECKING
         assert [e.event for e in began.job.timeline] == ["queued", "started"]
         # Not in an allowed status: nothing written, the record still read.
-        again = await s.begin(
-            job.id, to=Status.CHECKING, allowed=frozenset({Status.QUEUED}), entry=entry("started")
-        )
+        # Not where the event moves from (a confirm's start, for a job still checking).
+        again = await s.begin(job.id, lifecycle.Event.CONFIRM_AGAIN, entry=entry("started"))
         assert not again.applied and again.previous is Status.CHECKING
         assert len(again.job.timeline) == 2
 
-        lease = ("cf:lease:test", 30.0)
+        lease = (confirm_lease_key(job.id), 30.0)
         first = await s.begin(
             job.id,
-            to=None,
-            allowed=frozenset({Status.CHECKING}),
+            lifecycle.Event.CHECK,
             entry=entry("confirm"),
-            lease=lease,
+            lease_s=lease[1],
         )
         second = await s.begin(
             job.id,
-            to=None,
-            allowed=frozenset({Status.CHECKING}),
+            lifecycle.Event.CHECK,
             entry=entry("confirm"),
-            lease=lease,
+            lease_s=lease[1],
         )
         assert first.applied and first.leased_for_ms is None
         assert (
@@ -195,7 +204,7 @@ def test_begin_moves_and_reads_in_one_and_the_lease_is_exclusive(
         )
         assert [e.event for e in second.job.timeline].count("confirm") == 1
         # The move that ends the step gives the lease back, whether or not it applies.
-        await s.transition(job, Status.AWAITING_DECISION, release_lease=lease[0])
+        await s.transition(job, lifecycle.Event.PARK, release_lease=True)
         assert not await fake_redis.exists(lease[0])
 
     run(go())
@@ -223,26 +232,23 @@ def test_a_step_records_its_process_and_a_dead_processs_lease_is_taken_over(
         job = (await first.create(request(), identity="sub-1")).job
         now = (await fake_redis.time())[0]
         await fake_redis.zadd(WORKERS, {"w1": now, "w2": now})
-        lease = ("cf:lease:test", 300.0)
+        lease = (confirm_lease_key(job.id), 300.0)
         began = await first.begin(
             job.id,
-            to=Status.CHECKING,
-            allowed=frozenset({Status.QUEUED}),
+            lifecycle.Event.CHECK,
             entry=entry("s"),
-            lease=lease,
+            lease_s=lease[1],
         )
         assert began.applied and began.job.held_by == "w1"
         assert await fake_redis.get(lease[0]) == b"w1"
         # w1 beats: its lease holds against another process.
-        busy = await second.begin(
-            job.id, to=None, allowed=frozenset({Status.CHECKING}), entry=entry("s"), lease=lease
-        )
+        busy = await second.begin(job.id, lifecycle.Event.CHECK, entry=entry("s"), lease_s=lease[1])
         assert not busy.applied and busy.leased_for_ms is not None
         assert busy.job.held_by == "w1"
         # w1 stopped beating longer ago than the lease of a process (30 s): taken over.
         await fake_redis.zadd(WORKERS, {"w1": now - 31})
         taken = await second.begin(
-            job.id, to=None, allowed=frozenset({Status.CHECKING}), entry=entry("s"), lease=lease
+            job.id, lifecycle.Event.CHECK, entry=entry("s"), lease_s=lease[1]
         )
         assert taken.applied and taken.leased_for_ms is None and taken.job.held_by == "w2"
         assert await fake_redis.get(lease[0]) == b"w2"
@@ -257,17 +263,15 @@ def test_the_decision_index_moves_with_the_job(fake_redis: fakeredis.FakeAsyncRe
     async def go() -> None:
         s = store(fake_redis)
         job = (await s.create(request(), identity="sub-1")).job
-        await s.begin(
-            job.id, to=Status.CHECKING, allowed=frozenset({Status.QUEUED}), entry=entry("s")
-        )
-        await s.transition(job, Status.AWAITING_DECISION, deadline=1000.0)
+        await s.begin(job.id, lifecycle.Event.CHECK, entry=entry("s"))
+        await s.transition(job, lifecycle.Event.PARK, deadline=1000.0)
         assert await fake_redis.zscore(AWAITING, job.id) == 1000.0
         assert await s.due_decisions(before=1001.0) == [job.id]
         # A redelivered park keeps the first deadline.
-        await s.transition(job, Status.AWAITING_DECISION, deadline=5000.0)
+        await s.transition(job, lifecycle.Event.PARK, deadline=5000.0)
         assert await fake_redis.zscore(AWAITING, job.id) == 1000.0
         # The decision's move and the index's removal are one script: no crash between them.
-        await s.transition(job, Status.CONFIRMING)
+        await s.transition(job, lifecycle.Event.CONFIRM)
         assert await fake_redis.zscore(AWAITING, job.id) is None
         assert await s.due_decisions(before=1001.0) == []
 
@@ -280,10 +284,8 @@ def test_stale_deadlines_are_dropped_and_live_ones_kept(
     async def go() -> None:
         s = store(fake_redis)
         parked = (await s.create(request(), identity="sub-1")).job
-        await s.begin(
-            parked.id, to=Status.CHECKING, allowed=frozenset({Status.QUEUED}), entry=entry("s")
-        )
-        await s.transition(parked, Status.AWAITING_DECISION, deadline=10.0)
+        await s.begin(parked.id, lifecycle.Event.CHECK, entry=entry("s"))
+        await s.transition(parked, lifecycle.Event.PARK, deadline=10.0)
         # What an older version's crash left: a deadline for a job that is gone.
         await fake_redis.zadd(AWAITING, {"job_gone": 5.0})
         assert not await s.drop_deadline(parked.id)

@@ -8,8 +8,8 @@ from datetime import datetime
 
 import fakeredis
 
-from cancelflow import steps
-from cancelflow.contract import CancellationRequest, Status, Step, TimelineEntry
+from cancelflow import chain, lifecycle, sweeps, wiring
+from cancelflow.contract import CancellationRequest, Step, TimelineEntry
 from cancelflow.settings import Settings
 from cancelflow.store import WORKERS
 from cancelflow.wiring import build_deps
@@ -17,7 +17,7 @@ from cancelflow.wiring import build_deps
 QUEUE = "cancellations.payway"
 
 
-async def queued_job(deps: steps.Deps, n: int = 0) -> tuple[str, float]:
+async def queued_job(deps: wiring.Deps, n: int = 0) -> tuple[str, float]:
     """A queued job whose first step was sent, and when it last moved (epoch s)."""
     job = (
         await deps.store.create(
@@ -29,10 +29,10 @@ async def queued_job(deps: steps.Deps, n: int = 0) -> tuple[str, float]:
     return job.id, datetime.fromisoformat(job.updated_at).timestamp()
 
 
-async def sweep(deps: steps.Deps, oldest: float) -> list[str]:
+async def sweep(deps: wiring.Deps, oldest: float) -> list[str]:
     await asyncio.sleep(0.05)
-    found = await steps.resume_stalled(deps, quiet_for_s=0.01, oldest_waiting={QUEUE: oldest})
-    return [n.args[0] for n in found]
+    found = await sweeps.resume_stalled(deps, quiet_for_s=0.01, oldest_waiting={QUEUE: oldest})
+    return [n.job_id for n in found]
 
 
 def test_a_lost_message_is_resent_once_the_queue_moved_past_it() -> None:
@@ -68,8 +68,7 @@ def test_a_step_held_by_a_live_process_is_left_alone_a_dead_ones_is_not() -> Non
         await redis.zadd(WORKERS, {"w1": now})
         began = await deps.store.begin(
             job_id,
-            to=Status.CHECKING,
-            allowed=frozenset({Status.QUEUED}),
+            lifecycle.Event.CHECK,
             entry=TimelineEntry(at="2026-01-01T00:00:00Z", step="eligibility", event="started"),
         )
         assert began.job.held_by == "w1"
@@ -84,7 +83,7 @@ def test_a_countdown_is_not_a_stall() -> None:
     async def go() -> None:
         deps = build_deps(Settings(), redis=fakeredis.FakeAsyncRedis())
         job_id, _ = await queued_job(deps)
-        await steps.note_retry(
+        await chain.note_retry(
             deps, job_id, step=Step.ELIGIBILITY, attempt=0, error={"type": "X"}, delay_s=60
         )
         assert await sweep(deps, oldest=float("inf")) == []

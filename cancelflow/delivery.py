@@ -1,0 +1,296 @@
+"""The result callback step: a job's outcome (or offer) event delivered, signed, to every one
+of its targets (its callback URL, those of the requests that joined it, its provider's
+in-process hooks), each target retried and dead-lettered alone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime
+from typing import Any
+
+from cancelflow import callbacks, hooks, retry
+from cancelflow.chain import load
+from cancelflow.contract import CallbackAttempt, JobRecord, Step, isoformat, utcnow
+from cancelflow.dead_letters import DeadLetter
+from cancelflow.errors import CancelflowError
+from cancelflow.lifecycle import EVENT_OUTCOME, Next
+from cancelflow.logging import get_logger
+from cancelflow.wiring import Deps
+
+log = get_logger(__name__)
+
+
+# A job's callback targets: its callback URL ("webhook"), the callback URL of each request
+# that joined it in flight ("url:<url>", from the job's ``extra_callbacks``), and each of its
+# provider's hooks ("hook:<name>", see cancelflow.hooks). Attempts are recorded per target
+# (an attempt's ``url`` tells its target), so each retries and dead-letters alone.
+WEBHOOK = "webhook"
+URL_TARGET_PREFIX = "url:"
+# A target with an attempt that ended so is never sent the event again.
+_DONE = frozenset({"delivered", "skipped"})
+
+
+def _extra_urls(deps: Deps, job: JobRecord) -> list[str]:
+    """The joiners' callback URLs that are targets of their own: not the job's own URL,
+    which is sent the event as "webhook" already."""
+    own = _webhook_url(deps, job)
+    return [url for url in dict.fromkeys(job.extra_callbacks) if url != own]
+
+
+def _target(attempt: CallbackAttempt, extras: list[str]) -> str:
+    url = attempt.url or ""
+    if url.startswith(hooks.TARGET_PREFIX):
+        return url
+    return URL_TARGET_PREFIX + url if url in extras else WEBHOOK
+
+
+def _target_url(deps: Deps, job: JobRecord, target: str) -> str | None:
+    """Where ``target`` is sent (a hook's own name for a hook)."""
+    if target == WEBHOOK:
+        return _webhook_url(deps, job)
+    return target.removeprefix(URL_TARGET_PREFIX)
+
+
+def _history(deps: Deps, job: JobRecord, eid: str, target: str) -> list[CallbackAttempt]:
+    extras = _extra_urls(deps, job)
+    return [c for c in job.callbacks if c.event_id == eid and _target(c, extras) == target]
+
+
+def _since_dead_letter(history: list[CallbackAttempt]) -> list[CallbackAttempt]:
+    # A replay starts a new horizon: only attempts after the last dead letter count.
+    last = max((i for i, c in enumerate(history) if c.result == "dead_lettered"), default=-1)
+    return history[last + 1 :]
+
+
+def _pending(deps: Deps, job: JobRecord, eid: str, target: str, *, replay: bool) -> bool:
+    history = _history(deps, job, eid, target)
+    if any(c.result in _DONE for c in history):
+        return False  # a redelivered or retried message: this target already has the event
+    # A dead-lettered target waits for an operator's replay (a message scoped to it).
+    return replay or not history or history[-1].result != "dead_lettered"
+
+
+def _webhook_url(deps: Deps, job: JobRecord) -> str | None:
+    conf = deps.settings.provider(job.provider)
+    return job.callback_url or (str(conf.callback_url) if conf.callback_url else None)
+
+
+async def callback(deps: Deps, job_id: str, event: str, *, attempt: int = 0) -> Next:
+    """Deliver the job's result (or offer) event to its callback URL, signed, and to its
+    provider's in-process hooks.
+
+    ``event`` is "outcome" or "offer_presented", or one of them scoped to one target
+    ("outcome@webhook", "outcome@url:<url>", "outcome@hook:<name>") as a replayed dead
+    letter sends it; "url:<url>" targets are the callback URLs of requests that joined the
+    job (``extra_callbacks``), signed as the job's own. Targets
+    are independent: one that has the event is not sent it again, one that gives up (unsafe
+    URL, a 4xx, the horizon passed) is dead-lettered alone, and while any other may still
+    succeed ``CallbackRetryable`` is raised so the task retries those with backoff.
+    """
+    kind, _, only = event.partition("@")
+    job = await load(deps, job_id)
+    etype = callbacks.event_type(job, kind)
+    if etype is None:
+        return Next.done(job_id)
+    body = callbacks.build_event(job, etype)
+    if only:
+        targets = [only]
+    else:
+        provider_hooks = hooks.for_provider(deps.hooks, job.provider)
+        targets = [
+            WEBHOOK,
+            *(URL_TARGET_PREFIX + url for url in _extra_urls(deps, job)),
+            *(h.target for h in provider_hooks),
+        ]
+    pending = [t for t in targets if _pending(deps, job, body["id"], t, replay=bool(only))]
+    # The job's last event: once it is at its end, the watchdog stops watching the job.
+    last = kind == EVENT_OUTCOME and not only
+    # One target (the common case): its delivery's record unwatches the job, in one round trip.
+    unwatch_with = last and len(pending) == 1
+    if len(pending) == 1:
+        results = [await _deliver(deps, job, kind, body, pending[0], attempt, unwatch=unwatch_with)]
+    else:
+        # Concurrently: a slow or failing target never holds up another.
+        results = await asyncio.gather(
+            *(_deliver(deps, job, kind, body, t, attempt, unwatch=unwatch_with) for t in pending)
+        )
+    retryable = [r for r in results if isinstance(r, callbacks.CallbackRetryable)]
+    if retryable:
+        raise max(retryable, key=lambda exc: exc.retry_after or 0.0)
+    if last and UNWATCHED not in results:
+        await deps.store.unwatch(job_id)
+    return Next.done(job_id)
+
+
+# What ``_deliver`` answers when its delivery's record unwatched the job.
+UNWATCHED = "unwatched"
+
+
+async def _deliver(
+    deps: Deps,
+    job: JobRecord,
+    kind: str,
+    body: dict[str, Any],
+    target: str,
+    attempt: int,
+    *,
+    unwatch: bool = False,
+) -> callbacks.CallbackRetryable | str | None:
+    """One attempt at one target, recorded on the job: the error to retry on, if any, or
+    ``UNWATCHED`` when ``unwatch`` is set and the delivery's record unwatched the job."""
+    eid, etype = body["id"], body["type"]
+    url = _target_url(deps, job, target)
+    fields = {"target": target, "event_type": etype, "event_id": eid}
+
+    async def note(
+        result: str, elapsed_s: float | None = None, *, unwatches: bool = False, **kw: Any
+    ) -> None:
+        latency = round(elapsed_s * 1000, 1) if elapsed_s is not None else None
+        await deps.store.add_callback_attempt(
+            job.id,
+            CallbackAttempt(
+                at=isoformat(utcnow()),
+                event_id=eid,
+                event_type=etype,
+                url=url,
+                attempt=attempt,
+                result=result,
+                latency_ms=latency,
+                **kw,
+            ),
+            unwatch=unwatches,
+        )
+
+    async def give_up(error_type: str, error: str) -> None:
+        await dead_letter_callback(
+            deps, job.id, f"{kind}@{target}", error=error, traceback=None, error_type=error_type
+        )
+
+    try:
+        if target.startswith(hooks.TARGET_PREFIX):
+            status, elapsed = None, await _run_hook(deps, job, target, body)
+        elif url is None:
+            await note("skipped", error="no callback URL for the job or its provider")
+            return None
+        else:
+            status, elapsed = await _post(deps, job, url, body)
+    except (callbacks.UnsafeCallbackUrl, callbacks.CallbackMisconfigured) as exc:
+        await note("refused", error=str(exc))
+        await give_up(type(exc).__name__, str(exc))
+        return None
+    except callbacks.CallbackRejected as exc:
+        await note("failed", exc.elapsed_s, http_status=exc.status, error=str(exc))
+        await give_up(type(exc).__name__, str(exc))
+        return None
+    except callbacks.CallbackRetryable as exc:
+        await note("failed", exc.elapsed_s, http_status=exc.status, error=str(exc))
+        window = _since_dead_letter(_history(deps, job, eid, target))
+        now = utcnow()
+        first = datetime.fromisoformat(window[0].at) if window else now
+        exc.window_age_s = (now - first).total_seconds()
+        action = retry.decide(
+            exc,
+            step=Step.CALLBACK,
+            attempt=attempt,
+            age_s=exc.window_age_s,
+            policy=retry.callback_policy(deps.settings),
+        )
+        if isinstance(action, retry.GiveUp):
+            await give_up(action.error_type, action.reason)
+            return None
+        log.warning("callback.failed", http_status=exc.status, error=str(exc), **fields)
+        return exc
+    await note("delivered", elapsed, unwatches=unwatch, http_status=status)
+    log.info("callback.delivered", http_status=status, **fields)
+    return UNWATCHED if unwatch else None
+
+
+async def _post(deps: Deps, job: JobRecord, url: str, body: dict[str, Any]) -> tuple[int, float]:
+    conf = deps.settings.provider(job.provider)
+    configured = (conf.callback_secret, conf.callback_secret_previous)
+    secrets = [s.get_secret_value() for s in configured if s]
+    if not secrets:
+        raise callbacks.CallbackMisconfigured(
+            "provider has no callback secret: callbacks are always signed"
+        )
+    cb = deps.settings.callbacks
+    await callbacks.check_url(url, allow_http=cb.allow_http, allowed_hosts=cb.allowed_hosts)
+    if deps.callback_session is None:
+        raise CancelflowError("this process has no callbacks session (see Runtime._start)")
+    return await callbacks.deliver(
+        deps.callback_session, url, body, secrets=secrets, timeout_s=cb.timeout_s
+    )
+
+
+async def _run_hook(deps: Deps, job: JobRecord, target: str, body: dict[str, Any]) -> float:
+    found = [h for h in hooks.for_provider(deps.hooks, job.provider) if h.target == target]
+    if not found:
+        raise callbacks.CallbackMisconfigured(f"{target} is not registered on this worker")
+    # Each hook gets its own copy of exactly what a callback URL gets.
+    event = json.loads(callbacks.encode(body))
+    return await hooks.run(found[0], event, timeout_s=deps.settings.callbacks.timeout_s)
+
+
+async def dead_letter_callback(
+    deps: Deps,
+    job_id: str,
+    event: str,
+    *,
+    error: str,
+    traceback: str | None,
+    error_type: str = "CallbackGiveUp",
+) -> str:
+    """A callback that will never get through: keep it for an operator to replay; its id.
+
+    ``event`` names the target as ``callback`` takes it ("outcome@webhook"; no target means
+    the callback URL); replaying the dead letter retries that target alone.
+    """
+    job = await load(deps, job_id)
+    kind, _, target = event.partition("@")
+    target = target or WEBHOOK
+    etype = callbacks.event_type(job, kind) or kind
+    eid = callbacks.event_id(job, etype)
+    url = _target_url(deps, job, target)
+    attempts = _since_dead_letter(_history(deps, job, eid, target))
+    dl = await deps.dead_letters.add(
+        DeadLetter(
+            kind="callback",
+            job_id=job_id,
+            provider=job.provider,
+            step=Step.CALLBACK.value,
+            error_type=error_type,
+            error=error,
+            traceback=traceback,
+            payload={
+                "event": kind,
+                "event_type": etype,
+                "event_id": eid,
+                "target": target,
+                "url": url,
+            },
+            event=f"{kind}@{target}",
+            errors=[{"at": c.at, "status": c.http_status, "error": c.error} for c in attempts],
+        )
+    )
+    await deps.store.add_callback_attempt(
+        job_id,
+        CallbackAttempt(
+            at=isoformat(utcnow()),
+            event_id=eid,
+            event_type=etype,
+            url=url,
+            result="dead_lettered",
+            error=error,
+        ),
+    )
+    log.error(
+        "callback.dead_lettered",
+        target=target,
+        event_type=etype,
+        event_id=eid,
+        error_type=error_type,
+        error=error,
+        dead_letter_id=dl.id,
+    )
+    return dl.id

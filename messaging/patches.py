@@ -1,0 +1,476 @@
+"""Every override of a private Celery or kombu method, in one module.
+
+Each class or function here replaces or depends on an upstream method that is not a public
+API, written against the celery and kombu minor versions pinned in pyproject.toml
+(``celery==5.7.*``, ``kombu==5.7.*``). ``UPSTREAM`` names each such method with the
+SHA-256 of its source at those versions: ``tests/unit/test_patches.py`` fails when one
+changes, so an upgrade is a reading of what changed under the copy, not a surprise in
+production. Each override says why it exists and, where there is one, the upstream issue.
+
+- ``Channel._create_client``: one Redis client per connection pool (kombu builds one per
+  publish, ack and event batch). No upstream issue; measured by ``make bench``.
+- ``SentEvents`` (``EventDispatcher.publish``, calling its ``_prepare_event`` and
+  ``_publish``): Celery's ``task-sent`` events in batches, not one round trip per message.
+- ``WorkerChannel._brpop_read`` / ``_get`` / ``basic_consume``: an item on a queue list that
+  is not a kombu message is dead-lettered instead of stopping the worker
+  (celery/kombu#2421 reports the same crash on SQS).
+- ``QoS.ack``: acknowledgements written in batches on the consumer's hub (kombu's emulated
+  acks cost their own round trips: celery/celery#1776).
+- ``WorkerChannel.restore_worker``: follows ``QoS.restore_by_tag`` (and its
+  ``_do_restore_message``) to give back a dead worker process's messages at once.
+- ``StepRequest.send_event``: a step's task events true to the step for Flower.
+- ``show_transports_as``: kombu's ``Connection.resolve_aliases`` (read by ``_info``) names
+  our transports by the broker URL's scheme where a connection is shown.
+- ``trace_args`` (``Request.execute_using_pool``'s tuple) and ``LoopPoolBase``
+  (``ThreadsPool.on_apply``, ``_get_info``): the pool runs a step's coroutine on the event
+  loop and applies time limits, which Celery's threads pool drops (celery/celery#9203).
+
+The workers' transport (``WorkerTransport``): kombu decodes each list item (its JSON
+envelope) inside the consumer loop; an item that is
+not JSON raises there, stops the worker ("Unrecoverable error") and the item, already popped,
+is lost. So does an envelope kombu cannot make a message of (``properties`` that is not an
+object or has no ``delivery_tag``, headers that are not an object, an unknown body
+encoding: ``kombu.transport.virtual.Message``) or whose delivery it cannot record as
+unacknowledged (no exchange or routing key: ``kombu.transport.redis.QoS.append``). This
+channel dead-letters such an item, parks it on the ``dead_letters`` list, and goes on.
+
+Acknowledging a message removes it from Redis's unacked hash and index, in a round trip of
+its own in kombu. Celery makes its acknowledgements (``acks_late``: after each task) on the
+consumer's event loop (kombu's hub, the worker's main thread); there, removals here wait and
+go in one pipeline: ``ACK_BATCH`` of them, or ``ACK_DELAY_S`` after the first. A worker
+killed before writing a batch leaves those messages in the hash: Redis delivers them again
+after the visibility timeout, and their steps find their jobs moved on (as after any crash
+between a step's end and its acknowledgement). Closing the channel writes the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from queue import Empty  # what kombu.transport.redis raises (it imports it from here)
+from typing import Any
+
+from celery import Celery
+from celery.concurrency.thread import TaskPool as ThreadsPool
+from celery.events.dispatcher import EventDispatcher
+from celery.worker.request import Request
+
+# kombu ships py.typed but leaves these (and its Channel's helpers) unannotated: hence the
+# no-untyped-call ignores below.
+from kombu.asynchronous import get_event_loop
+from kombu.connection import Connection
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
+
+from cancelflow.contract import DEAD_LETTER_QUEUE
+from cancelflow.dead_letters import DeadLetter, DeadLetterStore, poison_payload
+from cancelflow.logging import get_logger
+from messaging.batch import Batch
+
+log = get_logger(__name__)
+
+# "module:qualname" of every upstream method overridden, copied or unpacked here -> the
+# SHA-256 of its source (``inspect.getsource``) in the pinned versions. Computed by
+# ``source_hash``; ``tests/unit/test_patches.py`` compares.
+UPSTREAM: dict[str, str] = {
+    # Channel: one client per pool.
+    "kombu.transport.redis:Channel._create_client": (
+        "dae92bc4075dafb9b1a1ebd3f72cc7ed3e1bfe3ec1f840a1b1ccdfc6a67deb4d"
+    ),
+    # SentEvents: publish overridden, its private helpers called.
+    "celery.events.dispatcher:EventDispatcher.publish": (
+        "e7c0756afa3c16961203049d1d286aa0da30223417a2079f07b2f79970498caa"
+    ),
+    "celery.events.dispatcher:EventDispatcher._publish": (
+        "70b7053ff73568e9db48f96298adf4793073226337269559705c40a05c394496"
+    ),
+    "celery.events.dispatcher:EventDispatcher._prepare_event": (
+        "58ef45a12d13bcd86362e2648d07ad04e4832dc3d1fc0f1d20144c9644643872"
+    ),
+    # WorkerChannel: copies of the reads, the consumer's callback, the close, the restore.
+    "kombu.transport.redis:Channel._brpop_read": (
+        "c42518699709f2df90f55a048fe6346612ae5527e5c4a6819f2c0920dc62088f"
+    ),
+    "kombu.transport.redis:Channel._get": (
+        "be26a9f1eb4cf8da2aa65f4815a1709bf80b4434b064d3d7146872d318ad506c"
+    ),
+    "kombu.transport.virtual.base:Channel.basic_consume": (
+        "0fec962694938b61b8a6b82bfff9c3c8baeef2f2877d64adf30a8c6fdbfca2e6"
+    ),
+    "kombu.transport.redis:Channel.close": (
+        "101e9b9cdad44b88185ecf6a18f07c2057f9768465cfa1e1a4a7fe16068a6bc2"
+    ),
+    "kombu.transport.redis:Channel._do_restore_message": (
+        "8b430df94e45b5b0183c97f12a3eff8c1bc23bb227d1ebc0f3963f528546968a"
+    ),
+    "kombu.transport.redis:QoS.restore_by_tag": (
+        "58e161d81b6fe18d1fe73d53d13e6359271bcc249d0da58ee737c6775d51ceb8"
+    ),
+    # QoS: batched acknowledgements.
+    "kombu.transport.redis:QoS.ack": (
+        "1bc15a4ddf541af6aede3b76093919f847899f93dd8c1a2537ab7eaff1227207"
+    ),
+    # show_transports_as: the aliases kombu resolves where it shows a connection.
+    "kombu.connection:Connection._info": (
+        "d756812a39364a49dbe3738884663ebbb48cce97d1ab68a52964c273e6015335"
+    ),
+    "kombu.transport.redis:QoS.pipe_or_acquire": (
+        "ad7f549d96c81107bef9e0faa7b6b0fb88f912249b6cf40f58abdd75c45d13ae"
+    ),
+    # StepRequest: a step's task events.
+    "celery.worker.request:Request.send_event": (
+        "75ec861e3f357ae91412caad613f8f124d2cb375b5a037b0fee263d5f4a81b90"
+    ),
+    # trace_args and worker.pool: the tracer's arguments, how the threads pool applies a
+    # task, and its info.
+    "celery.worker.request:Request.execute_using_pool": (
+        "7979562da58f42665a9c55be03aea994a302357c46cb174602e34f7df13b2df5"
+    ),
+    "celery.concurrency.base:apply_target": (
+        "587f70580295464cd7494a2497d45105355790382525373b5cce1660930077c2"
+    ),
+    "celery.concurrency.thread:TaskPool.on_apply": (
+        "5b5ead7fb32e4e6d862bca107be7d7f1e81f222fbcbfb200cf3e0af8283648a1"
+    ),
+    "celery.concurrency.thread:TaskPool._get_info": (
+        "a6d082fa42de7fe34debad76df7fee73b206cd974d77e9762e51a97a150c3abe"
+    ),
+}
+
+
+def source_hash(qualified: str) -> str:
+    """The SHA-256 of the source of ``module:qualname`` as installed."""
+    import hashlib
+    import importlib
+    import inspect
+
+    module_name, _, qualname = qualified.partition(":")
+    found: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return hashlib.sha256(inspect.getsource(found).encode()).hexdigest()
+
+
+# --- producers and workers: one Redis client per pool -----------------------------------------
+
+
+class Channel(kombu_redis.Channel):
+    """kombu's Redis channel with one client per connection pool.
+
+    kombu builds a new ``redis.Redis`` for every publish, every batch of task events and
+    every acknowledgement (``Channel.conn_or_acquire``), and building one copies redis-py's
+    table of some 200 response callbacks: more CPU than the round trip it serves. A client
+    is safe to share (each command takes a connection from the pool), so one is kept for as
+    long as the channel keeps its pool (kombu replaces the pool after a connection error).
+    """
+
+    _client_for_pool: tuple[Any, Any] | None = None
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        if asynchronous:
+            return super()._create_client(asynchronous=True)  # type: ignore[no-untyped-call]
+        pool = self.pool
+        kept = self._client_for_pool
+        if kept is None or kept[0] is not pool:
+            kept = self._client_for_pool = (pool, super()._create_client())  # type: ignore[no-untyped-call]
+        return kept[1]
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
+
+
+# --- producers and workers: task-sent events in batches ----------------------------------------
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The same channel, its pool the master's that the sentinels name (and re-name)."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
+class SentEvents(EventDispatcher):  # type: ignore[misc]  # Celery is untyped
+    """Celery's ``task-sent`` events (for Flower), published in batches.
+
+    Celery publishes one event per message sent, right after it: one more Redis round trip
+    per message, during which the sender (the API's event loop, a worker's) waits. Sent from
+    an event loop, the events here wait in a buffer published as one message, a list of
+    events (as Celery's workers send their own task events, and as Flower reads them), once
+    ``limit`` are waiting or ``delay_s`` after the first. Sent from a thread without a loop
+    (a maintenance task), an event is published at once. Events are monitoring: a batch
+    that cannot be published is logged and dropped, never retried in the sender's way.
+    """
+
+    def __init__(self, app: Celery, *, limit: int = 100, delay_s: float = 0.05) -> None:
+        super().__init__(app=app, connection=app.connection_for_write(), buffer_while_offline=False)
+        self.delay_s = delay_s
+        self._batch: Batch[Any] = Batch(limit)
+
+    def publish(self, type: str, fields: dict[str, Any], producer: Any, **kwargs: Any) -> Any:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if type != "task-sent" or loop is None:
+            return super().publish(type, fields, producer, **kwargs)
+        when = self._batch.add(self._prepare_event(type, fields))
+        if when == "now":
+            self.flush_sent()
+        elif when == "later":
+            loop.call_later(self.delay_s, self.flush_sent)
+        return None
+
+    def flush_sent(self) -> None:
+        """Publish the events waiting (the API and the workers call it as they stop)."""
+        batch = self._batch.take()
+        if not batch:
+            return
+        try:
+            with self.mutex:
+                self._publish(batch, self.producer, "task.multi")
+        except Exception as exc:  # monitoring only: never fail or block a send for it
+            log.warning("events.sent.dropped", events=len(batch), error=type(exc).__name__)
+
+
+# --- workers: poison-proof reads, batched acknowledgements, a dead worker's messages -----------
+
+
+ACK_BATCH = 100
+ACK_DELAY_S = 0.02
+
+
+# kombu leaves QoS and Channel unannotated: hence the no-untyped-call ignores below.
+class QoS(kombu_redis.QoS):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._acks: Batch[str] = Batch(ACK_BATCH)
+
+    def ack(self, delivery_tag: str) -> None:
+        hub = get_event_loop()
+        if hub is None or threading.current_thread() is not threading.main_thread():
+            super().ack(delivery_tag)  # type: ignore[no-untyped-call]  # at once, as kombu
+            return
+        virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]  # bookkeeping only
+        when = self._acks.add(delivery_tag)
+        if when == "now":
+            self.flush_acks()
+        elif when == "later":
+            hub.call_later(ACK_DELAY_S, self.flush_acks)  # type: ignore[no-untyped-call]
+
+    def flush_acks(self) -> None:
+        """Write the waiting acknowledgements in one pipeline."""
+        tags = self._acks.take()
+        if not tags:
+            return
+        try:
+            with self.pipe_or_acquire() as pipe:
+                pipe.zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags).execute()
+        except Exception as exc:  # as kombu's own ack failing: redelivered after the timeout
+            log.warning("message.ack_failed", messages=len(tags), error=type(exc).__name__)
+
+
+class WorkerChannel(Channel):
+    """The workers' channel: poison-proof reads, batched acknowledgements, and the
+    restore of a dead worker's messages (``worker.leases``); see the module."""
+
+    QoS = QoS
+
+    def close(self) -> None:
+        qos = self.__dict__.get("_qos")  # only if the channel ever made one
+        if qos is not None:
+            qos.flush_acks()
+        super().close()  # type: ignore[no-untyped-call]
+
+    def _brpop_read(self, **options: Any) -> bool:
+        try:
+            try:
+                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if not dest__item:
+                raise Empty()
+            dest, item = dest__item
+            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]  # type: ignore[no-untyped-call]
+            self._queue_cycle.rotate(dest)
+            envelope = self._decode_or_dead_letter(item, dest)
+            if envelope is not None:
+                self.connection._deliver(envelope, dest)
+            return True
+        finally:
+            # As kombu does, though it declares _in_poll a bool.
+            self._in_poll = None  # type: ignore[assignment]
+            flush = getattr(self, "_flush_brpop_reauth", None)
+            if flush is not None:
+                flush()
+
+    # kombu's own Redis channel drops the base class's timeout parameter too.
+    def _get(self, queue: str) -> Any:  # type: ignore[override]
+        with self.conn_or_acquire() as client:
+            for pri in self.priority_steps:
+                item = client.rpop(self._q_for_pri(queue, pri))  # type: ignore[no-untyped-call]
+                if item:
+                    envelope = self._decode_or_dead_letter(item, queue)
+                    if envelope is None:
+                        continue
+                    return envelope
+            raise Empty()
+
+    def basic_consume(
+        self, queue: str, no_ack: bool, callback: Any, consumer_tag: str, **kwargs: Any
+    ) -> None:
+        super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)  # type: ignore[no-untyped-call]
+
+        # kombu's own callback, with the envelope checked before it stops the worker.
+        def _callback(raw_message: Any) -> Any:
+            try:
+                message = self.Message(raw_message, channel=self)  # type: ignore[no-untyped-call]
+                _check_delivery(message)
+            except Exception as exc:  # whatever the envelope holds, it must not stop us
+                error = f"envelope is not a kombu message: {type(exc).__name__}: {exc}"
+                self._dead_letter(dumps(raw_message).encode(), queue, error)  # type: ignore[no-untyped-call]
+                return None
+            if not no_ack:
+                self.qos.append(message, message.delivery_tag)
+            return callback(message)
+
+        self.connection._callbacks[queue] = _callback
+
+    def _decode_or_dead_letter(self, item: bytes, queue: str) -> Any:
+        try:
+            envelope = loads(bytes_to_str(item))  # type: ignore[no-untyped-call]
+            if isinstance(envelope, dict) and "properties" in envelope:
+                return envelope
+            error = "list item is JSON but not a kombu message envelope"
+        except Exception as exc:  # whatever the item is, it must not stop us
+            error = f"list item is not a kombu message: {type(exc).__name__}: {exc}"
+        self._dead_letter(item, queue, error)
+        return None
+
+    def _dead_letter(self, item: bytes, queue: str, error: str) -> None:
+        dl = DeadLetter(
+            kind="poison",
+            queue=queue,
+            error_type="UnreadableEnvelope",
+            error=error,
+            payload=poison_payload(item, None, None),
+        )
+        with self.conn_or_acquire() as client:
+            DeadLetterStore.add_sync(client, dl)
+            client.lpush(DEAD_LETTER_QUEUE, item)
+        log.error(
+            "message.dead_lettered", queue=queue, error_type=dl.error_type, dead_letter_id=dl.id
+        )
+
+    def restore_worker(self, unacked_key: str, unacked_index_key: str, **_: Any) -> int:
+        """Put every message a dead worker process held (its own unacknowledged hash, see
+        ``worker.leases``) back on its queue; how many. Each one moves in a transaction of
+        its own, as kombu's ``QoS.restore_by_tag`` moves one, so a crash midway loses none
+        and a message is never both restored and left in the hash."""
+        restored = 0
+        with self.conn_or_acquire() as client:
+            for tag in client.hkeys(unacked_key):
+
+                def move(pipe: Any, tag: Any = tag) -> None:
+                    raw = pipe.hget(unacked_key, tag)
+                    pipe.multi()
+                    pipe.zrem(unacked_index_key, tag)
+                    pipe.hdel(unacked_key, tag)
+                    if raw:
+                        message, exchange, routing_key = loads(bytes_to_str(raw))  # type: ignore[no-untyped-call]
+                        self._do_restore_message(message, exchange, routing_key, pipe)  # type: ignore[no-untyped-call]
+
+                client.transaction(move, unacked_key)
+                restored += 1
+            client.delete(unacked_index_key)
+        return restored
+
+
+def _check_delivery(message: Any) -> None:
+    """Raise if the Redis QoS cannot record ``message`` as unacknowledged: it keeps the
+    delivery tag as a hash field and the exchange and routing key to restore it with."""
+    if not isinstance(message.delivery_tag, str) or not message.delivery_tag:
+        raise TypeError(f"delivery_tag is not a string: {message.delivery_tag!r}")
+    delivery = message.delivery_info
+    if not isinstance(delivery, dict) or not all(
+        isinstance(delivery.get(key), str) for key in ("exchange", "routing_key")
+    ):
+        raise TypeError(f"delivery_info has no exchange and routing key: {delivery!r}")
+    if not isinstance(message.headers, dict):
+        raise TypeError(f"headers is not an object: {message.headers!r}")
+
+
+class WorkerTransport(Transport):
+    Channel = WorkerChannel
+
+
+class WorkerSentinelChannel(WorkerChannel, SentinelChannel):
+    """The workers' channel on a Redis reached through Sentinel."""
+
+
+class WorkerSentinelTransport(SentinelTransport):
+    Channel = WorkerSentinelChannel
+
+
+def show_transports_as(scheme: str, *transports: str) -> None:
+    """Name ``transports`` (class paths) ``scheme`` wherever kombu shows a connection as a URL
+    (Celery's banner; Flower's Broker page, which picks its client by that URL's scheme,
+    flower/utils/broker.py, and said "'redis' broker is not supported" for
+    "messaging.patches:WorkerTransport://..."). Only the shown URL changes: kombu's
+    ``Connection.clone`` and every connection made use the class itself
+    (``_info(resolve=False)``)."""
+    Connection.resolve_aliases.update(dict.fromkeys(transports, scheme))
+
+
+# --- workers: a step's task events, and the pool ------------------------------------------------
+
+
+class StepRequest(Request):  # type: ignore[misc]  # Celery is untyped
+    """Celery's request of a step, with the task events Flower reads made true to the step.
+
+    The only override of Celery's worker internals for monitoring (``Request.send_event``),
+    so every adjustment of a step's events is here:
+
+    - ``runtime``: the tracer times only the task's body, which carries out a step's result
+      in a millisecond; the step's work ran before it, on the loop (``worker.pool``). The
+      runtime sent is from the pool's start of the step (``on_accepted``'s time,
+      ``time_start``, which Celery keeps as an epoch time) to its end.
+    - a success after retries clears the retried run's ``exception`` and ``traceback``:
+      an event's fields replace the task's in Flower (``celery.events.state.Task.event``),
+      and a success brings neither, so the last retry's error stayed next to it.
+    """
+
+    def send_event(self, type: str, **fields: Any) -> None:
+        if type == "task-succeeded":
+            started = self.time_start
+            if started is not None:
+                fields["runtime"] = time.time() - started
+            if self.request_dict.get("retries"):
+                fields.update(exception=None, traceback=None)
+        super().send_event(type, **fields)
+
+
+def trace_args(args: tuple[Any, ...]) -> tuple[str, Any, Any, str | None, str | None]:
+    """The task id, request, body, content type and encoding out of the arguments Celery's
+    request gives its pool for the tracer (``Request.execute_using_pool``: task name, task
+    id, request, body, content type, content encoding)."""
+    _, task_id, request, body, content_type, content_encoding = args
+    return task_id, request, body, content_type, content_encoding
+
+
+class LoopPoolBase(ThreadsPool):  # type: ignore[misc]  # Celery is untyped
+    """Celery's threads pool, with what ``worker.pool.TaskPool`` adds to its private
+    ``_get_info`` (the steps on the loop, for ``celery inspect stats`` and Flower)."""
+
+    def on_loop_count(self) -> int:
+        raise NotImplementedError
+
+    def _get_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = super()._get_info()
+        info["on-loop"] = self.on_loop_count()
+        return info
