@@ -133,6 +133,12 @@ def test_a_fraction_of_a_second_countdown_is_rounded_up_to_a_whole_second() -> N
         app.send_task("cancelflow.eligibility", args=["job_x"], countdown=0.3, queue="callbacks")
     finally:
         signals.before_task_publish.disconnect(record)
+        # The in-memory broker is shared by every test of the process: leave it as it was
+        # (its "cancelflow" exchange is a direct one on Redis).
+        with app.connection_for_write() as conn:
+            channel = conn.default_channel
+            channel.queue_delete("callbacks")
+            channel.exchange_delete(amqp.EXCHANGE.name)
         app.close()
     (headers,) = sent
     eta = headers["eta"]
