@@ -20,8 +20,8 @@ $(VENV)/.synced: $(UV) pyproject.toml uv.lock
 
 setup: $(VENV)/.synced
 
-demo: setup  ## run the system on one machine and show every outcome
-	$(VENV)/bin/cancelflow demo
+demo: setup  ## run the system on one machine and show every outcome (KEEP=1: leave it running)
+	$(VENV)/bin/cancelflow demo $(if $(KEEP),--keep)
 
 test: setup  ## unit and integration tests, the integration suite over Redis and over RabbitMQ
 	scripts/with-redis $(VENV)/bin/pytest $(PYTEST_ARGS)

@@ -24,7 +24,7 @@ from celery import Celery
 
 from bench import baseline
 from bench.load import make_requests
-from bench.system import API_TOKEN, BenchSystem
+from bench.system import API_TOKEN, BenchSystem, cpu_seconds
 from cancelflow.settings import Settings
 
 WARM_UP = 50
@@ -81,6 +81,27 @@ async def post_all(
     return len(requests) / (time.perf_counter() - started), statuses
 
 
+class CpuMeter:
+    """CPU seconds each of some processes spends between ``start`` and ``stop``, added up."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.spent: dict[str, float] = dict.fromkeys(pids, 0.0)
+        self._then: dict[str, float | None] = {}
+
+    def start(self) -> None:
+        self._then = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def stop(self) -> None:
+        for name, pid in self.pids.items():
+            now, then = cpu_seconds(pid), self._then.get(name)
+            if now is not None and then is not None:
+                self.spent[name] += now - then
+
+    def per_request_ms(self, requests: int) -> dict[str, float]:
+        return {name: round(s / requests * 1000, 3) for name, s in self.spent.items()}
+
+
 def measure(
     system: BenchSystem,
     settings: Settings,
@@ -95,6 +116,11 @@ def measure(
     loop_rates: list[float] = []
     api_rates: list[float] = []
     statuses: Counter[int] = Counter()
+    # CPU per request of the API, the load generator (this process) and Redis, while the API
+    # rounds run; and of this process and Redis while the loop runs (the loop is this process).
+    others = {k: v for k, v in system.other_pids().items() if k in ("driver", "redis")}
+    api_cpu = CpuMeter({"api": system.procs.procs["api"].pid, **others})
+    loop_cpu = CpuMeter(others)
     try:
         warm = [
             json.dumps(r.model_dump(mode="json")).encode()
@@ -102,12 +128,16 @@ def measure(
         ]
         asyncio.run(post_all(system.api_url, warm, min(connections, WARM_UP)))
         for r in range(rounds):
+            loop_cpu.start()
             loop_rates.append(send_task_loop(celery, n))
+            loop_cpu.stop()
             bodies = [
                 json.dumps(req.model_dump(mode="json")).encode()
                 for req in make_requests(system.sandbox_url, n, ["payway"], f"api-{r}")
             ]
+            api_cpu.start()
             rate, answered = asyncio.run(post_all(system.api_url, bodies, connections))
+            api_cpu.stop()
             api_rates.append(rate)
             statuses.update(answered)
             log(
@@ -125,6 +155,9 @@ def measure(
         "api_per_s": round(statistics.median(api_rates), 1),
         "ratio": round(statistics.median(ratios), 3),
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        # Milliseconds of CPU per request (or per message of the loop), by process.
+        "api_cpu_ms_per_request": api_cpu.per_request_ms(n * rounds),
+        "loop_cpu_ms_per_message": loop_cpu.per_request_ms(n * rounds),
         "rounds": [
             {"send_task_loop_per_s": round(a, 1), "api_per_s": round(b, 1)}
             for a, b in zip(loop_rates, api_rates, strict=True)

@@ -200,7 +200,7 @@ def profile(
         finally:
             producing.reset(token)
 
-    spy = _start_py_spy(next(iter(workers.pids.values())), probe_dir / "py-spy.txt")
+    spy = start_py_spy(next(iter(workers.pids.values())), probe_dir / "py-spy.txt")
     try:
         requests = make_requests(system.sandbox_url, cfg.profile_jobs, cfg.providers, "profile")
         before = _fresh(paths)
@@ -220,11 +220,7 @@ def profile(
         producer = dict(probe.ROUND_TRIPS)
     finally:
         if spy is not None:
-            spy.send_signal(signal.SIGINT)
-            try:
-                spy.wait(30)
-            except subprocess.TimeoutExpired:
-                spy.kill()
+            stop_py_spy(spy)
         system.stop_workers(workers)
     run = Run.of_cancelflow("profile", sent, records)
     summary = run.summary()
@@ -253,7 +249,12 @@ def profile(
     return out
 
 
-def _start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
+def start_py_spy(
+    pid: int, out: Path, *, gil: bool = True, pause: bool = False
+) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling ``pid`` into ``out`` (raw stacks) until ``stop_py_spy``; None when it
+    is not installed or may not attach. ``gil``: only samples holding the GIL (CPU work);
+    ``pause``: stop the process for each sample (slower, but no stack is read half-changed)."""
     binary = shutil.which("py-spy") or str(Path(__import__("sys").executable).parent / "py-spy")
     if not Path(binary).exists():
         return None
@@ -267,8 +268,8 @@ def _start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
             "200",
             "--format",
             "raw",
-            "--nonblocking",
-            "--gil",
+            *([] if pause else ["--nonblocking"]),
+            *(["--gil"] if gil else []),
             "--output",
             str(out),
         ],
@@ -277,3 +278,12 @@ def _start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
     )
     time.sleep(0.5)
     return None if proc.poll() is not None else proc
+
+
+def stop_py_spy(spy: subprocess.Popen[bytes]) -> None:
+    """Stop sampling; py-spy writes its output as it stops."""
+    spy.send_signal(signal.SIGINT)
+    try:
+        spy.wait(30)
+    except subprocess.TimeoutExpired:
+        spy.kill()

@@ -22,6 +22,7 @@ from cancelflow.logging import get_logger
 from cancelflow.providers import REGISTRY
 from cancelflow.providers.base import Provider
 from cancelflow.redis_clients import async_client
+from cancelflow.redis_packing import use_hiredis_packing
 from cancelflow.settings import REDIS_HEALTH_CHECK_INTERVAL_S, Settings
 from cancelflow.store import JobObserver, JobStore
 
@@ -69,7 +70,9 @@ def redis_client(settings: Settings) -> Redis:
         ),
         retry_on_error=[RedisConnectionError],
     )
-    return client
+    # Its commands packed in C, as the sync client's are (a job's creation: some forty
+    # arguments and a script).
+    return use_hiredis_packing(client)
 
 
 async def redis_persistence(redis: Redis) -> Persistence:

@@ -1,5 +1,7 @@
 """Sending a job's next step: ``dispatch``, by task name on the step's queue, with the
-headers the workers and the watchdog read; Celery's ``task-sent`` events batched per app."""
+headers the workers and the watchdog read; Celery's ``task-sent`` events batched per app.
+``dispatch_async``: the same message, written by an asyncio Redis client on the sender's
+own loop (the API's, the billing consumer's) instead of kombu's blocking publish."""
 
 from __future__ import annotations
 
@@ -10,10 +12,17 @@ from typing import Any
 
 import structlog
 from celery import Celery
+from redis.asyncio import Redis
 
 from cancelflow.contract import CALLBACKS_QUEUE, STEP_TASKS, Step, provider_queue
 from cancelflow.lifecycle import Next
-from messaging.patches import SentEvents
+from messaging.patches import (
+    SentEvents,
+    StepRoute,
+    step_message,
+    step_message_route,
+    step_message_sent,
+)
 
 
 def queue_for(step: Step, provider: str) -> str:
@@ -44,12 +53,8 @@ def flush_sent_events(app: Celery | None = None) -> None:
             found.flush_sent()
 
 
-def dispatch(app: Celery, nxt: Next) -> None:
-    """Enqueue ``nxt`` (a step of a job, with its arguments) by task name on its queue; a
-    ``Next`` without a step sends nothing."""
-    if nxt.step is None:
-        return
-    task_args = [nxt.job_id, *nxt.args]
+def _step_headers(nxt: Next) -> dict[str, Any]:
+    """The headers of ``nxt``'s message besides Celery's own."""
     headers: dict[str, Any] = {
         "job_id": nxt.job_id,
         "provider": nxt.provider,
@@ -59,19 +64,87 @@ def dispatch(app: Celery, nxt: Next) -> None:
     request_id = structlog.contextvars.get_contextvars().get("request_id")
     if request_id is not None:
         headers["request_id"] = request_id
-    app.send_task(
-        STEP_TASKS[nxt.step],
-        args=task_args,
-        # Our own repr of the arguments (short strings): Celery's saferepr costs more.
+    return headers
+
+
+# app -> (task name, queue) -> how ``step_message`` builds its messages, None where only
+# ``send_task`` may send: read once per app (the settings' lookups cost more than the rest).
+_routes: weakref.WeakKeyDictionary[Celery, dict[tuple[str, str], StepRoute | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _route(app: Celery, name: str, queue: str) -> StepRoute | None:
+    known = _routes.setdefault(app, {})
+    if (name, queue) not in known:
+        known[name, queue] = step_message_route(app, name, queue)
+    return known[name, queue]
+
+
+async def dispatch_async(app: Celery, redis: Redis, nxt: Next) -> None:
+    """As ``dispatch``, sent on the running loop: the message ``send_task`` would write
+    (``messaging.patches.step_message``), ``LPUSH``ed by ``redis``, an asyncio client of the
+    broker's own Redis (the caller knows it is: same URL), without blocking the loop on a
+    round trip and kombu's publish. Returns once the message is in Redis; its ``task-sent``
+    event goes into the app's batch as ``dispatch``'s does. Sent by ``dispatch`` where the
+    copy does not apply (``step_message_route``; a worker's task as parent)."""
+    if nxt.step is None:
+        return
+    name, queue = STEP_TASKS[nxt.step], queue_for(nxt.step, nxt.provider)
+    route = _route(app, name, queue)
+    if route is None or app.current_worker_task is not None:
+        dispatch(app, nxt)
+        return
+    task_args = [nxt.job_id, *nxt.args]
+    message = step_message(
+        app,
+        name,
+        task_args,
+        route=route,
+        headers=_step_headers(nxt),
         argsrepr=repr(task_args),
         kwargsrepr="{}",
-        queue=queue_for(nxt.step, nxt.provider),
-        # Shown in Flower, and lets a poison-message handler name the job; ``sent_at`` tells
-        # the watchdog (and queue-latency metrics) how long the oldest message has waited.
-        headers=headers,
-        # Nobody waits on a step's result (the job store has it). Without this, a producer's
-        # send_task subscribes to the task's result channel and unsubscribes again: two
-        # more Redis round trips per message (the Redis backend's on_task_call).
-        ignore_result=True,
-        event_dispatcher=sent_events(app),
     )
+    await redis.lpush(message.key, message.payload)  # type: ignore[misc]  # redis-py's union
+    step_message_sent(message)
+    if message.sent_event is not None:
+        sent_events(app).publish("task-sent", message.sent_event, None)
+
+
+def dispatch(app: Celery, nxt: Next) -> None:
+    """Enqueue ``nxt`` (a step of a job, with its arguments) by task name on its queue; a
+    ``Next`` without a step sends nothing."""
+    if nxt.step is None:
+        return
+    task_args = [nxt.job_id, *nxt.args]
+    headers = _step_headers(nxt)
+    queue = queue_for(nxt.step, nxt.provider)
+    with app.producer_or_acquire() as producer:
+        # kombu declares a queue once per connection (``kombu.common._maybe_declare``, see
+        # messaging.patches.UPSTREAM), but finds it declared only after binding a copy of the
+        # queue and its exchange to the channel, on every publish: a fifth of the publish's
+        # CPU. Its cache is asked here first, by its own key (a queue's hash, its name's);
+        # not found there, kombu declares as before.
+        entity = app.amqp.queues[queue]
+        declared = (
+            entity.can_cache_declaration and hash(entity) in producer.connection.declared_entities
+        )
+        app.send_task(
+            STEP_TASKS[nxt.step],
+            args=task_args,
+            # Our own repr of the arguments (short strings): Celery's saferepr costs more.
+            argsrepr=repr(task_args),
+            kwargsrepr="{}",
+            queue=queue,
+            # Shown in Flower, and lets a poison-message handler name the job; ``sent_at``
+            # tells the watchdog (and queue-latency metrics) how long the oldest message has
+            # waited.
+            headers=headers,
+            # Nobody waits on a step's result (the job store has it). Without this, a
+            # producer's send_task subscribes to the task's result channel and unsubscribes
+            # again: two more Redis round trips per message (the Redis backend's on_task_call).
+            ignore_result=True,
+            event_dispatcher=sent_events(app),
+            producer=producer,
+            declare=[] if declared else None,
+        )

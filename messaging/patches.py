@@ -21,6 +21,16 @@ production. Each override says why it exists and, where there is one, the upstre
 - ``StepRequest.send_event``: a step's task events true to the step for Flower.
 - ``show_transports_as``: kombu's ``Connection.resolve_aliases`` (read by ``_info``) names
   our transports by the broker URL's scheme where a connection is shown.
+- ``dispatch`` (``messaging.dispatch``) reads the cache ``kombu.common._maybe_declare``
+  keeps of the queues declared on a connection, by the same key, and skips a declaration
+  found there: kombu binds a copy of the queue and its exchange on every publish only to look.
+- ``step_message``: the message Celery's ``send_task`` and kombu's Redis transport would
+  write for a step, built here so that a producer on an event loop (the API) can ``LPUSH``
+  it with its own asyncio client instead of blocking the loop on kombu's synchronous
+  publish (a Redis round trip, and some 100 µs of kombu's and Celery's CPU per message:
+  43% of the API's loop under the enqueue bench). No upstream issue: kombu has no asyncio
+  Redis producer. ``tests/unit/test_step_message.py`` compares it, field by field, with what
+  ``send_task`` writes.
 - ``trace_args`` (``Request.execute_using_pool``'s tuple) and ``LoopPoolBase``
   (``ThreadsPool.on_apply``, ``_get_info``): the pool runs a step's coroutine on the event
   loop and applies time limits, which Celery's threads pool drops (celery/celery#9203).
@@ -48,22 +58,26 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from dataclasses import dataclass
 from queue import Empty  # what kombu.transport.redis raises (it imports it from here)
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from celery.concurrency.thread import TaskPool as ThreadsPool
 from celery.events.dispatcher import EventDispatcher
 from celery.worker.request import Request
+from kombu import serialization
 
 # kombu ships py.typed but leaves these (and its Channel's helpers) unannotated: hence the
 # no-untyped-call ignores below.
 from kombu.asynchronous import get_event_loop
 from kombu.connection import Connection
+from kombu.entity import Queue, maybe_delivery_mode
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
+from kombu.utils.uuid import uuid
 
 from cancelflow.contract import DEAD_LETTER_QUEUE
 from cancelflow.dead_letters import DeadLetter, DeadLetterStore, poison_payload
@@ -137,6 +151,52 @@ UPSTREAM: dict[str, str] = {
     ),
     "celery.concurrency.thread:TaskPool._get_info": (
         "a6d082fa42de7fe34debad76df7fee73b206cd974d77e9762e51a97a150c3abe"
+    ),
+    # messaging.dispatch asks kombu's declared-entities cache (per connection, keyed by the
+    # entity's hash) before publishing, as this function does before it declares.
+    "kombu.common:_maybe_declare": (
+        "f9fb7c32e38d56046a82450c218c5bd6c06ee8939492e488819daeb025afa7da"
+    ),
+    # step_message: what send_task (its options, routing and send_task_message) and kombu's
+    # producer, virtual channel and Redis channel make of a message, mirrored.
+    "celery.app.base:Celery.send_task": (
+        "0627787058090b5600eb971bff3d85a2d9d0d999dcdf617dc282eeadd8ed2660"
+    ),
+    "celery.app.amqp:AMQP._create_task_sender": (
+        "f648c9fd295989706df3d979d23ecc657f4fd23153d45f92385a498fe08e71e7"
+    ),
+    "kombu.messaging:Producer.publish": (
+        "ae38a8777e3979954440c1235342696ae852566f9b52630a2babb8fffe18db3c"
+    ),
+    "kombu.messaging:Producer._publish": (
+        "1af8fe01cf61f6601ae496dd9a6f1cfd58dcdd6c5ac0c011a5c2398d6625f001"
+    ),
+    "kombu.messaging:Producer._prepare": (
+        "eb1be1b1f8c803853ea66866cf4a3eb4946feeaeda33b9359d37b3eabbb08dfe"
+    ),
+    "kombu.messaging:Producer._delivery_details": (
+        "da8de719158b6b98ee38f3740eb1e4943974d20c8e81133a5b60b5e1fab7d1e2"
+    ),
+    "kombu.transport.virtual.base:Channel.prepare_message": (
+        "40e1ae6d7753b6590685e3217774b095c3389cecbc9857b813aa9e22f12966ce"
+    ),
+    "kombu.transport.virtual.base:Channel.basic_publish": (
+        "83825b6758712705af08769ac7ef483d8f1f3e2785078a2264ad5db2b9075cde"
+    ),
+    "kombu.transport.virtual.base:Channel._inplace_augment_message": (
+        "3a07d99062fc58243e229a4d454609b9de6d947c52d150c631977168bc27d2f9"
+    ),
+    "kombu.transport.virtual.base:Channel.encode_body": (
+        "6ace6ef7fb7c9b4a3d5f209b4a96265d21e2c1f17834a9df79da00119288c500"
+    ),
+    "kombu.transport.virtual.base:Channel._lookup": (
+        "82b0e60149b5e17226ada848990793d0939a9fff87742595f0cb25a033903df7"
+    ),
+    "kombu.transport.redis:Channel._put": (
+        "1c0cf9749576614c3c62223ac59372df418ed4274d791fcd8f7e5ad7994ce72c"
+    ),
+    "kombu.transport.redis:Channel._q_for_pri": (
+        "f3997660680dd00f928898cadd7e2ea27dbb4d7d3d27c35c676dab7536389d8d"
     ),
 }
 
@@ -235,6 +295,193 @@ class SentEvents(EventDispatcher):  # type: ignore[misc]  # Celery is untyped
                 self._publish(batch, self.producer, "task.multi")
         except Exception as exc:  # monitoring only: never fail or block a send for it
             log.warning("events.sent.dropped", events=len(batch), error=type(exc).__name__)
+
+
+# --- producers: a step's message built for an asyncio client ------------------------------------
+
+
+@dataclass(frozen=True)
+class StepMessage:
+    """A task message as kombu's Redis transport writes it: ``payload`` to ``LPUSH`` on the
+    list ``key``, and the ``task-sent`` event Celery publishes after it (None when the app
+    sends none)."""
+
+    task_id: str
+    key: str
+    payload: str
+    sent_event: dict[str, Any] | None
+    # What Celery's after-publish signals are given.
+    name: str
+    headers: dict[str, Any]
+    body: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class StepRoute:
+    """What ``send_task`` would make of an app's settings for a task on a queue, read once:
+    the queue, the delivery mode, the serializer, the body encoding (its codec, None for
+    utf-8), whether a sent event goes with the message, the publish retry policy (given to
+    the publish signals)."""
+
+    queue: Queue
+    delivery_mode: int
+    serializer: str
+    body_encoding: str
+    codec: Any
+    create_sent_event: bool
+    retry_policy: dict[str, Any]
+
+
+def step_message_route(app: Celery, name: str, queue: str) -> StepRoute | None:
+    """How ``step_message`` builds ``name``'s message on ``queue``, or None where
+    ``send_task`` would do what it does not copy: a task registered in this app (its own
+    options), task routes, compression, another protocol or broker, kombu's global key
+    prefix, a queue that expires. ``None``: send it with ``send_task``. (Nor does it copy a
+    worker's task as parent, its root and parent ids: ``app.current_worker_task``, asked by
+    the caller at each send.)"""
+    conf = app.conf
+    options = conf.broker_transport_options or {}
+    entity: Queue | None = app.amqp.queues.get(queue)
+    connection = app.connection_for_write()  # not connected: only its transport is read
+    try:
+        transport = connection.get_transport_cls()
+    finally:
+        connection.release()
+    body_encoding = options.get("body_encoding", virtual.Channel.body_encoding)
+    if (
+        entity is None
+        or getattr(entity, "expires", None) is not None
+        or name in app._tasks
+        or app.amqp.router.routes
+        or conf.task_compression
+        or conf.task_protocol != 2
+        or conf.broker_write_url not in (None, conf.broker_url)
+        or not issubclass(transport, kombu_redis.Transport)
+        or options.get("global_keyprefix")
+        or (
+            body_encoding
+            and body_encoding.lower() != "utf-8"
+            and body_encoding not in virtual.Channel.codecs
+        )
+    ):
+        return None
+    return StepRoute(
+        queue=entity,
+        # send_task_message: the queue's exchange's mode, else the app's default; kombu's
+        # Producer._delivery_details turns a name into its number.
+        delivery_mode=maybe_delivery_mode(  # type: ignore[no-untyped-call]
+            entity.exchange.delivery_mode or conf.task_default_delivery_mode
+        ),
+        serializer=conf.task_serializer,
+        body_encoding=body_encoding,
+        # The virtual channel's encode_body: utf-8 (or none) is left as it is.
+        codec=(
+            virtual.Channel.codecs[body_encoding]
+            if body_encoding and body_encoding.lower() != "utf-8"
+            else None
+        ),
+        create_sent_event=bool(conf.task_send_sent_event),
+        retry_policy=dict(conf.task_publish_retry_policy),
+    )
+
+
+def step_message(
+    app: Celery,
+    name: str,
+    args: list[Any],
+    *,
+    route: StepRoute,
+    headers: dict[str, Any],
+    argsrepr: str,
+    kwargsrepr: str,
+) -> StepMessage:
+    """The message ``app.send_task(name, args=args, queue=route.queue.name, headers=headers,
+    argsrepr=argsrepr, kwargsrepr=kwargsrepr, ignore_result=True)`` would have kombu's Redis
+    channel ``LPUSH``, for a route ``step_message_route`` gave; Celery's before-publish
+    signal sent as it sends it. Mirrors ``Celery.send_task`` (reply_to, the root id), its
+    ``send_task_message`` (headers merged, the options left over as properties, the anonymous
+    exchange, the delivery mode, the sent event's routing), kombu's ``Producer.publish``
+    (serialization) and the virtual and Redis channels' ``basic_publish`` / ``_put`` (body
+    encoding, delivery tag and info, priority, the list)."""
+    task_id = uuid()
+    queue = route.queue
+    # As send_task: Celery's own builder of the protocol-2 headers, properties and body.
+    msg_headers, properties, body, sent_event = app.amqp.create_task_message(
+        task_id,
+        name,
+        args,
+        None,
+        reply_to=app.thread_oid,
+        create_sent_event=route.create_sent_event,
+        ignore_result=True,
+        argsrepr=argsrepr,
+        kwargsrepr=kwargsrepr,
+    )
+    msg_headers.update(headers)
+    # send_task_message: options it does not name become properties (so argsrepr and
+    # kwargsrepr are both headers and properties, as send_task writes them).
+    properties.update(argsrepr=argsrepr, kwargsrepr=kwargsrepr)
+    # A direct exchange and a named queue: the anonymous exchange, the queue as routing key,
+    # which kombu's virtual channel takes as the destination list (``Channel._lookup``).
+    exchange, routing_key = "", queue.name
+    if signals.before_task_publish.receivers:
+        signals.before_task_publish.send(
+            sender=name,
+            body=body,
+            exchange=exchange,
+            routing_key=routing_key,
+            declare=[queue],
+            headers=msg_headers,
+            properties=properties,
+            retry_policy=dict(route.retry_policy),
+        )
+    properties["delivery_mode"] = route.delivery_mode
+    content_type, content_encoding, data = serialization.dumps(  # type: ignore[no-untyped-call]
+        body, serializer=route.serializer
+    )
+    if route.codec is not None:
+        data = route.codec.encode(data)
+    properties["delivery_info"] = {"exchange": exchange, "routing_key": routing_key}
+    properties["priority"] = 0
+    properties["body_encoding"] = route.body_encoding
+    properties["delivery_tag"] = uuid()
+    message = {
+        "body": data,
+        "content-encoding": content_encoding,
+        "content-type": content_type,
+        "headers": msg_headers,
+        "properties": properties,
+    }
+    if sent_event is not None:
+        sent_event.update(queue=queue.name, exchange=exchange, routing_key=routing_key)
+    # Priority 0: the queue's own list (kombu's ``_q_for_pri``).
+    payload = dumps(message)  # type: ignore[no-untyped-call]
+    return StepMessage(task_id, routing_key, payload, sent_event, name, msg_headers, body)
+
+
+def step_message_sent(message: StepMessage) -> None:
+    """What ``send_task_message`` does once the message is on Redis, but the sent event:
+    Celery's after-publish signals."""
+    if not signals.after_task_publish.receivers and not signals.task_sent.receivers:
+        return
+    signals.after_task_publish.send(
+        sender=message.name,
+        body=message.body,
+        headers=message.headers,
+        exchange="",
+        routing_key=message.key,
+    )
+    if signals.task_sent.receivers:  # deprecated in Celery, sent as send_task_message does
+        args, kwargs, _ = message.body
+        signals.task_sent.send(
+            sender=message.name,
+            task_id=message.task_id,
+            task=message.name,
+            args=args,
+            kwargs=kwargs,
+            eta=None,
+            taskset=None,
+        )
 
 
 # --- workers: poison-proof reads, batched acknowledgements, a dead worker's messages -----------

@@ -28,8 +28,13 @@ from typing import IO, Any
 
 from pydantic import ValidationError
 
-from cancelflow.contract import CancellationRequest
-from producers.client import ApiError, AsyncCancelflowClient, AuthError, TransportError
+from cancelflow_client import (
+    ApiError,
+    AsyncCancelflowClient,
+    AuthError,
+    CancellationRequest,
+    TransportError,
+)
 from producers.problems import field_errors
 
 

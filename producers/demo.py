@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -32,8 +33,10 @@ from producers.local import (
     wait_until,
 )
 
-# Wide enough for full job ids and outcomes when the output is a file or a CI log.
-console = Console(width=None if Console().is_terminal else 220)
+# The table fits in 100 columns (job ids whole, the rest wrapped in its cell): a file or a CI
+# log gets it at that width; a terminal at its own.
+WIDTH = 100
+console = Console(width=None if Console().is_terminal else WIDTH)
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,7 @@ def _outcome_text(job: dict[str, Any]) -> str:
     parts = [outcome.get("type", "-")]
     for key in ("cancellation_type", "reason", "offer_identifier"):
         if outcome.get(key):
-            parts.append(f"{key}={outcome[key]}")
+            parts.append(f"{key}: {outcome[key]}")
     if outcome.get("details"):
         parts.append(json.dumps(outcome["details"], separators=(",", ":")))
     if outcome.get("error"):
@@ -158,7 +161,9 @@ def _outcome_text(job: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def run_demo(*, keep_logs: bool = False) -> int:
+def run_demo(*, keep_logs: bool = False, keep: bool = False) -> int:
+    """Run every case; with ``keep``, leave the system running after the table (until Ctrl-C
+    or SIGTERM) and say where the console is and which token signs in."""
     log_dir = Path(tempfile.mkdtemp(prefix="cancelflow-demo-"))
     redis_url = os.environ.get("CANCELFLOW_REDIS_URL", "redis://127.0.0.1:6379/0")
     embedded: EmbeddedRedis | None = None
@@ -190,6 +195,7 @@ def run_demo(*, keep_logs: bool = False) -> int:
         },
     }
     procs = ProcessGroup(env=env, log_dir=log_dir)
+    ok = False
     try:
         procs.start("sandbox", cancelflow_command("sandbox", "--port", str(sandbox_port)))
         wait_until(lambda: http_ok(f"{sandbox_url}/healthz"), timeout_s=30, what="sandbox")
@@ -201,6 +207,10 @@ def run_demo(*, keep_logs: bool = False) -> int:
             f"a worker (logs in {log_dir})"
         )
         ok = _run_cases(sandbox_url, api_url, token)
+        if keep:
+            _keep_running(procs, api_url=api_url, sandbox_url=sandbox_url, token=token)
+    except TimeoutError as exc:  # a process that did not start: one line, and where its log is
+        console.print(f"[bold red]cancelflow demo[/]: {exc} (logs in {log_dir})", soft_wrap=True)
     finally:
         procs.stop_all()
         if embedded is not None:
@@ -212,6 +222,25 @@ def run_demo(*, keep_logs: bool = False) -> int:
     return 0 if ok else 1
 
 
+def _keep_running(procs: ProcessGroup, *, api_url: str, sandbox_url: str, token: str) -> None:
+    """Until Ctrl-C (SIGTERM too: ``ProcessGroup`` makes it one), or until a process ends."""
+    console.print(
+        f"\n[bold]Still running[/] (Ctrl-C stops it all).\n"
+        f"Console: {api_url}/console/  sign in with the API token: {token}\n"
+        f"Command line: export CANCELFLOW_CLIENT__URL={api_url} CANCELFLOW_CLIENT__TOKEN={token}\n"
+        f"  then cancelflow jobs, cancelflow dlq list, cancelflow providers\n"
+        f"Sandboxes: {sandbox_url}",
+        soft_wrap=True,  # the URL and the token whole, to copy
+    )
+    try:
+        while all(p.poll() is None for p in procs.procs.values()):
+            time.sleep(0.5)
+        ended = [name for name, p in procs.procs.items() if p.poll() is not None]
+        console.print(f"[bold red]stopped[/]: {', '.join(ended)} ended")
+    except KeyboardInterrupt:
+        console.print("stopping")
+
+
 def _callbacks_text(sandbox_url: str, job: dict[str, Any]) -> str:
     """Each event the job sent, as the receiver saw it: delivered and signature verified?"""
     _, seen = http_json("GET", f"{sandbox_url}/receiver/_events?job_id={job['id']}")
@@ -221,15 +250,30 @@ def _callbacks_text(sandbox_url: str, job: dict[str, Any]) -> str:
         if attempt["result"] != "delivered":
             continue
         name = attempt["event_type"].removeprefix("cancellation.")
-        parts.append(
-            f"{name}: delivered, "
-            f"{'verified' if verified.get(attempt['event_id']) else 'unverified'}"
-        )
-    return "; ".join(parts) or "-"
+        parts.append(f"{name} {'✓' if verified.get(attempt['event_id']) else 'unverified'}")
+    return ", ".join(parts) or "-"
 
 
 def _decision(case: Case) -> str:
     return f" + {case.decision}" if case.decision else ""
+
+
+def outcome_table() -> Table:
+    """The demo's table: a row per case, readable at ``WIDTH`` columns (job ids whole, every
+    other cell wrapped within its column)."""
+    table = Table(
+        title="Cancelflow demo: every outcome (callbacks ✓: delivered, signature verified)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+    )
+    table.add_column("ok")
+    table.add_column("#", justify="right")
+    table.add_column("case", ratio=2, overflow="fold")
+    table.add_column("job", no_wrap=True, min_width=36)
+    table.add_column("outcome", ratio=3, overflow="fold")
+    table.add_column("callbacks", ratio=2, overflow="fold")
+    return table
 
 
 def _run_cases(sandbox_url: str, api_url: str, token: str) -> bool:
@@ -275,55 +319,31 @@ def _run_cases(sandbox_url: str, api_url: str, token: str) -> bool:
                 finals[i] = job
         time.sleep(0.2)
 
-    table = Table(title="Cancelflow demo: every outcome", show_lines=False)
-    for col in ("#", "provider", "input", "job", "status", "outcome", "callbacks", "ok"):
-        table.add_column(col, overflow="fold")
+    table = outcome_table()
     all_ok = True
     for i, (case, status, answer) in enumerate(rows):
+        what = f"{case.provider} {case.kind}{_decision(case)}"
         if status != 202:
             fields = ", ".join(e["field"] for e in (answer or {}).get("errors", []))
             good = case.expect == str(status)
-            table.add_row(
-                str(i + 1),
-                case.provider,
-                case.kind + _decision(case),
-                "-",
-                f"rejected {status}",
-                fields or str(answer),
-                "-",
-                "✓" if good else "✗",
-            )
+            row = ("-", f"rejected {status}: {fields or answer}", "-")
+        elif (job := finals.get(i)) is None:
+            good = False
+            row = (answer["id"], "unfinished", "-")
         else:
-            job = finals.get(i)
-            if job is None:
-                good = False
-                table.add_row(
-                    str(i + 1),
-                    case.provider,
-                    case.kind + _decision(case),
-                    answer["id"],
-                    "unfinished",
-                    "-",
-                    "-",
-                    "✗",
-                )
-            else:
-                outcome = (job.get("outcome") or {}).get("type")
-                good = outcome == case.expect and (
-                    case.expect != "not_eligible" or job["outcome"]["reason"] == case.kind
-                )
-                callbacks = _callbacks_text(sandbox_url, job)
-                good = good and "unverified" not in callbacks and "delivered" in callbacks
-                table.add_row(
-                    str(i + 1),
-                    case.provider,
-                    case.kind + _decision(case),
-                    job["id"],
-                    job["status"],
-                    _outcome_text(job),
-                    callbacks,
-                    "✓" if good else "✗",
-                )
+            outcome = (job.get("outcome") or {}).get("type")
+            good = outcome == case.expect and (
+                case.expect != "not_eligible" or job["outcome"]["reason"] == case.kind
+            )
+            callbacks = _callbacks_text(sandbox_url, job)
+            good = good and "unverified" not in callbacks and "✓" in callbacks
+            shown = _outcome_text(job)
+            row = (
+                job["id"],
+                shown if job["status"] == "finished" else f"{job['status']}: {shown}",
+                callbacks,
+            )
+        table.add_row("✓" if good else "✗", str(i + 1), what, *row)
         all_ok &= good
     console.print(table)
     console.print(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -93,7 +93,7 @@ async def list_jobs(redis: Redis, query: JobQuery) -> JobPage:
     after = decode_cursor(query.cursor) if query.cursor else None
     high: float | str = f"({query.created_before.timestamp()!r}" if query.created_before else "+inf"
     low: float | str = query.created_after.timestamp() if query.created_after else "-inf"
-    statuses = {s.value for s in query.status} if query.status else None
+    wanted = _matcher(query)
     items: list[JobSummary] = []
     pending: list[tuple[float, str]] = []
     last: tuple[float, str] | None = None
@@ -116,9 +116,7 @@ async def list_jobs(redis: Redis, query: JobQuery) -> JobPage:
             summary = _summary(
                 {k: _s(v) for k, v in zip(_FIELDS, row, strict=True) if v is not None}
             )
-            if (query.provider is None or summary.provider == query.provider) and (
-                statuses is None or summary.status.value in statuses
-            ):
+            if wanted(summary):
                 items.append(summary)
                 if len(items) >= query.limit:
                     break
@@ -146,6 +144,42 @@ async def list_jobs(redis: Redis, query: JobQuery) -> JobPage:
     return JobPage(items=items, next_cursor=encode_cursor(*last))
 
 
+def _leaves(value: Any) -> list[str]:
+    """Every scalar of a JSON value, as text."""
+    if isinstance(value, dict):
+        return [leaf for item in value.values() for leaf in _leaves(item)]
+    if isinstance(value, list):
+        return [leaf for item in value for leaf in _leaves(item)]
+    return [] if value is None else [str(value)]
+
+
+def _text(value: Any) -> str:
+    # A metadata value as ``key=value`` names it: JSON's true/false/null, strings unquoted.
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _matcher(query: JobQuery) -> Callable[[JobSummary], bool]:
+    """Whether a job matches every filter of ``query`` but the time range and cursor."""
+    statuses = {s.value for s in query.status} if query.status else None
+    outcomes = {o.value for o in query.outcome} if query.outcome else None
+    needle = query.reference.lower() if query.reference else None
+    pairs = query.metadata_pairs()
+
+    def matches(job: JobSummary) -> bool:
+        return (
+            (query.provider is None or job.provider == query.provider)
+            and (statuses is None or job.status.value in statuses)
+            and (outcomes is None or (job.outcome is not None and job.outcome.value in outcomes))
+            and (query.idempotency_key is None or job.idempotency_key == query.idempotency_key)
+            and all(k in job.metadata and _text(job.metadata[k]) == v for k, v in pairs.items())
+            and (
+                needle is None or any(needle in leaf.lower() for leaf in _leaves(job.subscription))
+            )
+        )
+
+    return matches
+
+
 def _summary(h: dict[str, str]) -> JobSummary:
     request = json.loads(h.get("request") or "{}")
     outcome = json.loads(h["outcome"]) if h.get("outcome") else None
@@ -156,6 +190,7 @@ def _summary(h: dict[str, str]) -> JobSummary:
         status=Status(h["status"]),
         outcome=outcome["type"] if outcome else None,
         idempotency_key=request.get("idempotency_key"),
+        metadata=request.get("metadata") or {},
         created_at=h.get("created_at", ""),
         updated_at=h.get("updated_at", ""),
     )
@@ -197,3 +232,20 @@ async def stats(redis: Redis, *, since_s: float) -> Stats:
         billing={_s(k): int(v) for k, v in billing.items()},
         billing_ignored={_s(k): int(v) for k, v in ignored.items()},
     )
+
+
+async def recent_outcomes(redis: Redis) -> dict[str, dict[str, Any]]:
+    """Per provider, the jobs created since the start of the previous hour (from the hourly
+    counts: two small hashes), how many of them are dead-lettered now, and the error rate:
+    ``dead_lettered / (finished + dead_lettered)``, None while none of them has ended."""
+    found = await stats(redis, since_s=STATS_BUCKET_S)
+    out: dict[str, dict[str, Any]] = {}
+    for provider, counts in found.jobs.items():
+        dead = counts.get(Status.DEAD_LETTERED.value, 0)
+        ended = dead + counts.get(Status.FINISHED.value, 0)
+        out[provider] = {
+            "jobs_last_hour": sum(counts.values()),
+            "dead_lettered_last_hour": dead,
+            "error_rate": round(dead / ended, 4) if ended else None,
+        }
+    return out

@@ -50,6 +50,10 @@ PAYWAY_SUBSCRIPTION = {
 QUERY: dict[str, Any] = {
     "provider": "payway",
     "status": ["queued", "checking"],
+    "outcome": ["failed"],
+    "reference": "5cb804811d41",
+    "idempotency_key": "order-81723-cancel",
+    "metadata": ["customer=c_123"],
     "created_after": "2025-03-04T00:00:00Z",
     "created_before": "2025-03-05T00:00:00Z",
     "limit": 50,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -23,6 +23,8 @@ MAX_DEAD_LETTER_PAGE = 1000
 DEAD_LETTER_ID_RE = re.compile(r"^dl_[0-9a-f]{32}$")
 # ``next_cursor``: the creation time (a Unix timestamp, as Python writes a float) and the id of
 # the last job a page read, so a client can hand back nothing the API would not take.
+# ``metadata`` filters: ``key=value``, the key not empty.
+METADATA_PAIR = r"^[^=]+="
 CURSOR_RE = re.compile(r"^(?P<score>[0-9]{1,12}(\.[0-9]{1,17})?)~(?P<job_id>job_[0-9a-f]{32})$")
 
 
@@ -64,6 +66,7 @@ class JobSummary(BaseModel):
     status: Status
     outcome: OutcomeType | None = None
     idempotency_key: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
     created_at: str
     updated_at: str
 
@@ -92,6 +95,21 @@ class JobQuery(BaseModel):
     status: list[Status] | None = Field(
         default=None, description="one or more (repeat the parameter, or separate with commas)"
     )
+    outcome: list[OutcomeType] | None = Field(
+        default=None, description="one or more (repeat the parameter, or separate with commas)"
+    )
+    reference: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        description="a part of any value of the subscription reference (case-insensitive)",
+    )
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    metadata: list[Annotated[str, Field(pattern=METADATA_PAIR, max_length=1024)]] | None = Field(
+        default=None,
+        description="``key=value``, repeat the parameter for more: every pair must match the "
+        "job's metadata (a value compared as JSON text: a string as it is, ``true``, ``42``)",
+    )
     created_after: datetime | None = Field(
         default=None, description="inclusive, ISO 8601 (UTC if no offset)"
     )
@@ -109,6 +127,9 @@ class JobQuery(BaseModel):
     @classmethod
     def _utc(cls, value: datetime | None) -> datetime | None:
         return _as_utc(value)
+
+    def metadata_pairs(self) -> dict[str, str]:
+        return dict(pair.partition("=")[::2] for pair in self.metadata or [])
 
 
 class NoQuery(BaseModel):
@@ -171,7 +192,8 @@ class Replayed(BaseModel):
 
 
 class ProviderState(BaseModel):
-    """One provider's circuit breaker and calls in flight, shared by all workers."""
+    """One provider's circuit breaker and calls in flight, shared by all workers, and how its
+    jobs of the last hour have ended so far."""
 
     provider: str
     circuit: Literal["open", "half_open", "closed"]
@@ -179,6 +201,15 @@ class ProviderState(BaseModel):
     consecutive_failures: int
     times_opened: int
     in_flight: int
+    jobs_last_hour: int = Field(
+        default=0, description="jobs created since the start of the previous hour"
+    )
+    dead_lettered_last_hour: int = Field(default=0, description="of those, dead-lettered now")
+    error_rate: float | None = Field(
+        default=None,
+        description="dead_lettered / (finished + dead_lettered) of those jobs; null before any "
+        "has ended",
+    )
 
 
 class ProviderStates(BaseModel):

@@ -20,7 +20,7 @@ from cancelflow.providers import REGISTRY
 from cancelflow.settings import Settings
 from cancelflow.store import DEFAULT_NAMESPACE, Created
 from cancelflow.wiring import Deps
-from messaging.dispatch import dispatch
+from messaging.dispatch import dispatch, dispatch_async
 from producers.problems import field_errors
 
 log = get_logger(__name__)
@@ -136,6 +136,16 @@ def validate_request(body: Any, settings: Settings) -> CancellationRequest | lis
     return req
 
 
+async def send_step(deps: Deps, celery: Celery, nxt: Next) -> None:
+    """Send ``nxt`` from a producer's event loop; returns once its message is in Redis."""
+    if celery.conf.broker_url == deps.settings.redis_url:
+        # The broker is the job store's Redis: its asyncio client sends the message on this
+        # loop, where kombu's publish would block the loop for a round trip.
+        await dispatch_async(celery, deps.store.redis, nxt)
+    else:
+        dispatch(celery, nxt)
+
+
 async def submit(
     deps: Deps, celery: Celery, request: CancellationRequest, *, namespace: str = DEFAULT_NAMESPACE
 ) -> Created:
@@ -160,7 +170,7 @@ async def submit(
         if first:
             log.warning("job.first_step.resent", job_id=job.id)
     if first:
-        dispatch(celery, Next(Step.ELIGIBILITY, job.id, request.provider))
+        await send_step(deps, celery, Next(Step.ELIGIBILITY, job.id, request.provider))
         deps.store.mark_dispatched_soon(job.id)
         log.info("job.enqueued", job_id=job.id, provider=request.provider)
     if created.how == "joined" and request.callback_url is not None:

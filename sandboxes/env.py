@@ -28,3 +28,18 @@ def provider_env(sandbox_url: str) -> dict[str, str]:
     for key in {name.split("__")[1] for name in env}:
         env[f"CANCELFLOW_PROVIDERS__{key}__CALLBACK_SECRET"] = receiver.DEMO_CALLBACK_SECRET
     return env
+
+
+def sandbox_env(sandbox_url: str) -> dict[str, str]:
+    """What a server needs to run against the sandboxes by hand (``cancelflow sandbox
+    --print-env``): every provider (``provider_env``), each one's result callbacks sent to the
+    sandbox's receiver (which verifies their signatures), and plain-http loopback callbacks
+    allowed."""
+    base = sandbox_url.rstrip("/")
+    env = provider_env(base)
+    for key in sorted({name.split("__")[1] for name in env}):
+        env[f"CANCELFLOW_PROVIDERS__{key}__CALLBACK_URL"] = f"{base}/receiver/events"
+    host = base.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+    env["CANCELFLOW_CALLBACKS__ALLOW_HTTP"] = "true"
+    env["CANCELFLOW_CALLBACKS__ALLOWED_HOSTS"] = ",".join(dict.fromkeys([host, "127.0.0.1"]))
+    return dict(sorted(env.items()))

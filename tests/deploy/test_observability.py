@@ -13,6 +13,7 @@ import promql_parser
 import pytest
 
 from cancelflow.metrics import sample_names
+from cancelflow_client import CLIENT_ENV
 from tests.deploy.support import DEPLOY, ROOT, setting_names, yaml_documents
 
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
@@ -231,7 +232,8 @@ def test_dashboard_queries_parse_and_name_known_metrics() -> None:
 
 
 def test_settings_named_in_the_docs_and_rules_exist() -> None:
-    known = setting_names()
+    # The server's settings, and the API client's (the runbook's commands go through the API).
+    known = setting_names() | {name for pair in CLIENT_ENV.values() for name in pair}
     for path in (RUNBOOK, DEPLOY / "README.md", ALERTS, ROOT / "docker-compose.yml"):
         # Placeholders such as CANCELFLOW_PROVIDERS__<KEY>__X end in "__" where the regex stops.
         named = {

@@ -17,12 +17,13 @@ from typing import Any
 
 import pytest
 import redis
+from redis.asyncio import Redis as AsyncRedis
 
 from cancelflow.contract import Step, new_job_id
 from cancelflow.lifecycle import Next
 from cancelflow.settings import Settings
 from messaging.config import create_celery
-from messaging.dispatch import dispatch, flush_sent_events
+from messaging.dispatch import dispatch, dispatch_async, flush_sent_events
 from tests.fixtures.system import locked_db
 
 pytestmark = pytest.mark.integration
@@ -107,4 +108,34 @@ def test_events_still_waiting_when_the_loop_ends_are_published_by_the_flush(db_u
         flush_sent_events()
 
     assert [len(m) for m in sent_messages(db_url, send, 4)] == [4]
+    app.close()
+
+
+def test_steps_sent_on_the_loop_by_redis_send_the_same_events_in_one_batch(db_url: str) -> None:
+    # dispatch_async (the API's first steps) writes the message itself; its task-sent events
+    # go into the same batch, with the fields send_task gives them.
+    app = create_celery(Settings(redis_url=db_url))
+
+    def send(ids: list[str]) -> None:
+        async def go() -> None:
+            client = AsyncRedis.from_url(db_url)
+            dispatch(app, Next(Step.ELIGIBILITY, ids[0], "payway"))
+            for job_id in ids[1:]:
+                await dispatch_async(app, client, Next(Step.ELIGIBILITY, job_id, "payway"))
+            await asyncio.sleep(0.2)
+            await client.aclose()
+
+        asyncio.run(go())
+
+    ids_sent = sent_messages(db_url, send, 4)
+    assert [len(m) for m in ids_sent] == [4], "one message, four task-sent events"
+    by_kombu, *by_us = ids_sent[0]
+    differ = {"uuid", "root_id", "args", "clock", "timestamp", "local_received"}
+    for event in by_us:
+        assert list(event) == list(by_kombu)
+        assert {k: v for k, v in event.items() if k not in differ} == {
+            k: v for k, v in by_kombu.items() if k not in differ
+        }
+        assert event["uuid"] == event["root_id"] and event["uuid"] != by_kombu["uuid"]
+    assert by_us[0]["routing_key"] == "cancellations.payway"
     app.close()

@@ -83,7 +83,11 @@ def test_the_report_is_the_journal(tmp_path: Path) -> None:
 
 
 def _bulk(system: System, *args: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "CANCELFLOW_API_URL": system.api_url, "CANCELFLOW_API_TOKEN": system.token}
+    env = {
+        **os.environ,
+        "CANCELFLOW_CLIENT__URL": system.api_url,
+        "CANCELFLOW_CLIENT__TOKEN": system.token,
+    }
     return subprocess.Popen(
         cancelflow_command("bulk", *args),
         env=env,

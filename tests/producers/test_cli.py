@@ -20,8 +20,8 @@ pytestmark = pytest.mark.integration
 def cli(system: System, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
-        "CANCELFLOW_API_URL": system.api_url,
-        "CANCELFLOW_API_TOKEN": token or system.token,
+        "CANCELFLOW_CLIENT__URL": system.api_url,
+        "CANCELFLOW_CLIENT__TOKEN": token or system.token,
     }
     return subprocess.run(
         cancelflow_command(*args), env=env, capture_output=True, text=True, timeout=60, check=False

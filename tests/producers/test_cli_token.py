@@ -9,25 +9,28 @@ import pytest
 from click.testing import CliRunner
 
 from producers import cli
+from producers.cli import common
 
 
 @click.command()
-@cli._client_options
+@common.client_options
 def show(api_url: str | None, token: str | None, as_json: bool) -> None:
     """The token the real client commands would use (``cli._client_settings``)."""
-    click.echo(cli._client_settings(api_url, token).api_token.get_secret_value())
+    found = common.client_settings(api_url, token).api_token
+    click.echo(found.get_secret_value() if found else "")
 
 
 @pytest.fixture
 def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
     monkeypatch.delenv("CANCELFLOW_API_TOKEN", raising=False)
+    monkeypatch.delenv("CANCELFLOW_CLIENT__TOKEN", raising=False)
     return CliRunner()
 
 
 def test_the_token_comes_from_the_environment(
     runner: CliRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("CANCELFLOW_API_TOKEN", "from-env")
+    monkeypatch.setenv("CANCELFLOW_CLIENT__TOKEN", "from-env")
     done = runner.invoke(show, [])
     assert (done.exit_code, done.stdout.strip(), done.stderr) == (0, "from-env", "")
 
@@ -50,7 +53,7 @@ def test_a_token_on_the_command_line_works_but_warns_of_the_process_list(
 def test_no_token_anywhere_exits_2_and_says_where_to_put_one(runner: CliRunner) -> None:
     done = runner.invoke(show, [])
     assert done.exit_code == 2
-    assert "CANCELFLOW_API_TOKEN" in done.stderr and "--token-file" in done.stderr
+    assert "CANCELFLOW_CLIENT__TOKEN" in done.stderr and "--token-file" in done.stderr
 
 
 def test_every_client_command_documents_the_risk(runner: CliRunner) -> None:

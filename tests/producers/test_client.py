@@ -12,14 +12,17 @@ from typing import Any
 
 import pytest
 
-from cancelflow.contract import JobRecord, OutcomeType, Reason, Status
-from producers.client import (
+from cancelflow_client import (
     AsyncCancelflowClient,
     CancelflowClient,
     Conflict,
     Forbidden,
+    JobRecord,
     NotFound,
+    OutcomeType,
     RateLimited,
+    Reason,
+    Status,
     TransportError,
     Unauthorized,
     ValidationFailed,

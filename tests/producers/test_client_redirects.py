@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
-from producers.client import AsyncCancelflowClient, CancelflowClient, NotFound
+from cancelflow_client import AsyncCancelflowClient, CancelflowClient, NotFound
 
 TOKEN = "cf_test_redirect_token"
 PROBLEM = {"title": "Not found", "status": 404, "detail": "no such job"}

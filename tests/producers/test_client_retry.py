@@ -6,11 +6,12 @@ import email.utils
 
 import pytest
 
-from producers.client import (
+from cancelflow_client import (
     ApiError,
     CancelflowClient,
     Conflict,
     NotFound,
+    Problem,
     RateLimited,
     RetryPolicy,
     ServerError,
@@ -19,7 +20,6 @@ from producers.client import (
     parse_retry_after,
 )
 from producers.local import free_port
-from producers.schemas import Problem
 
 POLICY = RetryPolicy(retries=6, total_s=60, backoff_s=0.2, max_backoff_s=5, max_retry_after_s=30)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import CHECKS as REGISTERED_CHECKS
 from schemathesis.checks import load_all_checks
@@ -74,6 +74,13 @@ def _own_idempotency_key(case: Any) -> None:
             case.headers[name] = own  # equal to the body's key, when that is valid
 
 
+def _sent_as_generated(case: Any) -> bool:
+    """Whether the request carries the query the case was generated with. A parameter with an
+    empty name, or an empty array (nothing to repeat), never reaches the wire: a negative case
+    whose only fault was one is a valid request, rightly answered 200."""
+    return all(name and value != [] for name, value in (case.query or {}).items())
+
+
 def test_the_api_keeps_to_its_openapi_document(billing_api: System) -> None:
     """Every operation, with valid and invalid inputs. (Driven here rather than through
     ``schemathesis.pytest.from_fixture``, whose loader does not run under pytest 9.)"""
@@ -98,6 +105,7 @@ def test_the_api_keeps_to_its_openapi_document(billing_api: System) -> None:
                 phases=[Phase.generate, Phase.shrink],
             )
             def run(case: Any) -> None:
+                assume(_sent_as_generated(case))
                 _own_idempotency_key(case)
                 case.call_and_validate(headers=headers, checks=CHECKS)
 

@@ -27,7 +27,7 @@ import pytest
 from cancelflow.settings import Settings
 from cancelflow.store import JobStore
 from cancelflow.wiring import redis_client, redis_persistence
-from producers.client import CancelflowClient, ServerError
+from cancelflow_client import CancelflowClient, ServerError
 from producers.local import (
     ProcessGroup,
     cancelflow_command,
@@ -297,7 +297,7 @@ def test_the_client_rides_out_an_outage_of_the_apis_redis(
 def cli_status(api: Api, job_id: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         cancelflow_command("status", job_id, "--api-url", api.url),
-        env={**os.environ, "CANCELFLOW_API_TOKEN": API_TOKEN, **env},
+        env={**os.environ, "CANCELFLOW_CLIENT__TOKEN": API_TOKEN, **env},
         capture_output=True,
         text=True,
         timeout=90,
@@ -318,16 +318,22 @@ def test_the_cli_retries_503s_and_at_the_end_names_the_api(
     redis.stop()
 
     # Retry-After is 5 s: 6 s of retries make two attempts, then a clear error.
-    done = cli_status(api, job["id"], CANCELFLOW_API_RETRY_TIME_S="6")
+    done = cli_status(api, job["id"], CANCELFLOW_CLIENT__RETRY_TIME_S="6")
     assert done.returncode == 1, done
     assert "503 Service unavailable" in done.stderr, done.stderr
     assert f"from {api.url}, 2 attempts over" in done.stderr, done.stderr
     assert len(outage_lines(api)) == 2
 
-    back = threading.Timer(3.0, redis.start)
+    # Redis comes back once the CLI has met the outage (its first 503), however long the
+    # command took to start: the default policy (up to 60 s) rides it out.
+    def back_after_a_503() -> None:
+        wait_until(lambda: len(outage_lines(api)) >= 3, timeout_s=60, what="the CLI's 503")
+        redis.start()
+
+    back = threading.Thread(target=back_after_a_503)
     back.start()
     try:
-        done = cli_status(api, job["id"])  # the default policy: up to 60 s
+        done = cli_status(api, job["id"])
     finally:
         back.join()
     assert done.returncode == 0, done

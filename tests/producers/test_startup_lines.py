@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from producers.local import cancelflow_command, wait_until
+from sandboxes.payway import DEMO
 from tests.fixtures.system import StartSystem
 
 pytestmark = pytest.mark.integration
@@ -50,6 +51,7 @@ def test_every_process_logs_its_start_and_the_typos(
 
     api = first(logs / "api.log", "api.listening")
     assert api["url"] == system.api_url and api["level"] == "info"
+    assert api["event_loop"] == "uvloop"  # installed, and api.event_loop is "auto"
     assert set(api["providers"]) == system.env_providers()
 
     worker = first(logs / "worker.log", "worker.starting")
@@ -76,3 +78,18 @@ def test_every_process_logs_its_start_and_the_typos(
         }, name
         assert "secret-level" not in (logs / f"{name}.log").read_text()
         assert "secret-host" not in (logs / f"{name}.log").read_text()
+
+
+def test_an_api_on_asyncio_s_own_loop_carries_a_job_through(start_system: StartSystem) -> None:
+    system = start_system(isolated=True, CANCELFLOW_API__EVENT_LOOP="asyncio")
+    assert first(system.procs.log_dir / "api.log", "api.listening")["event_loop"] == "asyncio"
+    status, made = system.sandbox_post(
+        "/payway/_sandbox/subscriptions", {"count": 1, "kind": "immediate"}
+    )
+    assert status == 200, made
+    body = {
+        "provider": "payway",
+        "subscription": {**made["references"][0], "cancellation_reason_id": DEMO.reason_id},
+    }
+    job = system.wait(system.enqueue(body)["id"])
+    assert job["status"] == "finished" and job["outcome"]["type"] == "cancelled", job

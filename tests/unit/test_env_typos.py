@@ -20,7 +20,7 @@ from cancelflow.settings import (
     unknown_env,
     warn_unknown_env,
 )
-from producers.client import CLIENT_ENV, ClientSettings
+from cancelflow_client import CLIENT_ENV, ClientSettings
 
 
 def test_typos_are_reported_with_the_closest_name() -> None:
@@ -93,7 +93,7 @@ def test_the_client_reads_its_new_names(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("CANCELFLOW_CLIENT__URL", "http://new:1")
     monkeypatch.setenv("CANCELFLOW_CLIENT__TOKEN", "tok")
     monkeypatch.setenv("CANCELFLOW_CLIENT__RETRIES", "2")
-    conf = ClientSettings()
+    conf = ClientSettings.from_env()
     assert conf.api_url == "http://new:1" and conf.api_retries == 2
     assert conf.api_token is not None and conf.api_token.get_secret_value() == "tok"
 
@@ -102,7 +102,7 @@ def test_old_client_names_are_read_with_a_warning(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("CANCELFLOW_API_URL", "http://old:1")
     monkeypatch.setenv("CANCELFLOW_API_TOKEN", "old-tok")
     with pytest.warns(FutureWarning) as warned:
-        conf = ClientSettings()
+        conf = ClientSettings.from_env()
     assert conf.api_url == "http://old:1"
     assert conf.api_token is not None and conf.api_token.get_secret_value() == "old-tok"
     messages = sorted(str(w.message) for w in warned)
@@ -116,7 +116,7 @@ def test_old_client_names_are_read_with_a_warning(monkeypatch: pytest.MonkeyPatc
     monkeypatch.delenv("CANCELFLOW_API_TOKEN")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert ClientSettings().api_url == "http://new:1"
+        assert ClientSettings.from_env().api_url == "http://new:1"
 
 
 def test_a_misspelt_nested_variable_stops_start_up_naming_the_right_one(

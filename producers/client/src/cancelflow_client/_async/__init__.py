@@ -1,0 +1,1 @@
+"""The asyncio client (the blocking one is generated from it)."""
