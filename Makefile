@@ -23,14 +23,18 @@ setup: $(VENV)/.synced
 demo: setup  ## run the system on one machine and show every outcome (KEEP=1: leave it running)
 	$(VENV)/bin/cancelflow demo $(if $(KEEP),--keep)
 
-test: setup  ## unit and integration tests against a real Redis (started if none answers)
+test: setup  ## unit and integration tests, the integration suite over Redis and over RabbitMQ
 	scripts/with-redis $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-unit: setup
 	$(VENV)/bin/pytest -m "not integration" $(PYTEST_ARGS)
 
-chaos: setup  ## the fault-injection suite at 5,000 jobs (CHAOS_JOBS to change)
+# make chaos BROKER=amqp: on RabbitMQ (see tests/rabbitmq.py for which server).
+BROKER ?= redis
+
+chaos: setup  ## the fault-injection suite at 5,000 jobs (CHAOS_JOBS to change; BROKER=redis|amqp)
 	CANCELFLOW_CHAOS_JOBS=$${CHAOS_JOBS:-5000} CANCELFLOW_CHAOS_REPORT=$${CHAOS_REPORT:-chaos-report.json} \
+		CANCELFLOW_TEST_BROKERS=$(BROKER) \
 		scripts/with-redis $(VENV)/bin/pytest -s tests/integration/test_chaos.py $(PYTEST_ARGS)
 
 lint: setup

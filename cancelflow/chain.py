@@ -166,11 +166,14 @@ async def confirm(deps: Deps, job_id: str, *, attempt: int = 0, lease_s: float) 
         job = bind(began.job)
         if began.leased_for_ms is not None:
             # Another delivery is confirming, or died confirming and its lease has yet to
-            # expire: come back when it has, and find the job finished or take over.
+            # expire: come back when it has, and find the job finished or take over. Within
+            # a worker lease at most: a holder that died is known dead by then (RabbitMQ
+            # redelivers the moment the holder's connection drops, long before its confirm
+            # lease would expire).
             log.info("step.confirm.leased_elsewhere", retry_in_ms=began.leased_for_ms)
             raise StepBusy(
                 f"confirm of {job_id} is leased elsewhere",
-                retry_after=max(began.leased_for_ms, 100) / 1000,
+                retry_after=min(max(began.leased_for_ms, 100) / 1000, deps.store.alive_s + 1),
             )
         if not began.applied:
             return resume(began.previous, job_id, job.provider)

@@ -21,10 +21,10 @@ import json
 import math
 import platform
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
-from typing import Any
+from typing import Any, Protocol
 
 import prometheus_client
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
@@ -207,6 +207,20 @@ def api_request_done(method: str, route: str, status: int, seconds: float) -> No
 # --- store gauges -----------------------------------------------------------------------------
 
 
+class BrokerWaiting(Protocol):
+    @property
+    def depth(self) -> Mapping[str, int]: ...
+
+    @property
+    def oldest_age_s(self) -> Mapping[str, float]: ...
+
+
+class BrokerQueues(Protocol):
+    """Reads the broker's queues when it is not the job store's Redis (``brokers.queues``)."""
+
+    async def read(self, names: Sequence[str], *, now: float) -> BrokerWaiting: ...
+
+
 @dataclass(frozen=True)
 class StoreSnapshot:
     """The shared state the gauges show, read in one round trip."""
@@ -223,19 +237,26 @@ class StoreSnapshot:
 
 
 async def read_store(
-    redis: Redis, *, providers: Iterable[str] = PROVIDERS, now: float | None = None
+    redis: Redis,
+    *,
+    providers: Iterable[str] = PROVIDERS,
+    now: float | None = None,
+    broker_queues: BrokerQueues | None = None,
 ) -> StoreSnapshot:
     """Queue lengths (``LLEN`` of each Celery queue: waiting messages, not running or
     countdown ones) and the oldest message of each, dead letters by kind, jobs awaiting a
     decision, and each provider's breaker and in-flight calls (``cancelflow.guard``'s keys),
-    in one pipeline of a fixed number of commands. ``now``: epoch seconds (the clock)."""
+    in one pipeline of a fixed number of commands. ``now``: epoch seconds (the clock).
+    ``broker_queues``: when the broker is not this Redis, what reads its queues instead
+    (``brokers.queues``)."""
     names = queue_names(PROVIDERS)
     keys = list(providers)
     at = time.time() if now is None else now
+    from_broker = None if broker_queues is None else await broker_queues.read(names, now=at)
     async with redis.pipeline(transaction=False) as pipe:
-        for name in names:
+        for name in names if from_broker is None else ():
             pipe.llen(name)
-        for name in names:
+        for name in names if from_broker is None else ():
             pipe.lindex(name, -1)  # kombu pushes on the left and pops on the right
         for kind in KINDS:
             pipe.scard(kind_key(kind))
@@ -245,19 +266,22 @@ async def read_store(
             # Scored by when each slot's lease ends: the live ones end after now.
             pipe.zcount(in_flight_key(key), at * 1000, "+inf")
         found: list[Any] = await pipe.execute()
-    n, k = len(names), len(KINDS)
+    n, k = 0 if from_broker is not None else len(names), len(KINDS)
     depths, heads = found[:n], found[n : 2 * n]
     dead, awaiting = found[2 * n : 2 * n + k], found[2 * n + k]
     guards = found[2 * n + k + 1 :]
     oldest: dict[str, float] = {}
-    for name, head in zip(names, heads, strict=True):
+    for name, head in zip(names, heads, strict=False):  # none when read from the broker
         sent_at = 0.0 if head is None else sent_at_of(head)
         if head is None:
             oldest[name] = 0.0
         elif sent_at > 0:
             oldest[name] = max(0.0, at - sent_at)
+    depth = {name: int(d) for name, d in zip(names, depths, strict=False)}
+    if from_broker is not None:
+        depth, oldest = dict(from_broker.depth), dict(from_broker.oldest_age_s)
     return StoreSnapshot(
-        queue_depth={name: int(d) for name, d in zip(names, depths, strict=True)},
+        queue_depth=depth,
         dead_letters={kind: int(d) for kind, d in zip(KINDS, dead, strict=True)},
         awaiting_decision=int(awaiting),
         oldest_message_age_s=oldest,
@@ -298,7 +322,9 @@ class StoreGauges(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily(
-            QUEUE_DEPTH, "Messages waiting in each Celery queue (LLEN).", labels=["queue"]
+            QUEUE_DEPTH,
+            "Messages waiting in each Celery queue (Redis: LLEN; RabbitMQ: ready messages).",
+            labels=["queue"],
         )
         for queue, n in self._snapshot.queue_depth.items():
             depth.add_metric([queue], n)

@@ -24,6 +24,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from cancelflow.broker_urls import BrokerKind, broker_kind, check_broker_url, check_store_url
 from cancelflow.errors import ConfigError
 from cancelflow.providers import REGISTRY
 from cancelflow.providers.base import ProviderSettings, callback_secret_key
@@ -39,6 +40,8 @@ BLOCKING_READ_MARGIN_S = 1.0
 # An idle Redis connection is PINGed before reuse after this long (kombu's default, which
 # kombu also uses to drop a BRPOP connection whose reply is overdue).
 REDIS_HEALTH_CHECK_INTERVAL_S = 25
+# The longest countdown on RabbitMQ, which holds countdowns itself (brokers.amqp).
+AMQP_MAX_COUNTDOWN_S = 24 * 3600.0
 
 # An API token entry in CANCELFLOW_API_TOKENS: ``[name=]secret[:scope]``, scope exactly
 # ``read`` or ``write`` (no scope: ``write``, as before scopes were checked). A name is shown in
@@ -264,7 +267,17 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore", frozen=True
     )
 
+    # The job store (and the result backend): always Redis.
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # The broker: Redis or RabbitMQ; unset, the job store's Redis (``broker()``).
+    broker_url: str | None = None
+    # RabbitMQ's management API (``http://user:password@host:15672``), when it is enabled:
+    # queue depths for the metrics and the console, and Flower's Broker page. Unset, depths
+    # come from passive queue declares (cancelflow.brokers).
+    broker_management_url: str | None = None
+    # RabbitMQ: a message delivered this many times without being acknowledged (a worker
+    # dying on it each time) is dead-lettered by the broker instead of delivered again.
+    broker_delivery_limit: int = Field(default=20, ge=1, le=1000)
     # Every Redis connection (job store, broker, billing stream) gives up on a connect after
     # ``redis_connect_timeout_s`` and on a reply after ``redis_read_timeout_s``: a Redis that
     # accepts and never answers is an outage, not a hang. The read timeout must outlast the
@@ -284,6 +297,24 @@ class Settings(BaseSettings):
     # ``CANCELFLOW_BILLING_STREAM``, the name billing systems are told, for
     # ``CANCELFLOW_BILLING__STREAM``; the nested one wins when both are set.
     billing_stream: str | None = Field(default=None, min_length=1, exclude=True)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _store_is_redis(cls, value: str) -> str:
+        return check_store_url(value)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_runs(cls, value: str | None) -> str | None:
+        return None if value is None or not value.strip() else check_broker_url(value)
+
+    def broker(self) -> str:
+        """The broker's URL: ``broker_url``, else the job store's Redis."""
+        return self.broker_url or self.redis_url
+
+    def broker_kind(self) -> BrokerKind:
+        """``redis`` or ``amqp``: which broker the processes talk to."""
+        return broker_kind(self.broker())
 
     @field_validator("api_tokens", mode="before")
     @classmethod
@@ -337,7 +368,12 @@ class Settings(BaseSettings):
         }
 
     def limits(self) -> Limits:
-        return Limits.from_visibility_timeout(self.worker.visibility_timeout_s)
+        limits = Limits.from_visibility_timeout(self.worker.visibility_timeout_s)
+        if self.broker_kind() == "amqp":
+            # RabbitMQ holds a countdown itself (native delayed delivery): no visibility
+            # timeout bounds it (brokers.amqp).
+            limits = limits.model_copy(update={"max_countdown_s": AMQP_MAX_COUNTDOWN_S})
+        return limits
 
 
 class Limits(BaseModel):
@@ -469,7 +505,8 @@ def _did_you_mean(err: Any) -> str:
 def _showable(err: Any) -> bool:
     # Never echo what might be a secret; short scalar inputs help find typos.
     loc = "_".join(str(p) for p in err["loc"]).lower()
-    if any(word in loc for word in ("secret", "token", "key", "password")):
+    # A URL may carry a password (redis://user:password@host).
+    if any(word in loc for word in ("secret", "token", "key", "password", "url")):
         return False
     return isinstance(err.get("input"), str | int | float) and len(str(err["input"])) < 80
 

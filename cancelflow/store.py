@@ -556,6 +556,11 @@ class JobStore:
             raise JobNotFound(job_id)
         return _record({_s(k): _s(v) for k, v in raw.items()}, timeline, callbacks)
 
+    @property
+    def alive_s(self) -> float:
+        """How long a worker process may go without a heartbeat and still hold its leases."""
+        return self._alive_s
+
     async def holder_alive(self, worker_id: str) -> bool:
         """Whether the worker process ``worker_id`` beat within its lease (by Redis's clock)."""
         async with self.redis.pipeline(transaction=False) as pipe:

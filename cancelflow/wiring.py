@@ -21,6 +21,7 @@ from cancelflow.http import CallObserver, ProviderHttp
 from cancelflow.logging import get_logger
 from cancelflow.providers import REGISTRY
 from cancelflow.providers.base import Provider
+from cancelflow.redis_clients import async_client
 from cancelflow.redis_packing import use_hiredis_packing
 from cancelflow.settings import REDIS_HEALTH_CHECK_INTERVAL_S, Settings
 from cancelflow.store import JobObserver, JobStore
@@ -57,7 +58,7 @@ def redis_client(settings: Settings) -> Redis:
     and never answers raises ``redis.TimeoutError`` within one timeout, instead of waiting
     forever. A timeout is not retried: the wait is already spent (seven tries would make one
     call wait seven timeouts), and a write that timed out may have been applied."""
-    client: Redis = Redis.from_url(
+    client: Redis = async_client(
         settings.redis_url,
         socket_connect_timeout=settings.redis_connect_timeout_s,
         socket_timeout=settings.redis_read_timeout_s,

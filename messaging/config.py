@@ -11,6 +11,7 @@ from typing import Any
 from celery import Celery
 from kombu.entity import Exchange, Queue
 
+from cancelflow.broker_urls import parse_sentinel, scheme_of
 from cancelflow.contract import (
     CALLBACKS_QUEUE,
     DEAD_LETTER_QUEUE,
@@ -27,6 +28,7 @@ DEAD_LETTER_EXCHANGE = Exchange(DEAD_LETTER_QUEUE, type="direct", durable=True) 
 
 # kombu's Redis transport with one client per connection pool (``messaging.patches``).
 TRANSPORT = "messaging.patches:Transport"
+SENTINEL_TRANSPORT = "messaging.patches:SentinelTransport"
 
 
 def queues() -> list[Queue]:
@@ -46,8 +48,8 @@ def queues() -> list[Queue]:
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     limits = settings.limits()
-    return {
-        "broker_url": settings.redis_url,
+    config: dict[str, Any] = {
+        "broker_url": settings.broker(),
         "broker_transport": TRANSPORT,
         "result_backend": settings.redis_url,
         "task_serializer": "json",
@@ -100,9 +102,28 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_redirect_stdouts": False,
         "enable_utc": True,
     }
+    if settings.broker_kind() == "amqp":
+        from brokers import amqp
+
+        config.update(amqp.celery_config(settings))
+    elif scheme_of(settings.broker()) == "sentinel":
+        found = parse_sentinel(settings.broker())
+        config["broker_url"] = found.kombu_url()
+        config["broker_transport"] = SENTINEL_TRANSPORT
+        config["broker_transport_options"]["master_name"] = found.master
+    if scheme_of(settings.redis_url) == "sentinel":
+        found = parse_sentinel(settings.redis_url)
+        config["result_backend"] = found.kombu_url()
+        config["result_backend_transport_options"]["master_name"] = found.master
+    return config
 
 
 def create_celery(settings: Settings, *, name: str = "cancelflow") -> Celery:
-    app = Celery(name)
+    if settings.broker_kind() == "amqp":
+        from brokers.amqp import AmqpCelery
+
+        app: Celery = AmqpCelery(name)
+    else:
+        app = Celery(name)
     app.conf.update(celery_config(settings))
     return app

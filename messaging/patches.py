@@ -246,6 +246,14 @@ class Transport(kombu_redis.Transport):
 # --- producers and workers: task-sent events in batches ----------------------------------------
 
 
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The same channel, its pool the master's that the sentinels name (and re-name)."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+
+
 class SentEvents(EventDispatcher):  # type: ignore[misc]  # Celery is untyped
     """Celery's ``task-sent`` events (for Flower), published in batches.
 
@@ -646,6 +654,14 @@ def _check_delivery(message: Any) -> None:
 
 class WorkerTransport(Transport):
     Channel = WorkerChannel
+
+
+class WorkerSentinelChannel(WorkerChannel, SentinelChannel):
+    """The workers' channel on a Redis reached through Sentinel."""
+
+
+class WorkerSentinelTransport(SentinelTransport):
+    Channel = WorkerSentinelChannel
 
 
 def show_transports_as(scheme: str, *transports: str) -> None:

@@ -49,6 +49,7 @@ from pydantic import BaseModel, ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from brokers.queues import QueueReader, queue_reader
 from cancelflow import chain, decisions, jsonsafe, metrics
 from cancelflow.contract import JOB_ID_RE, Decision
 from cancelflow.dead_letters import AlreadyReplayed
@@ -109,6 +110,8 @@ RULES = web.AppKey("billing_rules", Rules)
 BILLING = web.AppKey("billing", BillingProcessor)
 BILLING_VERIFIER = web.AppKey("billing_verifier", BillingVerifier)
 OPENAPI = web.AppKey("openapi", bytes)
+# Reads the broker's queues when it is not the job store's Redis (brokers.queues).
+BROKER_QUEUES = web.AppKey("broker_queues", object)
 # The longest a request waits on Redis (the read timeout): then it answers 503.
 REDIS_WAIT_S = web.AppKey("redis_wait_s", float)
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
@@ -739,7 +742,9 @@ async def get_metrics(request: web.Request) -> web.Response:
     """This process's metrics, and the shared state's gauges read from Redis now."""
     deps = request.app[DEPS]
     snapshot = await metrics.read_store(
-        deps.store.redis, providers=deps.settings.enabled_providers()
+        deps.store.redis,
+        providers=deps.settings.enabled_providers(),
+        broker_queues=broker_queues(request.app),
     )
     body = metrics.render(metrics.StoreGauges(snapshot))
     return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
@@ -788,6 +793,12 @@ async def readyz(request: web.Request) -> web.Response:
             "persistence": await redis_persistence(redis),
         }
     )
+
+
+def broker_queues(app: web.Application) -> QueueReader | None:
+    """What reads the broker's queues, None when the broker is the job store's Redis."""
+    found = app.get(BROKER_QUEUES)
+    return found if found is not None else None  # type: ignore[return-value]
 
 
 def new_event_loop(settings: Settings) -> asyncio.AbstractEventLoop:
@@ -843,6 +854,7 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
 
     async def lifecycle(app: web.Application) -> Any:
         redis = redis_client(settings)
+        app[BROKER_QUEUES] = queue_reader(settings)
         # Decisions end jobs in the API process (an accepted offer): counted here.
         app[DEPS] = build_deps(settings, redis=redis, job_observer=metrics.JOB_METRICS)
         app[LIMITER] = RateLimiter(
@@ -868,6 +880,8 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
                 await task
         await app[DEPS].store.flush_marks()
         flush_sent_events(app[CELERY])
+        if (reader := broker_queues(app)) is not None:
+            await reader.close()
         await redis.aclose()
 
     app.cleanup_ctx.append(lifecycle)

@@ -13,6 +13,9 @@ import sys
 
 import click
 
+from cancelflow.errors import ConfigError
+from cancelflow.settings import load_settings
+
 # What an unchanged example file or an old default would hand out.
 _KNOWN_DEFAULT_PASSWORDS = frozenset({"change-me", "changeme", "admin", "password", "flower"})
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -69,6 +72,20 @@ def flower(ctx: click.Context, no_auth: bool) -> None:
     if problem is not None:
         click.echo(f"cancelflow flower: {problem}", err=True)
         sys.exit(2)
+    # The broker's URL comes from the settings (worker.app): refuse a bad one in one line
+    # here, not with a traceback from Celery's loader.
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        click.echo(f"cancelflow flower: {exc}", err=True)
+        sys.exit(2)
+    if (
+        settings.broker_kind() == "amqp"
+        and settings.broker_management_url
+        and _option(args, "broker_api") is None
+    ):
+        # Flower's Broker page and queue lengths read RabbitMQ's management API.
+        args.append(f"--broker-api={settings.broker_management_url.rstrip('/')}/api/")
     # The same interpreter, so it works from a virtualenv that is not on PATH.
     argv = [sys.executable, "-m", "celery", "-A", "worker.app", "flower", *args]
     os.execv(sys.executable, argv)  # noqa: S606 - our own interpreter, argv as a list

@@ -6,10 +6,16 @@ import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit
 
-from cancelflow.contract import FINAL_STATUSES
+from kombu.exceptions import ChannelError
+
+from cancelflow.contract import DEAD_LETTER_QUEUE, FINAL_STATUSES
+from cancelflow.settings import Settings
+from messaging.config import create_celery
 from producers.local import ProcessGroup, http_json
 from sandboxes.payway import DEMO, PaywayRef
+from tests.rabbitmq import Management
 
 
 @dataclass
@@ -44,6 +50,57 @@ class System:
     redis_url: str
     procs: ProcessGroup
     env: dict[str, str] = field(default_factory=dict)
+    # ``redis`` or ``amqp``, and the broker's URL (the job store's when it is Redis).
+    broker: str = "redis"
+    broker_url: str = ""
+
+    def settings(self) -> Settings:
+        """Settings naming this system's job store and broker (for a Celery app of the test's)."""
+        return Settings(
+            redis_url=self.redis_url,
+            broker_url=self.env.get("CANCELFLOW_BROKER_URL"),
+            broker_management_url=self.env.get("CANCELFLOW_BROKER_MANAGEMENT_URL"),
+        )
+
+    def publish(self, queue: str, body: bytes, **options: Any) -> None:
+        """Publish ``body`` as it is on ``queue`` of this system's broker (a poison message)."""
+        app = create_celery(self.settings())
+        declared = next(q for q in app.conf.task_queues if q.name == queue)
+        try:
+            with app.producer_or_acquire() as producer:
+                producer.publish(
+                    body,
+                    exchange=declared.exchange,
+                    routing_key=queue,
+                    declare=[declared],
+                    **options,
+                )
+        finally:
+            app.close()
+
+    def parked(self) -> int:
+        """Messages on the broker's dead_letters queue (a passive declare, on either broker)."""
+        app = create_celery(self.settings())
+        try:
+            with app.connection_for_read() as conn:
+                try:
+                    found = conn.default_channel.queue_declare(DEAD_LETTER_QUEUE, passive=True)
+                except ChannelError:  # no such queue (on Redis: no list yet): nothing parked
+                    return 0
+                return int(found.message_count)
+        finally:
+            app.close()
+
+    def amqp_queue(self, name: str) -> dict[str, Any]:
+        """A RabbitMQ queue as its management API shows it (counts sampled every 5 s)."""
+        url = urlsplit(self.env["CANCELFLOW_BROKER_MANAGEMENT_URL"])
+        vhost = urlsplit(self.broker_url).path.lstrip("/")
+        management = Management(
+            url._replace(netloc=url.netloc.rpartition("@")[2]).geturl(),
+            unquote(url.username or ""),
+            unquote(url.password or ""),
+        )
+        return management.call("GET", f"queues/{vhost}/{quote(name, safe='')}")  # type: ignore[no-any-return]
 
     def env_providers(self) -> set[str]:
         """Keys of the providers this system is configured with."""

@@ -20,12 +20,13 @@ from celery import Celery, signals
 from cancelflow.logging import configure_logging, get_logger
 from cancelflow.settings import Settings, load_settings, warn_unknown_env
 from cancelflow.wiring import redis_client, report_persistence
-from messaging.config import TRANSPORT, create_celery
+from messaging.config import SENTINEL_TRANSPORT, TRANSPORT, create_celery
 from messaging.dispatch import flush_sent_events
 from messaging.patches import show_transports_as
 from worker import leases
 
 WORKER_TRANSPORT = "messaging.patches:WorkerTransport"
+WORKER_SENTINEL_TRANSPORT = "messaging.patches:WorkerSentinelTransport"
 
 
 def settings_of(app: Celery) -> Settings:
@@ -44,18 +45,23 @@ def create_app(settings: Settings) -> Celery:
 
     app = create_celery(settings)
     app.cancelflow_settings = settings
-    # Each worker process holds its unacknowledged messages apart, so another can give them
-    # back the moment it dies (worker.leases), not an hour later.
-    app.conf.broker_transport_options = {
-        **app.conf.broker_transport_options,
-        **leases.unacked_keys(leases.WORKER_ID),
-    }
     app.conf.worker_consumer = "worker.consumer:Consumer"
-    app.conf.broker_transport = WORKER_TRANSPORT
-    # Both our transports are kombu's Redis transport: shown as the broker URL's scheme.
-    show_transports_as(
-        urllib.parse.urlsplit(settings.redis_url).scheme, WORKER_TRANSPORT, TRANSPORT
-    )
+    if settings.broker_kind() == "redis":
+        # Each worker process holds its unacknowledged messages apart, so another can give
+        # them back the moment it dies (worker.leases), not an hour later. (RabbitMQ does
+        # this, and what the workers' Redis channel does, natively: brokers.amqp.)
+        app.conf.broker_transport_options = {
+            **app.conf.broker_transport_options,
+            **leases.unacked_keys(leases.WORKER_ID),
+        }
+        scheme = urllib.parse.urlsplit(settings.broker()).scheme
+        app.conf.broker_transport = (
+            WORKER_SENTINEL_TRANSPORT if scheme == "sentinel" else WORKER_TRANSPORT
+        )
+        # Our transports are kombu's Redis transport: shown as the broker URL's scheme.
+        show_transports_as(
+            scheme, WORKER_TRANSPORT, TRANSPORT, WORKER_SENTINEL_TRANSPORT, SENTINEL_TRANSPORT
+        )
     # Steps run on the runtime's event loop, other tasks in threads (see worker.pool).
     app.conf.worker_pool = "worker.pool:TaskPool"
     # Interval schedules only: the state file is a scratch file, one per process.
@@ -124,6 +130,10 @@ def _connect_signals(app: Celery, settings: Settings) -> None:
         metrics_server.start(settings.worker)
         # Beating before the first message is taken: whatever this process holds is covered.
         leases.start(app, settings)
+        if settings.broker_kind() == "amqp":
+            from brokers.amqp import declare_dead_letters
+
+            declare_dead_letters(app)
 
     def report_redis_persistence(**_: Any) -> None:
         # Once per worker, at start-up, on a client of its own in a thread of its own: a Redis

@@ -3,7 +3,9 @@
 Celery's own consumer logs and discards a message it cannot decode, whose task it does not
 know, or that is not a valid task message. Here each such message is recorded in the
 dead-letter store (with its body and headers) and parked byte for byte on the kombu
-``dead_letters`` queue, then acknowledged so the worker keeps consuming.
+``dead_letters`` queue, then acknowledged so the worker keeps consuming. On RabbitMQ, the
+message is rejected instead, and its queue's dead-letter exchange parks it
+(``brokers.amqp``).
 
 Celery only recognises some invalid messages: a body that decodes to anything but
 ``[args, kwargs, embed]`` (``{"a": 1}``, ``[1]``, ``"s"``, ``null``), a missing ``id``, a
@@ -28,6 +30,7 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.asynchronous.timer import to_timestamp
 from kombu.messaging import Producer
 
+from brokers.routing import queue_of
 from cancelflow.contract import DEAD_LETTER_QUEUE
 from cancelflow.dead_letters import DeadLetter, poison_payload
 from cancelflow.logging import get_logger
@@ -149,7 +152,7 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
         from worker.runtime import get_runtime
 
         delivery = getattr(message, "delivery_info", None) or {}
-        queue = delivery.get("routing_key")
+        queue = queue_of(delivery.get("routing_key"))
         raw = getattr(message, "body", None)
         dl = DeadLetter(
             kind="poison",
@@ -160,10 +163,13 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
                 raw, getattr(message, "headers", None), getattr(message, "content_type", None)
             ),
         )
+        # A RabbitMQ queue with a dead-letter exchange parks what it is told to reject.
+        broker_parks = self._dead_letter_exchange(queue) is not None
         try:
             runtime = get_runtime(settings_of(self.app))
             runtime.run(runtime.deps.dead_letters.add(dl), timeout=30)
-            self._park(message)
+            if not broker_parks:
+                self._park(message)
         except Exception:
             # Neither store nor broker took it: leave the message unacknowledged so it is
             # delivered again after the visibility timeout, rather than lose it.
@@ -176,7 +182,16 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
             error=error,
             dead_letter_id=dl.id,
         )
-        message.ack()
+        if broker_parks:
+            message.reject(requeue=False)
+        else:
+            message.ack()
+
+    def _dead_letter_exchange(self, queue: str | None) -> str | None:
+        for declared in self.app.conf.task_queues or ():
+            if declared.name == queue:
+                return (declared.queue_arguments or {}).get("x-dead-letter-exchange")
+        return None
 
     def _park(self, message: Any) -> None:
         with self.app.producer_or_acquire() as producer:

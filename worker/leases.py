@@ -30,6 +30,7 @@ from typing import Any
 import redis
 
 from cancelflow.logging import get_logger
+from cancelflow.redis_clients import sync_client
 from cancelflow.settings import Settings, WorkerSettings
 from cancelflow.store import WORKERS
 
@@ -86,14 +87,17 @@ class Leases(threading.Thread):
         self.app = app
         self.conf: WorkerSettings = settings.worker
         self.worker_id = worker_id
+        # Only Redis needs its dead workers' messages put back (brokers.amqp).
+        self.restores = settings.broker_kind() == "redis"
         timeout = max(1.0, self.conf.heartbeat_s)
-        self._redis = redis.Redis.from_url(
+        self._redis = sync_client(
             settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
         self._beat = self._redis.register_script(_BEAT)
         self._claim = self._redis.register_script(_CLAIM_DEAD)
         self._forget = self._redis.register_script(_FORGET)
-        self._stop = threading.Event()
+        # Not ``_stop``: threading.Thread has a method of that name, which join() calls.
+        self._stopping = threading.Event()
         self._pid = os.getpid()  # a forked child (an embedded beat) must not unregister us
         self._last_beat = 0.0  # monotonic time of the last beat Redis took
 
@@ -115,7 +119,7 @@ class Leases(threading.Thread):
         super().start()
 
     def run(self) -> None:
-        while not self._stop.wait(self.conf.heartbeat_s):
+        while not self._stopping.wait(self.conf.heartbeat_s):
             try:
                 self.beat()
             except redis.RedisError as exc:
@@ -134,8 +138,10 @@ class Leases(threading.Thread):
             worker_id = raw.decode() if isinstance(raw, bytes) else str(raw)
             if worker_id == self.worker_id:
                 continue  # our own beats lapsed (Redis was away): we are alive
-            with self.app.connection_for_write() as conn:
-                count = conn.default_channel.restore_worker(**unacked_keys(worker_id))
+            count = 0
+            if self.restores:  # RabbitMQ gave them back as the connection dropped
+                with self.app.connection_for_write() as conn:
+                    count = conn.default_channel.restore_worker(**unacked_keys(worker_id))
             self._forget(keys=[WORKERS], args=[worker_id, cutoff])
             restored += count
             log.warning("worker.dead.restored", dead_worker=worker_id, messages=count)
@@ -144,7 +150,7 @@ class Leases(threading.Thread):
     def stop(self) -> None:
         """Stop beating. A warm shutdown gave back its messages (kombu restores what is
         unacknowledged as the channel closes); if any are left, others restore them."""
-        self._stop.set()
+        self._stopping.set()
         if os.getpid() != self._pid:
             return
         if self.is_alive():

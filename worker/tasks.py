@@ -23,7 +23,10 @@ import structlog
 from celery import Celery, Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 
+from brokers import queues as broker_queues
+from brokers.routing import queue_of
 from cancelflow import chain, decisions, delivery, metrics, retry, sweeps
+from cancelflow.broker_urls import broker_kind
 from cancelflow.callbacks import CallbackRetryable
 from cancelflow.contract import JOB_ID_RE, Step, isoformat, utcnow
 from cancelflow.dead_letters import DeadLetter
@@ -102,7 +105,7 @@ class Delivery:
             task_id=str(request.get("id")),
             task_name=task_name,
             retries=int(request.get("retries") or 0),
-            queue=delivery.get("routing_key"),
+            queue=queue_of(delivery.get("routing_key")),
             args=tuple(args or ()),
             kwargs=dict(kwargs or {}),
             request_id=rid if isinstance(rid := request.get("request_id"), str) else None,
@@ -445,6 +448,8 @@ def oldest_waiting(celery_app: Any) -> dict[str, float]:
     """Per queue, when its oldest waiting message was sent (``dispatch``'s ``sent_at``
     header): ``inf`` when the queue is empty, 0 when unknown (not ours, or unreadable)."""
     names = [q.name for q in celery_app.conf.task_queues]
+    if broker_kind(celery_app.conf.broker_url) == "amqp":
+        return broker_queues.oldest_waiting(celery_app.conf.broker_url, names)
     with celery_app.connection_for_read() as conn:
         client = conn.default_channel.client
         with client.pipeline(transaction=False) as pipe:

@@ -47,7 +47,7 @@ def die(message: str, code: int = 2) -> NoReturn:
 
 
 # What the job store and broker URL may be: Redis (redis-py's schemes).
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "sentinel")
 
 
 def server_settings() -> Settings:
@@ -60,8 +60,8 @@ def server_settings() -> Settings:
     if scheme not in REDIS_SCHEMES:
         # Without this, redis-py refuses it deep in start-up, with a traceback.
         die(
-            f"CANCELFLOW_REDIS_URL: the job store and broker must be Redis "
-            f"(redis://, rediss:// or unix://), not {scheme}://"
+            f"CANCELFLOW_REDIS_URL: the job store must be Redis "
+            f"(redis://, rediss://, unix:// or sentinel://), not {scheme}://"
         )
     return settings
 

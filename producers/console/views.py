@@ -52,6 +52,7 @@ from producers.api import (
     RETRY_AFTER_S,
     TOKENS,
     auth_failure_bucket,
+    broker_queues,
 )
 from producers.console import audit, sessions
 from producers.schemas import DEAD_LETTER_ID_RE, JobQuery
@@ -289,7 +290,7 @@ async def signout(request: web.Request, session: sessions.Session) -> web.Stream
 async def overview(request: web.Request, session: sessions.Session) -> web.StreamResponse:
     deps = request.app[DEPS]
     redis = deps.store.redis
-    snapshot = await metrics.read_store(redis)
+    snapshot = await metrics.read_store(redis, broker_queues=broker_queues(request.app))
     stats = await listing.stats(redis, since_s=24 * 3600)
     by_status: Counter[str] = Counter()
     for counts in stats.jobs.values():

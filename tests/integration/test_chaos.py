@@ -28,7 +28,6 @@ from typing import Any, cast
 import pytest
 import redis
 
-from cancelflow.settings import Settings
 from messaging.config import create_celery
 from producers.local import cancelflow_command, free_port, http_json
 from sandboxes.server import SANDBOXES
@@ -88,7 +87,7 @@ class Chaos(threading.Thread):
         self.kills: list[tuple[float, int | None]] = []  # (when, pid)
         self.bursts = 0
         self.rng = random.Random(7)
-        self.app = create_celery(Settings(redis_url=system.redis_url))
+        self.app = create_celery(system.settings())
 
     def consuming(self) -> list[str]:
         try:

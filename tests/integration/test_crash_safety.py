@@ -55,7 +55,7 @@ def payway_jobs(system: System, count: int, kind: str = "end_of_period") -> list
 def start_worker(system: System, name: str, *args: str) -> str:
     hostname = f"{name}-{free_port()}@{socket.gethostname()}"
     system.procs.start(name, cancelflow_command("worker", "-c", "8", "-n", hostname, *args))
-    wait_for_workers(system.redis_url, [hostname])
+    wait_for_workers(system.redis_url, [hostname], broker_url=system.settings().broker_url)
     return hostname
 
 
@@ -64,7 +64,9 @@ def liveness_probe(system: System, name: str, hostname: str) -> str:
     stops answering pings is replaced. Celery's consumer has been seen, rarely, not to come
     back after a Redis crash with tasks in flight; its messages are safe in Redis either way."""
     try:
-        wait_for_workers(system.redis_url, [hostname], timeout_s=30)
+        wait_for_workers(
+            system.redis_url, [hostname], broker_url=system.settings().broker_url, timeout_s=30
+        )
         return hostname
     except TimeoutError:
         print(f"liveness probe: {hostname} stopped answering after the Redis crash; replacing it")
@@ -364,7 +366,7 @@ def test_a_worker_cut_off_from_redis_is_taken_over_within_a_lease(
             cancelflow_command("worker", "-c", "8", "-n", hostname),
             extra_env={"CANCELFLOW_REDIS_URL": via_partition},
         )
-        wait_for_workers(system.redis_url, [hostname])
+        wait_for_workers(system.redis_url, [hostname], broker_url=system.settings().broker_url)
         jobs = payway_jobs(system, 24)
         time.sleep(1.5)  # steps are in flight, some provider calls half done
         partition.cut()
@@ -375,7 +377,9 @@ def test_a_worker_cut_off_from_redis_is_taken_over_within_a_lease(
         # The network comes back: whatever the cut-off worker still had to write lands now,
         # fenced by the store (a step it held was taken over), and nothing moves back.
         partition.heal()
-        wait_for_workers(system.redis_url, [hostname], timeout_s=60)
+        wait_for_workers(
+            system.redis_url, [hostname], broker_url=system.settings().broker_url, timeout_s=60
+        )
         time.sleep(5)
         again = assert_cancelled_once(system, jobs)
         assert [j["outcome"] for j in again] == [j["outcome"] for j in done]

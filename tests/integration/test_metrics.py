@@ -91,16 +91,27 @@ def test_counters_histograms_and_gauges_move_with_the_jobs(metered: tuple[System
     system.sandbox.faults("payway")
     assert [j["outcome"]["type"] for j in finished] == ["cancelled", "cancelled", "not_eligible"]
     assert retried["outcome"]["type"] == "cancelled"
-    # A poison message: dead-lettered, its raw item parked on the dead_letters list.
+    # A poison message: dead-lettered, and parked on the dead_letters queue.
     client = redis.Redis.from_url(system.redis_url)
-    client.lpush("cancellations.payway", b"garbage{")
+    system.publish(
+        "cancellations.payway",
+        b"{not json",
+        headers={"task": "cancelflow.eligibility", "id": "m1", "lang": "py"},
+        content_type="application/json",
+        content_encoding="utf-8",
+        serializer=None,
+    )
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and not (
-        client.zcard("cf:dl:index") and client.llen("dead_letters")
-    ):
+    while time.monotonic() < deadline and not (client.zcard("cf:dl:index") and system.parked()):
         time.sleep(0.1)
 
     worker, api = scrape(worker_url), scrape(api_url, system.token)
+    # RabbitMQ's management API shows queue lengths as sampled (every 5 s by default).
+    while (
+        time.monotonic() < deadline and get(api, "cancelflow_queue_depth", queue="dead_letters") < 1
+    ):
+        time.sleep(0.5)
+        api = scrape(api_url, system.token)
 
     def moved(name: str, **labels: str) -> float:
         """How much the worker's series of ``name`` with ``labels`` went up."""
@@ -132,7 +143,7 @@ def test_counters_histograms_and_gauges_move_with_the_jobs(metered: tuple[System
     # Gauges of shared state, read from Redis at the scrape: every queue, every kind.
     depth = {dict(ls)["queue"]: v for (n, ls), v in api.items() if n == "cancelflow_queue_depth"}
     assert set(depth) == {q.name for q in queues()}
-    assert depth["dead_letters"] == 1  # the poison message's raw item
+    assert depth["dead_letters"] == 1  # the poison message, parked
     assert depth["cancellations.payway"] == 0
     dead = {dict(ls)["kind"]: v for (n, ls), v in api.items() if n == "cancelflow_dead_letters"}
     assert dead == {**dict.fromkeys(KINDS, 0.0), "poison": 1.0}

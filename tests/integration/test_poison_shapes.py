@@ -29,7 +29,9 @@ from sandboxes.payway import DEMO
 from tests.fixtures.system import StartSystem
 from tests.support import System
 
-pytestmark = pytest.mark.integration
+# Items on a Redis list (messaging.patches.WorkerChannel): AMQP frames every message, there
+# is no envelope to get wrong on RabbitMQ.
+pytestmark = [pytest.mark.integration, pytest.mark.redis_broker]
 
 # The task each queue's consumer expects: a step, the callback step, a maintenance sweep.
 TASK_OF = {

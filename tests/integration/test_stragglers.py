@@ -49,7 +49,7 @@ def test_a_job_recorded_but_never_sent_is_sent_by_the_sweeper(system: System) ->
     assert job["status"] == "queued"
     # A minute has passed (as far as the sweeper can tell), and beat fires the sweep.
     redis.Redis.from_url(system.redis_url).zadd(UNDISPATCHED, {job_id: time.time() - 120})
-    celery = create_celery(Settings(redis_url=system.redis_url))
+    celery = create_celery(system.settings())
     celery.send_task("cancelflow.dispatch_stragglers", queue="maintenance")
     done = system.wait(job_id)
     assert done["outcome"]["type"] == "cancelled"

@@ -254,9 +254,12 @@ def test_start_up_failures_are_one_line() -> None:
         CANCELFLOW_REDIS_URL="amqp://guest:guest@127.0.0.1:5672//", **env,
     )  # fmt: skip
     assert amqp.returncode == 2
+    # Refused by the settings, as any invalid variable is: the header, then one line for it.
     assert amqp.stderr.strip().splitlines() == [
-        "cancelflow: CANCELFLOW_REDIS_URL: the job store and broker must be Redis "
-        "(redis://, rediss:// or unix://), not amqp://"
+        "cancelflow: invalid settings:",
+        "  CANCELFLOW_REDIS_URL: Value error, scheme 'amqp' is not Redis: the job store needs "
+        "redis://, rediss://, unix://, sentinel://; a RabbitMQ broker goes in "
+        "CANCELFLOW_BROKER_URL",
     ]
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
