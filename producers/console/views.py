@@ -23,18 +23,19 @@ import json
 import math
 import secrets
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import jinja2
 from aiohttp import web
-from multidict import MultiDictProxy
+from multidict import MultiDictProxy, MultiMapping
 from pydantic import ValidationError
 
 from cancelflow import chain, metrics
-from cancelflow.contract import JOB_ID_RE, Status
+from cancelflow.contract import JOB_ID_RE, OutcomeType, Status
 from cancelflow.dead_letters import KINDS, DeadLetter, DeadLetterFilter
 from cancelflow.errors import CancelflowError, JobNotFound
 from cancelflow.guard import breaker_state
@@ -318,17 +319,6 @@ async def overview(request: web.Request, session: sessions.Session) -> web.Strea
 # --- jobs ---------------------------------------------------------------------------------------
 
 
-def _leaves(value: Any) -> Iterator[str]:
-    if isinstance(value, dict):
-        for item in value.values():
-            yield from _leaves(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _leaves(item)
-    elif value is not None:
-        yield str(value)
-
-
 def _when(raw: str) -> str | None:
     """A ``datetime-local`` field (or ISO 8601) as ISO 8601, UTC when it names no offset."""
     if not raw:
@@ -337,43 +327,69 @@ def _when(raw: str) -> str | None:
     return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).isoformat()
 
 
+# The search form's one-value fields, as ``JobQuery`` names them.
+_JOB_FIELDS = ("provider", "reference", "idempotency_key", "created_after", "created_before")
+# Its repeatable fields: a checkbox per status and per outcome, a ``key=value`` per input.
+_JOB_LISTS = ("status", "outcome", "metadata")
+
+
+def _job_search(q: MultiMapping[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """The search form's fields as given (one-value, then repeatable), blanks dropped."""
+    fields = {name: q.get(name, "").strip() for name in _JOB_FIELDS}
+    lists = {name: [v.strip() for v in q.getall(name, []) if v.strip()] for name in _JOB_LISTS}
+    return fields, lists
+
+
+def _job_query(fields: dict[str, str], lists: dict[str, list[str]], cursor: str | None) -> JobQuery:
+    """The API's own query model (``GET /v1/cancellations``) for the console's search, so both
+    filter alike; a ``ValidationError`` (or ``ValueError`` for a time) names what is wrong."""
+    return JobQuery.model_validate(
+        {
+            "provider": fields["provider"] or None,
+            "status": lists["status"] or None,
+            "outcome": lists["outcome"] or None,
+            "reference": fields["reference"] or None,
+            "idempotency_key": fields["idempotency_key"] or None,
+            "metadata": lists["metadata"] or None,
+            "created_after": _when(fields["created_after"]),
+            "created_before": _when(fields["created_before"]),
+            "cursor": cursor,
+            "limit": JOB_PAGE,
+        }
+    )
+
+
 async def jobs(request: web.Request, session: sessions.Session) -> web.StreamResponse:
     q = request.query
-    fields = {
-        name: q.get(name, "").strip()
-        for name in ("id", "provider", "status", "reference", "created_after", "created_before")
-    }
+    job_id = q.get("id", "").strip()
+    fields, lists = _job_search(q)
+    # One blank ``key=value`` input after those given; ``Add a metadata pair`` asks for another
+    # (a plain submit: no JavaScript needed to add a field).
+    blanks = 1 + ("more_metadata" in q)
     context: dict[str, Any] = {
         "session": session,
+        "job_id": job_id,
         "fields": fields,
+        "lists": lists,
+        "metadata_inputs": [*lists["metadata"], *[""] * blanks],
         "providers": sorted(request.app[DEPS].settings.enabled_providers()),
         "statuses": [s.value for s in Status],
+        "outcomes": [o.value for o in OutcomeType],
         "items": None,
-        "next_cursor": None,
+        "next_page": None,
         "errors": [],
     }
-    if fields["id"]:
-        job_id = fields["id"]
+    if job_id:
         if JOB_ID_RE.fullmatch(job_id) and await request.app[DEPS].store.redis.exists(
             job_key(job_id)
         ):
             raise web.HTTPSeeOther(f"{PREFIX}/jobs/{job_id}")
         context["errors"] = [f"No job has the id {job_id!r}."]
         return _render(request, "jobs.html", status=404, **context)
-    if not any(v for k, v in fields.items() if k != "id") and "search" not in q:
+    if "search" not in q and not any(fields.values()) and not any(lists.values()):
         return _render(request, "jobs.html", **context)
     try:
-        query = JobQuery.model_validate(
-            {
-                "provider": fields["provider"] or None,
-                "status": [fields["status"]] if fields["status"] else None,
-                "created_after": _when(fields["created_after"]),
-                "created_before": _when(fields["created_before"]),
-                "cursor": q.get("cursor") or None,
-                # A reference is matched here, on what a page read: read more per page.
-                "limit": 500 if fields["reference"] else JOB_PAGE,
-            }
-        )
+        query = _job_query(fields, lists, q.get("cursor") or None)
         page = await listing.list_jobs(request.app[DEPS].store.redis, query)
     except ValidationError as exc:
         context["errors"] = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
@@ -381,14 +397,12 @@ async def jobs(request: web.Request, session: sessions.Session) -> web.StreamRes
     except (ValueError, listing.BadCursor) as exc:
         context["errors"] = [str(exc)]
         return _render(request, "jobs.html", status=422, **context)
-    needle = fields["reference"].lower()
-    context["items"] = [
-        job
-        for job in page.items
-        if not needle or any(needle in leaf.lower() for leaf in _leaves(job.subscription))
-    ]
+    context["items"] = page.items
     if page.next_cursor:
-        context["next_cursor"] = page.next_cursor
+        # The same search, from the cursor on: every field as given, each repeat kept.
+        pairs = [("search", "1"), *((k, v) for k, v in fields.items() if v)]
+        pairs += [(k, v) for k in _JOB_LISTS for v in lists[k]]
+        context["next_page"] = f"{PREFIX}/jobs?{urlencode([*pairs, ('cursor', page.next_cursor)])}"
     return _render(request, "jobs.html", **context)
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, expect
+from playwright.sync_api import Browser, BrowserContext, Locator, Page, expect
 
 from producers.local import http_json
 from sandboxes.azotte import DEMO as AZOTTE
@@ -54,11 +55,13 @@ def nav(page: Page, name: str) -> None:
     page.get_by_role("navigation").get_by_role("link", name=name, exact=True).click()
 
 
-def payway_subscriptions(system: System, count: int) -> list[dict[str, Any]]:
+def payway_subscriptions(
+    system: System, count: int, kind: str = "immediate"
+) -> list[dict[str, Any]]:
     status, created = http_json(
         "POST",
         f"{system.sandbox.url}/payway/_sandbox/subscriptions",
-        {"count": count, "kind": "immediate"},
+        {"count": count, "kind": kind},
     )
     assert status == 200, created
     return [
@@ -158,6 +161,75 @@ def test_finding_a_job_by_id_and_by_subscription_reference(
     page.get_by_label("Job id").fill("job_" + "0" * 32)
     page.get_by_role("button", name="Open job").click()
     expect(page.get_by_role("alert")).to_contain_text("No job has the id")
+
+
+def test_finding_a_job_by_outcome_and_by_metadata(
+    page: Page, console_system: System, shot: Shot
+) -> None:
+    # Two jobs of one campaign (metadata), one already cancelled at the provider, and a
+    # third of another campaign: each filter must tell them apart.
+    campaign = f"winback-{uuid.uuid4().hex[:8]}"
+    (fresh,) = payway_subscriptions(console_system, 1)
+    (cancelled_before,) = payway_subscriptions(console_system, 1, kind="already_cancelled")
+    (other,) = payway_subscriptions(console_system, 1, kind="already_cancelled")
+    jobs = {
+        name: console_system.enqueue(
+            {"provider": "payway", "subscription": sub, "metadata": metadata}
+        )["id"]
+        for name, sub, metadata in (
+            ("fresh", fresh, {"campaign": campaign, "tier": 2}),
+            ("already", cancelled_before, {"campaign": campaign, "tier": 3}),
+            ("other", other, {"campaign": f"{campaign}-other", "tier": 3}),
+        )
+    }
+    for job_id in jobs.values():
+        console_system.wait(job_id)
+    sign_in(page, API_TOKEN)
+
+    def rows() -> Locator:
+        return page.get_by_role("row").filter(has=page.get_by_role("link"))
+
+    # By metadata alone: both jobs of the campaign, not the other one.
+    nav(page, "Jobs")
+    page.get_by_label("Metadata key=value 1").fill(f"campaign={campaign}")
+    page.get_by_role("button", name="Search", exact=True).click()
+    expect(rows()).to_have_count(2)
+    for name in ("fresh", "already"):
+        expect(rows().filter(has_text=jobs[name])).to_have_count(1)
+
+    # By outcome and metadata: the campaign's already-cancelled job only. Without
+    # JavaScript, a second metadata field is one more submit away; the form keeps its values.
+    page.get_by_label("already_cancelled", exact=True).check()
+    page.get_by_role("button", name="Add a metadata pair").click()
+    expect(page.get_by_label("Metadata key=value 1")).to_have_value(f"campaign={campaign}")
+    expect(page.get_by_label("already_cancelled", exact=True)).to_be_checked()
+    page.get_by_label("Metadata key=value 2").fill("tier=3")
+    page.get_by_label("Metadata key=value 2").press("Enter")
+    # Enter searches (the form's first button), it does not add a field.
+    expect(page).to_have_url(re.compile(r"outcome=already_cancelled"))
+    expect(page.get_by_label("Metadata key=value 3")).to_have_value("")
+    expect(page.get_by_label("Metadata key=value 4")).to_have_count(0)
+    expect(rows()).to_have_count(1)
+    expect(rows().first).to_contain_text(jobs["already"])
+    expect(rows().first).to_contain_text("already_cancelled")
+    shot(page, "jobs-by-outcome-and-metadata")
+
+    # A pair no job has finds nothing; a malformed one is refused, saying which.
+    page.get_by_label("Metadata key=value 2").fill("tier=2")
+    page.get_by_role("button", name="Search", exact=True).click()
+    expect(page.get_by_role("cell", name="No jobs on this page.")).to_be_visible()
+    page.get_by_label("Metadata key=value 2").fill("no pair here")
+    page.get_by_role("button", name="Search", exact=True).click()
+    expect(page.get_by_role("alert")).to_contain_text("metadata")
+
+    # By outcome alone, the fresh job (cancelled now) is found with the other cancelled ones.
+    page.goto("/console/jobs")
+    page.get_by_label("cancelled", exact=True).check()
+    page.get_by_role("button", name="Search", exact=True).click()
+    expect(rows().filter(has_text=jobs["fresh"])).to_have_count(1)
+    expect(rows().filter(has_text=jobs["already"])).to_have_count(0)
+    page.get_by_role("link", name=jobs["fresh"]).click()
+    expect(page.locator("#job-outcome")).to_have_text("cancelled")
 
 
 def test_a_job_parked_on_an_offer_shows_its_deadline(
