@@ -19,6 +19,8 @@ production. Each override says why it exists and, where there is one, the upstre
 - ``WorkerChannel.restore_worker``: follows ``QoS.restore_by_tag`` (and its
   ``_do_restore_message``) to give back a dead worker process's messages at once.
 - ``StepRequest.send_event``: a step's task events true to the step for Flower.
+- ``RetryingTask.event`` (``celery.events.state.Task.event``, installed by
+  ``show_retries_until_they_run``): a retry shows as ``RETRY`` in Flower until it runs.
 - ``show_transports_as``: kombu's ``Connection.resolve_aliases`` (read by ``_info``) names
   our transports by the broker URL's scheme where a connection is shown.
 - ``dispatch`` (``messaging.dispatch``) reads the cache ``kombu.common._maybe_declare``
@@ -62,9 +64,11 @@ from dataclasses import dataclass
 from queue import Empty  # what kombu.transport.redis raises (it imports it from here)
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, signals, states
 from celery.concurrency.thread import TaskPool as ThreadsPool
 from celery.events.dispatcher import EventDispatcher
+from celery.events.state import State as CeleryState
+from celery.events.state import Task as CeleryStateTask
 from celery.worker.request import Request
 from kombu import serialization
 
@@ -137,6 +141,14 @@ UPSTREAM: dict[str, str] = {
     # StepRequest: a step's task events.
     "celery.worker.request:Request.send_event": (
         "75ec861e3f357ae91412caad613f8f124d2cb375b5a037b0fee263d5f4a81b90"
+    ),
+    # RetryingTask: how a monitor's state merges a task's events, which the worker sends for
+    # a retry's message when it receives it (the strategy's task-received).
+    "celery.events.state:Task.event": (
+        "b71e67d0130471fc0e826420b4132652d9ed216500410dde422cc00aeff9ab14"
+    ),
+    "celery.worker.strategy:default": (
+        "7d90575ada5eb1dc30982842b3fc836dbca2cf0b801594ad6d5e1b9e2836dd63"
     ),
     # trace_args and worker.pool: the tracer's arguments, how the threads pool applies a
     # task, and its info.
@@ -700,6 +712,48 @@ class StepRequest(Request):  # type: ignore[misc]  # Celery is untyped
             if self.request_dict.get("retries"):
                 fields.update(exception=None, traceback=None)
         super().send_event(type, **fields)
+
+
+class RetryingTask(CeleryStateTask):  # type: ignore[misc]  # Celery is untyped
+    """A task in a monitor's state (Flower's), shown ``RETRY`` until its retried run starts.
+
+    A retry (``Task.retry`` with a countdown) sends its message at once, with its
+    ``task-sent``, and a worker receives it at once (Redis has no delayed delivery: the
+    consumer holds an eta message in memory until it is due) and sends ``task-received``.
+    Celery's state lets any event replace ``RETRY`` (``Task.event`` leaves RETRY out of its
+    out-of-order merge), so Flower showed ``PENDING`` then ``RECEIVED`` for the whole
+    countdown. Here a ``task-sent`` or ``task-received`` while the task is ``RETRY`` brings
+    its fields (the retry's number, its eta) but not its state: ``task-started`` ends the
+    ``RETRY`` when the retried run starts, then success or failure as before. An event older
+    than the retry (the first run's ``task-sent``, which the API publishes in a batch up to
+    50 ms later, so it may come after a fast retry) only fills the fields not known yet.
+    """
+
+    def event(
+        self,
+        type_: str,
+        timestamp: float | None = None,
+        local_received: float | None = None,
+        fields: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if self.state == states.RETRY and type_ in ("sent", "received"):
+            # As Celery's event() does first: note when (``self.sent``, ``self.received``).
+            setattr(self, type_, timestamp)
+            older = timestamp is not None and self.timestamp and timestamp < self.timestamp
+            for key, value in (fields or {}).items():
+                if key not in ("state", "timestamp") and not (
+                    older and getattr(self, key, None) is not None
+                ):
+                    setattr(self, key, value)
+            return
+        super().event(type_, timestamp, local_received, fields, **kwargs)
+
+
+def show_retries_until_they_run() -> None:
+    """Every monitor's state in this process (Flower's, which imports ``worker.app``) keeps
+    a task ``RETRY`` until its retried run starts (``RetryingTask``)."""
+    CeleryState.Task = RetryingTask
 
 
 def trace_args(args: tuple[Any, ...]) -> tuple[str, Any, Any, str | None, str | None]:

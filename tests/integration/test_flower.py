@@ -232,24 +232,40 @@ def test_a_retried_step_shows_its_retry_then_a_clean_success(
     observed: tuple[System, Flower],
 ) -> None:
     system, flower = observed
-    # Rate-limited with a Retry-After of 3 s: the step's retry waits at least that long.
-    system.sandbox.faults("payway", rate_limit_rate=1.0, retry_after_s=3)
+    # Rate-limited with a Retry-After of 5 s: the step's retry waits at least that long, its
+    # message received by the worker at once and held until then.
+    system.sandbox.faults("payway", rate_limit_rate=1.0, retry_after_s=5)
     try:
         job_id = _enqueue(system)
-        waiting = _task_of(flower, job_id, STEP_ELIGIBILITY, lambda t: bool(t.get("retried")))
+        # Once the worker holds the retry's message (its task-received: the retry's number).
+        waiting = _task_of(
+            flower, job_id, STEP_ELIGIBILITY, lambda t: bool(t.get("retried")) and t["retries"]
+        )
     finally:
         system.sandbox.faults("payway")
-    # Flower records the retry and why. Its state then moves on at once: the countdown's
-    # message is sent and received (task-sent, task-received), and Celery's event state
-    # lets any event replace RETRY (celery.events.state.Task.event).
-    assert waiting["state"] in {"RETRY", "PENDING", "RECEIVED"}, waiting
+    # Flower records the retry, why, when it is due and which retry it is, with the name
+    # and args of the task; and it stays RETRY for the whole countdown: the retry's
+    # task-sent and task-received do not replace it (messaging.patches.RetryingTask).
+    assert waiting["state"] == "RETRY", waiting
     assert "ProviderRateLimited" in waiting["exception"], waiting
     assert waiting["traceback"], waiting
+    assert waiting["eta"] and waiting["retries"] == 1, waiting
+    assert waiting["args"] and job_id in waiting["args"], waiting
+    states: list[str] = []
+
+    def left_retry() -> bool:
+        (task,) = [t for t in flower.tasks_of(job_id).values() if t["uuid"] == waiting["uuid"]]
+        states.append(task["state"])
+        return bool(task["state"] != "RETRY")
+
+    wait_until(left_retry, timeout_s=30, interval_s=0.2, what="the retried run to start")
+    # RETRY over many looks, until the retried run started: never PENDING or RECEIVED.
+    assert states.count("RETRY") >= 3 and states[-1] in {"STARTED", "SUCCESS"}, states
     job = system.wait(job_id)
     assert job["outcome"]["type"] == "cancelled", job
 
     done = _task_of(flower, job_id, STEP_ELIGIBILITY, lambda t: t["state"] == "SUCCESS")
-    assert done["retried"], done
+    assert done["retried"] and done["retries"] == 1, done
     # The retry's error is not shown next to the success.
     assert done["exception"] is None and done["traceback"] is None, done
 
