@@ -133,14 +133,13 @@ local raw = redis.call('GET', KEYS[1])
 if not raw then return {0, 0} end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-for i = 4, #KEYS do redis.call('SREM', KEYS[i], ARGV[1]) end
+for i = 5, #KEYS do redis.call('SREM', KEYS[i], ARGV[1]) end
 local removed = 0
 local ok, entry = pcall(cjson.decode, raw)
 local parked = ok and type(entry) == 'table' and entry['parked']
-if type(parked) == 'table' and parked['key'] == KEYS[3]
-    and type(parked['queue_key']) == 'string' then
+if type(parked) == 'table' and parked['key'] == KEYS[3] and parked['queue_key'] == KEYS[4] then
   local item = redis.call('GET', KEYS[3])
-  if item then removed = redis.call('LREM', parked['queue_key'], 1, item) end
+  if item then removed = redis.call('LREM', KEYS[4], 1, item) end
 end
 redis.call('DEL', KEYS[3])
 return {1, removed}
@@ -217,7 +216,13 @@ class DeadLetterStore:
         """Delete the entry (and its parked item, see the module); False when it was gone."""
         deleted, _removed = await self._delete(
             # The kind is in the entry; removing the id from every kind's set saves reading it.
-            keys=[key(dl_id), INDEX, parked_key(dl_id), *(kind_key(kind) for kind in KINDS)],
+            keys=[
+                key(dl_id),
+                INDEX,
+                parked_key(dl_id),
+                DEAD_LETTER_QUEUE,  # where every entry parks (``Parked.queue_key``)
+                *(kind_key(kind) for kind in KINDS),
+            ],
             args=[dl_id],
         )
         return bool(deleted)
