@@ -217,7 +217,7 @@ def test_the_message_the_creation_pushed_is_send_tasks_field_by_field(
     assert ours["headers"]["id"] != json.loads(by_kombu)["headers"]["id"]
     # Pushed by the script that recorded the job (``submitted`` found no undispatched mark).
     sync = redis.Redis.from_url(db_url)
-    assert sync.hget(job_key(created.job.id), "status") == b"queued"
+    assert cast("bytes", sync.hget(job_key(created.job.id), "status")) == b"queued"
 
 
 def test_a_repeated_or_joining_request_pushes_nothing(db_url: str) -> None:
