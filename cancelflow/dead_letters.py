@@ -4,6 +4,13 @@ Keys: ``cf:dl:{id}`` (the entry as JSON), ``cf:dl:index`` (ids by time) and
 ``cf:dl:kind:{kind}`` (ids by kind, so counting them is one ``SCARD``: the
 ``cancelflow_dead_letters`` gauge). Nothing here expires: an operator lists, shows, replays or
 purges.
+
+A poison message written on Redis is also parked byte for byte on the broker's
+``dead_letters`` list. Such an entry records where (``DeadLetter.parked``), and the exact item
+is kept at ``cf:dl:parked:{id}``: the entry, its index entries, that key and the list item
+are written in one transaction (``add(..., park=...)``), and deleting the entry removes that
+one item (``LREM`` count 1) in the same script, so purging every poison entry empties the
+list. Entries written before (no ``parked``) leave their parked copy on delete, as before.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from pydantic import BaseModel, Field
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from cancelflow.contract import isoformat, utcnow
+from cancelflow.contract import DEAD_LETTER_QUEUE, isoformat, utcnow
 from cancelflow.errors import CancelflowError
 
 INDEX = "cf:dl:index"
@@ -39,6 +46,20 @@ def kind_key(kind: str) -> str:
     return f"cf:dl:kind:{kind}"
 
 
+def parked_key(dl_id: str) -> str:
+    """The key holding the exact list item a poison entry parked (``cf:dl:parked:dl_…``: no
+    clash with ``key``, whose ids start with ``dl_``)."""
+    return f"cf:dl:parked:{dl_id}"
+
+
+class Parked(BaseModel):
+    """Where a poison message's raw item was parked: one item of the broker list
+    ``queue_key``, whose bytes are kept at ``key`` (the entry's ``parked_key``)."""
+
+    queue_key: str = DEAD_LETTER_QUEUE
+    key: str
+
+
 class DeadLetter(BaseModel):
     id: str = Field(default_factory=lambda: f"dl_{uuid.uuid4().hex}")
     kind: Kind
@@ -56,6 +77,8 @@ class DeadLetter(BaseModel):
     # For callbacks: which event to deliver again on replay.
     event: str | None = None
     created_at: str = Field(default_factory=lambda: isoformat(utcnow()))
+    # A poison message parked on the broker's list with the entry (see the module).
+    parked: Parked | None = None
 
 
 class DeadLetterFilter(BaseModel):
@@ -101,6 +124,28 @@ return raw
 """
 
 
+# Delete an entry, its index entries and, if it parked a message, that one list item (the
+# exact bytes kept at KEYS[3]): of a purge and a delete at once, only the one that found the
+# entry removes the item. An entry without ``parked`` (older ones) leaves the list as it is.
+# Returns {deleted (0/1), parked items removed (0/1)}.
+_DELETE = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return {0, 0} end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+for i = 5, #KEYS do redis.call('SREM', KEYS[i], ARGV[1]) end
+local removed = 0
+local ok, entry = pcall(cjson.decode, raw)
+local parked = ok and type(entry) == 'table' and entry['parked']
+if type(parked) == 'table' and parked['key'] == KEYS[3] and parked['queue_key'] == KEYS[4] then
+  local item = redis.call('GET', KEYS[3])
+  if item then removed = redis.call('LREM', KEYS[4], 1, item) end
+end
+redis.call('DEL', KEYS[3])
+return {1, removed}
+"""
+
+
 class AlreadyReplayed(CancelflowError):
     """The dead letter is gone: another replay took it (or it was purged)."""
 
@@ -114,22 +159,26 @@ class DeadLetterStore:
         self.redis = redis
         self._index_kinds = redis.register_script(_INDEX_KINDS)
         self._claim = redis.register_script(_CLAIM)
+        self._delete = redis.register_script(_DELETE)
 
-    async def add(self, dl: DeadLetter) -> DeadLetter:
+    async def add(self, dl: DeadLetter, *, park: tuple[str, bytes] | None = None) -> DeadLetter:
+        """Write the entry; with ``park`` (a broker list and an item), also push the item on
+        that list, recorded in the entry so deleting it removes the item, all in one
+        transaction. The job store must then be the broker's Redis."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(key(dl.id), dl.model_dump_json())
-            pipe.zadd(INDEX, {dl.id: utcnow().timestamp()})
-            pipe.sadd(kind_key(dl.kind), dl.id)
+            for command, args in _add_commands(dl, park):
+                getattr(pipe, command)(*args)
             await pipe.execute()
         return dl
 
     @staticmethod
-    def add_sync(client: SyncRedis, dl: DeadLetter) -> DeadLetter:
+    def add_sync(
+        client: SyncRedis, dl: DeadLetter, *, park: tuple[str, bytes] | None = None
+    ) -> DeadLetter:
         """``add`` for synchronous callers (the broker transport has no event loop)."""
         with client.pipeline(transaction=True) as pipe:
-            pipe.set(key(dl.id), dl.model_dump_json())
-            pipe.zadd(INDEX, {dl.id: utcnow().timestamp()})
-            pipe.sadd(kind_key(dl.kind), dl.id)
+            for command, args in _add_commands(dl, park):
+                getattr(pipe, command)(*args)
             pipe.execute()
         return dl
 
@@ -164,13 +213,18 @@ class DeadLetterStore:
         return found
 
     async def delete(self, dl_id: str) -> bool:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(key(dl_id))
-            pipe.zrem(INDEX, dl_id)
+        """Delete the entry (and its parked item, see the module); False when it was gone."""
+        deleted, _removed = await self._delete(
             # The kind is in the entry; removing the id from every kind's set saves reading it.
-            for kind in KINDS:
-                pipe.srem(kind_key(kind), dl_id)
-            deleted, *_ = await pipe.execute()
+            keys=[
+                key(dl_id),
+                INDEX,
+                parked_key(dl_id),
+                DEAD_LETTER_QUEUE,  # where every entry parks (``Parked.queue_key``)
+                *(kind_key(kind) for kind in KINDS),
+            ],
+            args=[dl_id],
+        )
         return bool(deleted)
 
     async def claim(self, dl_id: str) -> DeadLetter | None:
@@ -211,6 +265,23 @@ class DeadLetterStore:
             indexed += int(await self._index_kinds(args=batch))
         await self.redis.set(KINDS_INDEXED, "1")
         return indexed
+
+
+def _add_commands(
+    dl: DeadLetter, park: tuple[str, bytes] | None
+) -> list[tuple[str, tuple[Any, ...]]]:
+    """The writes of ``add``: the entry and its indexes, and the parked item if any."""
+    commands: list[tuple[str, tuple[Any, ...]]] = []
+    if park is not None:
+        queue_key, item = park
+        dl.parked = Parked(queue_key=queue_key, key=parked_key(dl.id))
+        commands += [("set", (parked_key(dl.id), item)), ("lpush", (queue_key, item))]
+    return [
+        ("set", (key(dl.id), dl.model_dump_json())),
+        ("zadd", (INDEX, {dl.id: utcnow().timestamp()})),
+        ("sadd", (kind_key(dl.kind), dl.id)),
+        *commands,
+    ]
 
 
 def poison_payload(

@@ -86,10 +86,13 @@ MAX_EXTRA_CALLBACKS = 16
 _CREATE = """
 local job, timeline, idem, inflight = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local jobs, undispatched, active, legacy_idem = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+-- The first step's queue and message ('' for none: the producer sends it after, and the job
+-- is marked undispatched until it confirms).
+local first_queue = KEYS[9]
 local job_id, fingerprint, idem_ttl, inflight_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local now, entry, job_prefix, callback_url = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
-local max_extra_callbacks = tonumber(ARGV[9])
-local FIRST_FIELD = 10
+local max_extra_callbacks, first_message = tonumber(ARGV[9]), ARGV[10]
+local FIRST_FIELD = 11
 
 -- The same idempotency key: the same job (same body), or a conflict (another body).
 if idem ~= '' then
@@ -130,7 +133,8 @@ if joined_id then
   end
   return {'joined', joined_id, added}
 end
--- A new job: its record, its first timeline entry, its marker and its indexes.
+-- A new job: its record, its first timeline entry, its marker, its indexes, and its first
+-- step's message (or the mark that it is still to be sent).
 local fields = {}
 for i = FIRST_FIELD, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', job, unpack(fields))
@@ -140,7 +144,11 @@ if idem ~= '' then
   redis.call('SET', idem, job_id .. '|' .. fingerprint, 'EX', idem_ttl)
 end
 redis.call('ZADD', jobs, now, job_id)
-redis.call('ZADD', undispatched, now, job_id)
+if first_queue ~= '' then
+  redis.call('LPUSH', first_queue, first_message)
+else
+  redis.call('ZADD', undispatched, now, job_id)
+end
 redis.call('ZADD', active, now, job_id)
 return {'created', job_id, '0'}
 """
@@ -448,6 +456,8 @@ class JobStore:
         *,
         identity: str,
         namespace: str = DEFAULT_NAMESPACE,
+        job_id: str | None = None,
+        first_step: tuple[str, str] | None = None,
     ) -> Created:
         """Record a new queued job, or return the job the request joins or repeats.
 
@@ -456,8 +466,15 @@ class JobStore:
         (``idem:{sha256(key)}``) are still found for the same body until they expire (the
         idempotency TTL), so a retry across the upgrade makes no second job; with another
         body they are ignored. A request that joins an in-flight job adds its callback URL
-        to the job's ``extra_callbacks``, in the same script."""
-        job_id = new_job_id()
+        to the job's ``extra_callbacks``, in the same script.
+
+        ``job_id``: the new job's id (made here if None). ``first_step``: the list key and
+        payload of its first step's message on the broker, the job store's Redis: ``LPUSH``ed
+        by the same script when, and only when, the job is new, so the record and its first
+        message exist together or not at all. Without it the job is marked undispatched
+        (``UNDISPATCHED``) until its producer confirms sending (``mark_dispatched``)."""
+        job_id = job_id if job_id is not None else new_job_id()
+        first_queue, first_message = first_step if first_step is not None else ("", "")
         now = utcnow()
         at = isoformat(now)
         # The API request that enqueued it (bound by the API's request_context), to find
@@ -494,6 +511,7 @@ class JobStore:
                 UNDISPATCHED,
                 ACTIVE,
                 legacy,
+                first_queue,
             ],
             args=[
                 job_id,
@@ -505,6 +523,7 @@ class JobStore:
                 job_key(""),
                 str(request.callback_url) if request.callback_url else "",
                 MAX_EXTRA_CALLBACKS,
+                first_message,
                 *[item for pair in fields.items() for item in pair],
             ],
             count=(

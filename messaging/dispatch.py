@@ -18,6 +18,7 @@ from cancelflow.contract import CALLBACKS_QUEUE, STEP_TASKS, Step, provider_queu
 from cancelflow.lifecycle import Next
 from messaging.patches import (
     SentEvents,
+    StepMessage,
     StepRoute,
     step_message,
     step_message_route,
@@ -81,22 +82,19 @@ def _route(app: Celery, name: str, queue: str) -> StepRoute | None:
     return known[name, queue]
 
 
-async def dispatch_async(app: Celery, redis: Redis, nxt: Next) -> None:
-    """As ``dispatch``, sent on the running loop: the message ``send_task`` would write
-    (``messaging.patches.step_message``), ``LPUSH``ed by ``redis``, an asyncio client of the
-    broker's own Redis (the caller knows it is: same URL), without blocking the loop on a
-    round trip and kombu's publish. Returns once the message is in Redis; its ``task-sent``
-    event goes into the app's batch as ``dispatch``'s does. Sent by ``dispatch`` where the
-    copy does not apply (``step_message_route``; a worker's task as parent)."""
+def step_message_for(app: Celery, nxt: Next) -> StepMessage | None:
+    """The message ``send_task`` would write for ``nxt`` (``messaging.patches.step_message``),
+    built but not sent; None where the copy does not apply (no step, ``step_message_route``,
+    a worker's task as parent): send it with ``dispatch``. Sent by ``LPUSH``ing
+    ``payload`` onto ``key`` of the broker's own Redis, then ``step_message_sent_by``."""
     if nxt.step is None:
-        return
+        return None
     name, queue = STEP_TASKS[nxt.step], queue_for(nxt.step, nxt.provider)
     route = _route(app, name, queue)
     if route is None or app.current_worker_task is not None:
-        dispatch(app, nxt)
-        return
+        return None
     task_args = [nxt.job_id, *nxt.args]
-    message = step_message(
+    return step_message(
         app,
         name,
         task_args,
@@ -105,10 +103,32 @@ async def dispatch_async(app: Celery, redis: Redis, nxt: Next) -> None:
         argsrepr=repr(task_args),
         kwargsrepr="{}",
     )
-    await redis.lpush(message.key, message.payload)  # type: ignore[misc]  # redis-py's union
+
+
+def step_message_sent_by(app: Celery, message: StepMessage) -> None:
+    """What follows a ``step_message_for`` message's ``LPUSH``, as ``send_task`` does once it
+    published: Celery's after-publish signals, its ``task-sent`` event into the app's batch
+    (as ``dispatch``'s)."""
     step_message_sent(message)
     if message.sent_event is not None:
         sent_events(app).publish("task-sent", message.sent_event, None)
+
+
+async def dispatch_async(app: Celery, redis: Redis, nxt: Next) -> None:
+    """As ``dispatch``, sent on the running loop: the message ``send_task`` would write
+    (``step_message_for``), ``LPUSH``ed by ``redis``, an asyncio client of the broker's own
+    Redis (the caller knows it is: same URL), without blocking the loop on a round trip and
+    kombu's publish. Returns once the message is in Redis; its ``task-sent`` event goes into
+    the app's batch as ``dispatch``'s does. Sent by ``dispatch`` where the copy does not
+    apply."""
+    if nxt.step is None:
+        return
+    message = step_message_for(app, nxt)
+    if message is None:
+        dispatch(app, nxt)
+        return
+    await redis.lpush(message.key, message.payload)  # type: ignore[misc]  # redis-py's union
+    step_message_sent_by(app, message)
 
 
 def dispatch(app: Celery, nxt: Next) -> None:

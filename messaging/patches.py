@@ -87,6 +87,7 @@ from cancelflow.contract import DEAD_LETTER_QUEUE
 from cancelflow.dead_letters import DeadLetter, DeadLetterStore, poison_payload
 from cancelflow.logging import get_logger
 from messaging.batch import Batch
+from messaging.config import DEAD_LETTER_EXCHANGE
 
 log = get_logger(__name__)
 
@@ -471,6 +472,52 @@ def step_message(
     return StepMessage(task_id, routing_key, payload, sent_event, name, msg_headers, body)
 
 
+def parked_item(app: Celery, message: Any) -> bytes | None:
+    """The item kombu's Redis channel would ``LPUSH`` on the ``dead_letters`` list to park
+    ``message`` (a poison message the consumer got), as ``worker.consumer.Consumer._park``'s
+    publish writes it: the same body bytes, headers, content type and encoding, through the
+    dead-letter exchange. Mirrors kombu's ``Producer.publish`` of a bytes body without
+    serializer, the virtual channel's ``prepare_message`` and ``basic_publish`` (body encoding,
+    delivery tag and info) and the Redis ``_put`` (priority 0: the queue's own list). None
+    where it would not be that (not a Redis broker, another write URL, kombu's global key
+    prefix, a body encoding that is not a codec such as base64): park it with kombu then."""
+    conf = app.conf
+    options = conf.broker_transport_options or {}
+    connection = app.connection_for_write()  # not connected: only its transport is read
+    try:
+        transport = connection.get_transport_cls()
+    finally:
+        connection.release()
+    body_encoding = options.get("body_encoding", virtual.Channel.body_encoding)
+    body = message.body
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    if (
+        not issubclass(transport, kombu_redis.Transport)
+        or conf.broker_write_url not in (None, conf.broker_url)
+        or options.get("global_keyprefix")
+        or body_encoding not in virtual.Channel.codecs  # utf-8 or none: not for any bytes
+        or not isinstance(body, bytes | bytearray)
+    ):
+        return None
+    data = virtual.Channel.codecs[body_encoding].encode(bytes(body))  # type: ignore[no-untyped-call]
+    properties = {
+        "delivery_mode": maybe_delivery_mode(DEAD_LETTER_EXCHANGE.delivery_mode),  # type: ignore[no-untyped-call]
+        "delivery_info": {"exchange": DEAD_LETTER_EXCHANGE.name, "routing_key": DEAD_LETTER_QUEUE},
+        "priority": 0,
+        "body_encoding": body_encoding,
+        "delivery_tag": uuid(),
+    }
+    envelope = {
+        "body": data,
+        "content-encoding": message.content_encoding or "binary",
+        "content-type": message.content_type or "application/octet-stream",
+        "headers": dict(message.headers or {}),
+        "properties": properties,
+    }
+    return str(dumps(envelope)).encode("utf-8")  # type: ignore[no-untyped-call]
+
+
 def step_message_sent(message: StepMessage) -> None:
     """What ``send_task_message`` does once the message is on Redis, but the sent event:
     Celery's after-publish signals."""
@@ -620,8 +667,9 @@ class WorkerChannel(Channel):
             payload=poison_payload(item, None, None),
         )
         with self.conn_or_acquire() as client:
-            DeadLetterStore.add_sync(client, dl)
-            client.lpush(DEAD_LETTER_QUEUE, item)
+            # The entry, the item on the list and the record of it, in one transaction: a
+            # purge of the entry removes that item (cancelflow.dead_letters).
+            DeadLetterStore.add_sync(client, dl, park=(DEAD_LETTER_QUEUE, item))
         log.error(
             "message.dead_lettered", queue=queue, error_type=dl.error_type, dead_letter_id=dl.id
         )

@@ -13,14 +13,15 @@ from pydantic import ValidationError
 
 from cancelflow import metrics
 from cancelflow.callbacks import UnsafeCallbackUrl, check_url_form
-from cancelflow.contract import CancellationRequest, Status, Step
+from cancelflow.contract import CancellationRequest, Status, Step, new_job_id
 from cancelflow.lifecycle import Next
 from cancelflow.logging import get_logger
 from cancelflow.providers import REGISTRY
 from cancelflow.settings import Settings
 from cancelflow.store import DEFAULT_NAMESPACE, Created
 from cancelflow.wiring import Deps
-from messaging.dispatch import dispatch, dispatch_async
+from messaging.dispatch import dispatch, dispatch_async, step_message_for, step_message_sent_by
+from messaging.patches import StepMessage
 from producers.problems import field_errors
 
 log = get_logger(__name__)
@@ -136,9 +137,20 @@ def validate_request(body: Any, settings: Settings) -> CancellationRequest | lis
     return req
 
 
+def _broker_is_store(deps: Deps, celery: Celery) -> bool:
+    return bool(celery.conf.broker_url == deps.settings.redis_url)
+
+
+def first_step_message(deps: Deps, celery: Celery, nxt: Next) -> StepMessage | None:
+    """The message of a new job's first step, for ``JobStore.create`` to push with the job's
+    record, when the broker is the job store's Redis and ``send_task``'s message can be
+    copied (``step_message_for``); else None (the job is recorded, then ``send_step``)."""
+    return step_message_for(celery, nxt) if _broker_is_store(deps, celery) else None
+
+
 async def send_step(deps: Deps, celery: Celery, nxt: Next) -> None:
     """Send ``nxt`` from a producer's event loop; returns once its message is in Redis."""
-    if celery.conf.broker_url == deps.settings.redis_url:
+    if _broker_is_store(deps, celery):
         # The broker is the job store's Redis: its asyncio client sends the message on this
         # loop, where kombu's publish would block the loop for a round trip.
         await dispatch_async(celery, deps.store.redis, nxt)
@@ -146,21 +158,12 @@ async def send_step(deps: Deps, celery: Celery, nxt: Next) -> None:
         dispatch(celery, nxt)
 
 
-async def submit(
-    deps: Deps, celery: Celery, request: CancellationRequest, *, namespace: str = DEFAULT_NAMESPACE
-) -> Created:
-    """Create the job (or find the one it repeats or joins) and make sure its first step is sent.
-
-    ``namespace`` scopes the idempotency key to its caller (an API token's, "billing"): the
-    same key from two callers makes two jobs.
-
-    Raises ``IdempotencyConflict`` when the key was used with another body. A producer that
-    died between recording a job and sending its first step left it ``queued`` with nothing
-    sent: the retried request (same idempotency key) sends it then, and if none comes, the
-    beat task ``cancelflow.dispatch_stragglers`` does.
-    """
-    identity = REGISTRY[request.provider].reference.model_validate(request.subscription).identity()
-    created = await deps.store.create(request, identity=identity, namespace=namespace)
+async def _send_first(
+    deps: Deps, celery: Celery, request: CancellationRequest, created: Created
+) -> None:
+    """A first step sent after its job was recorded (the broker is not the job store's Redis,
+    or ``send_task``'s message cannot be copied): for a new job, or a repeated request whose
+    job is still queued with its first step not confirmed sent."""
     job = created.job
     first = created.how == "created"
     if not first and created.how == "existing" and job.status is Status.QUEUED:
@@ -173,6 +176,40 @@ async def submit(
         await send_step(deps, celery, Next(Step.ELIGIBILITY, job.id, request.provider))
         deps.store.mark_dispatched_soon(job.id)
         log.info("job.enqueued", job_id=job.id, provider=request.provider)
+
+
+async def submit(
+    deps: Deps, celery: Celery, request: CancellationRequest, *, namespace: str = DEFAULT_NAMESPACE
+) -> Created:
+    """Create the job (or find the one it repeats or joins) and make sure its first step is sent.
+
+    ``namespace`` scopes the idempotency key to its caller (an API token's, "billing"): the
+    same key from two callers makes two jobs.
+
+    Raises ``IdempotencyConflict`` when the key was used with another body. When the broker
+    is the job store's Redis, a new job's first step is pushed by the script that records
+    the job (``first_step_message``): both or neither. Otherwise the step is sent after the
+    job is recorded, and a producer that died in between left it ``queued`` with nothing
+    sent: the retried request (same idempotency key) sends it then, and if none comes, the
+    beat task ``cancelflow.dispatch_stragglers`` does.
+    """
+    identity = REGISTRY[request.provider].reference.model_validate(request.subscription).identity()
+    job_id = new_job_id()
+    message = first_step_message(deps, celery, Next(Step.ELIGIBILITY, job_id, request.provider))
+    created = await deps.store.create(
+        request,
+        identity=identity,
+        namespace=namespace,
+        job_id=job_id,
+        first_step=(message.key, message.payload) if message is not None else None,
+    )
+    job = created.job
+    if created.how == "created" and message is not None:
+        # Pushed with the job's record: what follows a send (signals, the task-sent event).
+        step_message_sent_by(celery, message)
+        log.info("job.enqueued", job_id=job.id, provider=request.provider)
+    else:
+        await _send_first(deps, celery, request, created)
     if created.how == "joined" and request.callback_url is not None:
         if created.callback_added:
             log.info("job.joined.callback_added", job_id=job.id)

@@ -3,7 +3,9 @@
 Celery's own consumer logs and discards a message it cannot decode, whose task it does not
 know, or that is not a valid task message. Here each such message is recorded in the
 dead-letter store (with its body and headers) and parked byte for byte on the kombu
-``dead_letters`` queue, then acknowledged so the worker keeps consuming. On RabbitMQ, the
+``dead_letters`` queue (on Redis in the same transaction as the entry, which records it, so
+purging the entry removes that copy: ``messaging.patches.parked_item``), then acknowledged
+so the worker keeps consuming. On RabbitMQ, the
 message is rejected instead, and its queue's dead-letter exchange parks it
 (``brokers.amqp``).
 
@@ -35,6 +37,7 @@ from cancelflow.contract import DEAD_LETTER_QUEUE
 from cancelflow.dead_letters import DeadLetter, poison_payload
 from cancelflow.logging import get_logger
 from messaging.config import DEAD_LETTER_EXCHANGE
+from messaging.patches import parked_item
 
 log = get_logger(__name__)
 
@@ -165,10 +168,21 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
         )
         # A RabbitMQ queue with a dead-letter exchange parks what it is told to reject.
         broker_parks = self._dead_letter_exchange(queue) is not None
+        settings = settings_of(self.app)
+        # On Redis, when the job store is the broker's Redis, the entry and the parked item
+        # are written in one transaction, the entry recording the item so that deleting it
+        # removes the item too (cancelflow.dead_letters). Elsewhere the entry is written and
+        # then the message parked by kombu: deleting that entry leaves the parked copy.
+        item = (
+            parked_item(self.app, message)
+            if not broker_parks and settings.broker_url in (None, settings.redis_url)
+            else None
+        )
         try:
-            runtime = get_runtime(settings_of(self.app))
-            runtime.run(runtime.deps.dead_letters.add(dl), timeout=30)
-            if not broker_parks:
+            runtime = get_runtime(settings)
+            park = (DEAD_LETTER_QUEUE, item) if item is not None else None
+            runtime.run(runtime.deps.dead_letters.add(dl, park=park), timeout=30)
+            if not broker_parks and item is None:
                 self._park(message)
         except Exception:
             # Neither store nor broker took it: leave the message unacknowledged so it is

@@ -27,7 +27,13 @@ pytestmark = pytest.mark.integration
 def cli(system: System, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         cancelflow_command("dlq", *args),
-        env={**os.environ, **system.env},
+        # As an operator runs it: through the API, with its URL and a token (no Redis needed).
+        env={
+            **os.environ,
+            **system.env,
+            "CANCELFLOW_CLIENT__URL": system.api_url,
+            "CANCELFLOW_CLIENT__TOKEN": system.token,
+        },
         capture_output=True,
         text=True,
         timeout=60,
@@ -95,7 +101,8 @@ def test_dead_letters_from_the_command_line_and_the_api(start_system: StartSyste
 
     # Replayed from the command line and from the API; a second replay does nothing.
     assert f"{first}: replayed -> eligibility" in cli(system, "replay", first).stdout
-    assert "not replayed" in cli(system, "replay", first).stdout
+    again = cli(system, "replay", first)  # gone from the store: an action that failed
+    assert again.returncode == 1 and f"no dead letter {first}" in again.stderr, again
     assert system.post(f"/v1/dead-letters/{second}/replay")[0] == 202
     assert system.post(f"/v1/dead-letters/{second}/replay")[0] == 404
     for job_id in jobs[:2]:
@@ -117,6 +124,8 @@ def test_dead_letters_from_the_command_line_and_the_api(start_system: StartSyste
     purged = cli(
         system, "purge", "--provider", "payway", "--error-type", "ProviderUnavailable", "--yes"
     )
-    assert purged.stdout.strip() == "purged 1", purged.stdout + purged.stderr
+    assert purged.returncode == 0, purged.stderr
+    assert purged.stdout.splitlines() == [f"{fourth}: purged"], purged.stdout
+    assert "purged 1 of 1" in purged.stderr, purged.stderr
     assert system.get(f"/v1/dead-letters/{fourth}")[0] == 404
     assert system.get("/v1/dead-letters?provider=payway")[1]["items"] == []

@@ -1,4 +1,5 @@
-"""The message ``dispatch_async`` writes is the one ``send_task`` writes.
+"""The message ``dispatch_async`` writes, and the one a job's creation pushes, is the one
+``send_task`` writes.
 
 The API sends a job's first step with its own asyncio Redis client (``dispatch_async``,
 built by ``messaging.patches.step_message``) instead of kombu's publish (``dispatch``, through
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import secrets
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -20,11 +22,14 @@ import redis
 import structlog
 from redis.asyncio import Redis as AsyncRedis
 
-from cancelflow.contract import Step, new_job_id
+from cancelflow.contract import CancellationRequest, Step, new_job_id
 from cancelflow.lifecycle import Next
 from cancelflow.settings import Settings
+from cancelflow.store import UNDISPATCHED, Created, job_key
+from cancelflow.wiring import build_deps
 from messaging.config import create_celery
 from messaging.dispatch import dispatch, dispatch_async, queue_for
+from producers.submit import submit
 from tests.fixtures.system import locked_db
 
 pytestmark = pytest.mark.integration
@@ -132,3 +137,125 @@ def test_the_fields_compared_are_the_ones_the_worker_reads(db_url: str) -> None:
         {},
         {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
     ]
+
+
+# --- the first step pushed by the job's creation (``producers.submit``) -------------------------
+
+
+def payway_request(key: str | None = None) -> CancellationRequest:
+    return CancellationRequest(
+        provider="payway",
+        subscription={
+            "account_id": secrets.token_hex(12),
+            "user_product_id": secrets.token_hex(12),
+            "cancellation_reason_id": secrets.token_hex(12),
+        },
+        idempotency_key=key,
+    )
+
+
+def submit_settings(db_url: str) -> Settings:
+    return Settings(
+        redis_url=db_url,
+        providers={
+            "payway": {
+                "base_url": "http://127.0.0.1:9/payway",
+                "client_id": "c",
+                "client_secret": "s",
+            }
+        },
+    )
+
+
+def submitted(
+    db_url: str, requests: list[CancellationRequest], request_id: str | None
+) -> tuple[list[Created], list[bytes], bytes]:
+    """Submit ``requests`` in turn through ``producers.submit``; the jobs, every item then on
+    payway's queue (oldest first), and the item ``send_task`` writes for the first job's
+    first step (sent last, onto an emptied queue). No job was marked undispatched."""
+    settings = submit_settings(db_url)
+    app = create_celery(settings)
+    sync = redis.Redis.from_url(db_url)
+    queue = queue_for(Step.ELIGIBILITY, "payway")
+    structlog.contextvars.clear_contextvars()
+    if request_id is not None:
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+
+    async def go() -> tuple[list[Created], list[bytes], bytes]:
+        client = AsyncRedis.from_url(db_url)
+        try:
+            deps = build_deps(settings, redis=client)
+            jobs = [await submit(deps, app, r) for r in requests]
+            # Read before a batch of marks could be cleared: none was made.
+            assert sync.zcard(UNDISPATCHED) == 0
+            await deps.store.flush_marks()
+            pushed = cast("list[bytes]", sync.lrange(queue, 0, -1))[::-1]
+            sync.delete(queue)
+            dispatch(app, Next(Step.ELIGIBILITY, jobs[0].job.id, "payway"))
+            [by_kombu] = cast("list[bytes]", sync.lrange(queue, 0, -1))
+            return jobs, pushed, by_kombu
+        finally:
+            await client.aclose()
+
+    try:
+        return asyncio.run(go())
+    finally:
+        structlog.contextvars.clear_contextvars()
+        app.close()
+
+
+@pytest.mark.parametrize("request_id", ["req-7", None])
+def test_the_message_the_creation_pushed_is_send_tasks_field_by_field(
+    db_url: str, request_id: str | None
+) -> None:
+    [created], [pushed], by_kombu = submitted(db_url, [payway_request()], request_id)
+    assert created.how == "created"
+    assert fields(pushed) == fields(by_kombu)
+    ours = json.loads(pushed)
+    assert ours["headers"]["job_id"] == created.job.id
+    assert ours["headers"]["id"] == ours["headers"]["root_id"]
+    assert ours["headers"]["id"] != json.loads(by_kombu)["headers"]["id"]
+    # Pushed by the script that recorded the job (``submitted`` found no undispatched mark).
+    sync = redis.Redis.from_url(db_url)
+    assert cast("bytes", sync.hget(job_key(created.job.id), "status")) == b"queued"
+
+
+def test_a_repeated_or_joining_request_pushes_nothing(db_url: str) -> None:
+    first = payway_request("key-1")
+    joining = first.model_copy(update={"idempotency_key": "key-2"})
+    jobs, pushed, _ = submitted(db_url, [first, first, joining], "req-8")
+    assert [j.how for j in jobs] == ["created", "existing", "joined"]
+    assert {j.job.id for j in jobs} == {jobs[0].job.id}
+    assert [json.loads(p)["headers"]["job_id"] for p in pushed] == [jobs[0].job.id]
+
+
+def test_where_the_copy_does_not_apply_the_job_is_marked_then_sent_as_before(
+    db_url: str,
+) -> None:
+    """A task route: ``send_task`` sends the first step after the job is recorded, and the
+    undispatched mark it was recorded with is cleared once it is sent."""
+    settings = submit_settings(db_url)
+    app = create_celery(settings)
+    queue = queue_for(Step.ELIGIBILITY, "payway")
+    app.conf.task_routes = {"cancelflow.eligibility": {"queue": queue}}
+    sync = redis.Redis.from_url(db_url)
+
+    async def go() -> tuple[Created, bool, bool]:
+        client = AsyncRedis.from_url(db_url)
+        try:
+            deps = build_deps(settings, redis=client)
+            created = await submit(deps, app, payway_request())
+            marked = sync.zscore(UNDISPATCHED, created.job.id) is not None
+            await deps.store.flush_marks()
+            return created, marked, await deps.store.dispatched(created.job.id)
+        finally:
+            await client.aclose()
+
+    try:
+        created, marked, cleared = asyncio.run(go())
+    finally:
+        app.close()
+    assert created.how == "created"
+    assert marked and cleared
+    [sent] = cast("list[bytes]", sync.lrange(queue, 0, -1))
+    assert json.loads(sent)["headers"]["job_id"] == created.job.id
