@@ -11,7 +11,8 @@ Keys (all under ``cf:``):
   lease:{id}:confirm  the confirm step's lease: the worker process calling the provider
   jobs                sorted set of job ids by creation time (for listing)
   stats:{hour}        hash "provider|status" -> jobs created in that hour (epoch s // 3600)
-                      now in that status: ``/v1/stats`` reads these, never the jobs
+                      now in that status, and "provider|outcome:<type>" -> those of them
+                      that finished so: ``/v1/stats`` reads these, never the jobs
 """
 
 from __future__ import annotations
@@ -231,6 +232,14 @@ if status ~= cur then
   if stats and provider and redis.call('EXISTS', stats) == 1 then
     redis.call('HINCRBY', stats, provider .. '|' .. cur, -1)
     redis.call('HINCRBY', stats, provider .. '|' .. status, 1)
+    -- How a job ended counts once, as its outcome is written (a job finishes once: its moves
+    -- only go forward), as "provider|outcome:<type>".
+    for i = FIRST_FIELD, #ARGV - 1, 2 do
+      if ARGV[i] == 'outcome' then
+        local kind = string.match(ARGV[i + 1], '"type":"([%w_]+)"')
+        if kind then redis.call('HINCRBY', stats, provider .. '|outcome:' .. kind, 1) end
+      end
+    end
   end
 end
 """

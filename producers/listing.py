@@ -196,9 +196,14 @@ def _summary(h: dict[str, str]) -> JobSummary:
     )
 
 
+# The stats hash's fields of how jobs ended ("provider|outcome:<type>"), next to the statuses.
+OUTCOME_FIELD = "outcome:"
+
+
 async def stats(redis: Redis, *, since_s: float) -> Stats:
     """Jobs created since the start of the hour ``since_s`` seconds ago, by provider and
-    current status, and the totals of dead letters and billing events.
+    current status and, of those finished, by outcome; the totals of dead letters and
+    billing events.
 
     Read from the hourly counts the job store keeps as it creates and moves jobs
     (``cancelflow.store.stats_key``): at most ``STATS_WINDOW_S / STATS_BUCKET_S + 1`` hashes
@@ -215,18 +220,28 @@ async def stats(redis: Redis, *, since_s: float) -> Stats:
         pipe.hgetall(IGNORED_KEY)
         *hours, dead, billing, ignored = await pipe.execute()
     counts: dict[str, Counter[str]] = defaultdict(Counter)
+    ended: dict[str, Counter[str]] = defaultdict(Counter)
     for found in hours:
         for field, value in found.items():
             provider, _, status = _s(field).rpartition("|")
-            counts[provider][status] += int(value)
+            if status.startswith(OUTCOME_FIELD):
+                ended[provider][status.removeprefix(OUTCOME_FIELD)] += int(value)
+            else:
+                counts[provider][status] += int(value)
     jobs = {
         provider: {status: n for status, n in sorted(c.items()) if n}
         for provider, c in sorted(counts.items())
     }
     jobs = {provider: c for provider, c in jobs.items() if c}
+    outcomes = {
+        provider: {kind: n for kind, n in sorted(c.items()) if n}
+        for provider, c in sorted(ended.items())
+        if any(c.values())
+    }
     return Stats(
         since=isoformat(datetime.fromtimestamp(first * STATS_BUCKET_S, UTC)),
         jobs=jobs,
+        outcomes=outcomes,
         total=sum(sum(c.values()) for c in jobs.values()),
         dead_letters=int(dead),
         billing={_s(k): int(v) for k, v in billing.items()},

@@ -171,6 +171,12 @@ class Stats(BaseModel):
     jobs: dict[str, dict[str, int]] = Field(
         description="provider -> status -> jobs created since ``since``"
     )
+    outcomes: dict[str, dict[str, int]] = Field(
+        default_factory=dict,
+        description="provider -> outcome type -> jobs created since ``since`` that finished "
+        "with it (counted as each job finished; jobs finished before these counts existed "
+        "are in ``jobs`` only)",
+    )
     total: int
     dead_letters: int
     billing: dict[str, int] = Field(

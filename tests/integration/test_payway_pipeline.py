@@ -176,3 +176,15 @@ def test_routes_need_a_token_but_health_does_not(system: System) -> None:
         token="read-token",
     )
     assert status == 403
+
+
+def test_stats_count_how_jobs_ended(system: System) -> None:
+    def cancelled() -> int:
+        status, found = system.get("/v1/stats?since_s=3600")
+        assert status == 200, found
+        return int(found["outcomes"].get("payway", {}).get("cancelled", 0))
+
+    before = cancelled()
+    job = system.wait(system.enqueue(payway_body(DEMO.immediate))["id"])
+    assert job["outcome"]["type"] == "cancelled", job
+    assert cancelled() == before + 1

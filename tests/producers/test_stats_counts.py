@@ -3,6 +3,7 @@ bounded number of keys however many jobs there are (issue 14, point 9)."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter, defaultdict
 from collections.abc import Awaitable
@@ -92,8 +93,19 @@ async def make_jobs(store: JobStore, n: int, rng: random.Random) -> None:
                 job,
                 lifecycle.Event.FINISH,
                 identity=f"sub-{i}",
-                outcome=Outcome(type=OutcomeType.CANCELLED),
+                outcome=Outcome(
+                    type=rng.choice([OutcomeType.CANCELLED, OutcomeType.ALREADY_CANCELLED])
+                ),
             )
+            # A late duplicate finish is refused: the outcome counts once.
+            assert not (
+                await store.transition(
+                    job,
+                    lifecycle.Event.FINISH,
+                    identity=f"sub-{i}",
+                    outcome=Outcome(type=OutcomeType.CANCELLED),
+                )
+            ).applied
         else:
             await store.transition(job, lifecycle.Event.DEAD_LETTER, identity=f"sub-{i}")
             if path == "replayed":
@@ -101,6 +113,17 @@ async def make_jobs(store: JobStore, n: int, rng: random.Random) -> None:
                 await store.transition(job, lifecycle.Event.CHECK, entry=entry())
         # A redelivered step: the record changes, the status does not.
         await store.record(job.id, entry())
+
+
+async def brute_force_outcomes(redis: fakeredis.FakeAsyncRedis) -> dict[str, dict[str, int]]:
+    counts: dict[str, Counter[str]] = defaultdict(Counter)
+    for raw in await redis.zrange("cf:jobs", 0, -1):
+        provider, outcome = await cast(
+            "Awaitable[list[Any]]", redis.hmget(job_key(raw.decode()), ["provider", "outcome"])
+        )
+        if outcome:
+            counts[provider.decode()][json.loads(outcome)["type"]] += 1
+    return {p: dict(sorted(c.items())) for p, c in sorted(counts.items())}
 
 
 async def brute_force(redis: fakeredis.FakeAsyncRedis) -> dict[str, dict[str, int]]:
@@ -124,6 +147,8 @@ async def test_stats_equal_a_count_of_every_job() -> None:
     expected = await brute_force(redis)
     assert found.jobs == expected
     assert found.total == 60
+    assert found.outcomes == await brute_force_outcomes(redis)
+    assert {k for c in found.outcomes.values() for k in c} == {"cancelled", "already_cancelled"}
     # Every status a job can rest in is among them: every kind of move was counted.
     statuses = {s for c in expected.values() for s in c}
     assert {"queued", "checking", "awaiting_decision", "finished", "dead_lettered"} <= statuses
