@@ -158,7 +158,15 @@ def test_a_sentinel_failover_under_load_finishes_every_job_and_cancels_none_twic
     start_system: StartSystem, sentinel_cluster: Cluster
 ) -> None:
     cluster = sentinel_cluster
-    system = start_system(db_url=cluster.url, workers=2, concurrency=50, beat=True)
+    system = start_system(
+        db_url=cluster.url,
+        workers=2,
+        concurrency=50,
+        beat=True,
+        # The jobs are enqueued as fast as the API takes them: no token's rate limit answers.
+        CANCELFLOW_API__RATE_LIMIT_PER_S="100000",
+        CANCELFLOW_API__RATE_LIMIT_BURST="100000",
+    )
     system.sandbox.reset("payway")
     system.sandbox.faults("payway", latency_ms=100)
     try:

@@ -195,7 +195,7 @@ def test_the_servers_wheel_ships_the_server_only(fresh_python: Path, tmp_path: P
     (wheel,) = tmp_path.glob("cancelflow-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
-    assert tops == {"cancelflow", "messaging", "worker", "producers", "sandboxes"}
+    assert tops == {"brokers", "cancelflow", "messaging", "worker", "producers", "sandboxes"}
     assert not [n for n in names if n.startswith(("producers/client/", "tests/", "bench/"))]
     assert "producers/cli/dlq.py" in names
     metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))

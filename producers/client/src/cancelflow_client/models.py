@@ -195,6 +195,8 @@ class JobPage(_Answer):
 class Stats(_Answer):
     since: str
     jobs: dict[str, dict[str, int]]
+    # provider -> outcome type -> jobs created since ``since`` that finished with it
+    outcomes: dict[str, dict[str, int]] = Field(default_factory=dict)
     total: int
     dead_letters: int
     billing: dict[str, int] = Field(default_factory=dict)
@@ -220,6 +222,8 @@ class DeadLetter(_Answer):
     payload: Any = None
     event: str | None = None
     created_at: str
+    # A poison message's parked copy (its list and the key holding its exact bytes).
+    parked: dict[str, str] | None = None
 
 
 class DeadLetterPage(_Answer):
