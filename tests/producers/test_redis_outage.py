@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -317,17 +318,23 @@ def test_the_cli_retries_503s_and_at_the_end_names_the_api(
     assert status == 202, job
     redis.stop()
 
-    # Retry-After is 5 s: 6 s of retries make two attempts, then a clear error.
-    done = cli_status(api, job["id"], CANCELFLOW_CLIENT__RETRY_TIME_S="6")
+    # Retry-After is 5 s: 12 s of retries make two or three attempts (each 503 comes after
+    # the API's own reconnect attempts, faster or slower with the machine's load), then a
+    # clear error naming the API and how many attempts were made.
+    done = cli_status(api, job["id"], CANCELFLOW_CLIENT__RETRY_TIME_S="12")
     assert done.returncode == 1, done
     assert "503 Service unavailable" in done.stderr, done.stderr
-    assert f"from {api.url}, 2 attempts over" in done.stderr, done.stderr
-    assert len(outage_lines(api)) == 2
+    made = re.search(rf"from {re.escape(api.url)}, (\d+) attempts over", done.stderr)
+    assert made is not None, done.stderr
+    attempts = int(made.group(1))
+    assert attempts in (2, 3), done.stderr
+    assert len(outage_lines(api)) == attempts
+    seen = attempts
 
     # Redis comes back once the CLI has met the outage (its first 503), however long the
     # command took to start: the default policy (up to 60 s) rides it out.
     def back_after_a_503() -> None:
-        wait_until(lambda: len(outage_lines(api)) >= 3, timeout_s=60, what="the CLI's 503")
+        wait_until(lambda: len(outage_lines(api)) > seen, timeout_s=60, what="the CLI's 503")
         redis.start()
 
     back = threading.Thread(target=back_after_a_503)
@@ -338,7 +345,7 @@ def test_the_cli_retries_503s_and_at_the_end_names_the_api(
         back.join()
     assert done.returncode == 0, done
     assert job["id"] in done.stdout
-    assert len(outage_lines(api)) >= 3
+    assert len(outage_lines(api)) > seen
 
 
 def test_the_client_error_after_its_retries_names_the_api(
