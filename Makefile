@@ -44,9 +44,14 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
-bench: setup  ## Cancelflow against plain Celery chains: jobs/s, latency, worker memory, targets
+# make bench: a leg on each broker (Redis, then RabbitMQ: see tests/rabbitmq.py for which
+# server); make bench BROKER=redis or BROKER=amqp: that broker's leg alone.
+comma := ,
+BENCH_BROKERS ?= $(if $(filter command line environment,$(origin BROKER)),$(BROKER),redis$(comma)amqp)
+
+bench: setup  ## Cancelflow against plain Celery chains, on each broker: jobs/s, latency, memory, targets
 	$(UV) sync --frozen --group bench --quiet
-	scripts/with-redis $(VENV)/bin/python -m bench
+	BENCH_BROKERS=$(BENCH_BROKERS) scripts/with-redis $(VENV)/bin/python -m bench
 
 # Refuses to start without FLOWER_BASIC_AUTH=user:password (Flower's API can send any task and
 # shut workers down); `make flower FLOWER_ARGS=--no-auth` runs it open, on 127.0.0.1 only.

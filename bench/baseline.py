@@ -4,7 +4,7 @@ Same broker, serializer, acks (``acks_late``, ``reject_on_worker_lost``, prefetc
 and visibility timeout as ``messaging.config.celery_config``; only the queue differs. The
 bench runs its workers as ``cancelflow worker`` runs ours (same concurrency and flags) on
 Celery's stock threads pool, so the comparison measures what Cancelflow adds to a chain of
-tasks:
+tasks (on whichever broker the leg runs, ``CANCELFLOW_BROKER_URL``):
 
     celery -A bench.baseline worker --pool=threads --concurrency=100 -Q bench.baseline ...
 """
@@ -30,15 +30,36 @@ DONE_KEY = "bench:baseline:done"
 TASKS_PER_JOB = 3  # eligibility -> confirm -> callback, as a payway job without an offer
 
 
+def _queues(settings: Settings) -> list[Queue]:
+    """The bench's queues. On RabbitMQ, quorum queues on Cancelflow's topic exchange, as
+    Cancelflow's (same durability: Raft-replicated, publishes confirmed), without what only
+    Cancelflow asks of them (a delivery limit, a dead-letter exchange)."""
+    if settings.broker_kind() == "amqp":
+        from brokers import amqp
+
+        return [
+            Queue(  # type: ignore[no-untyped-call]
+                name,
+                amqp.EXCHANGE,
+                routing_key=name,
+                durable=True,
+                queue_arguments={"x-queue-type": "quorum"},
+            )
+            for name in (QUEUE, SINK_QUEUE)
+        ]
+    return [
+        Queue(QUEUE, EXCHANGE, routing_key=QUEUE),  # type: ignore[no-untyped-call]
+        Queue(SINK_QUEUE, EXCHANGE, routing_key=SINK_QUEUE),  # type: ignore[no-untyped-call]
+    ]
+
+
 def create_baseline(settings: Settings) -> Celery:
-    """A Celery app configured as Cancelflow's, with the bench's own queues."""
+    """A Celery app configured as Cancelflow's (on RabbitMQ: publisher confirms, quorum
+    queues, per-consumer prefetch), with the bench's own queues."""
     app = Celery("bench-baseline")
     app.conf.update(celery_config(settings))
     app.conf.update(
-        task_queues=[
-            Queue(QUEUE, EXCHANGE, routing_key=QUEUE),  # type: ignore[no-untyped-call]
-            Queue(SINK_QUEUE, EXCHANGE, routing_key=SINK_QUEUE),  # type: ignore[no-untyped-call]
-        ],
+        task_queues=_queues(settings),
         task_default_queue=QUEUE,
         task_default_routing_key=QUEUE,
         # Stock kombu: the baseline is plain Celery, not Cancelflow's tuned channel.

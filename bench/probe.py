@@ -95,24 +95,32 @@ def add_time(category: str, seconds: float) -> None:
         SECONDS[f"{STEP.get()}|{category}"] += seconds
 
 
+_ENABLED: list[Callable[[], bool]] = []
+
+
 def install_round_trips(enabled: Callable[[], bool] = lambda: True) -> None:
-    """Count every round trip of this process's Redis connections (while ``enabled()``)."""
+    """Count every round trip of this process's Redis connections (while ``enabled()``; a
+    second call only replaces ``enabled``)."""
     import redis.asyncio.connection as aconn
     import redis.connection as conn
 
+    installed = bool(_ENABLED)
+    _ENABLED[:] = [enabled]
+    if installed:
+        return
     _SCRIPTS.update(_script_names())
     sync_send = conn.AbstractConnection.send_packed_command
     async_send = aconn.AbstractConnection.send_packed_command
 
     @functools.wraps(sync_send)
     def send(self: Any, command: Any, check_health: bool = True) -> None:
-        if enabled():
+        if _ENABLED[0]():
             count("broker", command)
         sync_send(self, command, check_health)  # type: ignore[no-untyped-call]
 
     @functools.wraps(async_send)
     async def asend(self: Any, command: Any, check_health: bool = True) -> None:
-        if enabled():
+        if _ENABLED[0]():
             count("store", command)
         await async_send(self, command, check_health)
 
@@ -209,11 +217,21 @@ def _writer(path: Path) -> None:
 
 
 def main() -> None:
+    """``python -m bench.probe ARGS``: ``cancelflow ARGS``, counted; ``python -m bench.probe
+    celery ARGS``: ``celery ARGS`` (the baseline's worker), its round trips counted."""
+    baseline = sys.argv[1:2] == ["celery"]
     install_round_trips()
-    install_worker_timers()
+    if not baseline:
+        install_worker_timers()
     out = os.environ.get("BENCH_PROBE_OUT")
     if out:
         threading.Thread(target=_writer, args=(Path(out),), daemon=True, name="bench-probe").start()
+    if baseline:
+        from celery.__main__ import main as celery
+
+        sys.argv = ["celery", *sys.argv[2:]]
+        celery()
+        return
     from producers.cli import main as cancelflow
 
     sys.argv = ["cancelflow", *sys.argv[1:]]

@@ -246,6 +246,64 @@ def profile(
         f"worker store {rt.get('worker_store')})"
     )
     shutil.rmtree(probe_dir, ignore_errors=True)
+    if cfg.baseline:
+        out["baseline"] = profile_baseline(system, settings, cfg, log=log)
+    return out
+
+
+def profile_baseline(
+    system: BenchSystem, settings: Settings, cfg: Config, *, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """The baseline's cost per job, as ``profile`` counts Cancelflow's: ``cfg.profile_jobs``
+    chains on baseline workers whose Redis round trips ``bench.probe`` counts (every one is
+    the broker's: the baseline has no job store), the driver's ``apply_async`` counted too,
+    and py-spy on the first worker."""
+    probe_dir = Path(tempfile.mkdtemp(prefix="cancelflow-bench-probe-"))
+    workers = system.start_workers(
+        "baseline-probe", cfg.workers, cfg.concurrency, probe_dir=probe_dir
+    )
+    paths = [probe_dir / f"{name}.json" for name in workers.names]
+    producing: contextvars.ContextVar[bool] = contextvars.ContextVar("producing", default=False)
+    probe.install_round_trips(enabled=producing.get)
+    spy = start_py_spy(next(iter(workers.pids.values())), probe_dir / "py-spy.txt")
+    try:
+        before = _fresh(paths)
+        probe.ROUND_TRIPS.clear()
+        token = producing.set(True)
+        try:
+            _, done = asyncio.run(
+                load.send_baseline(
+                    settings,
+                    cfg.profile_jobs,
+                    "profile",
+                    window=cfg.window,
+                    flight=Flight(),
+                    timeout_s=120 + cfg.profile_jobs,
+                )
+            )
+        finally:
+            producing.reset(token)
+        after = _fresh(paths)
+        # ``apply_async`` is kombu's, synchronous; the driver's asyncio client (polling the
+        # done list) is the bench's, not the baseline's.
+        producer = {k: v for k, v in probe.ROUND_TRIPS.items() if k.split("|")[1] == "broker"}
+    finally:
+        if spy is not None:
+            stop_py_spy(spy)
+        system.stop_workers(workers)
+    jobs = max(len(done), 1)
+    worker_rt = _diff(after["round_trips"], before["round_trips"])
+    rt = round_trips(worker_rt, producer, jobs)
+    out = {
+        "jobs": len(done),
+        "round_trips_per_job": rt,
+        "cpu": cpu_profile(probe_dir / "py-spy.txt") if spy is not None else None,
+    }
+    log(
+        f"baseline profile: {len(done)} chains, {rt['total']} Redis round trips per job "
+        f"(producer {rt.get('producer')}, worker broker {rt.get('worker_broker')})"
+    )
+    shutil.rmtree(probe_dir, ignore_errors=True)
     return out
 
 

@@ -94,6 +94,44 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def scaling(runs: list[dict[str, Any]], base: int) -> dict[str, Any]:
+    """Jobs/s of the baseline and of Cancelflow's no-latency scenario with each count of
+    worker processes per side (medians over rounds), and each count's over ``base``'s."""
+    out: dict[str, Any] = {}
+    for scenario in ("baseline", "no_latency"):
+        by: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for r in runs:
+            if r["scenario"] == scenario and "workers" in r:
+                by[r["workers"]].append(r)
+        if len(by) < 2 or base not in by:
+            continue
+        rates = {n: _median([r["jobs_per_s"] for r in items]) for n, items in sorted(by.items())}
+        out[scenario] = {
+            "jobs_per_s": {str(n): v for n, v in rates.items()},
+            "worker_cpu_ms_per_job": {
+                str(n): _median([r.get("cpu_ms_per_job", {}).get("workers") for r in items])
+                for n, items in sorted(by.items())
+            },
+            "x_base": {str(n): _rounded_ratio(v, rates[base]) for n, v in rates.items()},
+        }
+    if "baseline" in out and "no_latency" in out:
+        out["ratio_to_baseline"] = {
+            n: round(v / b, 3) if v and (b := out["baseline"]["jobs_per_s"].get(n)) else None
+            for n, v in out["no_latency"]["jobs_per_s"].items()
+        }
+    return out
+
+
+def _rounded_ratio(a: float | None, b: float | None) -> float | None:
+    found = _ratio(a, b)
+    return round(found, 3) if found is not None else None
+
+
+def _legs(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each broker's figures (a document of before the legs: its own, as Redis's)."""
+    return doc.get("brokers") or {doc.get("broker", "redis"): doc}
+
+
 def _segment_order(items: list[dict[str, Any]]) -> Any:
     order = [name for r in items for name in r.get("segments_ms", {})]
     return lambda name: order.index(name)
@@ -140,22 +178,44 @@ def _fmt(value: Any, digits: int = 1) -> str:
 
 
 def table(doc: dict[str, Any]) -> str:
-    """The results as a Markdown table (what the README shows)."""
+    """The results as a Markdown table (what the README shows), a row per scenario of each
+    broker; then the scaling, the load and the enqueue rates."""
     head = (
-        "| scenario | jobs/s | p50 ms | p95 ms | p99 ms | peak RSS MB | worker CPU ms/job "
-        "| jobs/s x baseline | p50 x baseline | jobs/s x no-latency |"
+        "| broker | scenario | jobs/s | p50 ms | p95 ms | p99 ms | peak RSS MB "
+        "| worker CPU ms/job | jobs/s x baseline | p50 x baseline | jobs/s x no-latency |"
     )
-    lines = [head, "|" + " --- |" * 10]
-    for name, s in doc["scenarios"].items():
-        rb = s.get("ratio_to_baseline", {})
-        lines.append(
-            f"| {name} | {_fmt(s['jobs_per_s'])} | {_fmt(s['latency_ms']['p50'], 0)} "
-            f"| {_fmt(s['latency_ms']['p95'], 0)} | {_fmt(s['latency_ms']['p99'], 0)} "
-            f"| {_fmt(s['peak_rss_mb'], 0)} | {_fmt(s.get('cpu_ms_per_job', {}).get('workers'))} "
-            f"| {_fmt(rb.get('jobs_per_s'), 2)} "
-            f"| {_fmt(rb.get('latency_p50'), 2)} "
-            f"| {_fmt(s.get('ratio_to_no_latency', {}).get('jobs_per_s'), 2)} |"
-        )
+    lines = [head, "|" + " --- |" * 11]
+    legs = _legs(doc)
+    for broker, leg in legs.items():
+        for name, s in leg["scenarios"].items():
+            rb = s.get("ratio_to_baseline", {})
+            lines.append(
+                f"| {broker} | {name} | {_fmt(s['jobs_per_s'])} "
+                f"| {_fmt(s['latency_ms']['p50'], 0)} "
+                f"| {_fmt(s['latency_ms']['p95'], 0)} | {_fmt(s['latency_ms']['p99'], 0)} "
+                f"| {_fmt(s['peak_rss_mb'], 0)} "
+                f"| {_fmt(s.get('cpu_ms_per_job', {}).get('workers'))} "
+                f"| {_fmt(rb.get('jobs_per_s'), 2)} "
+                f"| {_fmt(rb.get('latency_p50'), 2)} "
+                f"| {_fmt(s.get('ratio_to_no_latency', {}).get('jobs_per_s'), 2)} |"
+            )
+    for broker, leg in legs.items():
+        sc = leg.get("scaling") or {}
+        if "baseline" not in sc and "no_latency" not in sc:
+            continue
+        lines += ["", f"Scaling ({broker}), jobs/s by worker processes per side:"]
+        for name in ("baseline", "no_latency"):
+            if name in sc:
+                rates = ", ".join(
+                    f"{n}: {_fmt(v)} (x{_fmt(sc[name]['x_base'][n], 2)})"
+                    for n, v in sc[name]["jobs_per_s"].items()
+                )
+                lines.append(f"  {name}: {rates}")
+        if "ratio_to_baseline" in sc:
+            lines.append(
+                "  Cancelflow x baseline: "
+                + ", ".join(f"{n}: {_fmt(v, 2)}" for n, v in sc["ratio_to_baseline"].items())
+            )
     loads = [r["load_1m"] for r in doc.get("runs", []) if r.get("load_1m") is not None]
     if loads:
         lines += [
@@ -163,23 +223,30 @@ def table(doc: dict[str, Any]) -> str:
             f"Load average (1 min) at the end of the runs: {min(loads):.1f} to {max(loads):.1f} "
             f"on {doc['machine']['cpus']} CPUs.",
         ]
-    api = doc.get("api")
-    if api:
-        lines += [
-            "",
-            f"Enqueue: API {_fmt(api['api_per_s'], 0)}/s ({api['connections']} connections) vs "
-            f"send_task loop {_fmt(api['send_task_loop_per_s'], 0)}/s: x {_fmt(api['ratio'], 2)}",
-        ]
+    for broker, leg in legs.items():
+        api = leg.get("api")
+        if api:
+            lines += [
+                "",
+                f"Enqueue ({broker}): API {_fmt(api['api_per_s'], 0)}/s ({api['connections']} "
+                f"connections) vs send_task loop {_fmt(api['send_task_loop_per_s'], 0)}/s: "
+                f"x {_fmt(api['ratio'], 2)}",
+            ]
     return "\n".join(lines)
 
 
 def profile_text(doc: dict[str, Any]) -> str:
-    """Where a job's time goes and what it costs in Redis round trips (the profile run)."""
-    prof = doc.get("profile")
-    if not prof:
-        return ""
+    """Where a job's time goes and what it costs, Cancelflow's and the baseline's, for each
+    broker's leg (the profile runs)."""
+    return "\n".join(
+        _leg_profile_text(broker, leg) for broker, leg in _legs(doc).items() if leg.get("profile")
+    )
+
+
+def _leg_profile_text(broker: str, leg: dict[str, Any]) -> str:
+    prof = leg["profile"]
     lines = [
-        f"Profile ({prof['jobs']} jobs, no added latency, counted workers):",
+        f"Profile [{broker}] ({prof['jobs']} jobs, no added latency, counted workers):",
         "  stretches of a job (timeline), p50 / p95 ms:",
     ]
     for name, v in prof["segments_ms"].items():
@@ -211,17 +278,45 @@ def profile_text(doc: dict[str, Any]) -> str:
         lines.append(
             "    inclusive: " + ", ".join(f"{k} {v:.0%}" for k, v in cpu["inclusive"].items())
         )
+    base = prof.get("baseline")
+    if base:
+        brt = base["round_trips_per_job"]
+        lines.append(
+            f"  baseline ({base['jobs']} chains): Redis round trips per job {brt['total']} "
+            f"(producer {brt.get('producer')}, worker broker {brt.get('worker_broker')})"
+        )
+        for step, items in brt["by_step"].items():
+            shown = ", ".join(f"{k} {v}" for k, v in items.items() if v >= 0.5)
+            lines.append(f"    {step}: {shown}")
+        bcpu = base.get("cpu")
+        if bcpu:
+            lines.append(
+                f"    CPU of a baseline worker (py-spy, {bcpu['samples']} samples): "
+                + ", ".join(f"{k} {v:.0%}" for k, v in bcpu["self_by_package"].items() if v >= 0.02)
+            )
+    cost = [
+        (name, s.get("cpu_ms_per_job", {}).get("workers"))
+        for name, s in leg.get("scenarios", {}).items()
+        if name in ("baseline", "no_latency")
+    ]
+    if cost:
+        lines.append(
+            "  worker CPU ms per job (scored runs, median): "
+            + ", ".join(f"{name} {_fmt(v, 2)}" for name, v in cost)
+        )
     return "\n".join(lines)
 
 
 def targets_text(doc: dict[str, Any]) -> str:
-    lines = ["Targets:"]
-    for t in doc["targets"]:
-        value = _fmt(t["value"], 3) if t["value"] is not None else "not measured"
-        lines.append(
-            f"  {t['status']:4}  ({t['id']}) {t['target']}: {value} "
-            f"(needs {t['op']} {t['threshold']})"
-        )
+    lines = []
+    for broker, leg in _legs(doc).items():
+        lines.append(f"Targets [{broker}]:")
+        for t in leg["targets"]:
+            value = _fmt(t["value"], 3) if t["value"] is not None else "not measured"
+            lines.append(
+                f"  {t['status']:4}  ({t['id']}) {t['target']}: {value} "
+                f"(needs {t['op']} {t['threshold']})"
+            )
     return "\n".join(lines)
 
 
@@ -298,7 +393,13 @@ def chart(doc: dict[str, Any], path: Path) -> Path | None:
     except ImportError:
         print("matplotlib is missing (uv sync --group bench): no chart")
         return None
-    sc = doc["scenarios"]
+    legs = _legs(doc)
+    # One bar per scenario of each broker (named by both when there are several).
+    sc = {
+        (f"{broker}\n{name}" if len(legs) > 1 else name): s
+        for broker, leg in legs.items()
+        for name, s in leg["scenarios"].items()
+    }
     names = list(sc)
     colors = ["#888888" if sc[n]["system"] == "baseline" else "#1f77b4" for n in names]
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))

@@ -1,19 +1,24 @@
 """``python -m bench``: run every scenario and the baseline in one run, report, check targets.
 
-Order of a run: Redis DB, sandboxes; the API's enqueue rate against a loop of ``send_task``
-(before any worker runs, so neither competes with jobs); then both kinds of workers and
-``--rounds`` rounds of [baseline, each scenario]; then the profile with counted workers.
-Medians over rounds; each ratio is the median of the ratios of the same round.
+Order of a run: Redis DB, sandboxes; then, for each broker of ``--brokers`` (a leg: Redis,
+then RabbitMQ on a vhost of the bench's own), the API's enqueue rate against a loop of
+``send_task`` (before any worker runs, so neither competes with jobs); both kinds of workers
+and ``--rounds`` rounds of [baseline, each scenario]; the same rounds of [baseline,
+no_latency] with each count of worker processes of ``--scaling``; then the profile with
+counted workers (Cancelflow's, then the baseline's). Medians over rounds; each ratio is the
+median of the ratios of the same round, within one leg.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import platform
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +29,15 @@ import redis
 
 from bench import api_rate, profiling, report
 from bench.load import Flight, Run, make_requests, send_baseline, send_cancelflow
-from bench.system import BenchSystem, RssSampler, Workers, bench_db, redis_server, wait_idle
+from bench.system import (
+    BenchSystem,
+    RssSampler,
+    Workers,
+    bench_db,
+    broker_leg,
+    redis_server,
+    wait_idle,
+)
 from cancelflow.contract import CALLBACKS_QUEUE, provider_queue
 from cancelflow.logging import configure_logging
 from cancelflow.settings import Settings, load_settings
@@ -37,6 +50,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "fail_once_20": {"fail_once_rate": 0.2, "seed": 8},
 }
 RESULTS = Path(__file__).parent / "results"
+BROKERS = ("redis", "amqp")
 
 
 @dataclass
@@ -55,6 +69,12 @@ class Config:
     profile_jobs: int = 400
     out: Path = RESULTS
     baseline: bool = True
+    # The legs, each on its broker: the first is the one ``scenarios`` and ``targets`` of
+    # the JSON's top level describe (every leg's are under ``brokers``).
+    brokers: list[str] = field(default_factory=lambda: ["redis"])
+    # Other counts of worker processes per side, each run for ``rounds`` rounds of [baseline,
+    # no_latency] after the main rounds (the scaling figures).
+    scaling: list[int] = field(default_factory=lambda: [2])
 
 
 def log(message: str) -> None:
@@ -94,7 +114,7 @@ def measure_cancelflow(
     run.max_in_flight = sampler.max_in_flight
     run.cpu_s = sampler.cpu_s
     run.load_1m = round(os.getloadavg()[0], 2)
-    wait_idle(settings.redis_url, [provider_queue(k) for k in cfg.providers] + [CALLBACKS_QUEUE])
+    wait_idle(settings, [provider_queue(k) for k in cfg.providers] + [CALLBACKS_QUEUE])
     return run
 
 
@@ -130,85 +150,149 @@ def _describe(run: Run) -> str:
     )
 
 
+@contextlib.contextmanager
+def _environ(env: dict[str, str]) -> Iterator[None]:
+    """``env`` in this process's environment for the block (the bench's own producer reads
+    the settings the workers get), the environment as it was afterwards."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_rounds(
+    system: BenchSystem,
+    settings: Settings,
+    cfg: Config,
+    scenarios: list[str],
+    workers: int,
+    *,
+    broker: str,
+) -> list[dict[str, Any]]:
+    """``cfg.rounds`` rounds of the baseline and ``scenarios``, with ``workers`` processes of
+    each kind; every run's summary."""
+    runs: list[dict[str, Any]] = []
+    ours = system.start_workers("cancelflow", workers, cfg.concurrency)
+    theirs = system.start_workers("baseline", workers, cfg.concurrency) if cfg.baseline else None
+    log(
+        f"[{broker}] workers: {workers} x cancelflow, {workers if theirs else 0} x baseline, "
+        f"concurrency {cfg.concurrency}"
+    )
+    try:
+        order = (["baseline"] if theirs is not None else []) + scenarios
+        for r in range(cfg.rounds):
+            # Each round starts with another scenario: a drift of the machine's load over a
+            # round does not always fall on the same one.
+            for scenario in order[r % len(order) :] + order[: r % len(order)]:
+                tag = f"{broker}-w{workers}-r{r}"
+                if scenario == "baseline":
+                    assert theirs is not None
+                    run = measure_baseline(system, settings, cfg, theirs, tag)
+                else:
+                    run = measure_cancelflow(
+                        system, settings, cfg, ours, scenario, f"{tag}-{scenario}"
+                    )
+                log(f"[{broker}] {workers} worker(s), round {r + 1}/{cfg.rounds} {_describe(run)}")
+                runs.append(
+                    {
+                        "round": r,
+                        "broker": broker,
+                        "workers": workers,
+                        "system": run.system,
+                        "scenario": scenario,
+                        **run.summary(),
+                    }
+                )
+    finally:
+        system.stop_workers(ours)
+        if theirs is not None:
+            system.stop_workers(theirs)
+    return runs
+
+
+def run_leg(
+    system: BenchSystem, settings: Settings, cfg: Config, db_url: str, broker: str
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One broker's leg: the enqueue rate, the rounds, the scaling rounds, the profile."""
+    leg: dict[str, Any] = {}
+    if cfg.api_jobs:
+        system.start_api()
+        leg["api"] = api_rate.measure(
+            system,
+            settings,
+            cfg.api_jobs,
+            rounds=max(cfg.rounds, 3),
+            connections=cfg.api_connections,
+            log=lambda m: log(f"[{broker}] {m}"),
+        )
+        system.stop("api")
+        redis.Redis.from_url(db_url).flushdb()
+    runs = run_rounds(system, settings, cfg, cfg.scenarios, cfg.workers, broker=broker)
+    for count in cfg.scaling:
+        if count != cfg.workers:
+            runs += run_rounds(
+                system, settings, cfg, ["no_latency"] if cfg.baseline else [], count, broker=broker
+            )
+    main = [r for r in runs if r["workers"] == cfg.workers]
+    leg["scenarios"] = report.summarise(main)
+    leg["scaling"] = report.scaling(runs, cfg.workers)
+    if cfg.profile_jobs:
+        leg["profile"] = profiling.profile(system, settings, cfg, log=log)
+    leg["targets"] = report.targets(leg, cfg.window)
+    return leg, runs
+
+
 def run_bench(cfg: Config) -> dict[str, Any]:
     """Everything ``make bench`` measures, as the JSON document it writes."""
     started = datetime.now(UTC)
     log_dir = Path(tempfile.mkdtemp(prefix="cancelflow-bench-"))
     base_url = os.environ.get("CANCELFLOW_REDIS_URL", "redis://127.0.0.1:6379")
     runs: list[dict[str, Any]] = []
-    doc: dict[str, Any] = {}
+    legs: dict[str, dict[str, Any]] = {}
     with redis_server(base_url, log=log) as server, bench_db(server) as db_url:
         system = BenchSystem(db_url, log_dir)
         try:
             system.start_sandbox()
-            # The bench's own producer uses the settings the workers get.
-            os.environ.update(system.env)
-            settings = load_settings()
             configure_logging(fmt="json", level="WARNING")
             log(f"Redis DB {db_url}, sandboxes {system.sandbox_url}, logs in {log_dir}")
-            if cfg.api_jobs:
-                system.start_api()
-                doc["api"] = api_rate.measure(
-                    system,
-                    settings,
-                    cfg.api_jobs,
-                    rounds=max(cfg.rounds, 3),
-                    connections=cfg.api_connections,
-                    log=log,
-                )
-                system.stop("api")
+            for broker in cfg.brokers:
+                with broker_leg(broker, log=log) as found:
+                    system.broker = found
+                    with _environ(system.env):
+                        settings = load_settings()
+                        legs[broker], leg_runs = run_leg(system, settings, cfg, db_url, broker)
+                    runs += leg_runs
                 redis.Redis.from_url(db_url).flushdb()
-            ours = system.start_workers("cancelflow", cfg.workers, cfg.concurrency)
-            theirs = (
-                system.start_workers("baseline", cfg.workers, cfg.concurrency)
-                if cfg.baseline
-                else None
-            )
-            log(
-                f"workers: {cfg.workers} x cancelflow, {cfg.workers if theirs else 0} x baseline, "
-                f"concurrency {cfg.concurrency}"
-            )
-            order = (["baseline"] if theirs is not None else []) + cfg.scenarios
-            for r in range(cfg.rounds):
-                # Each round starts with another scenario: a drift of the machine's load
-                # over a round does not always fall on the same one.
-                for scenario in order[r % len(order) :] + order[: r % len(order)]:
-                    if scenario == "baseline":
-                        assert theirs is not None
-                        run = measure_baseline(system, settings, cfg, theirs, f"r{r}")
-                    else:
-                        run = measure_cancelflow(
-                            system, settings, cfg, ours, scenario, f"r{r}-{scenario}"
-                        )
-                    log(f"round {r + 1}/{cfg.rounds} {_describe(run)}")
-                    runs.append(
-                        {"round": r, "system": run.system, "scenario": scenario, **run.summary()}
-                    )
-            system.stop_workers(ours)
-            if theirs is not None:
-                system.stop_workers(theirs)
-            if cfg.profile_jobs:
-                doc["profile"] = profiling.profile(system, settings, cfg, log=log)
         finally:
             system.close()
         server_info: dict[str, Any] = redis.Redis.from_url(db_url).info("server")  # type: ignore[assignment]
-    doc.update(
-        {
-            "version": 1,
-            "started_at": started.isoformat(timespec="seconds"),
-            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "machine": {
-                "cpus": os.cpu_count(),
-                "python": platform.python_version(),
-                "redis": server_info.get("redis_version"),
-                "platform": platform.platform(),
-            },
-            "config": {**asdict(cfg), "out": str(cfg.out)},
-            "runs": runs,
-        }
-    )
-    doc["scenarios"] = report.summarise(runs)
-    doc["targets"] = report.targets(doc, cfg.window)
+    first = legs[cfg.brokers[0]]
+    doc: dict[str, Any] = {
+        "version": 2,
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "redis": server_info.get("redis_version"),
+            "platform": platform.platform(),
+        },
+        "config": {**asdict(cfg), "out": str(cfg.out)},
+        "runs": runs,
+        # The first leg's figures at the top level, as a one-broker run has them.
+        "broker": cfg.brokers[0],
+        **{k: first[k] for k in ("api", "profile") if k in first},
+        "scenarios": first["scenarios"],
+        "scaling": first["scaling"],
+        "targets": first["targets"],
+        "brokers": legs,
+    }
     return doc
 
 
@@ -274,6 +358,20 @@ def _list(value: str) -> list[str]:
     type=click.Path(path_type=Path),
 )
 @click.option("--no-baseline", is_flag=True, help="Skip the baseline (ratios are then missing).")
+@click.option(
+    "--brokers",
+    envvar="BENCH_BROKERS",
+    default="redis",
+    show_default=True,
+    help="Brokers, a leg each: redis, amqp (RabbitMQ, a vhost of the bench's own), or both.",
+)
+@click.option(
+    "--scaling",
+    envvar="BENCH_SCALING",
+    default="2",
+    show_default=True,
+    help="Other counts of worker processes per side to measure (empty: none).",
+)
 def main(
     jobs: int,
     rounds: int,
@@ -286,11 +384,16 @@ def main(
     profile_jobs: int,
     out: Path,
     no_baseline: bool,
+    brokers: str,
+    scaling: str,
 ) -> None:
     """Benchmark Cancelflow against plain Celery chains; exit 1 if a target fails."""
     unknown = set(_list(scenarios)) - set(SCENARIOS)
     if unknown:
         raise click.BadParameter(f"unknown scenarios {sorted(unknown)}; known: {list(SCENARIOS)}")
+    legs = _list(brokers)
+    if not legs or set(legs) - set(BROKERS):
+        raise click.BadParameter(f"brokers {legs}: one or more of {list(BROKERS)}")
     cfg = Config(
         jobs=jobs,
         rounds=rounds,
@@ -303,6 +406,8 @@ def main(
         profile_jobs=min(profile_jobs, jobs) if profile_jobs else 0,
         out=out,
         baseline=not no_baseline,
+        brokers=legs,
+        scaling=[int(n) for n in _list(scaling)],
     )
     doc = run_bench(cfg)
     previous = report.load(out / "latest.json")
@@ -314,7 +419,8 @@ def main(
     print(report.targets_text(doc))
     for path in paths:
         print(f"wrote {path}")
-    sys.exit(0 if all(t["status"] != "FAIL" for t in doc["targets"]) else 1)
+    failed = [t for leg in doc["brokers"].values() for t in leg["targets"] if t["status"] == "FAIL"]
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ from producers.local import (
 from sandboxes.env import provider_env
 
 API_TOKEN = "bench-token"  # noqa: S105 - the local API of a bench run
+# The baseline's stock pool (``BENCH_BASELINE_POOL``): threads, the fastest stock pool for this
+# load (bench/README.md, "Which pool for the baseline").
+BASELINE_POOL = os.environ.get("BENCH_BASELINE_POOL", "threads")
 
 
 @contextmanager
@@ -95,9 +98,47 @@ def bench_db(server_url: str) -> Iterator[str]:
         yield url
 
 
-def system_env(redis_url: str, sandbox_url: str) -> dict[str, str]:
-    """Cancelflow's settings for the bench: the sandboxes, default worker settings (README)."""
+@dataclass(frozen=True)
+class BrokerLeg:
+    """The broker a leg of the bench runs on: the job store's Redis (``url`` None), or a
+    RabbitMQ vhost of the bench's own (``url``, and its management API)."""
+
+    kind: str  # "redis" | "amqp"
+    url: str | None = None
+    management_url: str | None = None
+
+    def env(self) -> dict[str, str]:
+        if self.url is None:
+            return {}
+        env = {"CANCELFLOW_BROKER_URL": self.url}
+        if self.management_url is not None:
+            env["CANCELFLOW_BROKER_MANAGEMENT_URL"] = self.management_url
+        return env
+
+
+@contextmanager
+def broker_leg(kind: str, *, log: Callable[[str], None]) -> Iterator[BrokerLeg]:
+    """The broker of a leg: Redis as is, or a RabbitMQ vhost made for the leg and deleted
+    after it, on the server ``tests/rabbitmq.py`` picks (``CANCELFLOW_TEST_AMQP_URL``, the
+    machine's when its ``guest`` may make vhosts, else a ``rabbitmq-server`` of its own on
+    free ports): the machine's existing vhosts are never touched."""
+    if kind == "redis":
+        yield BrokerLeg("redis")
+        return
+    if kind != "amqp":
+        raise ValueError(f"unknown broker {kind!r}: redis or amqp")
+    from tests.rabbitmq import rabbit_server
+
+    with rabbit_server() as server, server.vhost() as url:
+        log(f"RabbitMQ: vhost {url.rsplit('/', 1)[-1]} on {server.amqp_url.split('@')[-1]}")
+        yield BrokerLeg("amqp", url, server.management.with_credentials())
+
+
+def system_env(redis_url: str, sandbox_url: str, broker: BrokerLeg | None = None) -> dict[str, str]:
+    """Cancelflow's settings for the bench: the sandboxes, default worker settings (README),
+    the leg's broker."""
     return {
+        **(broker.env() if broker is not None else {}),
         "CANCELFLOW_REDIS_URL": redis_url,
         "CANCELFLOW_API_TOKENS": API_TOKEN,
         "CANCELFLOW_LOG_FORMAT": "json",
@@ -184,9 +225,11 @@ class RssSampler(threading.Thread):
                 self.cpu_s[name] = now - then
 
 
-def wait_for_workers(redis_url: str, hostnames: list[str], timeout_s: float = 90) -> None:
+def wait_for_workers(
+    redis_url: str, hostnames: list[str], timeout_s: float = 90, *, broker_url: str | None = None
+) -> None:
     """Until every worker answers a control ping (its queues are declared and consumed)."""
-    app = create_celery(Settings(redis_url=redis_url))
+    app = create_celery(Settings(redis_url=redis_url, broker_url=broker_url))
 
     def all_answer() -> bool:
         try:
@@ -217,6 +260,7 @@ class BenchSystem:
     log_dir: Path
     sandbox_url: str = ""
     api_url: str = ""
+    broker: BrokerLeg = field(default_factory=lambda: BrokerLeg("redis"))
     procs: ProcessGroup = field(init=False)
 
     def __post_init__(self) -> None:
@@ -224,7 +268,7 @@ class BenchSystem:
 
     @property
     def env(self) -> dict[str, str]:
-        return system_env(self.redis_url, self.sandbox_url)
+        return system_env(self.redis_url, self.sandbox_url, self.broker)
 
     def start_sandbox(self) -> None:
         port = free_port()
@@ -266,15 +310,19 @@ class BenchSystem:
             name = f"{kind}-{n}"
             hostname = f"bench-{name}-{free_port()}@{socket.gethostname()}"
             extra = {**self.env}
-            if kind == "baseline":
+            if kind in ("baseline", "baseline-probe"):
+                if kind == "baseline-probe":
+                    assert probe_dir is not None
+                    extra["BENCH_PROBE_OUT"] = str(probe_dir / f"{name}.json")
                 argv = [
                     sys.executable,
                     "-m",
-                    "celery",
+                    "bench.probe" if kind == "baseline-probe" else "celery",
+                    *(["celery"] if kind == "baseline-probe" else []),
                     "-A",
                     "bench.baseline",
                     "worker",
-                    "--pool=threads",
+                    f"--pool={BASELINE_POOL}",
                     f"--concurrency={concurrency}",
                     "--queues=bench.baseline",
                     "--task-events",
@@ -303,7 +351,7 @@ class BenchSystem:
             workers.names.append(name)
             workers.pids[name] = proc.pid
             hostnames.append(hostname)
-        wait_for_workers(self.redis_url, hostnames)
+        wait_for_workers(self.redis_url, hostnames, broker_url=self.broker.url)
         return workers
 
     def stop_workers(self, workers: Workers) -> None:
@@ -314,9 +362,24 @@ class BenchSystem:
         self.procs.stop_all()
 
 
-def wait_idle(redis_url: str, queues: list[str], timeout_s: float = 30) -> None:
-    """Until the given queues are empty (leftovers of a run do not spill into the next)."""
-    client = redis.Redis.from_url(redis_url)
+def wait_idle(settings: Settings, queues: list[str], timeout_s: float = 30) -> None:
+    """Until the given queues are empty (leftovers of a run do not spill into the next), on
+    the settings' broker: Redis lists, or RabbitMQ queues (a passive declare's count)."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(client.llen(q) for q in queues):
-        time.sleep(0.2)
+    if settings.broker_kind() != "amqp":
+        client = redis.Redis.from_url(settings.broker())
+        while time.monotonic() < deadline and any(client.llen(q) for q in queues):
+            time.sleep(0.2)
+        return
+    app = create_celery(settings)
+    try:
+        with app.connection_for_write() as conn:
+            channel = conn.default_channel
+
+            def ready(queue: str) -> int:
+                return int(channel.queue_declare(queue, passive=True).message_count)
+
+            while time.monotonic() < deadline and any(ready(q) for q in queues):
+                time.sleep(0.2)
+    finally:
+        app.close()

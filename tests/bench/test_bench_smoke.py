@@ -92,6 +92,20 @@ def test_results_have_every_figure(results: Path) -> None:
     )
     run = doc["runs"][0]
     assert {"cpu_ms_per_job", "max_in_flight", "peak_rss_mb_by_worker", "outcomes"} <= set(run)
+    assert (
+        run["broker"] == "redis" and doc["broker"] == "redis" and set(doc["brokers"]) == {"redis"}
+    )
+    assert doc["brokers"]["redis"]["scenarios"] == doc["scenarios"]
+
+
+def test_scaling_runs_each_side_with_two_processes(results: Path) -> None:
+    doc = json.loads((results / "latest.json").read_text())
+    assert {r["workers"] for r in doc["runs"]} == {1, 2}
+    for side in ("baseline", "no_latency"):
+        rates = doc["scaling"][side]["jobs_per_s"]
+        assert set(rates) == {"1", "2"} and all(v > 0 for v in rates.values())
+        assert doc["scaling"][side]["x_base"]["1"] == 1.0
+    assert set(doc["scaling"]["ratio_to_baseline"]) == {"1", "2"}
 
 
 def test_profile_counts_round_trips_and_step_times(results: Path) -> None:
@@ -106,6 +120,11 @@ def test_profile_counts_round_trips_and_step_times(results: Path) -> None:
     )
     assert {"eligibility", "confirm", "callback"} <= set(prof["time_by_step_ms"])
     assert prof["time_by_step_ms"]["eligibility"]["provider_http_ms"] > 0
+    # The baseline's chains, counted the same way: every round trip is the broker's.
+    base = prof["baseline"]
+    assert base["jobs"] == 10
+    brt = base["round_trips_per_job"]
+    assert brt["producer"] > 0 and brt["worker_broker"] > 0 and "worker_store" not in brt
 
 
 def test_reports_read_back(results: Path) -> None:
@@ -113,3 +132,6 @@ def test_reports_read_back(results: Path) -> None:
     assert "| no_latency |" in report.table(doc)
     assert "no_latency: jobs/s" in report.delta(doc, doc)
     assert "Redis round trips per job" in report.profile_text(doc)
+    assert "| redis | no_latency |" in report.table(doc)
+    assert "Scaling (redis)" in report.table(doc)
+    assert "Targets [redis]:" in report.targets_text(doc)
