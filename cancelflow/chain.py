@@ -15,6 +15,9 @@ twice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -37,6 +40,7 @@ from cancelflow.lifecycle import EVENT_OFFER, EVENT_OUTCOME, Event, Next, resume
 from cancelflow.logging import get_logger, redact
 from cancelflow.providers import REGISTRY
 from cancelflow.providers.base import Confirmation, Provider, SubscriptionRef
+from cancelflow.store import Outgoing
 from cancelflow.wiring import Deps
 
 log = get_logger(__name__)
@@ -50,6 +54,21 @@ def reference(job: JobRecord) -> SubscriptionRef:
 def entry(step: Step | str, event: str, attempt: int, **kw: Any) -> TimelineEntry:
     """A timeline entry of ``step``'s attempt ``attempt``, stamped now."""
     return TimelineEntry(at=isoformat(utcnow()), step=str(step), event=event, attempt=attempt, **kw)
+
+
+# How the running step builds the message of the step it makes due (a worker sets it per
+# task: ``worker.tasks``): the job store's move then pushes it in the same script, one round
+# trip for both, and the record and the message are written together or not at all. None
+# (the API, the sweeps, a broker that is not the job store's Redis): the caller sends the
+# returned ``Next`` itself, after the move.
+OUTBOX: ContextVar[Callable[[Next], Outgoing | None] | None] = ContextVar(
+    "cancelflow_outbox", default=None
+)
+
+
+def _outgoing(nxt: Next) -> Outgoing | None:
+    build = OUTBOX.get()
+    return build(nxt) if build is not None else None
 
 
 def _started(deps: Deps, step: Step, attempt: int) -> TimelineEntry:
@@ -106,18 +125,19 @@ async def eligibility(deps: Deps, job_id: str, *, attempt: int = 0) -> Next:
             if moved.applied
             else resume(moved.previous, job_id, job.provider)
         )
+    nxt = Next(Step.CONFIRM, job_id, job.provider)
+    push = _outgoing(nxt)
     moved = await deps.store.transition(
         job,
         Event.CONFIRM,
         entry=entry(
             Step.ELIGIBILITY, "eligible", attempt, status=Status.CONFIRMING, response=response
         ),
+        push=push,
     )
-    return (
-        Next(Step.CONFIRM, job_id, job.provider)
-        if moved.applied
-        else resume(moved.previous, job_id, job.provider)
-    )
+    if not moved.applied:
+        return resume(moved.previous, job_id, job.provider)
+    return replace(nxt, sent=push)
 
 
 async def retention_offer(deps: Deps, job_id: str, *, attempt: int = 0) -> Next:
@@ -271,7 +291,9 @@ async def finish(
     **fields: Any,
 ) -> Next:
     """Record the job's final outcome (``release_lease``: giving back its confirm lease in
-    the same write); the callback step follows."""
+    the same write); the callback step follows (pushed with the move, see ``OUTBOX``)."""
+    nxt = Next(Step.CALLBACK, job.id, job.provider, (EVENT_OUTCOME,))
+    push = _outgoing(nxt)
     moved = await deps.store.transition(
         job,
         Event.FINISH,
@@ -285,13 +307,14 @@ async def finish(
         ),
         identity=reference(job).identity(),
         release_lease=release_lease,
+        push=push,
         outcome=outcome,
         **fields,
     )
     if not moved.applied:
         return resume(moved.previous, job.id, job.provider)
     log.info("job.finished", outcome=outcome.type.value)
-    return Next(Step.CALLBACK, job.id, job.provider, (EVENT_OUTCOME,))
+    return replace(nxt, sent=push)
 
 
 async def fail(deps: Deps, job_id: str, error: ProviderError, *, step: Step, attempt: int) -> Next:

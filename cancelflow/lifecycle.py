@@ -13,8 +13,9 @@ Nothing moves a job backwards but an operator's replay of a dead letter.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from cancelflow.contract import FINAL_STATUSES, Status, Step
 
@@ -100,6 +101,9 @@ class Next:
     provider: str = ""
     args: tuple[str, ...] = ()
     dead_letter: str | None = None
+    # The step's message, when the move that made it due pushed it too (``chain.OUTBOX``):
+    # what follows a send (signals, the task-sent event) is all that is left to do.
+    sent: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
     def done(cls, job_id: str = "") -> Next:

@@ -164,6 +164,8 @@ _MOVE_NAMES = """
 local job, timeline, inflight, callbacks = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local active, lease_key, dl_key, dl_index, dl_kind = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local workers, awaiting = KEYS[10], KEYS[11]
+-- The broker's list the job's next step is pushed on when the move applies ('' for none).
+local next_queue = KEYS[12]
 -- The status to move to ('' for none) and the statuses it may move from (cancelflow.lifecycle;
 -- '' for any).
 local to, allowed, now_iso, entry, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
@@ -179,7 +181,10 @@ local holder, holds, alive_s, deadline = ARGV[12], ARGV[13], tonumber(ARGV[14]),
 local expected = ARGV[16]
 -- The status of a job parked on a decision (cancelflow.lifecycle.PARKED).
 local parked = ARGV[17]
-local FIRST_FIELD = 18
+-- The next step's message (the broker's Redis is the job store's): pushed with the move,
+-- so the record and the message are written together or not at all.
+local next_message = ARGV[18]
+local FIRST_FIELD = 19
 
 if lease == 'release' then redis.call('DEL', lease_key) end
 local cur = redis.call('HGET', job, 'status')
@@ -289,6 +294,7 @@ elseif ttl < 0 then
   redis.call('PERSIST', timeline)
   redis.call('PERSIST', callbacks)
 end
+if next_message ~= '' then redis.call('LPUSH', next_queue, next_message) end
 return answer('ok', 0)
 """
 
@@ -373,6 +379,17 @@ class Created:
 class Transition:
     applied: bool
     previous: Status
+
+
+class Outgoing(Protocol):
+    """A broker message as the broker's Redis list holds it: ``payload`` to ``LPUSH`` on
+    ``key`` (``messaging.patches.StepMessage`` is one)."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def payload(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -720,6 +737,7 @@ class JobStore:
         release_lease: bool = False,
         dead_letter: DeadLetter | None = None,
         deadline: float | None = None,
+        push: Outgoing | None = None,
         **fields: Any,
     ) -> Transition:
         """Move the job by ``event`` if the job is in a status the event moves from.
@@ -727,7 +745,10 @@ class JobStore:
         ``release_lease``: the job's confirm lease is deleted in the same round trip,
         whatever the answer. ``dead_letter``: the job's entry in the dead-letter store,
         written only if the job moves (with it, atomically). ``deadline``: for a move to
-        ``lifecycle.PARKED``, when the decision is due (epoch s), indexed with the move."""
+        ``lifecycle.PARKED``, when the decision is due (epoch s), indexed with the move.
+        ``push``: the next step's message, ``LPUSH``ed on the broker's list (the broker is
+        this Redis) only if the job moves, in the same script: never a record without its
+        message nor a message before its record."""
         to = lifecycle.target(event)
         result, previous, _, _ = await self._run(
             job.id,
@@ -741,6 +762,7 @@ class JobStore:
             lease=(confirm_lease_key(job.id), "release") if release_lease else None,
             dead_letter=dead_letter,
             deadline=deadline,
+            push=push,
         )
         moved = Transition(applied=result == "ok", previous=previous)
         # Only the delivery that moved the job reports it: a redelivered step does not.
@@ -821,6 +843,7 @@ class JobStore:
         holds: str = "",
         deadline: float | None = None,
         due_in_s: float = 0.0,
+        push: Outgoing | None = None,
     ) -> tuple[str, Status, int, JobRecord | None]:
         key = job_key(job_id)
         flat: list[str] = []
@@ -842,6 +865,7 @@ class JobStore:
                 *dl_keys,
                 WORKERS,
                 AWAITING,
+                push.key if push is not None else "",
             ],
             args=[
                 to,
@@ -861,6 +885,7 @@ class JobStore:
                 deadline if deadline is not None else now.timestamp(),
                 now.timestamp() + due_in_s,
                 lifecycle.PARKED.value,
+                push.payload if push is not None else "",
                 *flat,
             ],
         )

@@ -82,11 +82,15 @@ def _route(app: Celery, name: str, queue: str) -> StepRoute | None:
     return known[name, queue]
 
 
-def step_message_for(app: Celery, nxt: Next) -> StepMessage | None:
+def step_message_for(
+    app: Celery, nxt: Next, *, parent: tuple[str, str] | None = None
+) -> StepMessage | None:
     """The message ``send_task`` would write for ``nxt`` (``messaging.patches.step_message``),
     built but not sent; None where the copy does not apply (no step, ``step_message_route``,
     a worker's task as parent): send it with ``dispatch``. Sent by ``LPUSH``ing
-    ``payload`` onto ``key`` of the broker's own Redis, then ``step_message_sent_by``."""
+    ``payload`` onto ``key`` of the broker's own Redis, then ``step_message_sent_by``.
+    ``parent``: the (parent id, root id) of the worker's task whose step makes ``nxt`` due,
+    as ``send_task`` in that task would set them."""
     if nxt.step is None:
         return None
     name, queue = STEP_TASKS[nxt.step], queue_for(nxt.step, nxt.provider)
@@ -102,6 +106,8 @@ def step_message_for(app: Celery, nxt: Next) -> StepMessage | None:
         headers=_step_headers(nxt),
         argsrepr=repr(task_args),
         kwargsrepr="{}",
+        parent_id=parent[0] if parent else None,
+        root_id=parent[1] if parent else None,
     )
 
 

@@ -407,6 +407,8 @@ def step_message(
     headers: dict[str, Any],
     argsrepr: str,
     kwargsrepr: str,
+    parent_id: str | None = None,
+    root_id: str | None = None,
 ) -> StepMessage:
     """The message ``app.send_task(name, args=args, queue=route.queue.name, headers=headers,
     argsrepr=argsrepr, kwargsrepr=kwargsrepr, ignore_result=True)`` would have kombu's Redis
@@ -415,7 +417,9 @@ def step_message(
     ``send_task_message`` (headers merged, the options left over as properties, the anonymous
     exchange, the delivery mode, the sent event's routing), kombu's ``Producer.publish``
     (serialization) and the virtual and Redis channels' ``basic_publish`` / ``_put`` (body
-    encoding, delivery tag and info, priority, the list)."""
+    encoding, delivery tag and info, priority, the list). ``parent_id`` and ``root_id``:
+    what ``send_task`` takes from a worker's running task (a worker building the next step's
+    message on its loop, before Celery runs the task: ``app.current_worker_task`` is unset)."""
     task_id = uuid()
     queue = route.queue
     # As send_task: Celery's own builder of the protocol-2 headers, properties and body.
@@ -429,6 +433,8 @@ def step_message(
         ignore_result=True,
         argsrepr=argsrepr,
         kwargsrepr=kwargsrepr,
+        parent_id=parent_id,
+        root_id=root_id,
     )
     msg_headers.update(headers)
     # send_task_message: options it does not name become properties (so argsrepr and

@@ -42,8 +42,9 @@ from cancelflow.errors import (
 from cancelflow.lifecycle import Next
 from cancelflow.logging import get_logger
 from cancelflow.wiring import Deps
-from messaging.dispatch import dispatch
-from messaging.patches import StepRequest
+from messaging.config import create_celery
+from messaging.dispatch import dispatch, step_message_for, step_message_sent_by
+from messaging.patches import StepMessage, StepRequest
 from worker import pool
 from worker.app import settings_of
 from worker.runtime import Runtime, get_runtime
@@ -148,10 +149,47 @@ class StepTask(Task):  # type: ignore[misc]
 
     async def run_async(self, args: Any, kwargs: Any, request: Mapping[str, Any]) -> StepResult:
         """The step's whole work, on the runtime's loop: ``worker.pool`` awaits it there
-        before Celery runs the task, whose body then only carries the result out."""
+        before Celery runs the task, whose body then only carries the result out. The move
+        that makes the next step due pushes its message too (``chain.OUTBOX``), when the
+        broker is the job store's Redis."""
         message = Delivery.of(self.name, request, args, kwargs)
-        result = await execute(runtime_of(self.app), self.step, message)
+        token = chain.OUTBOX.set(outbox(self.app, request))
+        try:
+            result = await execute(runtime_of(self.app), self.step, message)
+        finally:
+            chain.OUTBOX.reset(token)
         return replace(result, request_id=message.request_id)
+
+
+# Per worker app: a producer's Celery app on the same settings (no task registered in it, so
+# ``step_message_for`` builds what the API's ``send_task`` writes for a first step), or None
+# when the broker is not the job store's Redis.
+_message_apps: dict[int, Celery | None] = {}
+
+
+def _message_app(app: Celery) -> Celery | None:
+    key = id(app)
+    if key not in _message_apps:
+        settings = settings_of(app)
+        messages = create_celery(settings, name="cancelflow-steps")
+        _message_apps[key] = messages if messages.conf.broker_url == settings.redis_url else None
+    return _message_apps[key]
+
+
+def outbox(app: Celery, request: Mapping[str, Any]) -> Callable[[Next], StepMessage | None] | None:
+    """How a step run from ``request`` builds its next step's message (``chain.OUTBOX``): the
+    message ``send_task`` in the task would send, its parent and root ids the task's; None
+    when the broker is not the job store's Redis (the tracer's ``dispatch`` sends it)."""
+    messages = _message_app(app)
+    if messages is None:
+        return None
+    parent_id = str(request.get("id"))
+    parent = (parent_id, str(request.get("root_id") or parent_id))
+
+    def build(nxt: Next) -> StepMessage | None:
+        return step_message_for(messages, nxt, parent=parent)
+
+    return build
 
 
 def run_step(task: StepTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
@@ -234,8 +272,13 @@ def carry_out(task: Task, result: StepResult) -> str:
     nxt = result.next
     if nxt is not None:
         try:
-            with structlog.contextvars.bound_contextvars(request_id=result.request_id):
-                dispatch(task.app, nxt)
+            if nxt.sent is not None:
+                # Pushed by the step's own move: Celery's after-publish signals and the
+                # task-sent event are what is left of the send.
+                step_message_sent_by(task.app, nxt.sent)
+            else:
+                with structlog.contextvars.bound_contextvars(request_id=result.request_id):
+                    dispatch(task.app, nxt)
         except INFRASTRUCTURE_ERRORS as exc:
             # Celery's tracer cleared the log context the step's run had bound.
             log.error(

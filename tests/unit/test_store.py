@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, cast
 
 import fakeredis
 import pytest
@@ -124,6 +126,52 @@ def test_transitions_only_move_forward(fake_redis: fakeredis.FakeAsyncRedis) -> 
         assert record.status is Status.FINISHED
         assert record.outcome is not None and record.outcome.type is OutcomeType.CANCELLED
         assert "late" not in [e.event for e in record.timeline]
+
+    run(go())
+
+
+@dataclass(frozen=True)
+class Pushed:
+    """A next step's message, as ``transition(push=...)`` takes it."""
+
+    key: str
+    payload: str
+
+
+async def queued(redis: fakeredis.FakeAsyncRedis, key: str) -> list[bytes]:
+    return await cast("Awaitable[list[bytes]]", redis.lrange(key, 0, -1))
+
+
+def test_a_move_pushes_the_next_message_with_it_only_when_it_applies(
+    fake_redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    async def go() -> None:
+        s = store(fake_redis)
+        job = (await s.create(request(), identity="sub-1")).job
+        assert (await s.transition(job, lifecycle.Event.CHECK)).applied
+        first = Pushed("provider.payway", '{"step": "confirm"}')
+        moved = await s.transition(
+            job, lifecycle.Event.CONFIRM, entry=entry("eligible"), push=first
+        )
+        assert moved.applied
+        assert await queued(fake_redis, "provider.payway") == [first.payload.encode()]
+        assert (await s.get(job.id)).status is Status.CONFIRMING
+        # A late duplicate's move is refused: its message is not pushed either.
+        late = await s.transition(
+            job, lifecycle.Event.CHECK, push=Pushed("provider.payway", "late")
+        )
+        assert not late.applied
+        assert await queued(fake_redis, "provider.payway") == [first.payload.encode()]
+        done = await s.transition(
+            job,
+            lifecycle.Event.FINISH,
+            outcome=Outcome(type=OutcomeType.CANCELLED),
+            identity="sub-1",
+            push=Pushed("callbacks", "cb"),
+        )
+        assert done.applied and await queued(fake_redis, "callbacks") == [b"cb"]
+        record = await s.get(job.id)
+        assert record.outcome is not None and record.outcome.type is OutcomeType.CANCELLED
 
     run(go())
 
