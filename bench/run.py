@@ -41,6 +41,7 @@ from bench.system import (
 from cancelflow.contract import CALLBACKS_QUEUE, provider_queue
 from cancelflow.logging import configure_logging
 from cancelflow.settings import Settings, load_settings
+from messaging.config import create_celery
 from producers.local import http_json
 
 # Scenario -> the faults every sandbox in the mix gets (PUT /{key}/_sandbox/faults).
@@ -216,6 +217,25 @@ def run_rounds(
     return runs
 
 
+def purge_queues(settings: Settings, queues: list[str]) -> None:
+    """Empty ``queues`` on the settings' RabbitMQ (the bench's own vhost); a queue not
+    declared yet has nothing to empty."""
+    app = create_celery(settings)
+    purged = 0
+    try:
+        with app.connection_for_write() as conn:
+            for name in queues:
+                channel = conn.channel()
+                try:
+                    purged += int(channel.queue_purge(name) or 0)
+                except conn.channel_errors:  # not found: RabbitMQ closed the channel
+                    continue
+                channel.close()
+    finally:
+        app.close()
+    log(f"purged {purged} message(s) left by the enqueue rounds")
+
+
 def run_leg(
     system: BenchSystem, settings: Settings, cfg: Config, db_url: str, broker: str
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -233,6 +253,11 @@ def run_leg(
         )
         system.stop("api")
         redis.Redis.from_url(db_url).flushdb()
+        if settings.broker_kind() == "amqp":
+            # The enqueue rounds' first steps wait on RabbitMQ's queues (the flush above
+            # only cleared Redis): the workers would take them as messages of jobs that do
+            # not exist (dead-lettered as poison), in the first round's time.
+            purge_queues(settings, [provider_queue(k) for k in cfg.providers] + [CALLBACKS_QUEUE])
     runs = run_rounds(system, settings, cfg, cfg.scenarios, cfg.workers, broker=broker)
     for count in cfg.scaling:
         if count != cfg.workers:
