@@ -34,8 +34,11 @@ GREEN = ("gevent", "eventlet")
 @click.command()
 @click.option("--jobs", default=1000, show_default=True)
 @click.option("--rounds", default=3, show_default=True)
-def main(jobs: int, rounds: int) -> None:
+@click.option("--only", default="", help="Pools to run (comma-separated names), default all.")
+def main(jobs: int, rounds: int, only: str) -> None:
     """Run the baseline on each stock pool, alternately; print jobs/s and CPU per job."""
+    wanted = {p.strip() for p in only.split(",") if p.strip()}
+    pools = tuple(p for p in POOLS if not wanted or p[0] in wanted)
     for green in GREEN:
         if importlib.util.find_spec(green) is None:
             log(f"{green}: not installed (not a dependency), not measured")
@@ -51,7 +54,7 @@ def main(jobs: int, rounds: int) -> None:
             settings = load_settings()
             configure_logging(fmt="json", level="WARNING")
             for r in range(rounds):
-                for pool, concurrency in POOLS[r % len(POOLS) :] + POOLS[: r % len(POOLS)]:
+                for pool, concurrency in pools[r % len(pools) :] + pools[: r % len(pools)]:
                     name = f"{pool} -c {concurrency}"
                     bench_system.BASELINE_POOL = pool
                     workers = system.start_workers("baseline", 1, concurrency)
