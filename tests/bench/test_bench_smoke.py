@@ -51,7 +51,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     # 1 is "a target failed", which a run this small may well do; 2 and up are errors.
     assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Targets:" in proc.stdout
+    assert "Targets [redis]:" in proc.stdout
     return out
 
 
