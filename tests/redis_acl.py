@@ -118,19 +118,20 @@ def sentinel_user_words(user: SentinelUser, password: str | None) -> list[str]:
 
 
 def sentinel_directives(
-    *, master_host: str | None, master_port: int, passwords: Mapping[str, str]
+    *, master_host: str, master_port: int, passwords: Mapping[str, str]
 ) -> list[list[str]]:
-    """A sentinel's configuration, one directive (its words) per entry: what it monitors and
-    how it logs in to the data nodes and to the other sentinels, then its users.
-    ``master_host`` None leaves out the ``monitor`` line (the Kubernetes start script writes
-    it, naming the master the other sentinels know); ``passwords`` by user name (``sentinel``:
-    the ``sentinel`` user's, on the data nodes and on the sentinels alike)."""
+    """A sentinel's configuration, one directive (its words) per entry: what it monitors at
+    first (it rewrites the line after a failover) and how it logs in to the data nodes and to
+    the other sentinels, then its users. ``passwords`` by user name (``sentinel``: the
+    ``sentinel`` user's, on the data nodes and on the sentinels alike)."""
     m = SENTINEL_MASTER
-    lines = [["sentinel", "resolve-hostnames", "yes"], ["sentinel", "announce-hostnames", "yes"]]
-    if master_host is not None:
-        quorum = str(SENTINEL_QUORUM)
-        lines.append(["sentinel", "monitor", m, master_host, str(master_port), quorum])
-    lines += [
+    quorum = str(SENTINEL_QUORUM)
+    # Hostnames (Compose services, Kubernetes pods) rather than IPs, which change: resolved
+    # before `monitor` names one, and given to clients as they are.
+    lines = [
+        ["sentinel", "resolve-hostnames", "yes"],
+        ["sentinel", "announce-hostnames", "yes"],
+        ["sentinel", "monitor", m, master_host, str(master_port), quorum],
         ["sentinel", "auth-user", m, "sentinel"],
         ["sentinel", "auth-pass", m, passwords["sentinel"]],
         ["sentinel", "down-after-milliseconds", m, str(SENTINEL_DOWN_AFTER_MS)],
@@ -145,10 +146,20 @@ def sentinel_directives(
     return lines
 
 
-def sentinel_conf(*, passwords: Mapping[str, str]) -> str:
-    """A sentinel's configuration file without its ``monitor`` line (Kubernetes)."""
-    lines = sentinel_directives(master_host=None, master_port=6379, passwords=passwords)
+def sentinel_conf(*, master_host: str, passwords: Mapping[str, str]) -> str:
+    """A sentinel's first configuration file (Kubernetes: its start script adds the name it
+    announces)."""
+    lines = [
+        ["port", "26379"],
+        *sentinel_directives(master_host=master_host, master_port=6379, passwords=passwords),
+    ]
     return "\n".join(" ".join(words) for words in lines) + "\n"
+
+
+def replication_conf(password: str) -> str:
+    """A data node's file of how it logs in to a master (Kubernetes; Compose passes the same
+    as arguments): as ``replica``."""
+    return f"masteruser replica\nmasterauth {password}\n"
 
 
 def compose_sentinel_lines(*, announce: str, master_host: str = "redis") -> list[str]:
