@@ -250,12 +250,19 @@ def compose_sentinel_cluster(tmp_path: Path) -> Iterator[Cluster]:
     cluster = Cluster(tmp_path, passwords)
     for name in ("redis", "redis-replica", *SENTINELS):
         cluster.ports[name] = free_port()
-    try:
+    with stopped_after(cluster):
         cluster.start("redis", shipped_node_argv(cluster, "redis"))
         cluster.start("redis-replica", shipped_node_argv(cluster, "redis-replica"))
         for name in SENTINELS:
             argv, _ = shipped_sentinel_argv(cluster, name)
             cluster.start(name, argv)
+        yield cluster
+
+
+@contextmanager
+def stopped_after(cluster: Cluster) -> Iterator[Cluster]:
+    """The cluster, each of its processes stopped on the way out."""
+    try:
         yield cluster
     finally:
         for proc in cluster.procs.values():
@@ -289,91 +296,112 @@ def test_the_shipped_sentinels_watch_the_master_and_fail_over_with_least_privile
     tmp_path: Path,
 ) -> None:
     with compose_sentinel_cluster(tmp_path) as cluster:
-        for name in ("redis", "redis-replica"):
-            assert_no_access_without_password(cluster.ports[name])
-        wait(lambda: replicating(cluster.admin("redis-replica")), "the replica to sync", 20)
-
-        def every_sentinel_sees_all() -> bool:
-            for name in SENTINELS:
-                # Anonymous, as Cancelflow asks them.
-                found = cluster.anonymous(name).execute_command(
-                    "SENTINEL", "MASTER", SENTINEL_MASTER
-                )
-                state = dict(zip(found[::2], found[1::2], strict=True))
-                if (state[b"num-slaves"], state[b"num-other-sentinels"]) != (b"1", b"2"):
-                    return False
-            return True
-
-        wait(every_sentinel_sees_all, "each sentinel to find the replica and the others", 30)
-
-        # Cancelflow's own client, from the worker's URL, finds the master by the sentinels.
-        worker = sync_client(sentinel_url(cluster, "worker"), socket_timeout=2)
-        assert worker.set("cf:sentinel-test", "1")
-        wait(
-            lambda: cluster.admin("redis-replica").get("cf:sentinel-test") == b"1",
-            "the write to reach the replica",
-            10,
+        exercise_sentinels(
+            cluster,
+            master="redis",
+            replica="redis-replica",
+            sentinels=SENTINELS,
+            worker_url=sentinel_url(cluster, "worker"),
+            # As Compose starts it again: a master, until the sentinels say otherwise.
+            restart_master=lambda: cluster.start("redis", shipped_node_argv(cluster, "redis")),
         )
 
-        # Anonymous clients of a sentinel read where the master is, and change nothing.
-        anonymous = cluster.anonymous("sentinel-1")
-        for refused in (
-            ("SENTINEL", "SET", SENTINEL_MASTER, "down-after-milliseconds", "1"),
-            ("SENTINEL", "FAILOVER", SENTINEL_MASTER),
-            ("SENTINEL", "REMOVE", SENTINEL_MASTER),
-            ("SENTINEL", "CONFIG", "GET", "*"),
-            ("ACL", "LIST"),
-        ):
-            with pytest.raises(redis.exceptions.NoPermissionError):
-                anonymous.execute_command(*refused)
-        with pytest.raises(redis.AuthenticationError):
-            redis.Redis(
-                port=cluster.ports["sentinel-1"], username="sentinel", password="wrong"
-            ).ping()
 
-        # The master dies: two sentinels agree, one promotes the replica, every client of the
-        # sentinels is sent there.
-        cluster.procs["redis"].send_signal(signal.SIGKILL)
-        cluster.procs["redis"].wait()
-        replica_port = str(cluster.ports["redis-replica"]).encode()
+def exercise_sentinels(
+    cluster: Cluster,
+    *,
+    master: str,
+    replica: str,
+    sentinels: tuple[str, ...],
+    worker_url: str,
+    restart_master: Callable[[], None],
+) -> None:
+    """A deployment's Redis nodes and sentinels, running, do their job with the shipped users:
+    the replica syncs, the sentinels find it and one another, Cancelflow's client on the
+    worker's URL writes through them; anonymous clients of a sentinel change nothing; the
+    master SIGKILLed is failed over, the client follows, the old master restarted comes back as
+    a replica; and nothing the replica or the sentinels sent was refused."""
+    for name in (master, replica):
+        assert_no_access_without_password(cluster.ports[name])
+    wait(lambda: replicating(cluster.admin(replica)), "the replica to sync", 20)
 
-        def promoted() -> bool:
-            return all(
-                cluster.anonymous(n).execute_command(
-                    "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_MASTER
-                )[1]
-                == replica_port
-                for n in SENTINELS
-            )
-
-        wait(promoted, "the sentinels to promote the replica", 30)
-
-        def writes() -> bool:
-            try:
-                return bool(worker.set("cf:after-failover", "1"))
-            except (redis.ConnectionError, redis.ReadOnlyError, redis.TimeoutError):
+    def every_sentinel_sees_all() -> bool:
+        for name in sentinels:
+            # Anonymous, as Cancelflow asks them.
+            found = cluster.anonymous(name).execute_command("SENTINEL", "MASTER", SENTINEL_MASTER)
+            state = dict(zip(found[::2], found[1::2], strict=True))
+            if (state[b"num-slaves"], state[b"num-other-sentinels"]) != (b"1", b"2"):
                 return False
+        return True
 
-        wait(writes, "the worker's client to write to the new master", 15)
-        assert cluster.admin("redis-replica").get("cf:sentinel-test") == b"1"
+    wait(every_sentinel_sees_all, "each sentinel to find the replica and the others", 30)
 
-        # The old master restarts as Compose starts it (a master): the sentinels make it a
-        # replica of the new one, which it logs in to as `replica`.
-        cluster.start("redis", shipped_node_argv(cluster, "redis"))
-        wait(lambda: replicating(cluster.admin("redis")), "the old master to replicate", 40)
-        wait(
-            lambda: cluster.admin("redis").get("cf:after-failover") == b"1",
-            "the old master to sync",
-            10,
+    # Cancelflow's own client, from the worker's URL, finds the master by the sentinels.
+    worker = sync_client(worker_url, socket_timeout=2)
+    assert worker.set("cf:sentinel-test", "1")
+    wait(
+        lambda: cluster.admin(replica).get("cf:sentinel-test") == b"1",
+        "the write to reach the replica",
+        10,
+    )
+
+    # Anonymous clients of a sentinel read where the master is, and change nothing.
+    anonymous = cluster.anonymous(sentinels[0])
+    for refused in (
+        ("SENTINEL", "SET", SENTINEL_MASTER, "down-after-milliseconds", "1"),
+        ("SENTINEL", "FAILOVER", SENTINEL_MASTER),
+        ("SENTINEL", "REMOVE", SENTINEL_MASTER),
+        ("SENTINEL", "CONFIG", "GET", "*"),
+        ("ACL", "LIST"),
+    ):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            anonymous.execute_command(*refused)
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=cluster.ports[sentinels[0]], username="sentinel", password="wrong").ping()
+
+    # The master dies: two sentinels agree, one promotes the replica, every client of the
+    # sentinels is sent there.
+    cluster.procs[master].send_signal(signal.SIGKILL)
+    cluster.procs[master].wait()
+    replica_port = str(cluster.ports[replica]).encode()
+
+    def promoted() -> bool:
+        return all(
+            cluster.anonymous(n).execute_command(
+                "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_MASTER
+            )[1]
+            == replica_port
+            for n in sentinels
         )
 
-        # Every command the replica and the sentinels sent was allowed.
-        for node in ("redis", "redis-replica", *SENTINELS):
-            log: list[dict[str, Any]] = cluster.admin(node).acl_log()  # type: ignore[assignment]
-            denied = [
-                e
-                for e in log
-                # (Not the wrong password given above: a refused command, key or channel.)
-                if e.get("username") in ("replica", "sentinel") and e["reason"] != "auth"
-            ]
-            assert not denied, f"{node}: {denied}"
+    wait(promoted, "the sentinels to promote the replica", 30)
+
+    def writes() -> bool:
+        try:
+            return bool(worker.set("cf:after-failover", "1"))
+        except (redis.ConnectionError, redis.ReadOnlyError, redis.TimeoutError):
+            return False
+
+    wait(writes, "the worker's client to write to the new master", 15)
+    assert cluster.admin(replica).get("cf:sentinel-test") == b"1"
+
+    # The old master restarts as the deployment starts it: the sentinels make it a replica
+    # of the new one, which it logs in to as `replica`.
+    restart_master()
+    wait(lambda: replicating(cluster.admin(master)), "the old master to replicate", 40)
+    wait(
+        lambda: cluster.admin(master).get("cf:after-failover") == b"1",
+        "the old master to sync",
+        10,
+    )
+
+    # Every command the replica and the sentinels sent was allowed.
+    for node in (master, replica, *sentinels):
+        log: list[dict[str, Any]] = cluster.admin(node).acl_log()  # type: ignore[assignment]
+        denied = [
+            e
+            for e in log
+            # (Not the wrong password given above: a refused command, key or channel.)
+            if e.get("username") in ("replica", "sentinel") and e["reason"] != "auth"
+        ]
+        assert not denied, f"{node}: {denied}"

@@ -45,8 +45,16 @@ from tests.deploy.support import (
     resolve,
     setting_names,
 )
+from tests.deploy.test_compose_sentinel import Cluster, exercise_sentinels, stopped_after
 from tests.deploy.test_k8s import argv, is_cancelflow_image, schema_errors
-from tests.deploy.test_lockdown import K8S_ROLES, free_port, k8s_role, matches
+from tests.deploy.test_lockdown import (
+    K8S_ROLES,
+    REDIS_SERVER,
+    free_port,
+    k8s_role,
+    matches,
+    needs_redis_server,
+)
 from tests.redis_acl import (
     SENTINEL_MASTER,
     acl_file,
@@ -214,6 +222,26 @@ def test_every_variable_the_processes_get_is_a_setting_and_they_load(
         else:
             assert settings.broker_url is None, deployment
             assert parse_sentinel(settings.redis_url).master == SENTINEL_MASTER, deployment
+
+
+@pytest.mark.parametrize("name", sorted(OVERLAYS))
+def test_every_pod_runs_locked_down(name: str) -> None:
+    """The restricted Pod Security Standard the example's namespace enforces, for the pods the
+    overlay adds too: non-root, no privilege escalation, no capability, RuntimeDefault
+    seccomp, a read-only root, no service account token."""
+    docs = rendered(name)
+    for workload in [*of_kind(docs, "Deployment").values(), *of_kind(docs, "StatefulSet").values()]:
+        where = workload["metadata"]["name"]
+        spec = workload["spec"]["template"]["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True, where
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        assert spec["automountServiceAccountToken"] is False, where
+        for container in spec["containers"]:
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["capabilities"]["drop"] == ["ALL"], where
+            assert "resources" in container, where
 
 
 # --- RabbitMQ -----------------------------------------------------------------------------
@@ -602,6 +630,8 @@ def test_the_overlays_rabbitmq_lets_in_its_users_only_and_keda_reads_queue_lengt
         path = f"queues/{quote(vhost, safe='')}/{quote(queue.name, safe='')}"
         status, found = rabbit.api(path, keda_user, keda_password)
         assert status == 200 and found["type"] == "quorum", (status, found)
+        # (and so does the API, for its metrics' queue depths, as Cancelflow's user)
+        assert rabbit.api(path, user, password)[0] == 200
         assert rabbit.api("users", keda_user, keda_password)[0] == 401
         # ... and may not declare, send or take anything.
         keda_url = local._replace(
@@ -617,3 +647,121 @@ def test_the_overlays_rabbitmq_lets_in_its_users_only_and_keda_reads_queue_lengt
             pytest.raises(AccessRefused),
         ):
             connection.default_channel.basic_get(queue.name)
+
+
+# --- Sentinel for real ----------------------------------------------------------------------
+
+ADMIN = "user admin on >admin-pw ~* &* +@all"
+
+
+def run_script(tmp: Path, argv: list[str], hostname: str) -> list[str]:
+    """Run a pod's start script as its container would, as if on a pod of that name, up to
+    its `exec redis-server`: the arguments it would start Redis with."""
+    shims = tmp / "shims"
+    shims.mkdir(exist_ok=True)
+    (shims / "hostname").write_text('#!/bin/sh\necho "$FAKE_HOSTNAME"\n')
+    (shims / "redis-server").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_FILE"\n')
+    for shim in shims.iterdir():
+        shim.chmod(0o755)
+    recorded = tmp / f"{hostname}.args"
+    env = {
+        **os.environ,
+        "PATH": f"{shims}:{os.environ['PATH']}",
+        "FAKE_HOSTNAME": hostname,
+        "ARGS_FILE": str(recorded),
+    }
+    subprocess.run(argv, env=env, check=True, timeout=30)
+    return recorded.read_text().splitlines()
+
+
+@needs_redis_server
+def test_the_sentinel_overlays_redis_and_sentinels_run_and_fail_over(tmp_path: Path) -> None:
+    docs = rendered("sentinel")
+    statefulsets = of_kind(docs, "StatefulSet")
+    nodes, sentinels = statefulsets["cancelflow-redis"], statefulsets["cancelflow-redis-sentinel"]
+    node_service, sentinel_service = nodes["spec"]["serviceName"], sentinels["spec"]["serviceName"]
+    (node,) = nodes["spec"]["template"]["spec"]["containers"]
+    (sentinel,) = sentinels["spec"]["template"]["spec"]["containers"]
+    # The Secrets' files where the pods mount them, here in directories of the test's.
+    acl = tmp_path / "acl"
+    acl.mkdir()
+    acl_secret = secret(docs, "cancelflow-redis-acl")
+    (acl / "users.acl").write_text(acl_secret["users.acl"] + ADMIN + "\n")
+    (acl / "replication.conf").write_text(acl_secret["replication.conf"])
+    sentinel_secret = tmp_path / "sentinel-secret"
+    sentinel_secret.mkdir()
+    shipped_conf = secret(docs, "cancelflow-redis-sentinel")["sentinel.conf"]
+    (sentinel_secret / "sentinel.conf").write_text(shipped_conf)
+    pods = [f"cancelflow-redis-{n}" for n in range(nodes["spec"]["replicas"])]
+    sentinel_pods = tuple(f"cancelflow-redis-sentinel-{n}" for n in range(3))
+    cluster = Cluster(tmp_path, passwords={})
+    for name in (*pods, *sentinel_pods):
+        cluster.ports[name] = free_port()
+    first = f"{pods[0]}.{node_service}"
+
+    def node_argv(pod: str) -> list[str]:
+        script = node["command"][2].replace("/etc/redis/acl/", f"{acl}/")
+        args = [a.replace("/etc/redis/acl/", f"{acl}/") for a in node["args"]]
+        found = run_script(tmp_path, [*node["command"][:2], script, *args], pod)
+        assert found[0] == f"{acl}/replication.conf", found
+        announce = found.index("--replica-announce-ip")
+        assert found[announce + 1] == f"{pod}.{node_service}"
+        found[announce + 1] = "127.0.0.1"
+        if pod == pods[0]:
+            assert "--replicaof" not in found, "pod 0 starts as the master"
+        else:
+            at = found.index("--replicaof")
+            assert found[at + 1 : at + 3] == [first, "6379"], found
+            found[at + 1 : at + 3] = ["127.0.0.1", str(cluster.ports[pods[0]])]
+        data = tmp_path / pod
+        data.mkdir(exist_ok=True)
+        where = ["--port", str(cluster.ports[pod]), "--bind", "127.0.0.1", "--dir", str(data)]
+        assert REDIS_SERVER is not None
+        return [REDIS_SERVER, *found, *where, "--save", ""]
+
+    def sentinel_argv(pod: str) -> list[str]:
+        data = tmp_path / pod
+        data.mkdir()
+        script = (
+            sentinel["command"][2]
+            .replace("/data/", f"{data}/")
+            .replace("/etc/redis/sentinel/", f"{sentinel_secret}/")
+        )
+        found = run_script(tmp_path, [*sentinel["command"][:2], script], pod)
+        conf = data / "sentinel.conf"
+        assert found == [str(conf), "--sentinel"], found
+        written = conf.read_text()
+        assert written == shipped_conf + f"sentinel announce-ip {pod}.{sentinel_service}\n"
+        # This machine's names and ports; a faster down-after for the test's sake.
+        lines = []
+        for line in written.splitlines():
+            if line == "port 26379":
+                line = f"port {cluster.ports[pod]}\nbind 127.0.0.1"
+            elif line.startswith("sentinel announce-ip "):
+                line = "sentinel announce-ip 127.0.0.1"
+            elif line.startswith("sentinel monitor "):
+                line = line.replace(f" {first} 6379 ", f" 127.0.0.1 {cluster.ports[pods[0]]} ")
+            elif line.startswith("sentinel down-after-milliseconds "):
+                line = f"sentinel down-after-milliseconds {SENTINEL_MASTER} 1000"
+            lines.append(line)
+        conf.write_text("\n".join([*lines, ADMIN]) + "\n")
+        assert REDIS_SERVER is not None
+        return [REDIS_SERVER, str(conf), "--sentinel"]
+
+    url = secret(docs, "cancelflow-redis-worker")["CANCELFLOW_REDIS_URL"]
+    for pod in sentinel_pods:
+        url = url.replace(f"{pod}.{sentinel_service}:26379", f"127.0.0.1:{cluster.ports[pod]}")
+    with stopped_after(cluster):
+        for pod in pods:
+            cluster.start(pod, node_argv(pod))
+        for pod in sentinel_pods:
+            cluster.start(pod, sentinel_argv(pod))
+        exercise_sentinels(
+            cluster,
+            master=pods[0],
+            replica=pods[1],
+            sentinels=sentinel_pods,
+            worker_url=url,
+            # Its pod restarted: the same script, so a master, until the sentinels say not.
+            restart_master=lambda: cluster.start(pods[0], node_argv(pods[0])),
+        )
