@@ -134,6 +134,26 @@ def test_every_cancelflow_service_reaches_redis_through_the_sentinels_as_its_rol
             assert found[name]["depends_on"][sentinel] == {"condition": "service_healthy"}
 
 
+def test_with_the_rabbitmq_profile_too_rabbitmq_is_the_broker_and_sentinel_the_store() -> None:
+    base = services()
+    rabbitmq = yaml_documents(DEPLOY / "compose" / "rabbitmq.yml")[0]["services"]
+    passwords = {u.password_var: "pw" for u in data_node_users().values()}
+    passwords["RABBITMQ_PASSWORD"] = "pw"
+    for name in {n for n, s in base.items() if is_ours(s)} - {"sandbox"}:
+        # Compose merges the files' environment mappings, later files winning.
+        env = {
+            **base[name].get("environment", {}),
+            **rabbitmq[name]["environment"],
+            **overrides()["services"][name]["environment"],
+        }
+        settings = Settings(
+            redis_url=interpolated(env["CANCELFLOW_REDIS_URL"], passwords),
+            broker_url=interpolated(env["CANCELFLOW_BROKER_URL"], passwords),
+        )
+        assert settings.broker_kind() == "amqp", name
+        assert parse_sentinel(settings.redis_url).master == SENTINEL_MASTER, name
+
+
 def test_every_password_the_profile_needs_is_named_in_env_example() -> None:
     text = ENV_EXAMPLE.read_text()
     needed = set(re.findall(r"\$\{([A-Z_]+):\?", SENTINEL.read_text()))
