@@ -516,20 +516,35 @@ class Rabbit:
 
 @contextmanager
 def overlay_rabbitmq(home: Path) -> Iterator[Rabbit]:
-    """rabbitmq-server with the overlay's conf.d file and definitions (only where it listens,
-    its files and the disk alarm changed), the management plugin on, ports of its own."""
+    """rabbitmq-server with the overlay's conf.d file and definitions."""
     docs = rendered("rabbitmq")
     conf_text = next(
         d["data"]["cancelflow.conf"]
         for name, d in of_kind(docs, "ConfigMap").items()
         if name.startswith("cancelflow-rabbitmq-config")
     )
-    (home / "definitions.json").write_text(
-        secret(docs, "cancelflow-rabbitmq-definitions")["definitions.json"]
-    )
+    definitions = secret(docs, "cancelflow-rabbitmq-definitions")["definitions.json"]
+    with rabbitmq_with(
+        home, conf=conf_text, definitions=definitions, login=login(broker_url(docs))
+    ) as rabbit:
+        yield rabbit
+
+
+@contextmanager
+def rabbitmq_with(
+    home: Path, *, conf: str, definitions: str, login: tuple[str, str]
+) -> Iterator[Rabbit]:
+    """rabbitmq-server with this configuration (only where it listens, where it finds the
+    definitions, its files and the disk alarm changed) and these definitions, the management
+    plugin on, ports of its own; ready once ``login`` gets into the management API."""
+    (home / "definitions.json").write_text(definitions)
     amqp, http, dist, epmd = (free_port() for _ in range(4))
+    conf = re.sub(
+        r"(?m)^load_definitions = .*$", f"load_definitions = {home}/definitions.json", conf
+    )
+    assert f"load_definitions = {home}/definitions.json" in conf
     (home / "rabbitmq.conf").write_text(
-        conf_text.replace("/etc/rabbitmq/definitions/", f"{home}/")
+        conf
         + f"listeners.tcp.default = 127.0.0.1:{amqp}\n"
         + f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {http}\n"
         + "disk_free_limit.absolute = 50MB\n"
@@ -559,7 +574,7 @@ def overlay_rabbitmq(home: Path) -> Iterator[Rabbit]:
         start_new_session=True,
     )
     rabbit = Rabbit(amqp, http)
-    user, password = login(broker_url(docs))
+    user, password = login
     try:
         deadline = time.monotonic() + 120
         while True:
