@@ -179,7 +179,7 @@ def test_retried_steps_stay_in_the_jobs_trace(traced: System, collector: Collect
 def test_off_by_default_nothing_is_sent_or_stored(system: System) -> None:
     """The shared system runs at the default settings: tracing off. A caller's traceparent
     is not passed on, and the job record holds none."""
-    trace_id, _, traceparent = caller_traceparent()
+    _, _, traceparent = caller_traceparent()
     job_id = enqueue(
         system, payway_body(DEMO.end_of_period, callback_url=receiver_url(system)), traceparent
     )
