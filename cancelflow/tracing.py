@@ -102,15 +102,25 @@ def flush(timeout_s: float = 5.0) -> None:
 
 def inject(headers: MutableMapping[str, Any], *, job_traceparent: str | None = None) -> None:
     """Add the current trace context (``traceparent``, ``tracestate``) to ``headers``: a
-    step's message, a provider request, a callback; with no current span,
-    ``job_traceparent`` (a job's own, from its record). Nothing while off."""
+    step's message, a provider request, a callback. ``job_traceparent`` (a job's own, from
+    its record) instead when no span is current, or the current one is of another trace (a
+    decision's or a replay's request): a job's steps stay in the job's trace. Nothing while
+    off."""
     if not enabled:
         return
     from opentelemetry import propagate
 
     propagate.inject(headers)
-    if TRACEPARENT not in headers and job_traceparent is not None:
+    if job_traceparent is not None and _trace_id(headers.get(TRACEPARENT)) != _trace_id(
+        job_traceparent
+    ):
         headers[TRACEPARENT] = job_traceparent
+        headers.pop(TRACESTATE, None)
+
+
+def _trace_id(traceparent: str | None) -> str | None:
+    parts = traceparent.split("-") if traceparent else []
+    return parts[1] if len(parts) >= 4 else None
 
 
 def current_traceparent() -> str | None:

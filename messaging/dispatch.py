@@ -67,8 +67,9 @@ def _step_headers(nxt: Next) -> dict[str, Any]:
     if request_id is not None:
         headers["request_id"] = request_id
     if tracing.enabled:
-        # The span it is sent from (a step's, an API request's) is its parent; from outside
-        # any span (a sweep), the job's own trace context.
+        # The span it is sent from (a step's, the API request's) is its parent; from outside
+        # any span (a sweep) or from another trace's (a decision's request), the job's own
+        # trace context.
         tracing.inject(headers, job_traceparent=nxt.trace)
     return headers
 

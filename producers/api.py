@@ -667,6 +667,7 @@ async def get_cancellation(request: web.Request) -> web.Response:
 
 async def post_decision(request: web.Request) -> web.Response:
     deps, job_id = request.app[DEPS], _job_id(request)
+    tracing.set_attributes({tracing.JOB_ID: job_id})  # the job's steps go on in its own trace
     try:
         decision = Decision.model_validate(await _json_body(request))
     except ValidationError as exc:
@@ -701,6 +702,7 @@ async def replay_dead_letter(request: web.Request) -> web.Response:
         return problem(
             404, Problem.NOT_FOUND, f"no dead letter {dl_id} (already replayed or purged?)"
         )
+    tracing.set_attributes({tracing.JOB_ID: dl.job_id})  # replayed in the job's own trace
     try:
         nxt = await chain.replay(deps, dl_id)
     except AlreadyReplayed as exc:

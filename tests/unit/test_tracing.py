@@ -109,9 +109,13 @@ def test_a_step_message_carries_the_span_it_is_sent_from(spans: InMemorySpanExpo
         # The job-creation push (step_message_for) and dispatch build the same headers.
         message = step_message_for(app, Next(Step.ELIGIBILITY, "j", "payway"))
         assert message is not None and message.headers["traceparent"] == wanted
-        # A live span wins over the job's stored context.
-        headers = _step_headers(Next(Step.CONFIRM, "j", "payway", trace=TRACEPARENT))
+        # A live span of the job's trace is the parent.
+        same_trace = f"00-{context.trace_id:032x}-{'1' * 16}-01"
+        headers = _step_headers(Next(Step.CONFIRM, "j", "payway", trace=same_trace))
         assert headers["traceparent"] == wanted
+        # A live span of another trace (a decision's request) is not: the job's trace goes on.
+        headers = _step_headers(Next(Step.CONFIRM, "j", "payway", trace=TRACEPARENT))
+        assert headers["traceparent"] == TRACEPARENT
 
 
 def test_outside_any_span_a_step_message_carries_the_jobs_trace(
