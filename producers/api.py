@@ -822,10 +822,18 @@ def new_event_loop(settings: Settings) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
+UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
 @web.middleware
 async def request_span(request: web.Request, handler: Any) -> web.StreamResponse:
     """The request's server span, continuing the caller's ``traceparent`` (in the middleware
-    list only while tracing is on: docs/tracing.md); the steps it sends are its children."""
+    list only while tracing is on: docs/tracing.md); the steps it sends are its children.
+    Probes and scrapes (``UNTRACED_PATHS``) get none: a trace every few seconds per probe
+    would bury the jobs' traces."""
+    if request.path in UNTRACED_PATHS:
+        untraced: web.StreamResponse = await handler(request)
+        return untraced
     route = request.match_info.route.resource
     template = route.canonical if route is not None else None
     attributes = {

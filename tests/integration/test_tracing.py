@@ -154,6 +154,8 @@ def test_a_callers_traceparent_makes_one_tree_to_the_provider_and_the_receiver(
     assert delivery.attributes["http.response.status_code"] == 200
     (seen,) = receiver_requests(traced, job_id)
     assert seen["traceparent"] == f"00-{trace_id}-{delivery.span_id}-01"
+    # The start-up's /readyz polls made no trace of their own.
+    assert not [s for s in collector.spans if s.attributes.get("url.path") == "/readyz"]
 
 
 def test_retried_steps_stay_in_the_jobs_trace(traced: System, collector: Collector) -> None:
