@@ -20,6 +20,8 @@ from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
 
@@ -179,6 +181,17 @@ def span(
         yield current
 
 
+def log_fields(current: Span | None) -> dict[str, str]:
+    """``trace_id`` and ``span_id`` of ``current`` (hex, as trace backends show them), for log
+    lines: a line's trace is found from the line and back. Empty for no (valid) span."""
+    if current is None:
+        return {}
+    context = current.get_span_context()
+    if not context.is_valid:
+        return {}
+    return {"trace_id": f"{context.trace_id:032x}", "span_id": f"{context.span_id:016x}"}
+
+
 class StepScope:
     """A step's span, open from where the pool starts the step's coroutine until Celery's
     tracer ran the task shell (so the next step sent is its child); ``end`` closes it."""
@@ -208,6 +221,8 @@ class StepScope:
             attributes={k: v for k, v in attributes.items() if v is not None},
         )
         self._token = otel_context.attach(trace.set_span_in_context(self.span))
+        # On the step's log lines (this coroutine's context is the step's own).
+        structlog.contextvars.bind_contextvars(**log_fields(self.span))
 
     def end(self, error: BaseException | None = None) -> None:
         """Close the span (with ``error`` recorded, if the step's coroutine raised one)."""

@@ -844,7 +844,10 @@ async def request_span(request: web.Request, handler: Any) -> web.StreamResponse
         tracing.REQUEST_ID: structlog.contextvars.get_contextvars().get("request_id"),
     }
     name = f"{request.method} {template}" if template else request.method
-    with tracing.span(name, kind="server", parent=request.headers, attributes=attributes):
+    with (
+        tracing.span(name, kind="server", parent=request.headers, attributes=attributes) as span,
+        structlog.contextvars.bound_contextvars(**tracing.log_fields(span)),
+    ):
         try:
             response: web.StreamResponse = await handler(request)
         except web.HTTPException as exc:

@@ -10,6 +10,7 @@ steps stay in it; and with tracing off (the default) nothing is sent or stored."
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -154,6 +155,11 @@ def test_a_callers_traceparent_makes_one_tree_to_the_provider_and_the_receiver(
     assert delivery.attributes["http.response.status_code"] == 200
     (seen,) = receiver_requests(traced, job_id)
     assert seen["traceparent"] == f"00-{trace_id}-{delivery.span_id}-01"
+    # The worker's lines of the job's steps name the step's trace and span.
+    lines = [json.loads(row.partition(": ")[2]) for row in traced.log_lines(job_id).splitlines()]
+    step_lines = [line for line in lines if line.get("step") and line.get("job_id") == job_id]
+    assert step_lines and {line.get("trace_id") for line in step_lines} == {trace_id}
+    assert {line["span_id"] for line in step_lines} <= {s.span_id for s in spans}
     # The start-up's /readyz polls made no trace of their own.
     assert not [s for s in collector.spans if s.attributes.get("url.path") == "/readyz"]
 

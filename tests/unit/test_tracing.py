@@ -7,15 +7,18 @@ real processes.)"""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
 import fakeredis
 import pytest
+import structlog
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -149,6 +152,26 @@ def test_the_watchdog_resends_into_the_trace_the_job_was_created_in(
     asyncio.run(go())
 
 
+def test_the_straggler_sweep_sends_a_first_step_into_the_jobs_trace(
+    spans: InMemorySpanExporter,
+) -> None:
+    async def go() -> None:
+        deps = build_deps(Settings(), redis=fakeredis.FakeAsyncRedis())
+        with tracing.span("POST /v1/cancellations", kind="server"):
+            # No first step pushed with it (another broker): marked undispatched.
+            created = await deps.store.create(
+                CancellationRequest(provider="payway", subscription={"account_id": "b" * 24}),
+                identity="sub-2",
+            )
+        await asyncio.sleep(0.05)
+        (first,) = await sweeps.stragglers(deps, older_than_s=0.01)
+        assert first.job_id == created.job.id
+        assert first.trace is not None and first.trace == created.job.traceparent
+        assert _step_headers(first)["traceparent"] == first.trace
+
+    asyncio.run(go())
+
+
 def test_a_steps_span_continues_its_messages_context(spans: InMemorySpanExporter) -> None:
     request = {
         "id": "task-1",
@@ -159,12 +182,22 @@ def test_a_steps_span_continues_its_messages_context(spans: InMemorySpanExporter
         "request_id": "req-1",
         "delivery_info": {"routing_key": "cancellations.payway"},
     }
-    scope = tracing.step_scope("cancelflow.confirm", request)
-    assert scope is not None
-    # The next step, sent from within the step, is its child.
-    sent = _step_headers(replace(Next(Step.CALLBACK, "job-1", "payway"), args=("outcome",)))
-    scope.end(RuntimeError("boom"))
+
+    def step() -> tuple[dict[str, Any], dict[str, Any]]:
+        # In a context of its own, as the pool's coroutine runs: its log fields stay there.
+        scope = tracing.step_scope("cancelflow.confirm", request)
+        assert scope is not None
+        # The next step, sent from within the step, is its child.
+        sent = _step_headers(replace(Next(Step.CALLBACK, "job-1", "payway"), args=("outcome",)))
+        logged = structlog.contextvars.get_contextvars()
+        scope.end(RuntimeError("boom"))
+        return sent, logged
+
+    sent, logged = contextvars.copy_context().run(step)
     (span,) = spans.get_finished_spans()
+    assert logged["trace_id"] == TRACEPARENT.split("-")[1]
+    assert logged["span_id"] == f"{span.context.span_id:016x}"
+    assert "trace_id" not in structlog.contextvars.get_contextvars()
     assert span.name == "cancelflow.confirm" and span.kind is SpanKind.CONSUMER
     assert f"{span.context.trace_id:032x}" == TRACEPARENT.split("-")[1]
     assert span.parent is not None and f"{span.parent.span_id:016x}" == TRACEPARENT.split("-")[2]
