@@ -6,7 +6,8 @@ callback calls going over HTTP to the sandboxes, which keep the ``traceparent`` 
 What it proves: a caller's ``traceparent`` sent to the API reaches the provider and the
 callback receiver with the same trace id; one job's spans, from the API process and the
 worker process, form one tree under the caller's span (no orphan, no second root); retried
-steps stay in it; and with tracing off (the default) nothing is sent or stored."""
+steps stay in it, and so do the steps a decision sends from a request of another trace (from
+the job record's context); and with tracing off (the default) nothing is sent or stored."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from producers.local import http_json, wait_until
+from sandboxes.azotte import DEMO as AZOTTE_DEMO
 from sandboxes.payway import DEMO
 from tests.fixtures.system import StartSystem
 from tests.otlp_collector import CollectedSpan, Collector, otlp_collector
@@ -26,6 +28,7 @@ from tests.support import System, payway_body
 pytestmark = pytest.mark.integration
 
 STEP_SPANS = ("cancelflow.eligibility", "cancelflow.confirm", "cancelflow.callback")
+ANY_STEP = {*STEP_SPANS, "cancelflow.retention_offer"}
 
 
 @pytest.fixture(scope="session")
@@ -94,10 +97,14 @@ def trace_of(collector: Collector, trace_id: str, *, steps: int) -> list[Collect
     def arrived() -> bool:
         spans = collector.of_trace(trace_id)
         return any(s.name == "POST callback" for s in spans) and (
-            sum(s.name in STEP_SPANS for s in spans) >= steps
+            sum(s.name in ANY_STEP for s in spans) >= steps
         )
 
-    wait_until(arrived, timeout_s=30, what=f"the spans of trace {trace_id}")
+    try:
+        wait_until(arrived, timeout_s=30, what=f"the spans of trace {trace_id}")
+    except TimeoutError as exc:
+        got = [(s.name, s.span_id, s.parent_span_id) for s in collector.of_trace(trace_id)]
+        raise AssertionError(f"{exc}; it has {got}") from exc
     return collector.of_trace(trace_id)
 
 
@@ -198,3 +205,34 @@ def test_off_by_default_nothing_is_sent_or_stored(system: System) -> None:
     assert status == 200 and body["traceparents"], body
     assert set(body["traceparents"]) == {None}
     assert [r["traceparent"] for r in receiver_requests(system, job_id)] == [None]
+
+
+def test_a_decision_goes_on_in_the_jobs_trace(traced: System, collector: Collector) -> None:
+    """The decision's request comes without a traceparent (a trace of its own); the steps it
+    sends are still parented by the job's context, from its record."""
+    traced.sandbox.reset("azotte")
+    trace_id, caller_span, traceparent = caller_traceparent()
+    body = {
+        "provider": "azotte",
+        "subscription": {"order_identifier": AZOTTE_DEMO.offer},
+        "callback_url": receiver_url(traced),
+    }
+    job_id = enqueue(traced, body, traceparent)
+    traced.wait(job_id, until={"awaiting_decision"})
+    status, answer = traced.post(f"/v1/cancellations/{job_id}/decision", {"decision": "reject"})
+    assert status == 202, answer
+    job = traced.wait(job_id)
+    assert job["outcome"]["type"] == "cancelled"
+
+    # eligibility, retention_offer, the offer's callback, confirm, the outcome's callback
+    spans = trace_of(collector, trace_id, steps=5)
+    root = assert_one_tree(spans, caller_span)
+    (confirm,) = [s for s in spans if s.name == "cancelflow.confirm"]
+    assert confirm.parent_span_id == root.span_id
+    (decision,) = [
+        s
+        for s in collector.spans
+        if s.name == "POST /v1/cancellations/{job_id}/decision"
+        and s.attributes.get("cancelflow.job_id") == job_id
+    ]
+    assert decision.trace_id != trace_id
