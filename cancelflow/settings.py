@@ -311,6 +311,16 @@ class Settings(BaseSettings):
     otel_sdk_disabled: bool = Field(
         default=False, validation_alias=AliasChoices("OTEL_SDK_DISABLED", "otel_sdk_disabled")
     )
+    # Checked only: OTLP goes over HTTP/protobuf (the exporter installed), so a gRPC ask
+    # stops start-up rather than sending HTTP to a gRPC port.
+    otel_exporter_otlp_protocol: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+            "otel_exporter_otlp_protocol",
+        ),
+    )
 
     @field_validator("redis_url")
     @classmethod
@@ -333,6 +343,16 @@ class Settings(BaseSettings):
                 f"(one or more of {', '.join(sorted(TRACES_EXPORTERS))})"
             )
         return ",".join(names) or "none"
+
+    @model_validator(mode="after")
+    def _otlp_over_http(self) -> Settings:
+        protocol = self.otel_exporter_otlp_protocol
+        if "otlp" in self.traces_exporters() and protocol not in (None, "", "http/protobuf"):
+            raise ValueError(
+                f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol} is not supported: Cancelflow exports "
+                "OTLP over HTTP (http/protobuf, port 4318; docs/tracing.md)"
+            )
+        return self
 
     def traces_exporters(self) -> tuple[str, ...]:
         """The span exporters this process sends traces to (none: tracing is off)."""

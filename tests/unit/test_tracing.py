@@ -84,6 +84,10 @@ def test_tracing_is_on_only_when_an_exporter_is_named() -> None:
     assert on_but_disabled.traces_exporters() == ()
     with pytest.raises(ValidationError, match="OTEL_TRACES_EXPORTER: unknown exporter zipkin"):
         Settings(otel_traces_exporter="zipkin")
+    with pytest.raises(ValidationError, match="OTEL_EXPORTER_OTLP_PROTOCOL: grpc is not supported"):
+        Settings(otel_traces_exporter="otlp", otel_exporter_otlp_protocol="grpc")
+    # Off, another program's protocol in the environment is no concern.
+    assert Settings(otel_exporter_otlp_protocol="grpc").traces_exporters() == ()
     assert not tracing.configure(Settings(), service="test")
     assert not tracing.enabled
 
