@@ -221,6 +221,9 @@ class JobRecord(_Answer):
     created_at: AwareDatetime
     updated_at: AwareDatetime
     held_by: str | None = None
+    # The W3C trace context the job was created in, when the server traces (its trace id is
+    # the job's trace's).
+    traceparent: str | None = None
 
 
 Enqueue = Literal["created", "existing", "joined"]
