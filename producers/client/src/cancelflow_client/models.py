@@ -135,6 +135,9 @@ class CallbackAttempt(_Answer):
     http_status: int | None = None
     latency_ms: float | None = None
     error: str | None = None
+    response: str | None = None
+    retry_at: str | None = None
+    endpoint_id: str | None = None
 
 
 class JobRecord(_Answer):
