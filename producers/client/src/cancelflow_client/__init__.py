@@ -32,6 +32,10 @@ from cancelflow_client.models import (
     CancellationRequest,
     DeadLetter,
     Decision,
+    EndpointCreate,
+    EndpointPage,
+    EndpointSecret,
+    EndpointUpdate,
     Enqueued,
     FieldError,
     JobPage,
@@ -48,6 +52,7 @@ from cancelflow_client.models import (
     Stats,
     Status,
     TimelineEntry,
+    WebhookEndpoint,
 )
 from cancelflow_client.retry import RetryPolicy
 from cancelflow_client.settings import CLIENT_ENV, ClientSettings, SettingsError
@@ -67,6 +72,10 @@ __all__ = [
     "Conflict",
     "DeadLetter",
     "Decision",
+    "EndpointCreate",
+    "EndpointPage",
+    "EndpointSecret",
+    "EndpointUpdate",
     "Enqueued",
     "FieldError",
     "Forbidden",
@@ -94,6 +103,7 @@ __all__ = [
     "Unauthorized",
     "ValidationFailed",
     "WaitTimeout",
+    "WebhookEndpoint",
     "error_for",
     "parse_retry_after",
 ]

@@ -37,7 +37,7 @@ IDEMPOTENCY_KEY_PREFIX = "client:"
 
 @dataclass(frozen=True)
 class Call:
-    method: Literal["GET", "POST", "DELETE"]
+    method: Literal["GET", "POST", "PATCH", "DELETE"]
     path: str
     body: Any = None
     query: list[tuple[str, str]] = field(default_factory=list)
@@ -66,6 +66,10 @@ def job_path(job_id: str) -> str:
 
 def dead_letter_path(dl_id: str) -> str:
     return f"/v1/dead-letters/{urllib.parse.quote(dl_id, safe='')}"
+
+
+def endpoint_path(endpoint_id: str) -> str:
+    return f"/v1/webhook-endpoints/{urllib.parse.quote(endpoint_id, safe='')}"
 
 
 def _many(value: str | Collection[str] | None) -> list[str]:
