@@ -253,6 +253,9 @@ async def _deliver(
             status, elapsed, answer = await _post(deps, job, url, body)
     except (callbacks.UnsafeCallbackUrl, callbacks.CallbackMisconfigured) as exc:
         await note("refused", error=str(exc))
+        if endpoint_id is not None and isinstance(exc, callbacks.UnsafeCallbackUrl):
+            # An endpoint whose host now resolves to an internal address fails as any other.
+            await _endpoint_failed(deps, endpoint_id, gone=False)
         await give_up(type(exc).__name__, str(exc))
         return None
     except callbacks.CallbackRejected as exc:

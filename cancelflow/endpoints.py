@@ -96,6 +96,13 @@ def _decode(fields: dict[str, str]) -> WebhookEndpoint:
     )
 
 
+def _text(raw: dict[Any, Any]) -> dict[str, str]:
+    return {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in raw.items()
+    }
+
+
 class EndpointStore:
     """The endpoints, in the job store's Redis."""
 
@@ -104,12 +111,7 @@ class EndpointStore:
 
     async def _fields(self, endpoint_id: str) -> dict[str, str] | None:
         raw = await cast("Awaitable[dict[Any, Any]]", self.redis.hgetall(key(endpoint_id)))
-        if not raw:
-            return None
-        return {
-            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-            for k, v in raw.items()
-        }
+        return _text(raw) if raw else None
 
     async def create(
         self,
@@ -149,12 +151,18 @@ class EndpointStore:
         return None if fields is None else _decode(fields)
 
     async def all(self) -> list[WebhookEndpoint]:
-        """Every endpoint, oldest first."""
+        """Every endpoint, oldest first (two round trips, however many there are)."""
         ids = sorted(
             (i.decode() if isinstance(i, bytes) else i)
             for i in await cast("Awaitable[set[Any]]", self.redis.smembers(INDEX))
         )
-        found = [e for i in ids if (e := await self.get(i)) is not None]
+        if not ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for endpoint_id in ids:
+                pipe.hgetall(key(endpoint_id))
+            raws = await pipe.execute()
+        found = [_decode(_text(raw)) for raw in raws if raw]
         return sorted(found, key=lambda e: (e.created_at, e.id))
 
     async def update(self, endpoint_id: str, **changes: Any) -> WebhookEndpoint | None:
