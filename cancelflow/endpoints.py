@@ -96,6 +96,28 @@ def _decode(fields: dict[str, str]) -> WebhookEndpoint:
     )
 
 
+# Field writes to an endpoint that may have just been deleted: only while its hash exists, so a
+# write racing a delete never leaves a partial hash behind (one no model could read).
+_SET_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+# A failed delivery: its time, and the start of the failing streak if none is under way (a
+# streak ends with a success, which writes failing_since null). Answers the streak's start,
+# or false when the endpoint is gone.
+_FAILED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+redis.call('HSET', KEYS[1], 'last_failure_at', ARGV[1])
+local since = redis.call('HGET', KEYS[1], 'failing_since')
+if (not since) or since == 'null' then
+  redis.call('HSET', KEYS[1], 'failing_since', ARGV[1])
+  return ARGV[1]
+end
+return since
+"""
+
+
 def _text(raw: dict[Any, Any]) -> dict[str, str]:
     return {
         (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
@@ -108,6 +130,13 @@ class EndpointStore:
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
+        self._set_if_exists = redis.register_script(_SET_IF_EXISTS)
+        self._failed = redis.register_script(_FAILED)
+
+    async def _set(self, endpoint_id: str, mapping: dict[str, str]) -> bool:
+        """Write the fields if the endpoint exists; whether it did."""
+        args = [part for item in mapping.items() for part in item]
+        return bool(await self._set_if_exists(keys=[key(endpoint_id)], args=args))
 
     async def _fields(self, endpoint_id: str) -> dict[str, str] | None:
         raw = await cast("Awaitable[dict[Any, Any]]", self.redis.hgetall(key(endpoint_id)))
@@ -168,8 +197,6 @@ class EndpointStore:
     async def update(self, endpoint_id: str, **changes: Any) -> WebhookEndpoint | None:
         """Set the given model fields (``url``, ``description``, ``event_types``, ``enabled``,
         ``rotation_overlap_s``…); re-enabling clears why it was disabled and its failures."""
-        if not await cast("Awaitable[int]", self.redis.exists(key(endpoint_id))):
-            return None
         now = isoformat(utcnow())
         if changes.get("enabled") is True:
             changes |= {"disabled_reason": None, "disabled_at": None, "failing_since": None}
@@ -177,7 +204,8 @@ class EndpointStore:
             changes.setdefault("disabled_reason", "disabled by an operator")
             changes["disabled_at"] = now
         mapping = {name: _encode(v) for name, v in {**changes, "updated_at": now}.items()}
-        await cast("Awaitable[int]", self.redis.hset(key(endpoint_id), mapping=mapping))
+        if not await self._set(endpoint_id, mapping):
+            return None
         return await self.get(endpoint_id)
 
     async def rotate(
@@ -194,21 +222,17 @@ class EndpointStore:
         now = utcnow()
         secret = new_secret()
         expires = isoformat(now + timedelta(seconds=overlap)) if overlap > 0 else None
-        await cast(
-            "Awaitable[int]",
-            self.redis.hset(
-                key(endpoint_id),
-                mapping={
-                    _SECRET: secret,
-                    _PREVIOUS: fields[_SECRET],
-                    "previous_secret_expires_at": _encode(expires),
-                    "updated_at": _encode(isoformat(now)),
-                },
-            ),
+        written = await self._set(
+            endpoint_id,
+            {
+                _SECRET: secret,
+                _PREVIOUS: fields[_SECRET],
+                "previous_secret_expires_at": _encode(expires),
+                "updated_at": _encode(isoformat(now)),
+            },
         )
-        updated = await self.get(endpoint_id)
-        assert updated is not None
-        return updated, secret
+        updated = await self.get(endpoint_id) if written else None
+        return None if updated is None else (updated, secret)
 
     async def delete(self, endpoint_id: str) -> bool:
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -234,25 +258,13 @@ class EndpointStore:
     async def delivered(self, endpoint_id: str) -> None:
         """A delivery to the endpoint succeeded: it is not failing."""
         now = _encode(isoformat(utcnow()))
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key(endpoint_id), "last_success_at", now)
-            pipe.hset(key(endpoint_id), "failing_since", _encode(None))
-            await pipe.execute()
+        await self._set(endpoint_id, {"last_success_at": now, "failing_since": _encode(None)})
 
     async def failed(self, endpoint_id: str, *, at: datetime) -> datetime | None:
         """A delivery to the endpoint failed at ``at``: since when it has been failing (the
         first failure after its last success), or None if it is gone."""
-        k = key(endpoint_id)
-        if not await cast("Awaitable[int]", self.redis.exists(k)):
+        since = await self._failed(keys=[key(endpoint_id)], args=[_encode(isoformat(at))])
+        if not since:
             return None
-        when = _encode(isoformat(at))
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(k, "last_failure_at", when)
-            pipe.hget(k, "failing_since")
-            _, since = await pipe.execute()
-            first = json.loads(since) if since else None
-        if first is None:
-            # HSETNX cannot tell "null" from absent: the first failure writes it.
-            await cast("Awaitable[int]", self.redis.hset(k, "failing_since", when))
-            return at
-        return datetime.fromisoformat(first)
+        text = since.decode() if isinstance(since, bytes) else str(since)
+        return datetime.fromisoformat(json.loads(text))

@@ -227,3 +227,20 @@ def test_a_success_ends_an_endpoints_failing_streak() -> None:
             assert found is not None and found.failing_since is None and found.last_failure_at
 
     asyncio.run(scenario())
+
+
+def test_writes_to_a_deleted_endpoint_leave_nothing_behind() -> None:
+    async def scenario() -> None:
+        async with harness() as h:
+            endpoint_id, _ = await add(h)
+            assert await endpoints(h).delete(endpoint_id)
+            # A worker noting an attempt, an operator changing it: both after the delete.
+            assert await endpoints(h).failed(endpoint_id, at=utcnow()) is None
+            await endpoints(h).delivered(endpoint_id)
+            assert await endpoints(h).update(endpoint_id, enabled=False) is None
+            assert await endpoints(h).rotate(endpoint_id) is None
+            assert not await h.deps.store.redis.exists(f"cf:endpoint:{endpoint_id}")
+            assert await endpoints(h).all() == []
+            assert not await endpoints(h).delete(endpoint_id)
+
+    asyncio.run(scenario())
