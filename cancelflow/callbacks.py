@@ -38,6 +38,7 @@ from aiohappyeyeballs import AddrInfoType
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
+from cancelflow import tracing
 from cancelflow.contract import JobRecord, OutcomeType, Status
 from cancelflow.errors import CancelflowError
 from cancelflow.http import parse_retry_after
@@ -535,6 +536,7 @@ async def deliver(
         "Cancelflow-Event-Id": event["id"],
         "Cancelflow-Event-Type": event["type"],
     }
+    tracing.inject(headers)  # the delivery's span (docs/tracing.md); nothing while off
     started = time.perf_counter()
     try:
         async with session.post(

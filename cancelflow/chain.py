@@ -291,7 +291,7 @@ async def finish(
     if not moved.applied:
         return resume(moved.previous, job.id, job.provider)
     log.info("job.finished", outcome=outcome.type.value)
-    return Next(Step.CALLBACK, job.id, job.provider, (EVENT_OUTCOME,))
+    return Next(Step.CALLBACK, job.id, job.provider, (EVENT_OUTCOME,), trace=job.traceparent)
 
 
 async def fail(deps: Deps, job_id: str, error: ProviderError, *, step: Step, attempt: int) -> Next:
@@ -389,7 +389,9 @@ async def replay(deps: Deps, dl_id: str) -> Next:
     if await deps.dead_letters.claim(dl_id) is None:
         raise AlreadyReplayed(dl_id)
     if dl.kind == "callback":
-        return Next(Step.CALLBACK, job.id, job.provider, (dl.event or EVENT_OUTCOME,))
+        return Next(
+            Step.CALLBACK, job.id, job.provider, (dl.event or EVENT_OUTCOME,), trace=job.traceparent
+        )
     event = Event.REPLAY_AT_CONFIRM if dl.step == Step.CONFIRM.value else Event.REPLAY
     to = lifecycle.target(event)
     try:
@@ -404,4 +406,5 @@ async def replay(deps: Deps, dl_id: str) -> Next:
         raise
     if not moved.applied:
         return Next.done(job.id)
-    return Next(Step.CONFIRM if to is Status.CONFIRMING else Step.ELIGIBILITY, job.id, job.provider)
+    step = Step.CONFIRM if to is Status.CONFIRMING else Step.ELIGIBILITY
+    return Next(step, job.id, job.provider, trace=job.traceparent)

@@ -233,3 +233,6 @@ class JobRecord(BaseModel):
     updated_at: str
     # The worker process running the job's step now, if one is (see worker.leases).
     held_by: str | None = None
+    # The W3C trace context the job was created in (docs/tracing.md), when tracing was on:
+    # a step re-sent outside any span (the watchdog, a sweep) joins the job's trace.
+    traceparent: str | None = None

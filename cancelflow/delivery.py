@@ -8,8 +8,9 @@ import asyncio
 import json
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-from cancelflow import callbacks, hooks, metrics, retry
+from cancelflow import callbacks, hooks, metrics, retry, tracing
 from cancelflow.chain import load
 from cancelflow.contract import CallbackAttempt, JobRecord, Step, isoformat, utcnow
 from cancelflow.dead_letters import DeadLetter
@@ -353,9 +354,36 @@ async def _post(
     await callbacks.check_url(url, allow_http=cb.allow_http, allowed_hosts=cb.allowed_hosts)
     if deps.callback_session is None:
         raise CancelflowError("this process has no callbacks session (see Runtime._start)")
-    return await callbacks.deliver(
-        deps.callback_session, url, body, secrets=secrets, timeout_s=cb.timeout_s
-    )
+    if not tracing.enabled:
+        return await callbacks.deliver(
+            deps.callback_session, url, body, secrets=secrets, timeout_s=cb.timeout_s
+        )
+    # A client span per delivery; ``callbacks.deliver`` sends its traceparent.
+    with tracing.span("POST callback", kind="client", attributes=_span_attributes(job, url, body)):
+        try:
+            status, elapsed, answer = await callbacks.deliver(
+                deps.callback_session, url, body, secrets=secrets, timeout_s=cb.timeout_s
+            )
+        except (callbacks.CallbackRetryable, callbacks.CallbackRejected) as exc:
+            tracing.record_http(status=exc.status, error=exc)
+            raise
+        tracing.record_http(status=status)
+        return status, elapsed, answer
+
+
+def _span_attributes(job: JobRecord, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    parts = urlsplit(url)
+    return {
+        "http.request.method": "POST",
+        "server.address": parts.hostname,
+        "server.port": parts.port,
+        # Without the query: a receiver's URL may carry a key there.
+        "url.full": urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")),
+        tracing.JOB_ID: job.id,
+        tracing.PROVIDER: job.provider,
+        "cancelflow.event_type": body.get("type"),
+        "cancelflow.event_id": body.get("id"),
+    }
 
 
 async def _run_hook(deps: Deps, job: JobRecord, target: str, body: dict[str, Any]) -> float:

@@ -100,6 +100,9 @@ class Next:
     provider: str = ""
     args: tuple[str, ...] = ()
     dead_letter: str | None = None
+    # The job's trace context (its record's ``traceparent``): the parent of the step's span
+    # when it is sent from outside any span (a sweep, a decision's deadline).
+    trace: str | None = None
 
     @classmethod
     def done(cls, job_id: str = "") -> Next:

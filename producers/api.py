@@ -50,7 +50,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from brokers.queues import QueueReader, queue_reader
-from cancelflow import chain, decisions, jsonsafe, metrics
+from cancelflow import chain, decisions, jsonsafe, metrics, tracing
 from cancelflow.callbacks import UnsafeCallbackUrl, check_url_form
 from cancelflow.contract import JOB_ID_RE, Decision
 from cancelflow.dead_letters import AlreadyReplayed
@@ -674,6 +674,7 @@ async def get_cancellation(request: web.Request) -> web.Response:
 
 async def post_decision(request: web.Request) -> web.Response:
     deps, job_id = request.app[DEPS], _job_id(request)
+    tracing.set_attributes({tracing.JOB_ID: job_id})  # the job's steps go on in its own trace
     try:
         decision = Decision.model_validate(await _json_body(request))
     except ValidationError as exc:
@@ -708,6 +709,7 @@ async def replay_dead_letter(request: web.Request) -> web.Response:
         return problem(
             404, Problem.NOT_FOUND, f"no dead letter {dl_id} (already replayed or purged?)"
         )
+    tracing.set_attributes({tracing.JOB_ID: dl.job_id})  # replayed in the job's own trace
     try:
         nxt = await chain.replay(deps, dl_id)
     except AlreadyReplayed as exc:
@@ -950,15 +952,53 @@ def new_event_loop(settings: Settings) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
+UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+@web.middleware
+async def request_span(request: web.Request, handler: Any) -> web.StreamResponse:
+    """The request's server span, continuing the caller's ``traceparent`` (in the middleware
+    list only while tracing is on: docs/tracing.md); the steps it sends are its children.
+    Probes and scrapes (``UNTRACED_PATHS``) get none: a trace every few seconds per probe
+    would bury the jobs' traces."""
+    if request.path in UNTRACED_PATHS:
+        untraced: web.StreamResponse = await handler(request)
+        return untraced
+    route = request.match_info.route.resource
+    template = route.canonical if route is not None else None
+    attributes = {
+        "http.request.method": request.method,
+        "http.route": template,
+        "url.path": request.path,
+        "url.scheme": request.scheme,
+        tracing.REQUEST_ID: structlog.contextvars.get_contextvars().get("request_id"),
+    }
+    name = f"{request.method} {template}" if template else request.method
+    with (
+        tracing.span(name, kind="server", parent=request.headers, attributes=attributes) as span,
+        structlog.contextvars.bound_contextvars(**tracing.log_fields(span)),
+    ):
+        try:
+            response: web.StreamResponse = await handler(request)
+        except web.HTTPException as exc:
+            tracing.record_http(status=exc.status)
+            raise
+        tracing.record_http(status=response.status)
+        return response
+
+
 def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Application:
     """The API application; Redis and Celery connections open on start-up. The billing rules,
     when configured, are checked here: a ``RulesError`` stops start-up."""
     limit = settings.api.max_body_bytes
-    # request_context first: every line the request causes carries its id. request_metrics
-    # next (outside errors_and_auth): it sees the answer errors_and_auth gives, its 401, 429
+    # request_context first: every line the request causes carries its id. request_span
+    # (tracing on only) next: the request's id is on its span. request_metrics next
+    # (outside errors_and_auth): it sees the answer errors_and_auth gives, its 401, 429
     # and 503 included, and the status a handler's error is mapped to.
+    traced = [request_span] if tracing.configure(settings, service="cancelflow-api") else []
     app = web.Application(
-        middlewares=[request_context, request_metrics, errors_and_auth], client_max_size=limit
+        middlewares=[request_context, *traced, request_metrics, errors_and_auth],
+        client_max_size=limit,
     )
     app[TOKENS] = parse_tokens(settings)
     app[CELERY] = celery or create_celery(settings)

@@ -25,7 +25,7 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from brokers import queues as broker_queues
 from brokers.routing import queue_of
-from cancelflow import chain, decisions, delivery, metrics, retry, sweeps
+from cancelflow import chain, decisions, delivery, metrics, retry, sweeps, tracing
 from cancelflow.broker_urls import broker_kind
 from cancelflow.callbacks import CallbackRetryable
 from cancelflow.contract import JOB_ID_RE, Step, isoformat, utcnow
@@ -151,6 +151,14 @@ class StepTask(Task):  # type: ignore[misc]
         before Celery runs the task, whose body then only carries the result out."""
         message = Delivery.of(self.name, request, args, kwargs)
         result = await execute(runtime_of(self.app), self.step, message)
+        if tracing.enabled:
+            tracing.set_attributes(
+                {
+                    tracing.RESULT: result.summary,
+                    "cancelflow.retry_in_s": result.retry_in_s,
+                    "cancelflow.requeued": result.requeue or None,
+                }
+            )
         return replace(result, request_id=message.request_id)
 
 
