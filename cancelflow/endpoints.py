@@ -65,7 +65,7 @@ class WebhookEndpoint(BaseModel):
     # Until when the previous secret signs too (null: no rotation under way).
     previous_secret_expires_at: str | None = None
     # Since when every delivery to it has failed (null: the last one succeeded, or none yet).
-    failing_since: str | None = None
+    failing_since_at: str | None = None
     last_success_at: str | None = None
     last_failure_at: str | None = None
     created_at: str
@@ -104,14 +104,14 @@ redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
 # A failed delivery: its time, and the start of the failing streak if none is under way (a
-# streak ends with a success, which writes failing_since null). Answers the streak's start,
+# streak ends with a success, which writes failing_since_at null). Answers the streak's start,
 # or false when the endpoint is gone.
 _FAILED = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 redis.call('HSET', KEYS[1], 'last_failure_at', ARGV[1])
-local since = redis.call('HGET', KEYS[1], 'failing_since')
+local since = redis.call('HGET', KEYS[1], 'failing_since_at')
 if (not since) or since == 'null' then
-  redis.call('HSET', KEYS[1], 'failing_since', ARGV[1])
+  redis.call('HSET', KEYS[1], 'failing_since_at', ARGV[1])
   return ARGV[1]
 end
 return since
@@ -199,7 +199,7 @@ class EndpointStore:
         ``rotation_overlap_s``…); re-enabling clears why it was disabled and its failures."""
         now = isoformat(utcnow())
         if changes.get("enabled") is True:
-            changes |= {"disabled_reason": None, "disabled_at": None, "failing_since": None}
+            changes |= {"disabled_reason": None, "disabled_at": None, "failing_since_at": None}
         elif changes.get("enabled") is False:
             changes.setdefault("disabled_reason", "disabled by an operator")
             changes["disabled_at"] = now
@@ -258,7 +258,7 @@ class EndpointStore:
     async def delivered(self, endpoint_id: str) -> None:
         """A delivery to the endpoint succeeded: it is not failing."""
         now = _encode(isoformat(utcnow()))
-        await self._set(endpoint_id, {"last_success_at": now, "failing_since": _encode(None)})
+        await self._set(endpoint_id, {"last_success_at": now, "failing_since_at": _encode(None)})
 
     async def failed(self, endpoint_id: str, *, at: datetime) -> datetime | None:
         """A delivery to the endpoint failed at ``at``: since when it has been failing (the

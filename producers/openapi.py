@@ -157,12 +157,14 @@ def document(
     schemas.update(_request_variants(schemas[CancellationRequest.__name__], providers))
     for answer_model in (JobRecord, JobSummary):
         schemas[answer_model.__name__]["properties"]["subscription"] = _any_reference()
-    # An endpoint's URL is held to what a callback_url is (``callbacks.check_url_form``).
-    schemas[EndpointCreate.__name__]["properties"]["url"] = _CALLBACK_URL
-    schemas[EndpointUpdate.__name__]["properties"]["url"] = {
-        "anyOf": [_CALLBACK_URL, {"type": "null"}],
-        "default": None,
-    }
+    if providers is not None:
+        # As a deployment's document narrows ``callback_url`` (``_request_variants``), an
+        # endpoint's URL is held to what a callback URL may be (``callbacks.check_url_form``).
+        schemas[EndpointCreate.__name__]["properties"]["url"] = _CALLBACK_URL
+        schemas[EndpointUpdate.__name__]["properties"]["url"] = {
+            "anyOf": [_CALLBACK_URL, {"type": "null"}],
+            "default": None,
+        }
     for name, schema in schemas.items():
         if name != BillingEvent.__name__:
             _mark_timestamps(schema)

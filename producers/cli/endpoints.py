@@ -39,7 +39,8 @@ def _rows(items: list[WebhookEndpoint]) -> Any:
     for e in items:
         state = "yes" if e.enabled else f"no: {e.disabled_reason or ''}"
         events = ", ".join(e.event_types) or "all"
-        shown.add_row(e.id, e.url, events, state, e.failing_since or "", e.created_at)
+        since = e.failing_since_at.isoformat() if e.failing_since_at else ""
+        shown.add_row(e.id, e.url, events, state, since, e.created_at.isoformat())
     return shown
 
 

@@ -66,7 +66,7 @@ def test_an_endpoint_gets_every_event_signed_with_its_own_secret() -> None:
             assert delivered.latency_ms is not None and delivered.response
             assert skipped.result == "skipped" and skipped.endpoint_id is None
             found = await endpoints(h).get(endpoint_id)
-            assert found is not None and found.last_success_at and found.failing_since is None
+            assert found is not None and found.last_success_at and found.failing_since_at is None
 
     asyncio.run(scenario())
 
@@ -202,7 +202,7 @@ def test_an_endpoint_failing_for_days_is_disabled(monkeypatch: pytest.MonkeyPatc
                 found = await endpoints(h).get(endpoint_id)
                 assert found is not None
                 if day < 5:
-                    assert found.enabled and found.failing_since is not None
+                    assert found.enabled and found.failing_since_at is not None
                 else:
                     assert not found.enabled and "every delivery failed" in (
                         found.disabled_reason or ""
@@ -211,7 +211,7 @@ def test_an_endpoint_failing_for_days_is_disabled(monkeypatch: pytest.MonkeyPatc
             assert disabled_count("failing") == before + 1
             # Re-enabled by an operator, its failures are forgotten.
             found = await endpoints(h).update(endpoint_id, enabled=True)
-            assert found is not None and found.enabled and found.failing_since is None
+            assert found is not None and found.enabled and found.failing_since_at is None
 
     asyncio.run(scenario())
 
@@ -224,7 +224,7 @@ def test_a_success_ends_an_endpoints_failing_streak() -> None:
             job_id = await h.finished(CANCELLED, callback_url=None)
             assert len(await deliver_until_done(h, job_id)) == 2
             found = await endpoints(h).get(endpoint_id)
-            assert found is not None and found.failing_since is None and found.last_failure_at
+            assert found is not None and found.failing_since_at is None and found.last_failure_at
 
     asyncio.run(scenario())
 

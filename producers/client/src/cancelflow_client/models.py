@@ -200,7 +200,7 @@ class CallbackAttempt(_Answer):
     latency_ms: float | None = None
     error: str | None = None
     response: str | None = None
-    retry_at: str | None = None
+    retry_at: AwareDatetime | None = None
     endpoint_id: str | None = None
 
 
@@ -415,14 +415,14 @@ class WebhookEndpoint(_Answer):
     event_types: list[str] = Field(default_factory=list)
     enabled: bool = True
     disabled_reason: str | None = None
-    disabled_at: str | None = None
+    disabled_at: AwareDatetime | None = None
     rotation_overlap_s: float
-    previous_secret_expires_at: str | None = None
-    failing_since: str | None = None
-    last_success_at: str | None = None
-    last_failure_at: str | None = None
-    created_at: str
-    updated_at: str
+    previous_secret_expires_at: AwareDatetime | None = None
+    failing_since_at: AwareDatetime | None = None
+    last_success_at: AwareDatetime | None = None
+    last_failure_at: AwareDatetime | None = None
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
 
 
 class EndpointPage(_Answer):
