@@ -139,6 +139,20 @@ class CallbackSettings(BaseModel):
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     timeout_s: float = Field(default=5.0, gt=0, le=60)
     horizon_s: float = Field(default=3 * DAY, gt=0)
+    # A receiver answering a 4xx other than 408/409/425/429 (a 404 while it deploys) is
+    # retried this long from the target's first attempt, then dead-lettered; 410 never is.
+    client_error_window_s: float = Field(default=3600.0, gt=0)
+    # The longest wait between two attempts at a target: backoff never exceeds it, and a
+    # receiver's Retry-After is honoured up to ``max_retry_after_s``. Waits longer than a
+    # countdown may be (a quarter of the visibility timeout) are kept on the job's attempt
+    # (``retry_at``) and waited in hops, so neither depends on the broker.
+    max_backoff_s: float = Field(default=3600.0, gt=0)
+    max_retry_after_s: float = Field(default=DAY, gt=0)
+    # An endpoint (``/v1/webhook-endpoints``) whose deliveries have all failed for this long
+    # is disabled (``callback.endpoint.disabled``); default 5 days, as Svix does.
+    endpoint_disable_after_s: float = Field(default=5 * DAY, gt=0)
+    # While an endpoint's secret is rotated, the old one signs too for this long by default.
+    endpoint_rotation_overlap_s: float = Field(default=DAY, ge=0, le=30 * DAY)
     # Modules that register in-process result hooks (cancelflow.hooks), imported by workers.
     hook_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
 

@@ -19,7 +19,7 @@ import pytest
 from pydantic import BaseModel
 
 import cancelflow_client
-from cancelflow import contract, dead_letters
+from cancelflow import contract, dead_letters, endpoints
 from cancelflow_client import ClientSettings, SettingsError, models
 from producers import schemas
 
@@ -76,7 +76,17 @@ PAIRS: list[tuple[type[BaseModel], type[BaseModel]]] = [
     (models.Enqueued, schemas.Enqueued),
     (models.FieldError, schemas.FieldError),
     (models.Problem, schemas.Problem),
+    (models.EndpointCreate, schemas.EndpointCreate),
+    (models.EndpointUpdate, schemas.EndpointUpdate),
+    (models.SecretRotation, schemas.SecretRotation),
+    (models.WebhookEndpoint, endpoints.WebhookEndpoint),
+    (models.EndpointPage, schemas.EndpointPage),
+    (models.EndpointSecret, schemas.EndpointSecret),
 ]
+
+
+def test_the_client_event_types_are_the_servers() -> None:
+    assert typing.get_args(models.EventType) == typing.get_args(schemas.EventType)
 
 
 @pytest.mark.parametrize(("ours", "theirs"), PAIRS, ids=[p[0].__name__ for p in PAIRS])

@@ -36,6 +36,10 @@ from cancelflow_client.models import (
     CancellationRequest,
     DeadLetter,
     Decision,
+    EndpointCreate,
+    EndpointPage,
+    EndpointSecret,
+    EndpointUpdate,
     Enqueued,
     FieldError,
     JobPage,
@@ -54,6 +58,7 @@ from cancelflow_client.models import (
     Stats,
     Status,
     TimelineEntry,
+    WebhookEndpoint,
 )
 from cancelflow_client.retry import RetryPolicy
 from cancelflow_client.settings import CLIENT_ENV, ClientSettings, SettingsError
@@ -77,6 +82,10 @@ __all__ = [
     "Conflict",
     "DeadLetter",
     "Decision",
+    "EndpointCreate",
+    "EndpointPage",
+    "EndpointSecret",
+    "EndpointUpdate",
     "Enqueued",
     "FieldError",
     "Forbidden",
@@ -106,6 +115,7 @@ __all__ = [
     "Unauthorized",
     "ValidationFailed",
     "WaitTimeout",
+    "WebhookEndpoint",
     "error_for",
     "parse_retry_after",
 ]

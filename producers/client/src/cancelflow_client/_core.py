@@ -40,7 +40,7 @@ _REF_TITLES = frozenset(model.__name__ for model in SUBSCRIPTION_REFS.values())
 
 @dataclass(frozen=True)
 class Call:
-    method: Literal["GET", "POST", "DELETE"]
+    method: Literal["GET", "POST", "PATCH", "DELETE"]
     path: str
     body: Any = None
     query: list[tuple[str, str]] = field(default_factory=list)
@@ -69,6 +69,10 @@ def job_path(job_id: str) -> str:
 
 def dead_letter_path(dl_id: str) -> str:
     return f"/v1/dead-letters/{urllib.parse.quote(dl_id, safe='')}"
+
+
+def endpoint_path(endpoint_id: str) -> str:
+    return f"/v1/webhook-endpoints/{urllib.parse.quote(endpoint_id, safe='')}"
 
 
 def _many(value: str | Collection[str] | None) -> list[str]:

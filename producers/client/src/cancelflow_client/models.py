@@ -199,6 +199,9 @@ class CallbackAttempt(_Answer):
     http_status: int | None = None
     latency_ms: float | None = None
     error: str | None = None
+    response: str | None = None
+    retry_at: AwareDatetime | None = None
+    endpoint_id: str | None = None
 
 
 class JobRecord(_Answer):
@@ -355,3 +358,79 @@ class Problem(BaseModel):
     job_id: str | None = None
     retry_after: float | None = None
     dead_letter_id: str | None = None
+
+
+# --- webhook endpoints ------------------------------------------------------------------------
+
+EventType = Literal[
+    "cancellation.succeeded",
+    "cancellation.retained",
+    "cancellation.not_eligible",
+    "cancellation.not_found",
+    "cancellation.failed",
+    "cancellation.abandoned",
+    "cancellation.offer_presented",
+    "cancellation.dead_lettered",
+]
+MAX_ROTATION_OVERLAP_S = 30 * 24 * 3600
+
+
+class EndpointCreate(BaseModel):
+    """A webhook endpoint to register: its URL, an event-type filter (empty: every type) and
+    how long an old secret keeps signing after a rotation (None: the server's default, 24 h)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(min_length=1, max_length=2083)
+    description: str = Field(default="", max_length=256)
+    event_types: list[EventType] = Field(default_factory=list, max_length=16)
+    rotation_overlap_s: float | None = Field(default=None, ge=0, le=MAX_ROTATION_OVERLAP_S)
+    enabled: bool = True
+
+
+class EndpointUpdate(BaseModel):
+    """The fields of an endpoint to change (None: unchanged)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str | None = Field(default=None, min_length=1, max_length=2083)
+    description: str | None = Field(default=None, max_length=256)
+    event_types: list[EventType] | None = Field(default=None, max_length=16)
+    rotation_overlap_s: float | None = Field(default=None, ge=0, le=MAX_ROTATION_OVERLAP_S)
+    enabled: bool | None = None
+
+
+class SecretRotation(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    overlap_s: float | None = Field(default=None, ge=0, le=MAX_ROTATION_OVERLAP_S)
+
+
+class WebhookEndpoint(_Answer):
+    """A registered webhook endpoint (never its secret)."""
+
+    id: str
+    url: str
+    description: str = ""
+    event_types: list[str] = Field(default_factory=list)
+    enabled: bool = True
+    disabled_reason: str | None = None
+    disabled_at: AwareDatetime | None = None
+    rotation_overlap_s: float
+    previous_secret_expires_at: AwareDatetime | None = None
+    failing_since_at: AwareDatetime | None = None
+    last_success_at: AwareDatetime | None = None
+    last_failure_at: AwareDatetime | None = None
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
+
+
+class EndpointPage(_Answer):
+    items: list[WebhookEndpoint]
+
+
+class EndpointSecret(_Answer):
+    """An endpoint with its ``whsec_`` secret: answered once, at creation and at rotation."""
+
+    endpoint: WebhookEndpoint
+    secret: str
