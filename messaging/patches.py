@@ -74,8 +74,9 @@ import threading
 import time
 from dataclasses import dataclass
 from queue import Empty  # what kombu.transport.redis raises (it imports it from here)
-from typing import Any
+from typing import Any, ClassVar
 
+import redis
 from celery import Celery, signals, states
 from celery.concurrency.thread import TaskPool as ThreadsPool
 from celery.events.dispatcher import EventDispatcher
@@ -609,6 +610,10 @@ class WorkerChannel(Channel):
     restore of a dead worker's messages (``worker.leases``); see the module."""
 
     QoS = QoS
+    # The job store's Redis, where dead-letter entries go, when the broker is another Redis
+    # (``worker.app.create_app`` sets it; one worker app per process). None: the broker's
+    # Redis is the job store.
+    job_store: ClassVar[redis.Redis | None] = None
 
     def close(self) -> None:
         qos = self.__dict__.get("_qos")  # only if the channel ever made one
@@ -690,10 +695,19 @@ class WorkerChannel(Channel):
             error=error,
             payload=poison_payload(item, None, None),
         )
-        with self.conn_or_acquire() as client:
-            # The entry, the item on the list and the record of it, in one transaction: a
-            # purge of the entry removes that item (cancelflow.dead_letters).
-            DeadLetterStore.add_sync(client, dl, park=(DEAD_LETTER_QUEUE, item))
+        store = self.job_store
+        if store is None:
+            with self.conn_or_acquire() as client:
+                # The entry, the item on the list and the record of it, in one transaction: a
+                # purge of the entry removes that item (cancelflow.dead_letters).
+                DeadLetterStore.add_sync(client, dl, park=(DEAD_LETTER_QUEUE, item))
+        else:
+            # The entry in the job store, then the item parked on the broker's list; the
+            # entry does not record it (a purge, in the job store, could not remove it), as
+            # worker.consumer parks on a broker that is not the job store.
+            DeadLetterStore.add_sync(store, dl)
+            with self.conn_or_acquire() as client:
+                client.lpush(DEAD_LETTER_QUEUE, item)
         log.error(
             "message.dead_lettered", queue=queue, error_type=dl.error_type, dead_letter_id=dl.id
         )
