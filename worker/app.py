@@ -18,11 +18,12 @@ import structlog
 from celery import Celery, signals
 
 from cancelflow.logging import configure_logging, get_logger
+from cancelflow.redis_clients import sync_client
 from cancelflow.settings import Settings, load_settings, warn_unknown_env
 from cancelflow.wiring import redis_client, report_persistence
 from messaging.config import SENTINEL_TRANSPORT, TRANSPORT, create_celery
 from messaging.dispatch import flush_sent_events
-from messaging.patches import show_retries_until_they_run, show_transports_as
+from messaging.patches import WorkerChannel, show_retries_until_they_run, show_transports_as
 from worker import leases
 
 WORKER_TRANSPORT = "messaging.patches:WorkerTransport"
@@ -54,6 +55,17 @@ def create_app(settings: Settings) -> Celery:
             **app.conf.broker_transport_options,
             **leases.unacked_keys(leases.WORKER_ID),
         }
+        # The workers' channel dead-letters unreadable list items: into the job store, which
+        # may be another Redis than the broker's.
+        WorkerChannel.job_store = (
+            None
+            if settings.broker() == settings.redis_url
+            else sync_client(
+                settings.redis_url,
+                socket_connect_timeout=settings.redis_connect_timeout_s,
+                socket_timeout=settings.redis_read_timeout_s,
+            )
+        )
         scheme = urllib.parse.urlsplit(settings.broker()).scheme
         app.conf.broker_transport = (
             WORKER_SENTINEL_TRANSPORT if scheme == "sentinel" else WORKER_TRANSPORT

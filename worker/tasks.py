@@ -43,7 +43,7 @@ from cancelflow.lifecycle import Next
 from cancelflow.logging import get_logger
 from cancelflow.wiring import Deps
 from messaging.dispatch import dispatch
-from messaging.patches import StepRequest
+from messaging.patches import HubEventsRequest, StepRequest
 from worker import pool
 from worker.app import settings_of
 from worker.runtime import Runtime, get_runtime
@@ -492,4 +492,5 @@ def register(app: Celery) -> None:
     for name, step, body in STEP_TASK_BODIES:
         app.task(name=name, base=StepTask, bind=True, step=step)(body)
     for name, sweep in MAINTENANCE_TASK_BODIES:
-        app.task(name=name, bind=True, ignore_result=True)(sweep)
+        # Their task events are published by the hub too (messaging.patches).
+        app.task(name=name, bind=True, ignore_result=True, Request=HubEventsRequest)(sweep)
