@@ -163,6 +163,10 @@ def _connect_signals(app: Celery, settings: Settings) -> None:
             target=asyncio.run, args=(check(),), name="redis-persistence", daemon=True
         ).start()
 
+    def attach_consumer(sender: Any = None, **_: Any) -> None:
+        # The consumer whose task queues a failing heartbeat holds (RabbitMQ: worker.leases).
+        leases.attach(sender)
+
     def close_runtime(**_: Any) -> None:
         from worker import metrics_server
         from worker.runtime import shutdown_runtime
@@ -179,6 +183,7 @@ def _connect_signals(app: Celery, settings: Settings) -> None:
         (signals.task_prerun, fresh_log_context),
         (signals.celeryd_after_setup, serve_metrics),
         (signals.worker_ready, report_redis_persistence),
+        (signals.worker_ready, attach_consumer),
         (signals.worker_shutdown, close_runtime),
         (signals.worker_process_shutdown, close_runtime),
     ]
