@@ -16,8 +16,14 @@ What RabbitMQ does natively that Redis needs Cancelflow's code for:
   then rejected without requeue, and the queue's dead-letter exchange parks it byte for
   byte on ``dead_letters``.
   A message delivered ``broker_delivery_limit`` times without an ack (a worker dying on it
-  each time) is parked there by the broker itself, never requeued forever; so is the message
-  of a step that failed (Celery rejects it; Redis drops it), whose job is in the store.
+  each time) is not run again nor requeued forever: on the delivery RabbitMQ allows last,
+  ``worker.consumer`` dead-letters it (with its job, for a step: replayable) and rejects
+  it, and the dead-letter exchange parks it (the broker itself would park it, with no
+  store entry and its job left mid-chain). So is the message of a step that failed parked
+  (Celery rejects it; Redis drops it), whose job is in the store.
+- **Task events.** With publisher confirms, a publish waits for its ack on the socket:
+  the worker's event connection is read by the consumer's hub, so every task event is
+  published there (``messaging.patches.HubEventsRequest``), never by the pool's loop.
 - **Countdowns.** Celery's native delayed delivery (5.5+) holds a countdown in RabbitMQ's
   ``celery_delayed_*`` queues (28 levels of per-queue TTL, so up to 2**28 - 1 s), not in a
   worker's memory: no visibility timeout can deliver it twice. What caps a countdown on

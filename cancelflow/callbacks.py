@@ -38,6 +38,7 @@ from aiohappyeyeballs import AddrInfoType
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
+from cancelflow import tracing
 from cancelflow.contract import JobRecord, OutcomeType, Status
 from cancelflow.errors import CancelflowError
 from cancelflow.http import parse_retry_after
@@ -51,8 +52,16 @@ SIGNATURE_HEADER = "Cancelflow-Signature"
 WEBHOOK_ID = "webhook-id"
 WEBHOOK_TIMESTAMP = "webhook-timestamp"
 WEBHOOK_SIGNATURE = "webhook-signature"
-# The most of a receiver's answer read: its body is never used, only its status.
+# The most of a receiver's answer read: only its status decides what happens next.
 MAX_RESPONSE_BODY = 4 * 1024
+# The most of it kept on the job's callback attempt (``response``), to show what it said.
+RESPONSE_EXCERPT_CHARS = 256
+# Statuses that say "later" (RFC 9110: 408 Request Timeout, 409 Conflict, RFC 8470: 425 Too
+# Early, RFC 6585: 429 Too Many Requests; and every 5xx): retried until the horizon.
+RETRY_LATER = frozenset({408, 409, 425, 429})
+# "Gone": the receiver says this URL will never take an event again (Svix and Stripe stop
+# there too). An endpoint answering it is disabled; nothing is retried.
+GONE = 410
 
 EVENT_BY_OUTCOME: dict[OutcomeType, str] = {
     OutcomeType.CANCELLED: "cancellation.succeeded",
@@ -71,7 +80,9 @@ EVENT_TYPES = (*dict.fromkeys(EVENT_BY_OUTCOME.values()), OFFER_PRESENTED, DEAD_
 
 
 class CallbackRetryable(CancelflowError):
-    """The receiver may take it later (connection error, timeout, 408, 429, 5xx)."""
+    """The receiver may take it later: a connection error, a timeout, 408, 409, 425, 429 or
+    5xx (retried until the horizon), or another 4xx (``client_error``: retried only within
+    the short client-error window, ``CANCELFLOW_CALLBACKS__CLIENT_ERROR_WINDOW_S``)."""
 
     def __init__(
         self,
@@ -80,25 +91,52 @@ class CallbackRetryable(CancelflowError):
         status: int | None = None,
         retry_after: float | None = None,
         elapsed_s: float | None = None,
+        response: str | None = None,
+        client_error: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
         self.elapsed_s = elapsed_s
+        self.response = response
+        self.client_error = client_error
         # How long its target's retry window has been open (set by ``cancelflow.delivery``,
         # which gives up a target past the horizon: see ``cancelflow.retry.decide``).
         self.window_age_s = 0.0
+        # When set (by ``cancelflow.delivery``, which has decided each target's next attempt),
+        # the step runs again after exactly this long: no second draw of the backoff.
+        self.delay_s: float | None = None
+
+
+class CallbackNotDue(CancelflowError):
+    """No target of the step is due yet: each waits for a ``retry_at`` further away than a
+    countdown may be (a long ``Retry-After``), so the step waits again, spending no attempt."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class CallbackRejected(CancelflowError):
-    """The receiver refused it for good (another 4xx, a redirect): no retry."""
+    """The receiver refused it for good (410 Gone, a redirect): no retry."""
 
     def __init__(
-        self, message: str, *, status: int | None = None, elapsed_s: float | None = None
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        elapsed_s: float | None = None,
+        response: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.elapsed_s = elapsed_s
+        self.response = response
+
+    @property
+    def gone(self) -> bool:
+        """The receiver answered 410: its endpoint is disabled."""
+        return self.status == GONE
 
 
 class UnsafeCallbackUrl(CancelflowError):
@@ -453,6 +491,32 @@ def open_session(
     return aiohttp.ClientSession(connector=connector, trust_env=False)
 
 
+def excerpt(raw: bytes) -> str | None:
+    """What is kept of a receiver's answer: its first characters, as text, or None if empty."""
+    text = raw.decode("utf-8", errors="replace")[:RESPONSE_EXCERPT_CHARS]
+    return text or None
+
+
+def classify(
+    status: int, *, retry_after: str | None, elapsed_s: float, response: str | None
+) -> CallbackRetryable | CallbackRejected | None:
+    """What a receiver's status means: None for 2xx (delivered), else the error to raise."""
+    if 200 <= status < 300:
+        return None
+    message = f"receiver answered {status}"
+    if status in RETRY_LATER or status >= 500 or (400 <= status < 500 and status != GONE):
+        return CallbackRetryable(
+            message,
+            status=status,
+            retry_after=parse_retry_after(retry_after),
+            elapsed_s=elapsed_s,
+            response=response,
+            client_error=400 <= status < 500 and status not in RETRY_LATER,
+        )
+    # 410, and a 1xx or 3xx: redirects are never followed (the body would go elsewhere).
+    return CallbackRejected(message, status=status, elapsed_s=elapsed_s, response=response)
+
+
 async def deliver(
     session: aiohttp.ClientSession,
     url: str,
@@ -460,9 +524,10 @@ async def deliver(
     *,
     secrets: Sequence[str],
     timeout_s: float,
-) -> tuple[int, float]:
-    """POST one signed event; returns (status, seconds) on 2xx, raises otherwise
-    (``CallbackRetryable``, ``CallbackRejected``, or ``UnsafeCallbackUrl`` from the resolver)."""
+) -> tuple[int, float, str | None]:
+    """POST one signed event; returns (status, seconds, response excerpt) on 2xx, raises
+    otherwise (``CallbackRetryable``, ``CallbackRejected``, or ``UnsafeCallbackUrl`` from
+    the resolver)."""
     body = encode(event)
     headers = {
         "Content-Type": "application/json",
@@ -471,6 +536,7 @@ async def deliver(
         "Cancelflow-Event-Id": event["id"],
         "Cancelflow-Event-Type": event["type"],
     }
+    tracing.inject(headers)  # the delivery's span (docs/tracing.md); nothing while off
     started = time.perf_counter()
     try:
         async with session.post(
@@ -480,9 +546,10 @@ async def deliver(
             timeout=aiohttp.ClientTimeout(total=timeout_s),
             allow_redirects=False,  # a body is never followed across a redirect
         ) as resp:
-            # Nothing in a receiver's answer is used but its status: read a little (so a
-            # short answer leaves the connection reusable) and drop the connection on more.
-            await resp.content.read(MAX_RESPONSE_BODY)
+            # Only the status decides; a little of the answer is kept to show on the job.
+            # Read that little (so a short answer leaves the connection reusable) and drop
+            # the connection on more.
+            answer = await resp.content.read(MAX_RESPONSE_BODY)
             if not resp.content.at_eof():
                 resp.close()
             status = resp.status
@@ -497,13 +564,7 @@ async def deliver(
             elapsed_s=time.perf_counter() - started,
         ) from exc
     elapsed = time.perf_counter() - started
-    if 200 <= status < 300:
-        return status, elapsed
-    if status in (408, 429) or status >= 500:
-        raise CallbackRetryable(
-            f"receiver answered {status}",
-            status=status,
-            retry_after=parse_retry_after(retry_after),
-            elapsed_s=elapsed,
-        )
-    raise CallbackRejected(f"receiver answered {status}", status=status, elapsed_s=elapsed)
+    error = classify(status, retry_after=retry_after, elapsed_s=elapsed, response=excerpt(answer))
+    if error is not None:
+        raise error
+    return status, elapsed, excerpt(answer)

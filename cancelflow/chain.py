@@ -292,7 +292,7 @@ async def finish(
 ) -> Next:
     """Record the job's final outcome (``release_lease``: giving back its confirm lease in
     the same write); the callback step follows (pushed with the move, see ``OUTBOX``)."""
-    nxt = Next(Step.CALLBACK, job.id, job.provider, (EVENT_OUTCOME,))
+    nxt = Next(Step.CALLBACK, job.id, job.provider, (EVENT_OUTCOME,), trace=job.traceparent)
     push = _outgoing(nxt)
     moved = await deps.store.transition(
         job,
@@ -412,7 +412,9 @@ async def replay(deps: Deps, dl_id: str) -> Next:
     if await deps.dead_letters.claim(dl_id) is None:
         raise AlreadyReplayed(dl_id)
     if dl.kind == "callback":
-        return Next(Step.CALLBACK, job.id, job.provider, (dl.event or EVENT_OUTCOME,))
+        return Next(
+            Step.CALLBACK, job.id, job.provider, (dl.event or EVENT_OUTCOME,), trace=job.traceparent
+        )
     event = Event.REPLAY_AT_CONFIRM if dl.step == Step.CONFIRM.value else Event.REPLAY
     to = lifecycle.target(event)
     try:
@@ -427,4 +429,5 @@ async def replay(deps: Deps, dl_id: str) -> Next:
         raise
     if not moved.applied:
         return Next.done(job.id)
-    return Next(Step.CONFIRM if to is Status.CONFIRMING else Step.ELIGIBILITY, job.id, job.provider)
+    step = Step.CONFIRM if to is Status.CONFIRMING else Step.ELIGIBILITY
+    return Next(step, job.id, job.provider, trace=job.traceparent)

@@ -202,6 +202,12 @@ class CallbackAttempt(BaseModel):
     http_status: int | None = None
     latency_ms: float | None = None
     error: str | None = None
+    # The first characters of the receiver's answer (``callbacks.RESPONSE_EXCERPT_CHARS``).
+    response: str | None = None
+    # After a failed attempt: when the next attempt at this target is due (UTC, RFC 3339).
+    retry_at: str | None = None
+    # The registered webhook endpoint this attempt was sent to, if any (``endpoints``).
+    endpoint_id: str | None = None
 
 
 class JobRecord(BaseModel):
@@ -227,3 +233,6 @@ class JobRecord(BaseModel):
     updated_at: str
     # The worker process running the job's step now, if one is (see worker.leases).
     held_by: str | None = None
+    # The W3C trace context the job was created in (docs/tracing.md), when tracing was on:
+    # a step re-sent outside any span (the watchdog, a sweep) joins the job's trace.
+    traceparent: str | None = None

@@ -20,7 +20,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
@@ -56,11 +56,16 @@ class Parked(BaseModel):
     """Where a poison message's raw item was parked: one item of the broker list
     ``queue_key``, whose bytes are kept at ``key`` (the entry's ``parked_key``)."""
 
+    # Answered whole: the OpenAPI document marks every field required (it always is sent).
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
     queue_key: str = DEAD_LETTER_QUEUE
     key: str
 
 
 class DeadLetter(BaseModel):
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
     id: str = Field(default_factory=lambda: f"dl_{uuid.uuid4().hex}")
     kind: Kind
     job_id: str | None = None

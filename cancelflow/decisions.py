@@ -48,7 +48,7 @@ async def decide(deps: Deps, job_id: str, decision: Decision, *, by: str = "cust
         )
         if not moved.applied:
             raise DecisionConflict(f"job {job_id} is {moved.previous}, not awaiting a decision")
-        result = Next(Step.CONFIRM, job_id, job.provider)
+        result = Next(Step.CONFIRM, job_id, job.provider, trace=job.traceparent)
     return result
 
 

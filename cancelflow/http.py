@@ -12,9 +12,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
+from cancelflow import tracing
 from cancelflow.errors import (
     LeaseLost,
     ProviderAuthError,
@@ -163,6 +165,43 @@ class ProviderHttp:
         raise AssertionError("unreachable")
 
     async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None,
+        json_body: Any,
+        data: Any,
+        headers: Mapping[str, str] | None,
+    ) -> HttpResponse:
+        if not tracing.enabled:
+            return await self._exchange(
+                method, path, params=params, json_body=json_body, data=data, headers=headers
+            )
+        # A client span per request, its traceparent sent to the provider (docs/tracing.md).
+        url = urlsplit(self.url(path))
+        attributes = {
+            "http.request.method": method,
+            "server.address": url.hostname,
+            "server.port": url.port,
+            # Without the query: it may carry a key.
+            "url.full": urlunsplit((url.scheme, url.netloc, url.path, "", "")),
+            tracing.PROVIDER: self.provider,
+        }
+        with tracing.span(f"{method} {self.provider}", kind="client", attributes=attributes):
+            sent = dict(headers or {})
+            tracing.inject(sent)
+            try:
+                response = await self._exchange(
+                    method, path, params=params, json_body=json_body, data=data, headers=sent
+                )
+            except ProviderError as exc:
+                tracing.record_http(status=exc.status, error=exc)
+                raise
+            tracing.record_http(status=response.status)
+            return response
+
+    async def _exchange(
         self,
         method: str,
         path: str,

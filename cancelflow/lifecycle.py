@@ -101,6 +101,9 @@ class Next:
     provider: str = ""
     args: tuple[str, ...] = ()
     dead_letter: str | None = None
+    # The job's trace context (its record's ``traceparent``): the parent of the step's span
+    # when it is sent from outside any span (a sweep, a decision's deadline).
+    trace: str | None = None
     # The step's message, when the move that made it due pushed it too (``chain.OUTBOX``):
     # what follows a send (signals, the task-sent event) is all that is left to do.
     sent: Any = field(default=None, compare=False, repr=False)

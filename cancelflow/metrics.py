@@ -84,6 +84,12 @@ CALLBACK_DELIVERIES = Counter(
     "skipped (no URL), failed, refused (unsafe URL or no signing secret).",
     ["result"],
 )
+CALLBACK_ENDPOINTS_DISABLED = Counter(
+    "cancelflow_callback_endpoints_disabled_total",
+    "Webhook endpoints disabled by the callbacks themselves, by reason: gone (it answered "
+    "410), failing (every delivery failed for CANCELFLOW_CALLBACKS__ENDPOINT_DISABLE_AFTER_S).",
+    ["reason"],
+)
 API_REQUESTS = Counter(
     "cancelflow_api_requests_total",
     "Requests the API answered, by method, route (its path template, such as "
@@ -127,6 +133,7 @@ EVENT_METRICS: tuple[Counter | Histogram | Gauge, ...] = (
     PROVIDER_CALL_DURATION,
     RETRIES,
     CALLBACK_DELIVERIES,
+    CALLBACK_ENDPOINTS_DISABLED,
     API_REQUESTS,
     API_REQUEST_DURATION,
     BUILD_INFO,
@@ -186,6 +193,11 @@ def job_enqueued(provider: str) -> None:
 
 def step_ran(step: str, seconds: float) -> None:
     STEP_DURATION.labels(step).observe(seconds)
+
+
+def endpoint_disabled(reason: str) -> None:
+    """A webhook endpoint was disabled by its deliveries (``reason``: gone or failing)."""
+    CALLBACK_ENDPOINTS_DISABLED.labels(reason).inc()
 
 
 def retry_scheduled(provider: str, error_type: str) -> None:

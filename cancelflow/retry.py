@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass
 from datetime import datetime
 
-from cancelflow.callbacks import CallbackRetryable
+from cancelflow.callbacks import CallbackNotDue, CallbackRetryable
 from cancelflow.contract import JobRecord, Step
 from cancelflow.errors import (
     CallbackGiveUp,
@@ -72,14 +72,76 @@ def step_policy(settings: Settings, step: Step, provider: str) -> RetryPolicy:
 
 
 def callback_policy(settings: Settings) -> RetryPolicy:
-    """Callbacks retry with backoff until the horizon has passed since a target's first
-    attempt (after its last dead letter), however many attempts that takes."""
+    """The callback step's policy: the horizon, and its countdown cap (the broker's). Each
+    target's own waits are ``decide_callback``'s, and a wait past the cap runs in hops."""
     return RetryPolicy(
         base_s=2.0,
         max_attempts=10**6,
         max_age_s=settings.callbacks.horizon_s,
-        cap_s=min(3600.0, settings.limits().max_countdown_s),
+        cap_s=settings.limits().max_countdown_s,
     )
+
+
+@dataclass(frozen=True)
+class CallbackPolicy:
+    """How one callback target is retried (docs/callbacks.md, "Delivery, retries"): full
+    jitter over ``base_s * 2**n`` capped at ``max_backoff_s``, a receiver's Retry-After
+    honoured up to ``max_retry_after_s``, until ``horizon_s`` after the target's first attempt
+    (``client_error_window_s`` for a 4xx that is not a "later")."""
+
+    base_s: float
+    max_backoff_s: float
+    max_retry_after_s: float
+    horizon_s: float
+    client_error_window_s: float
+
+    def delay(
+        self, failures: int, *, retry_after: float | None = None, rng: random.Random | None = None
+    ) -> float:
+        """Seconds to wait after the target's ``failures + 1``-th failure in its window."""
+        # min() first: 2**n overflows a float past n=1023, and a receiver down for days
+        # is tried far fewer times than that.
+        draw = (rng or random).uniform(
+            0, min(self.max_backoff_s, self.base_s * 2 ** min(failures, 64))
+        )
+        if retry_after is not None:
+            draw = max(draw, min(retry_after, self.max_retry_after_s))
+        return draw
+
+
+def callback_target_policy(settings: Settings) -> CallbackPolicy:
+    """The callback target policy at ``settings``."""
+    cb = settings.callbacks
+    return CallbackPolicy(
+        base_s=2.0,
+        max_backoff_s=cb.max_backoff_s,
+        max_retry_after_s=cb.max_retry_after_s,
+        horizon_s=cb.horizon_s,
+        client_error_window_s=cb.client_error_window_s,
+    )
+
+
+def decide_callback(
+    error: CallbackRetryable,
+    *,
+    failures: int,
+    age_s: float,
+    policy: CallbackPolicy,
+    rng: random.Random | None = None,
+) -> Retry | GiveUp:
+    """What a failed attempt at one callback target leads to: ``failures``, the target's
+    failed attempts before this one in its window; ``age_s``, how long the window has been
+    open (since its first attempt after its last dead letter)."""
+    if error.client_error and age_s >= policy.client_error_window_s:
+        reason = (
+            f"{error}: a client error for the whole {policy.client_error_window_s:g}s "
+            "client-error window"
+        )
+        return GiveUp(reason, "CallbackRejected")
+    if age_s >= policy.horizon_s:
+        reason = f"no delivery within the {policy.horizon_s:g}s horizon: {error}"
+        return GiveUp(reason, CallbackGiveUp.__name__)
+    return Retry(policy.delay(failures, retry_after=error.retry_after, rng=rng))
 
 
 def waits_only(settings: Settings) -> RetryPolicy:
@@ -149,6 +211,13 @@ def decide(
         return Wait(min(error.retry_after + draw(0, 0.5), policy.cap_s), recorded=False)
     if isinstance(error, CallbackGiveUp):
         return GiveUp(str(error), type(error).__name__)
+    if isinstance(error, CallbackNotDue):
+        # Every target waits for a retry_at beyond one countdown: wait again, in hops.
+        return Wait(min(error.retry_after, policy.cap_s))
+    if isinstance(error, CallbackRetryable) and error.delay_s is not None:
+        # The callback step decided each target's next attempt (``decide_callback``): run
+        # again for the first one due, in a countdown of at most the cap (then in hops).
+        return Retry(min(error.delay_s, policy.cap_s))
     if isinstance(error, CallbackRetryable):
         if age_s >= policy.max_age_s:
             reason = f"no delivery within the {policy.max_age_s:g}s horizon: {error}"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -32,6 +33,8 @@ from cancelflow.store import INFLIGHT_SPARE_S, INFLIGHT_TTL_S
 
 ENV_PREFIX = "CANCELFLOW_"
 DAY = 24 * 3600
+# The span exporters ``OTEL_TRACES_EXPORTER`` may name (OTLP is over HTTP/protobuf).
+TRACES_EXPORTERS = frozenset({"otlp", "console", "none"})
 # kombu's Redis transport waits on BRPOP this long (``Transport.brpop_timeout``; Celery sets
 # no ``polling_interval``): the broker's read timeout must outlast it. A unit test pins it.
 KOMBU_BRPOP_TIMEOUT_S = 1.0
@@ -136,6 +139,20 @@ class CallbackSettings(BaseModel):
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     timeout_s: float = Field(default=5.0, gt=0, le=60)
     horizon_s: float = Field(default=3 * DAY, gt=0)
+    # A receiver answering a 4xx other than 408/409/425/429 (a 404 while it deploys) is
+    # retried this long from the target's first attempt, then dead-lettered; 410 never is.
+    client_error_window_s: float = Field(default=3600.0, gt=0)
+    # The longest wait between two attempts at a target: backoff never exceeds it, and a
+    # receiver's Retry-After is honoured up to ``max_retry_after_s``. Waits longer than a
+    # countdown may be (a quarter of the visibility timeout) are kept on the job's attempt
+    # (``retry_at``) and waited in hops, so neither depends on the broker.
+    max_backoff_s: float = Field(default=3600.0, gt=0)
+    max_retry_after_s: float = Field(default=DAY, gt=0)
+    # An endpoint (``/v1/webhook-endpoints``) whose deliveries have all failed for this long
+    # is disabled (``callback.endpoint.disabled``); default 5 days, as Svix does.
+    endpoint_disable_after_s: float = Field(default=5 * DAY, gt=0)
+    # While an endpoint's secret is rotated, the old one signs too for this long by default.
+    endpoint_rotation_overlap_s: float = Field(default=DAY, ge=0, le=30 * DAY)
     # Modules that register in-process result hooks (cancelflow.hooks), imported by workers.
     hook_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
@@ -297,6 +314,27 @@ class Settings(BaseSettings):
     # ``CANCELFLOW_BILLING_STREAM``, the name billing systems are told, for
     # ``CANCELFLOW_BILLING__STREAM``; the nested one wins when both are set.
     billing_stream: str | None = Field(default=None, min_length=1, exclude=True)
+    # OpenTelemetry traces (cancelflow.tracing, docs/tracing.md): the standard variables,
+    # read under their own names. Off unless ``OTEL_TRACES_EXPORTER`` names an exporter
+    # (comma-separated: ``otlp``, ``console``; ``none`` is off); ``OTEL_SDK_DISABLED=true``
+    # turns it off whatever the rest. The SDK reads every other ``OTEL_*`` itself.
+    otel_traces_exporter: str = Field(
+        default="none",
+        validation_alias=AliasChoices("OTEL_TRACES_EXPORTER", "otel_traces_exporter"),
+    )
+    otel_sdk_disabled: bool = Field(
+        default=False, validation_alias=AliasChoices("OTEL_SDK_DISABLED", "otel_sdk_disabled")
+    )
+    # Checked only: OTLP goes over HTTP/protobuf (the exporter installed), so a gRPC ask
+    # stops start-up rather than sending HTTP to a gRPC port.
+    otel_exporter_otlp_protocol: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+            "otel_exporter_otlp_protocol",
+        ),
+    )
 
     @field_validator("redis_url")
     @classmethod
@@ -307,6 +345,34 @@ class Settings(BaseSettings):
     @classmethod
     def _broker_runs(cls, value: str | None) -> str | None:
         return None if value is None or not value.strip() else check_broker_url(value)
+
+    @field_validator("otel_traces_exporter")
+    @classmethod
+    def _known_exporters(cls, value: str) -> str:
+        names = [n.strip().lower() for n in value.split(",") if n.strip()]
+        unknown = sorted(set(names) - TRACES_EXPORTERS)
+        if unknown:
+            raise ValueError(
+                f"OTEL_TRACES_EXPORTER: unknown exporter {', '.join(unknown)!s} "
+                f"(one or more of {', '.join(sorted(TRACES_EXPORTERS))})"
+            )
+        return ",".join(names) or "none"
+
+    @model_validator(mode="after")
+    def _otlp_over_http(self) -> Settings:
+        protocol = self.otel_exporter_otlp_protocol
+        if "otlp" in self.traces_exporters() and protocol not in (None, "", "http/protobuf"):
+            raise ValueError(
+                f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol} is not supported: Cancelflow exports "
+                "OTLP over HTTP (http/protobuf, port 4318; docs/tracing.md)"
+            )
+        return self
+
+    def traces_exporters(self) -> tuple[str, ...]:
+        """The span exporters this process sends traces to (none: tracing is off)."""
+        if self.otel_sdk_disabled:
+            return ()
+        return tuple(n for n in self.otel_traces_exporter.split(",") if n != "none")
 
     def broker(self) -> str:
         """The broker's URL: ``broker_url``, else the job store's Redis."""
@@ -541,6 +607,8 @@ def settings_env_names(
     group may be given whole, as JSON) included."""
     names: set[str] = set()
     for field, info in model.model_fields.items():
+        if info.validation_alias is not None:
+            continue  # read under a name of its own (OTEL_TRACES_EXPORTER)
         names.add(env_name((*loc, field)))
         nested = _model_of(info.annotation)
         if nested is not None:

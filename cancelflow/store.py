@@ -28,7 +28,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
-from cancelflow import lifecycle
+from cancelflow import lifecycle, tracing
 from cancelflow.contract import (
     CallbackAttempt,
     CancellationRequest,
@@ -526,6 +526,8 @@ class JobStore:
             "created_at": at,
             "updated_at": at,
         }
+        if (traceparent := tracing.current_traceparent()) is not None:
+            fields["traceparent"] = traceparent
         hour = stats_hour(now.timestamp())
         how, found, added = await self._create_counted(
             keys=[
@@ -921,6 +923,7 @@ def _record(h: dict[str, str], timeline: list[Any], callbacks: list[Any]) -> Job
         created_at=h["created_at"],
         updated_at=h["updated_at"],
         held_by=h.get("held_by"),
+        traceparent=h.get("traceparent"),
     )
 
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import datetime
 
 from cancelflow.chain import entry
@@ -27,7 +28,7 @@ async def stragglers(deps: Deps, *, older_than_s: float) -> list[Next]:
             await deps.store.mark_dispatched(job_id)
             continue
         if job.status is Status.QUEUED:
-            out.append(Next(Step.ELIGIBILITY, job_id, job.provider))
+            out.append(Next(Step.ELIGIBILITY, job_id, job.provider, trace=job.traceparent))
         else:
             await deps.store.mark_dispatched(job_id)  # it ran: the mark was just not cleared
     return out
@@ -90,5 +91,5 @@ async def resume_stalled(
             ),
         )
         log.warning("job.stalled.resent", job_id=job_id, step=nxt.step.value)
-        out.append(nxt)
+        out.append(replace(nxt, trace=job.traceparent))
     return out

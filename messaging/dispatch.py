@@ -14,6 +14,7 @@ import structlog
 from celery import Celery
 from redis.asyncio import Redis
 
+from cancelflow import tracing
 from cancelflow.contract import CALLBACKS_QUEUE, STEP_TASKS, Step, provider_queue
 from cancelflow.lifecycle import Next
 from messaging.patches import (
@@ -65,6 +66,11 @@ def _step_headers(nxt: Next) -> dict[str, Any]:
     request_id = structlog.contextvars.get_contextvars().get("request_id")
     if request_id is not None:
         headers["request_id"] = request_id
+    if tracing.enabled:
+        # The span it is sent from (a step's, the API request's) is its parent; from outside
+        # any span (a sweep) or from another trace's (a decision's request), the job's own
+        # trace context.
+        tracing.inject(headers, job_traceparent=nxt.trace)
     return headers
 
 

@@ -19,6 +19,17 @@ production. Each override says why it exists and, where there is one, the upstre
 - ``WorkerChannel.restore_worker``: follows ``QoS.restore_by_tag`` (and its
   ``_do_restore_message``) to give back a dead worker process's messages at once.
 - ``StepRequest.send_event``: a step's task events true to the step for Flower.
+- ``HubEventsRequest.send_event`` (every task's request, ``StepRequest``'s base): a task
+  event sent from another thread (the pool's loop, a maintenance task's thread) is handed to
+  the consumer's hub and published there. The worker's event dispatcher's connection is the
+  hub's: Celery registers it for reads (``Events.start``, to consume broker heartbeats),
+  so the hub's thread reads its frames. A publish from another thread with publisher
+  confirms (``brokers.amqp``) waits for its ``basic.ack`` on that socket while the hub may
+  read the ack first: the publisher then waits, holding the dispatcher's mutex, until the
+  broker drops the connection, and the hub, blocked on that mutex at its next flush, sends
+  no heartbeat on the consumer's connection either, which RabbitMQ closes ("missed
+  heartbeats from client", measured under ``make chaos BROKER=amqp``). No upstream issue
+  found; Celery's own threads pool shares the race.
 - ``RetryingTask.event`` (``celery.events.state.Task.event``, installed by
   ``show_retries_until_they_run``): a retry shows as ``RETRY`` in Flower until it runs.
 - ``show_transports_as``: kombu's ``Connection.resolve_aliases`` (read by ``_info``) names
@@ -58,12 +69,14 @@ between a step's end and its acknowledgement). Closing the channel writes the ba
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from dataclasses import dataclass
 from queue import Empty  # what kombu.transport.redis raises (it imports it from here)
-from typing import Any
+from typing import Any, ClassVar
 
+import redis
 from celery import Celery, signals, states
 from celery.concurrency.thread import TaskPool as ThreadsPool
 from celery.events.dispatcher import EventDispatcher
@@ -142,6 +155,18 @@ UPSTREAM: dict[str, str] = {
     # StepRequest: a step's task events.
     "celery.worker.request:Request.send_event": (
         "75ec861e3f357ae91412caad613f8f124d2cb375b5a037b0fee263d5f4a81b90"
+    ),
+    # HubEventsRequest: the worker's event connection is read by the hub (Events.start), an
+    # event of the task group is published by whichever thread fills the buffer
+    # (EventDispatcher.send), and the hub takes callbacks from other threads (Hub.call_soon).
+    "celery.worker.consumer.events:Events.start": (
+        "5dafa048a5f8bb39a595d494dd039100ba5ec39951bb32d4a6a00b6e9e034abb"
+    ),
+    "celery.events.dispatcher:EventDispatcher.send": (
+        "eb70b87b4c68ed01fe0f9a2c6dec095dff5ae07d0846e209b509b839c77ed5d4"
+    ),
+    "kombu.asynchronous.hub:Hub.call_soon": (
+        "ec0433083ce8db41ad884ab8b096681e91af046b26efcd6ad86a2cdfdd0f235e"
     ),
     # RetryingTask: how a monitor's state merges a task's events, which the worker sends for
     # a retry's message when it receives it (the strategy's task-received).
@@ -591,6 +616,10 @@ class WorkerChannel(Channel):
     restore of a dead worker's messages (``worker.leases``); see the module."""
 
     QoS = QoS
+    # The job store's Redis, where dead-letter entries go, when the broker is another Redis
+    # (``worker.app.create_app`` sets it; one worker app per process). None: the broker's
+    # Redis is the job store.
+    job_store: ClassVar[redis.Redis | None] = None
 
     def close(self) -> None:
         qos = self.__dict__.get("_qos")  # only if the channel ever made one
@@ -672,10 +701,19 @@ class WorkerChannel(Channel):
             error=error,
             payload=poison_payload(item, None, None),
         )
-        with self.conn_or_acquire() as client:
-            # The entry, the item on the list and the record of it, in one transaction: a
-            # purge of the entry removes that item (cancelflow.dead_letters).
-            DeadLetterStore.add_sync(client, dl, park=(DEAD_LETTER_QUEUE, item))
+        store = self.job_store
+        if store is None:
+            with self.conn_or_acquire() as client:
+                # The entry, the item on the list and the record of it, in one transaction: a
+                # purge of the entry removes that item (cancelflow.dead_letters).
+                DeadLetterStore.add_sync(client, dl, park=(DEAD_LETTER_QUEUE, item))
+        else:
+            # The entry in the job store, then the item parked on the broker's list; the
+            # entry does not record it (a purge, in the job store, could not remove it), as
+            # worker.consumer parks on a broker that is not the job store.
+            DeadLetterStore.add_sync(store, dl)
+            with self.conn_or_acquire() as client:
+                client.lpush(DEAD_LETTER_QUEUE, item)
         log.error(
             "message.dead_lettered", queue=queue, error_type=dl.error_type, dead_letter_id=dl.id
         )
@@ -743,11 +781,33 @@ def show_transports_as(scheme: str, *transports: str) -> None:
 # --- workers: a step's task events, and the pool ------------------------------------------------
 
 
-class StepRequest(Request):  # type: ignore[misc]  # Celery is untyped
+class HubEventsRequest(Request):  # type: ignore[misc]  # Celery is untyped
+    """Celery's request, whose task events are published by the consumer's hub thread.
+
+    The pool sends a task's ``task-started`` (``on_accepted``), ``task-succeeded``,
+    ``task-retried`` and ``task-failed`` events from the thread that ran it: the runtime's
+    loop for a step, an executor thread for a maintenance task. The worker's event
+    dispatcher publishes from the caller's thread once its buffer is full, on a connection
+    the hub reads (see the module): with publisher confirms, the hub can take the ack the
+    publisher waits for, and both threads stop until the broker drops the connection. Handed
+    to the hub (as Celery hands it acknowledgements, ``Consumer.call_soon_ack``), every
+    publish and read of that connection is on one thread. Sent from the hub's own thread,
+    or with no hub (a test's eager run), an event is sent at once.
+    """
+
+    def send_event(self, type: str, **fields: Any) -> None:
+        hub = get_event_loop()
+        if hub is None or threading.current_thread() is threading.main_thread():
+            super().send_event(type, **fields)
+            return
+        hub.call_soon(functools.partial(super().send_event, type, **fields))  # type: ignore[no-untyped-call]
+
+
+class StepRequest(HubEventsRequest):
     """Celery's request of a step, with the task events Flower reads made true to the step.
 
-    The only override of Celery's worker internals for monitoring (``Request.send_event``),
-    so every adjustment of a step's events is here:
+    Its events are sent by the hub (``HubEventsRequest``); what a step's events say is
+    adjusted here, and only here:
 
     - ``runtime``: the tracer times only the task's body, which carries out a step's result
       in a millisecond; the step's work ran before it, on the loop (``worker.pool``). The

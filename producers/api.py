@@ -50,9 +50,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from brokers.queues import QueueReader, queue_reader
-from cancelflow import chain, decisions, jsonsafe, metrics
+from cancelflow import chain, decisions, jsonsafe, metrics, tracing
+from cancelflow.callbacks import UnsafeCallbackUrl, check_url_form
 from cancelflow.contract import JOB_ID_RE, Decision
 from cancelflow.dead_letters import AlreadyReplayed
+from cancelflow.endpoints import ENDPOINT_ID_RE, MAX_ENDPOINTS, EndpointStore
 from cancelflow.errors import CancelflowError, ConfigError, DecisionConflict, JobNotFound
 from cancelflow.guard import breaker_state
 from cancelflow.logging import get_logger
@@ -77,10 +79,15 @@ from producers.ratelimit import Admission, Gate, RateLimiter
 from producers.schemas import (
     DEAD_LETTER_ID_RE,
     DeadLetterQuery,
+    EndpointCreate,
+    EndpointPage,
+    EndpointSecret,
+    EndpointUpdate,
     JobQuery,
     NoQuery,
     ProviderState,
     ProviderStates,
+    SecretRotation,
     StatsQuery,
 )
 from producers.submit import (
@@ -667,6 +674,7 @@ async def get_cancellation(request: web.Request) -> web.Response:
 
 async def post_decision(request: web.Request) -> web.Response:
     deps, job_id = request.app[DEPS], _job_id(request)
+    tracing.set_attributes({tracing.JOB_ID: job_id})  # the job's steps go on in its own trace
     try:
         decision = Decision.model_validate(await _json_body(request))
     except ValidationError as exc:
@@ -701,6 +709,7 @@ async def replay_dead_letter(request: web.Request) -> web.Response:
         return problem(
             404, Problem.NOT_FOUND, f"no dead letter {dl_id} (already replayed or purged?)"
         )
+    tracing.set_attributes({tracing.JOB_ID: dl.job_id})  # replayed in the job's own trace
     try:
         nxt = await chain.replay(deps, dl_id)
     except AlreadyReplayed as exc:
@@ -717,6 +726,129 @@ async def delete_dead_letter(request: web.Request) -> web.Response:
     dl_id = _dead_letter_id(request)
     if not await request.app[DEPS].dead_letters.delete(dl_id):
         return problem(404, Problem.NOT_FOUND, f"no dead letter {dl_id}")
+    return web.Response(status=204)
+
+
+# --- webhook endpoints (cancelflow.endpoints; docs/callbacks.md, "Webhook endpoints") ----------
+
+
+def _endpoint_id(request: web.Request) -> str:
+    return _path_id(request, "endpoint_id", ENDPOINT_ID_RE, "webhook endpoint")
+
+
+def _endpoints(request: web.Request) -> EndpointStore:
+    return EndpointStore(request.app[DEPS].store.redis)
+
+
+def _endpoint_url_refused(settings: Settings, url: str) -> list[dict[str, str]]:
+    """The same checks as a job's ``callback_url`` at submission (the value not echoed:
+    it may carry credentials); its host's addresses are checked at each delivery."""
+    cb = settings.callbacks
+    try:
+        check_url_form(url, allow_http=cb.allow_http, allowed_hosts=cb.allowed_hosts)
+    except UnsafeCallbackUrl as exc:
+        return [{"field": "url", "message": str(exc)}]
+    return []
+
+
+def _no_endpoint(endpoint_id: str) -> web.Response:
+    return problem(404, Problem.NOT_FOUND, f"no webhook endpoint {endpoint_id}")
+
+
+async def create_endpoint(request: web.Request) -> web.Response:
+    settings = request.app[DEPS].settings
+    try:
+        body = EndpointCreate.model_validate(await _json_body(request))
+    except ValidationError as exc:
+        return invalid(field_errors(exc))
+    if refused := _endpoint_url_refused(settings, body.url):
+        return invalid(refused)
+    store = _endpoints(request)
+    if await store.count() >= MAX_ENDPOINTS:
+        return problem(
+            409,
+            Problem.TOO_MANY_ENDPOINTS,
+            f"at most {MAX_ENDPOINTS} webhook endpoints: delete one first",
+        )
+    overlap = body.rotation_overlap_s
+    endpoint, secret = await store.create(
+        url=body.url,
+        description=body.description,
+        event_types=list(dict.fromkeys(body.event_types)),
+        rotation_overlap_s=(
+            settings.callbacks.endpoint_rotation_overlap_s if overlap is None else overlap
+        ),
+        enabled=body.enabled,
+    )
+    log.info("callback.endpoint.created", endpoint_id=endpoint.id)
+    answer = EndpointSecret(endpoint=endpoint, secret=secret)
+    return web.json_response(
+        answer.model_dump(mode="json"),
+        status=201,
+        headers={"Location": f"/v1/webhook-endpoints/{endpoint.id}"},
+    )
+
+
+async def list_endpoints(request: web.Request) -> web.Response:
+    parse_query(request, NoQuery)
+    page = EndpointPage(items=await _endpoints(request).all())
+    return web.json_response(page.model_dump(mode="json"))
+
+
+async def get_endpoint(request: web.Request) -> web.Response:
+    endpoint_id = _endpoint_id(request)
+    endpoint = await _endpoints(request).get(endpoint_id)
+    if endpoint is None:
+        return _no_endpoint(endpoint_id)
+    return web.json_response(endpoint.model_dump(mode="json"))
+
+
+async def update_endpoint(request: web.Request) -> web.Response:
+    endpoint_id = _endpoint_id(request)
+    try:
+        body = EndpointUpdate.model_validate(await _json_body(request))
+    except ValidationError as exc:
+        return invalid(field_errors(exc))
+    if body.url is not None and (
+        refused := _endpoint_url_refused(request.app[DEPS].settings, body.url)
+    ):
+        return invalid(refused)
+    changes = body.model_dump(exclude_none=True)
+    if "event_types" in changes:
+        changes["event_types"] = list(dict.fromkeys(changes["event_types"]))
+    endpoint = await _endpoints(request).update(endpoint_id, **changes)
+    if endpoint is None:
+        return _no_endpoint(endpoint_id)
+    log.info("callback.endpoint.updated", endpoint_id=endpoint_id, fields=sorted(changes))
+    return web.json_response(endpoint.model_dump(mode="json"))
+
+
+async def rotate_endpoint_secret(request: web.Request) -> web.Response:
+    endpoint_id = _endpoint_id(request)
+    raw = await _raw_body(request)
+    try:
+        body = SecretRotation.model_validate(await _json_body(request) if raw.strip() else {})
+    except ValidationError as exc:
+        return invalid(field_errors(exc))
+    rotated = await _endpoints(request).rotate(endpoint_id, overlap_s=body.overlap_s)
+    if rotated is None:
+        return _no_endpoint(endpoint_id)
+    endpoint, secret = rotated
+    log.info(
+        "callback.endpoint.secret_rotated",
+        endpoint_id=endpoint_id,
+        previous_secret_expires_at=endpoint.previous_secret_expires_at,
+    )
+    return web.json_response(
+        EndpointSecret(endpoint=endpoint, secret=secret).model_dump(mode="json")
+    )
+
+
+async def delete_endpoint(request: web.Request) -> web.Response:
+    endpoint_id = _endpoint_id(request)
+    if not await _endpoints(request).delete(endpoint_id):
+        return _no_endpoint(endpoint_id)
+    log.info("callback.endpoint.deleted", endpoint_id=endpoint_id)
     return web.Response(status=204)
 
 
@@ -820,15 +952,53 @@ def new_event_loop(settings: Settings) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
+UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+@web.middleware
+async def request_span(request: web.Request, handler: Any) -> web.StreamResponse:
+    """The request's server span, continuing the caller's ``traceparent`` (in the middleware
+    list only while tracing is on: docs/tracing.md); the steps it sends are its children.
+    Probes and scrapes (``UNTRACED_PATHS``) get none: a trace every few seconds per probe
+    would bury the jobs' traces."""
+    if request.path in UNTRACED_PATHS:
+        untraced: web.StreamResponse = await handler(request)
+        return untraced
+    route = request.match_info.route.resource
+    template = route.canonical if route is not None else None
+    attributes = {
+        "http.request.method": request.method,
+        "http.route": template,
+        "url.path": request.path,
+        "url.scheme": request.scheme,
+        tracing.REQUEST_ID: structlog.contextvars.get_contextvars().get("request_id"),
+    }
+    name = f"{request.method} {template}" if template else request.method
+    with (
+        tracing.span(name, kind="server", parent=request.headers, attributes=attributes) as span,
+        structlog.contextvars.bound_contextvars(**tracing.log_fields(span)),
+    ):
+        try:
+            response: web.StreamResponse = await handler(request)
+        except web.HTTPException as exc:
+            tracing.record_http(status=exc.status)
+            raise
+        tracing.record_http(status=response.status)
+        return response
+
+
 def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Application:
     """The API application; Redis and Celery connections open on start-up. The billing rules,
     when configured, are checked here: a ``RulesError`` stops start-up."""
     limit = settings.api.max_body_bytes
-    # request_context first: every line the request causes carries its id. request_metrics
-    # next (outside errors_and_auth): it sees the answer errors_and_auth gives, its 401, 429
+    # request_context first: every line the request causes carries its id. request_span
+    # (tracing on only) next: the request's id is on its span. request_metrics next
+    # (outside errors_and_auth): it sees the answer errors_and_auth gives, its 401, 429
     # and 503 included, and the status a handler's error is mapped to.
+    traced = [request_span] if tracing.configure(settings, service="cancelflow-api") else []
     app = web.Application(
-        middlewares=[request_context, request_metrics, errors_and_auth], client_max_size=limit
+        middlewares=[request_context, *traced, request_metrics, errors_and_auth],
+        client_max_size=limit,
     )
     app[TOKENS] = parse_tokens(settings)
     app[CELERY] = celery or create_celery(settings)
@@ -899,6 +1069,12 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
     app.router.add_post("/v1/dead-letters/{dl_id}/replay", replay_dead_letter)
     app.router.add_delete("/v1/dead-letters/{dl_id}", delete_dead_letter)
     app.router.add_get("/v1/providers", list_providers)
+    app.router.add_post("/v1/webhook-endpoints", create_endpoint)
+    app.router.add_get("/v1/webhook-endpoints", list_endpoints)
+    app.router.add_get("/v1/webhook-endpoints/{endpoint_id}", get_endpoint)
+    app.router.add_patch("/v1/webhook-endpoints/{endpoint_id}", update_endpoint)
+    app.router.add_delete("/v1/webhook-endpoints/{endpoint_id}", delete_endpoint)
+    app.router.add_post("/v1/webhook-endpoints/{endpoint_id}/rotate-secret", rotate_endpoint_secret)
     app.router.add_get("/metrics", get_metrics)
     docs_page.setup(app)
     console.setup(app, settings)

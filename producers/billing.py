@@ -43,7 +43,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from cancelflow import jsonsafe
+from cancelflow import jsonsafe, tracing
 from cancelflow.contract import isoformat, utcnow
 from cancelflow.dead_letters import DeadLetter
 from cancelflow.logging import get_logger
@@ -405,7 +405,24 @@ class BillingConsumer:
                 by_body=True,
                 shown=_shown_fields(fields, self.processor.limits.max_bytes),
             )
-        return await self.processor.process(raw, source=source)
+        if not tracing.enabled:
+            return await self.processor.process(raw, source=source)
+        # The event's span: the job it makes is traced under it, continuing the entry's own
+        # ``traceparent`` field when the billing system wrote one (docs/tracing.md).
+        given = fields.get(tracing.TRACEPARENT.encode())
+        attributes = {
+            "messaging.system": "redis",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": self.conf.stream,
+            "messaging.message.id": entry_id,
+        }
+        with tracing.span(
+            "billing.event",
+            kind="consumer",
+            attributes=attributes,
+            parent={tracing.TRACEPARENT: given.decode(errors="replace")} if given else None,
+        ):
+            return await self.processor.process(raw, source=source)
 
     async def ack(self, entry_ids: Sequence[str]) -> None:
         if entry_ids:

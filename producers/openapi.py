@@ -13,6 +13,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from cancelflow.contract import JOB_ID_RE, CancellationRequest, Decision, JobRecord
 from cancelflow.dead_letters import DeadLetter
+from cancelflow.endpoints import ENDPOINT_ID_RE, MAX_ENDPOINTS, WebhookEndpoint
 from cancelflow.providers import REGISTRY
 from cancelflow.settings import BillingScheme
 from producers import openapi_examples as ex
@@ -25,6 +26,10 @@ from producers.schemas import (
     BillingResult,
     DeadLetterPage,
     DeadLetterQuery,
+    EndpointCreate,
+    EndpointPage,
+    EndpointSecret,
+    EndpointUpdate,
     Health,
     JobPage,
     JobQuery,
@@ -32,6 +37,7 @@ from producers.schemas import (
     Problem,
     ProviderStates,
     Replayed,
+    SecretRotation,
     Stats,
     StatsQuery,
 )
@@ -48,7 +54,7 @@ _ERRORS = {
     "is not UTF-8",
     401: "no token, or not one of ours",
     403: "the token is read-only",
-    404: "no such job or dead letter (an id not of the format also names none)",
+    404: "no such job, dead letter or webhook endpoint (an id not of the format also names none)",
     409: "conflict (see the detail)",
     413: "the body is larger than the limit",
     422: "invalid fields, each listed in `errors`",
@@ -65,6 +71,9 @@ def _models() -> list[tuple[type[BaseModel], JsonSchemaMode]]:
         JobQuery,
         StatsQuery,
         DeadLetterQuery,
+        EndpointCreate,
+        EndpointUpdate,
+        SecretRotation,
     ]
     answers: list[type[BaseModel]] = [
         JobRecord,
@@ -77,6 +86,9 @@ def _models() -> list[tuple[type[BaseModel], JsonSchemaMode]]:
         Stats,
         BillingResult,
         ProviderStates,
+        WebhookEndpoint,
+        EndpointPage,
+        EndpointSecret,
     ]
     refs = [spec.reference for spec in REGISTRY.values()]
     return [
@@ -145,6 +157,14 @@ def document(
     schemas.update(_request_variants(schemas[CancellationRequest.__name__], providers))
     for answer_model in (JobRecord, JobSummary):
         schemas[answer_model.__name__]["properties"]["subscription"] = _any_reference()
+    if providers is not None:
+        # As a deployment's document narrows ``callback_url`` (``_request_variants``), an
+        # endpoint's URL is held to what a callback URL may be (``callbacks.check_url_form``).
+        schemas[EndpointCreate.__name__]["properties"]["url"] = _CALLBACK_URL
+        schemas[EndpointUpdate.__name__]["properties"]["url"] = {
+            "anyOf": [_CALLBACK_URL, {"type": "null"}],
+            "default": None,
+        }
     for name, schema in schemas.items():
         if name != BillingEvent.__name__:
             _mark_timestamps(schema)
@@ -210,6 +230,13 @@ def document(
         "required": True,
         "schema": {"type": "string", "pattern": DEAD_LETTER_ID_RE.pattern},
         "example": ex.DL_ID,
+    }
+    endpoint_id = {
+        "name": "endpoint_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": f"^{ENDPOINT_ID_RE.pattern}$"},
+        "example": ex.ENDPOINT_ID,
     }
     idempotency_key = {
         "name": IDEMPOTENCY_HEADER,
@@ -431,6 +458,121 @@ def document(
                 "responses": {
                     "202": answer(Replayed, "replayed from the step it failed at", ex.replayed()),
                     **errors(*write, 404, 409),
+                },
+            },
+        },
+        "/v1/webhook-endpoints": {
+            "post": {
+                "operationId": "createWebhookEndpoint",
+                "summary": "Register a callback URL of your own, with its own secret",
+                "description": (
+                    "Every job's events whose type the filter names (all, when it is empty) "
+                    "are sent to every enabled endpoint, signed with the endpoint's own "
+                    "`whsec_` secret (Standard Webhooks), besides a job's own `callback_url`. "
+                    "The secret is in this answer only: keep it. The URL is checked as a "
+                    "`callback_url` is (https, no credentials, no internal address literal; "
+                    "its host's addresses at each delivery). At most "
+                    f"{MAX_ENDPOINTS} endpoints."
+                ),
+                "security": _BEARER,
+                "parameters": [request_id],
+                "requestBody": body(
+                    EndpointCreate, "The URL, filter and rotation overlap.", ex.endpoint_create()
+                ),
+                "responses": {
+                    "201": answer(
+                        EndpointSecret,
+                        "the endpoint, and its secret (shown this once)",
+                        ex.endpoint_secret(),
+                        Location={"required": True, "schema": {"type": "string"}},
+                    ),
+                    **errors(
+                        400,
+                        *write,
+                        409,
+                        413,
+                        422,
+                        e409=(ProblemType.TOO_MANY_ENDPOINTS, "at most 100 webhook endpoints"),
+                    ),
+                },
+            },
+            "get": {
+                "operationId": "listWebhookEndpoints",
+                "summary": "Every webhook endpoint, oldest first (no secrets)",
+                "security": _BEARER,
+                "parameters": [request_id],
+                "responses": {
+                    "200": answer(EndpointPage, "the endpoints", ex.endpoint_page()),
+                    **errors(*read, 422),
+                },
+            },
+        },
+        "/v1/webhook-endpoints/{endpoint_id}": {
+            "get": {
+                "operationId": "getWebhookEndpoint",
+                "summary": "A webhook endpoint: its filter, whether it is enabled (and why "
+                "not), since when it has been failing",
+                "security": _BEARER,
+                "parameters": [endpoint_id, request_id],
+                "responses": {
+                    "200": answer(WebhookEndpoint, "the endpoint", ex.endpoint()),
+                    **errors(*read, 404),
+                },
+            },
+            "patch": {
+                "operationId": "updateWebhookEndpoint",
+                "summary": "Change an endpoint's URL, filter, overlap; enable or disable it",
+                "description": "Only the fields given change. `enabled: true` re-enables a "
+                "disabled endpoint and forgets its failures.",
+                "security": _BEARER,
+                "parameters": [endpoint_id, request_id],
+                "requestBody": body(EndpointUpdate, "The fields to change.", {"enabled": False}),
+                "responses": {
+                    "200": answer(
+                        WebhookEndpoint,
+                        "the endpoint as it is now",
+                        ex.endpoint(
+                            enabled=False,
+                            disabled_reason="disabled by an operator",
+                            disabled_at=ex.UPDATED,
+                        ),
+                    ),
+                    **errors(400, *write, 404, 413, 422),
+                },
+            },
+            "delete": {
+                "operationId": "deleteWebhookEndpoint",
+                "summary": "Delete a webhook endpoint: it is sent nothing more",
+                "security": _BEARER,
+                "parameters": [endpoint_id, request_id],
+                "responses": {"204": answer(None, "deleted"), **errors(*write, 404)},
+            },
+        },
+        "/v1/webhook-endpoints/{endpoint_id}/rotate-secret": {
+            "post": {
+                "operationId": "rotateWebhookEndpointSecret",
+                "summary": "A new secret for the endpoint; the old one still signs during "
+                "the overlap",
+                "description": (
+                    "While the overlap lasts (`overlap_s`, default the endpoint's "
+                    "`rotation_overlap_s`), every delivery carries two signatures in "
+                    "`webhook-signature` (`v1,<new> v1,<old>`), so the receiver can move "
+                    "to the new secret at its own pace. The new secret is in this answer only. "
+                    "The body may be empty."
+                ),
+                "security": _BEARER,
+                "parameters": [endpoint_id, request_id],
+                "requestBody": {
+                    **body(SecretRotation, "The overlap.", {"overlap_s": 3600}),
+                    "required": False,
+                },
+                "responses": {
+                    "200": answer(
+                        EndpointSecret,
+                        "the endpoint, and its new secret (shown this once)",
+                        ex.endpoint_secret(rotated=True),
+                    ),
+                    **errors(400, *write, 404, 413, 422),
                 },
             },
         },

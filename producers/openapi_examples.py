@@ -20,11 +20,13 @@ from cancelflow.contract import (
     TimelineEntry,
 )
 from cancelflow.dead_letters import DeadLetter
+from cancelflow.endpoints import WebhookEndpoint
 from producers.problems import TITLES, Problem
 from producers.schemas import (
     BillingEvent,
     BillingResult,
     DeadLetterPage,
+    EndpointPage,
     FieldError,
     Health,
     JobPage,
@@ -289,3 +291,39 @@ def problem(status: int, kind: Problem | None = None, detail: str | None = None)
     kind = kind or default
     body = {"type": kind.uri, "title": TITLES[kind], "status": status}
     return {**body, "detail": detail or default_detail, **(extra if kind is default else {})}
+
+
+ENDPOINT_ID = "ep_3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c"
+# Not a secret of any deployment: the documentation's example (``cancelflow secret`` makes one).
+EXAMPLE_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # noqa: S105
+
+
+def endpoint_create() -> dict[str, Any]:
+    return {
+        "url": "https://hooks.example.com/cancelflow",
+        "description": "billing system",
+        "event_types": ["cancellation.succeeded", "cancellation.dead_lettered"],
+        "rotation_overlap_s": 86400,
+    }
+
+
+def endpoint(**changes: Any) -> dict[str, Any]:
+    record = WebhookEndpoint(
+        id=ENDPOINT_ID,
+        url="https://hooks.example.com/cancelflow",
+        description="billing system",
+        event_types=["cancellation.succeeded", "cancellation.dead_lettered"],
+        rotation_overlap_s=86400,
+        created_at=CREATED,
+        updated_at=UPDATED,
+    )
+    return _json(record.model_copy(update=changes))
+
+
+def endpoint_secret(*, rotated: bool = False) -> dict[str, Any]:
+    changes = {"previous_secret_expires_at": "2025-03-05T09:15:03.870Z"} if rotated else {}
+    return {"endpoint": endpoint(**changes), "secret": EXAMPLE_SECRET}
+
+
+def endpoint_page() -> dict[str, Any]:
+    return _json(EndpointPage.model_validate({"items": [endpoint()]}))

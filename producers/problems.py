@@ -42,6 +42,7 @@ class Problem(StrEnum):
     UNAVAILABLE = "unavailable"
     NOT_READY = "not-ready"
     BILLING_NOT_CONFIGURED = "billing-not-configured"
+    TOO_MANY_ENDPOINTS = "too-many-endpoints"
 
     @property
     def uri(self) -> str:
@@ -74,6 +75,7 @@ TITLES: dict[Problem, str] = {
     Problem.UNAVAILABLE: "Service unavailable",
     Problem.NOT_READY: "Not ready",
     Problem.BILLING_NOT_CONFIGURED: "Billing events not configured",
+    Problem.TOO_MANY_ENDPOINTS: "Too many webhook endpoints",
 }
 
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cancelflow.contract import JobRecord, OutcomeType, Status
 from cancelflow.dead_letters import DeadLetter, DeadLetterFilter
+from cancelflow.endpoints import WebhookEndpoint
 
 MAX_PAGE = 500
 MAX_DEAD_LETTER_PAGE = 1000
@@ -263,3 +264,69 @@ class Enqueued(BaseModel):
 
     job: JobRecord
     how: Enqueue
+
+
+# --- webhook endpoints (``cancelflow.endpoints``) ---------------------------------------------
+
+EventType = Literal[
+    "cancellation.succeeded",
+    "cancellation.retained",
+    "cancellation.not_eligible",
+    "cancellation.not_found",
+    "cancellation.failed",
+    "cancellation.abandoned",
+    "cancellation.offer_presented",
+    "cancellation.dead_lettered",
+]
+# The longest rotation overlap an endpoint may ask for.
+MAX_ROTATION_OVERLAP_S = 30 * 24 * 3600
+
+
+class EndpointCreate(BaseModel):
+    """``POST /v1/webhook-endpoints``: a callback URL of your own, with its own secret."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, max_length=2083)
+    description: str = Field(default="", max_length=256)
+    # Event types to send; empty or left out: every type.
+    event_types: list[EventType] = Field(default_factory=list, max_length=16)
+    # How long the old secret keeps signing after a rotation (default: 24 h, the setting
+    # CANCELFLOW_CALLBACKS__ENDPOINT_ROTATION_OVERLAP_S).
+    rotation_overlap_s: float | None = Field(default=None, ge=0, le=MAX_ROTATION_OVERLAP_S)
+    enabled: bool = True
+
+
+class EndpointUpdate(BaseModel):
+    """``PATCH /v1/webhook-endpoints/{endpoint_id}``: the fields given are changed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(default=None, min_length=1, max_length=2083)
+    description: str | None = Field(default=None, max_length=256)
+    event_types: list[EventType] | None = Field(default=None, max_length=16)
+    rotation_overlap_s: float | None = Field(default=None, ge=0, le=MAX_ROTATION_OVERLAP_S)
+    # true re-enables a disabled endpoint (and forgets its failures); false disables it.
+    enabled: bool | None = None
+
+
+class SecretRotation(BaseModel):
+    """``POST /v1/webhook-endpoints/{endpoint_id}/rotate-secret``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # How long the old secret keeps signing beside the new one; default: the endpoint's
+    # ``rotation_overlap_s``. 0 stops the old one at once.
+    overlap_s: float | None = Field(default=None, ge=0, le=MAX_ROTATION_OVERLAP_S)
+
+
+class EndpointPage(BaseModel):
+    items: list[WebhookEndpoint]
+
+
+class EndpointSecret(BaseModel):
+    """An endpoint with its signing secret: answered once, at creation and at rotation."""
+
+    endpoint: WebhookEndpoint
+    # ``whsec_…``: give it to your receiver (Standard Webhooks libraries take it as it is).
+    secret: str

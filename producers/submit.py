@@ -11,7 +11,7 @@ from typing import Any
 from celery import Celery
 from pydantic import ValidationError
 
-from cancelflow import metrics
+from cancelflow import metrics, tracing
 from cancelflow.callbacks import UnsafeCallbackUrl, check_url_form
 from cancelflow.contract import CancellationRequest, Status, Step, new_job_id
 from cancelflow.lifecycle import Next
@@ -204,6 +204,10 @@ async def submit(
         first_step=(message.key, message.payload) if message is not None else None,
     )
     job = created.job
+    if tracing.enabled:  # on the request's span
+        tracing.set_attributes(
+            {tracing.JOB_ID: job.id, tracing.PROVIDER: job.provider, "cancelflow.job": created.how}
+        )
     if created.how == "created" and message is not None:
         # Pushed with the job's record: what follows a send (signals, the task-sent event).
         step_message_sent_by(celery, message)

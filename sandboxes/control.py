@@ -7,6 +7,8 @@ Control routes (never faulted, never counted as calls, no auth):
 - `POST _sandbox/expire-tokens`  every issued token becomes expired
 - `GET  _sandbox/faults`, `PUT _sandbox/faults`  read / replace the FaultSettings (422 if invalid)
 - `POST _sandbox/subscriptions`  `{"count": N, "kind": K}` -> `{"kind", "count", "references"}`
+- `GET  _sandbox/traceparents`   `{"traceparents": [...]}`: the W3C `traceparent` header of each
+  recent provider call (null: none sent), oldest first
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ def _add_control_routes(app: web.Application, sandbox: Sandbox) -> None:
     async def state(request: web.Request) -> web.Response:
         return web.json_response(sandbox.state())
 
+    async def traceparents(request: web.Request) -> web.Response:
+        return web.json_response({"traceparents": list(sandbox.traceparents)})
+
     async def reset(request: web.Request) -> web.Response:
         sandbox.reset()
         return web.json_response({"reset": True})
@@ -82,6 +87,7 @@ def _add_control_routes(app: web.Application, sandbox: Sandbox) -> None:
 
     prefix = CONTROL_SEGMENT.rstrip("/")
     app.router.add_get(f"{prefix}/state", state)
+    app.router.add_get(f"{prefix}/traceparents", traceparents)
     app.router.add_post(f"{prefix}/reset", reset)
     app.router.add_post(f"{prefix}/expire-tokens", expire_tokens)
     app.router.add_get(f"{prefix}/faults", get_faults)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import abc
 import itertools
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -16,6 +16,9 @@ from aiohttp.typedefs import Handler, Middleware
 
 from sandboxes.faults import FaultInjector, FaultSettings, is_control_request
 from sandboxes.tokens import DEFAULT_TOKEN_TTL_S, Clock, TokenStore
+
+# The most recent provider calls' traceparents a sandbox keeps.
+MAX_TRACEPARENTS = 10_000
 
 
 class ProviderError(Exception):
@@ -58,6 +61,9 @@ class Sandbox(abc.ABC):
         ttl_s = DEFAULT_TOKEN_TTL_S if token_ttl_s is None else token_ttl_s
         self.tokens = TokenStore(ttl_s=ttl_s, clock=clock)
         self.calls: Counter[str] = Counter()
+        # The W3C traceparent of each recent provider call (None: it came without one),
+        # oldest first: ``GET _sandbox/traceparents``.
+        self.traceparents: deque[str | None] = deque(maxlen=MAX_TRACEPARENTS)
         self.effective_cancels: Counter[str] = Counter()
         self._serials = itertools.count(1)
         self.load_demo()
@@ -65,6 +71,7 @@ class Sandbox(abc.ABC):
     def reset(self) -> None:
         """Back to the demo data with every counter zeroed; faults and tokens stay as they are."""
         self.calls.clear()
+        self.traceparents.clear()
         self.effective_cancels.clear()
         self.faults.reset()
         self._serials = itertools.count(1)
@@ -114,13 +121,15 @@ class Sandbox(abc.ABC):
 
 
 def call_counter(sandbox: Sandbox) -> Middleware:
-    """Middleware counting provider calls by route name, faulted ones included."""
+    """Middleware counting provider calls by route name, faulted ones included, and keeping
+    the ``traceparent`` each came with."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not is_control_request(request):
             route = request.match_info.route
             sandbox.calls[route.name or f"{request.method} {request.path}"] += 1
+            sandbox.traceparents.append(request.headers.get("traceparent"))
         return await handler(request)
 
     return middleware

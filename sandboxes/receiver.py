@@ -16,7 +16,8 @@ as a careful receiver would:
 Control routes (never faulted):
 
 - `GET /receiver/_events[?job_id=…]`: `{"events": [accepted events, once each], "requests":
-  [every request: event id, type, job id, verified, error, status answered, duplicate]}`
+  [every request: event id, type, job id, verified, error, status answered, duplicate,
+  traceparent]}`
 - `PUT /receiver/_control`: replace the behaviour (fields left out go back to defaults):
   `{"fail_next": 2, "status": 503}` answers the next 2 requests 503; `{"down": true}`
   drops every connection unanswered; `delay_ms`, `retry_after_s`, `secrets`, `tolerance_s`.
@@ -86,6 +87,8 @@ class Received:
     verified: bool = False
     duplicate: bool = False
     error: str | None = None
+    # The W3C trace context the request came with, if any (docs/tracing.md).
+    traceparent: str | None = None
 
 
 class Receiver:
@@ -111,15 +114,17 @@ class Receiver:
         self._failures_left -= 1
         return True
 
-    def fail(self, body: bytes) -> Received:
+    def fail(self, body: bytes, headers: Mapping[str, str]) -> Received:
         """Record a request answered with the failure the receiver was told to give."""
         seen = _received(body, status=self.control.status, error="told to fail")
+        seen.traceparent = headers.get("traceparent")
         self.requests.append(seen)
         return seen
 
     def accept(self, body: bytes, headers: Mapping[str, str]) -> Received:
         """Verify, deduplicate and keep one delivery; what the receiver answers."""
         seen = _received(body, status=200)
+        seen.traceparent = headers.get("traceparent")
         error = verify(body, headers, self.control.secrets, tolerance_s=self.control.tolerance_s)
         if error is not None:
             seen.status, seen.error = 400, error
@@ -218,7 +223,7 @@ def create_app(receiver: Receiver | None = None) -> web.Application:
         body = await request.read()
         if state.take_failure():
             headers = {"Retry-After": str(control.retry_after_s)} if control.retry_after_s else {}
-            state.fail(body)
+            state.fail(body, request.headers)
             return web.json_response(
                 {"error": "told to fail"}, status=control.status, headers=headers
             )

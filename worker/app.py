@@ -18,11 +18,12 @@ import structlog
 from celery import Celery, signals
 
 from cancelflow.logging import configure_logging, get_logger
+from cancelflow.redis_clients import sync_client
 from cancelflow.settings import Settings, load_settings, warn_unknown_env
 from cancelflow.wiring import redis_client, report_persistence
 from messaging.config import SENTINEL_TRANSPORT, TRANSPORT, create_celery
 from messaging.dispatch import flush_sent_events
-from messaging.patches import show_retries_until_they_run, show_transports_as
+from messaging.patches import WorkerChannel, show_retries_until_they_run, show_transports_as
 from worker import leases
 
 WORKER_TRANSPORT = "messaging.patches:WorkerTransport"
@@ -54,6 +55,17 @@ def create_app(settings: Settings) -> Celery:
             **app.conf.broker_transport_options,
             **leases.unacked_keys(leases.WORKER_ID),
         }
+        # The workers' channel dead-letters unreadable list items: into the job store, which
+        # may be another Redis than the broker's.
+        WorkerChannel.job_store = (
+            None
+            if settings.broker() == settings.redis_url
+            else sync_client(
+                settings.redis_url,
+                socket_connect_timeout=settings.redis_connect_timeout_s,
+                socket_timeout=settings.redis_read_timeout_s,
+            )
+        )
         scheme = urllib.parse.urlsplit(settings.broker()).scheme
         app.conf.broker_transport = (
             WORKER_SENTINEL_TRANSPORT if scheme == "sentinel" else WORKER_TRANSPORT
@@ -151,6 +163,10 @@ def _connect_signals(app: Celery, settings: Settings) -> None:
             target=asyncio.run, args=(check(),), name="redis-persistence", daemon=True
         ).start()
 
+    def attach_consumer(sender: Any = None, **_: Any) -> None:
+        # The consumer whose task queues a failing heartbeat holds (RabbitMQ: worker.leases).
+        leases.attach(sender)
+
     def close_runtime(**_: Any) -> None:
         from worker import metrics_server
         from worker.runtime import shutdown_runtime
@@ -167,6 +183,7 @@ def _connect_signals(app: Celery, settings: Settings) -> None:
         (signals.task_prerun, fresh_log_context),
         (signals.celeryd_after_setup, serve_metrics),
         (signals.worker_ready, report_redis_persistence),
+        (signals.worker_ready, attach_consumer),
         (signals.worker_shutdown, close_runtime),
         (signals.worker_process_shutdown, close_runtime),
     ]

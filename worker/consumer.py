@@ -19,6 +19,16 @@ strategy, the ``Request`` and the pool take from a message, before Celery reads 
 message that fails it is an invalid task message (``on_invalid_task``). The envelope itself
 (properties, headers as kombu needs them) is checked earlier, by
 ``messaging.patches.WorkerChannel``.
+
+On RabbitMQ a quorum queue counts the deliveries of a message never acknowledged (a worker
+killed by it, each time) in its ``x-delivery-count`` header, and past the queue's delivery
+limit (``CANCELFLOW_BROKER_DELIVERY_LIMIT``) dead-letters it: parked on ``dead_letters`` by
+the dead-letter exchange, with no entry in the dead-letter store, and its job left
+mid-chain for the watchdog to send again, and again. So the delivery RabbitMQ allows last
+(``x-delivery-count`` at the limit) is not run: a step of a job is dead-lettered with its
+job (``cancelflow.chain.dead_letter``: the job's status, its entry, a replay resumes it),
+any other message gets a ``poison`` entry, then it is rejected without requeue and the
+dead-letter exchange parks it.
 """
 
 from __future__ import annotations
@@ -33,13 +43,20 @@ from kombu.asynchronous.timer import to_timestamp
 from kombu.messaging import Producer
 
 from brokers.routing import queue_of
-from cancelflow.contract import DEAD_LETTER_QUEUE
+from cancelflow import chain
+from cancelflow.contract import DEAD_LETTER_QUEUE, STEP_TASKS, Step
 from cancelflow.dead_letters import DeadLetter, poison_payload
+from cancelflow.errors import JobNotFound
+from cancelflow.lifecycle import resume
 from cancelflow.logging import get_logger
 from messaging.config import DEAD_LETTER_EXCHANGE
+from messaging.dispatch import dispatch
 from messaging.patches import parked_item
 
 log = get_logger(__name__)
+
+# The error type of a message delivered past the queue's delivery limit.
+DELIVERY_LIMIT_EXCEEDED = "DeliveryLimitExceeded"
 
 
 class Strategies(dict[Any, Any]):
@@ -119,8 +136,24 @@ def _short(value: Any) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
-def _checked(strategy: Callable[..., Any], task: Any) -> Callable[..., Any]:
+def deliveries(message: Any) -> int:
+    """How many times the broker delivered ``message`` before (a quorum queue's
+    ``x-delivery-count``; 0 elsewhere)."""
+    count = (getattr(message, "headers", None) or {}).get("x-delivery-count")
+    return count if isinstance(count, int) and not isinstance(count, bool) else 0
+
+
+def _checked(
+    strategy: Callable[..., Any],
+    task: Any,
+    past_limit: Callable[[Any, Any], bool] | None = None,
+) -> Callable[..., Any]:
+    """``strategy``, after the message's checks: ``past_limit`` (True: it took the message)
+    and ``task_message_problem``."""
+
     def checked_strategy(message: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
+        if past_limit is not None and past_limit(message, task):
+            return None
         problem = task_message_problem(message, task)
         if problem is not None:
             raise InvalidTaskError(problem)  # the consumer calls on_invalid_task
@@ -133,9 +166,14 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
     Strategies = Strategies
 
     def update_strategies(self) -> None:
+        from worker.app import settings_of
+
         super().update_strategies()
+        # Only RabbitMQ's quorum queues count deliveries (see the module).
+        amqp = settings_of(self.app).broker_kind() == "amqp"
+        past_limit = self._past_delivery_limit if amqp else None
         for name, task in self.app.tasks.items():
-            self.strategies[name] = _checked(self.strategies[name], task)
+            self.strategies[name] = _checked(self.strategies[name], task, past_limit)
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         self._dead_letter(message, "DecodeError", f"message body cannot be decoded: {exc}")
@@ -200,6 +238,68 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
             message.reject(requeue=False)
         else:
             message.ack()
+
+    def _past_delivery_limit(self, message: Any, task: Any) -> bool:
+        """On a message's last delivery (see the module): dead-letter it, reject it, True."""
+        from worker.app import settings_of
+        from worker.runtime import get_runtime
+
+        count = deliveries(message)
+        if count < settings_of(self.app).broker_delivery_limit:
+            return False
+        error = f"delivered {count + 1} times without an acknowledgement (the delivery limit)"
+        step = next((s for s, name in STEP_TASKS.items() if name == task.name), None)
+        payload = message.payload if step is not None else None
+        args = payload[0] if isinstance(payload, list | tuple) and payload else None
+        args = list(args) if isinstance(args, list | tuple) else []
+        job_id = args[0] if args else None
+        if step is None or step is Step.CALLBACK or not isinstance(job_id, str):
+            # Not a step of a job mid-chain (a result callback's job has finished): a
+            # poison entry, the message parked by the dead-letter exchange.
+            self._dead_letter(message, DELIVERY_LIMIT_EXCEEDED, error)
+            return True
+        runtime = get_runtime(settings_of(self.app))
+        queue = queue_of((getattr(message, "delivery_info", None) or {}).get("routing_key"))
+        try:
+            job = runtime.run(runtime.deps.store.get(job_id), timeout=30)
+            if resume(job.status, job_id, job.provider).step is not step:
+                # A stale copy: its job has moved on to another step (or ended).
+                self._dead_letter(message, DELIVERY_LIMIT_EXCEEDED, f"{error}; {job_id} moved on")
+                return True
+            nxt = runtime.run(
+                chain.dead_letter(
+                    runtime.deps,
+                    job_id,
+                    step=step,
+                    error_type=DELIVERY_LIMIT_EXCEEDED,
+                    error=error,
+                    traceback=None,
+                    payload={"args": args},
+                ),
+                timeout=30,
+            )
+        except JobNotFound:
+            self._dead_letter(message, DELIVERY_LIMIT_EXCEEDED, f"{error}; no job {job_id}")
+            return True
+        except Exception:
+            # The store did not take it: parked all the same (the watchdog re-sends the step
+            # of a job left mid-chain).
+            log.exception("message.dead_letter_failed", queue=queue, job_id=job_id)
+            message.reject(requeue=False)
+            return True
+        if nxt.dead_letter is not None:
+            # The job's result callback, telling its caller it was dead-lettered.
+            dispatch(self.app, nxt)
+        log.error(
+            "message.delivery_limit_exceeded",
+            queue=queue,
+            job_id=job_id,
+            step=step.value,
+            deliveries=count + 1,
+            dead_letter_id=nxt.dead_letter,
+        )
+        message.reject(requeue=False)
+        return True
 
     def _dead_letter_exchange(self, queue: str | None) -> str | None:
         for declared in self.app.conf.task_queues or ():

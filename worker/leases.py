@@ -16,6 +16,13 @@ still be working on them. Two things keep that safe: steps resume from the job r
 second delivery finds its job moved on), and a process sends no provider request while its
 own last beat is ``2 * heartbeat_s`` old or more (``fresh``), so a request it sent ends
 before its lease can be taken over (``load_settings`` checks that the timeouts fit).
+
+On RabbitMQ a process cut off from Redis still holds its broker connection, and RabbitMQ goes
+on handing it messages that it cannot run (each waits on the job store, then goes back to its
+queue, one delivery count spent). So while its beats fail, such a process stops consuming its
+task queues (``basic.cancel``, on the consumer's hub), and consumes again after the first beat
+Redis takes. On Redis the broker is the job store: a process that cannot beat cannot take a
+message either.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import uuid
 from typing import Any
 
 import redis
+from kombu.asynchronous import get_event_loop
 
 from cancelflow.logging import get_logger
 from cancelflow.redis_clients import sync_client
@@ -100,6 +108,14 @@ class Leases(threading.Thread):
         self._stopping = threading.Event()
         self._pid = os.getpid()  # a forked child (an embedded beat) must not unregister us
         self._last_beat = 0.0  # monotonic time of the last beat Redis took
+        # RabbitMQ: the worker's consumer (``attach``), and whether its task queues are held.
+        self.holds = settings.broker_kind() == "amqp"
+        self._consumer: Any = None
+        self.held = False
+
+    def attach(self, consumer: Any) -> None:
+        """The worker's Celery consumer, whose task queues a failing beat holds."""
+        self._consumer = consumer
 
     def fresh(self) -> bool:
         """Whether this process may send a provider request: its last beat is recent."""
@@ -124,11 +140,43 @@ class Leases(threading.Thread):
                 self.beat()
             except redis.RedisError as exc:
                 log.warning("worker.heartbeat.failed", error=f"{type(exc).__name__}: {exc}")
+                self._hold(True)
                 continue
+            self._hold(False)
             try:
                 self.sweep()
             except Exception as exc:  # the next sweep tries again; beats must go on
                 log.warning("worker.sweep.failed", error=f"{type(exc).__name__}: {exc}")
+
+    def _hold(self, cut_off: bool) -> None:
+        """Stop (``cut_off``) or resume taking messages from RabbitMQ, on the consumer's hub
+        (the one thread that uses its channel)."""
+        consumer = self._consumer
+        if not self.holds or consumer is None or cut_off == self.held:
+            return
+        hub = get_event_loop()
+        if hub is None:
+            return
+        self.held = cut_off
+
+        def apply() -> None:
+            tasks = getattr(consumer, "task_consumer", None)
+            if tasks is None:  # between connections: the next one consumes, the next beat holds
+                return
+            try:
+                if cut_off:
+                    tasks.cancel()
+                else:
+                    tasks.consume()
+            except Exception as exc:  # the connection is going: its successor consumes anew
+                log.warning("worker.consuming.hold_failed", error=f"{type(exc).__name__}: {exc}")
+                return
+            log.warning(
+                "worker.consuming.held" if cut_off else "worker.consuming.resumed",
+                reason="the job store does not answer" if cut_off else "beats again",
+            )
+
+        hub.call_soon(apply)  # type: ignore[no-untyped-call]
 
     def sweep(self) -> int:
         """Put the messages of every dead process back on their queues; how many."""
@@ -173,6 +221,12 @@ def start(app: Any, settings: Settings) -> Leases:
         _leases = Leases(app, settings)
         _leases.start()
     return _leases
+
+
+def attach(consumer: Any) -> None:
+    """Give this process's heartbeats the worker's consumer (``Leases.attach``)."""
+    if _leases is not None:
+        _leases.attach(consumer)
 
 
 def fresh() -> bool:

@@ -44,6 +44,7 @@ from celery.concurrency.thread import ApplyResult
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from kombu.serialization import loads, prepare_accept_content
 
+from cancelflow import tracing
 from messaging.patches import LoopPoolBase, trace_args
 
 if TYPE_CHECKING:
@@ -179,6 +180,10 @@ class TaskPool(LoopPoolBase):
             accept_callback(os.getpid(), time.monotonic())
         result: Any = None
         error: BaseException | None = None
+        # The step's span (cancelflow.tracing, off by default), parented by its message's
+        # traceparent: opened here, where the step's I/O starts, not at Celery's
+        # task_prerun, and current until the tracer sent the next step (its child).
+        scope = tracing.step_scope(task.name, request) if tracing.enabled else None
         now = asyncio.get_running_loop().time()
         if soft:
             # This coroutine runs in a context of its own (a task of the loop's).
@@ -201,6 +206,8 @@ class TaskPool(LoopPoolBase):
             apply_target(target, args, kwargs, callback)
         finally:
             _PREPARED.reset(token)
+            if scope is not None:
+                scope.end(error)
 
     def _in_thread(
         self,

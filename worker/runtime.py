@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from cancelflow import callbacks, hooks, metrics
+from cancelflow import callbacks, hooks, metrics, tracing
 from cancelflow.logging import configure_logging, get_logger
 from cancelflow.settings import Settings
 from cancelflow.wiring import Deps, build_deps, redis_client
@@ -89,6 +89,7 @@ def get_runtime(settings: Settings) -> Runtime:
         with _lock:
             if _runtime is None:
                 configure_logging(fmt=settings.log_format, level=settings.log_level)
+                tracing.configure(settings, service="cancelflow-worker")
                 _runtime = Runtime(settings)
     return _runtime
 
@@ -99,3 +100,4 @@ def shutdown_runtime() -> None:
         if _runtime is not None:
             _runtime.close()
             _runtime = None
+        tracing.flush()

@@ -25,7 +25,7 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from brokers import queues as broker_queues
 from brokers.routing import queue_of
-from cancelflow import chain, decisions, delivery, metrics, retry, sweeps
+from cancelflow import chain, decisions, delivery, metrics, retry, sweeps, tracing
 from cancelflow.broker_urls import broker_kind
 from cancelflow.callbacks import CallbackRetryable
 from cancelflow.contract import JOB_ID_RE, Step, isoformat, utcnow
@@ -44,7 +44,7 @@ from cancelflow.logging import get_logger
 from cancelflow.wiring import Deps
 from messaging.config import create_celery
 from messaging.dispatch import dispatch, step_message_for, step_message_sent_by
-from messaging.patches import StepMessage, StepRequest
+from messaging.patches import HubEventsRequest, StepMessage, StepRequest
 from worker import pool
 from worker.app import settings_of
 from worker.runtime import Runtime, get_runtime
@@ -158,6 +158,14 @@ class StepTask(Task):  # type: ignore[misc]
             result = await execute(runtime_of(self.app), self.step, message)
         finally:
             chain.OUTBOX.reset(token)
+        if tracing.enabled:
+            tracing.set_attributes(
+                {
+                    tracing.RESULT: result.summary,
+                    "cancelflow.retry_in_s": result.retry_in_s,
+                    "cancelflow.requeued": result.requeue or None,
+                }
+            )
         return replace(result, request_id=message.request_id)
 
 
@@ -527,4 +535,5 @@ def register(app: Celery) -> None:
     for name, step, body in STEP_TASK_BODIES:
         app.task(name=name, base=StepTask, bind=True, step=step)(body)
     for name, sweep in MAINTENANCE_TASK_BODIES:
-        app.task(name=name, bind=True, ignore_result=True)(sweep)
+        # Their task events are published by the hub too (messaging.patches).
+        app.task(name=name, bind=True, ignore_result=True, Request=HubEventsRequest)(sweep)

@@ -99,7 +99,13 @@ def _rows(items: list[DeadLetter]) -> Any:
     shown = table("id", "kind", "provider", "step", "error type", "job", "created")
     for d in items:
         shown.add_row(
-            d.id, d.kind, d.provider or "", d.step or "", d.error_type, d.job_id or "", d.created_at
+            d.id,
+            d.kind,
+            d.provider or "",
+            d.step or "",
+            d.error_type,
+            d.job_id or "",
+            d.created_at.isoformat(),
         )
     return shown
 

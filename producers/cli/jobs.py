@@ -53,7 +53,7 @@ def _print_job(job: JobRecord, *, how: str | None = None) -> None:
         steps = table("at", "step", "event", "attempt", "error")
         for e in job.timeline:
             steps.add_row(
-                e.at,
+                e.at.isoformat(),
                 e.step,
                 e.event,
                 str(e.attempt),
@@ -489,7 +489,7 @@ def jobs(
                 job.provider,
                 job.status.value,
                 kind.value if kind else "",
-                job.created_at,
+                job.created_at.isoformat(),
                 _cell(job.subscription),
                 _cell(job.metadata),
             )

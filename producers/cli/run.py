@@ -9,6 +9,7 @@ import sys
 
 import click
 
+from cancelflow import tracing
 from cancelflow.errors import ConfigError
 from cancelflow.logging import configure_logging, get_logger
 from cancelflow.settings import warn_unknown_env
@@ -194,6 +195,7 @@ def billing_consumer(consumer: str | None, check: bool) -> None:
         from messaging.config import create_celery
         from producers.billing import BillingConsumer, BillingProcessor
 
+        tracing.configure(settings, service="cancelflow-billing")
         redis = redis_client(settings)
         deps = build_deps(settings, redis=redis)
         processor = BillingProcessor(deps, create_celery(settings), rules)
@@ -205,6 +207,7 @@ def billing_consumer(consumer: str | None, check: bool) -> None:
         finally:
             await deps.store.flush_marks()
             await redis.aclose()
+            tracing.flush()
 
     get_logger(__name__).info(
         "billing.consumer.starting",

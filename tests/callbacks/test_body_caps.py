@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from cancelflow import callbacks
-from cancelflow.callbacks import CallbackRejected
+from cancelflow.callbacks import CallbackRetryable
 from cancelflow.settings import CallbackSettings
 from sandboxes.receiver import DEMO_CALLBACK_SECRET
 from tests.streaming import HugeAnswer, rss_bytes, serving
@@ -23,10 +23,10 @@ async def deliver_to(answer: HugeAnswer) -> tuple[int, int]:
         async with callbacks.open_session(settings) as session:
             before = rss_bytes()
             try:
-                status, _ = await callbacks.deliver(
+                status, _, _ = await callbacks.deliver(
                     session, f"{url}/hook", EVENT, secrets=[DEMO_CALLBACK_SECRET], timeout_s=20
                 )
-            except CallbackRejected as exc:
+            except CallbackRetryable as exc:  # a 400 is retried (briefly)
                 assert exc.status is not None
                 status = exc.status
             grown = rss_bytes() - before

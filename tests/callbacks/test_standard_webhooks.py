@@ -96,7 +96,7 @@ def test_every_attempt_at_one_event_carries_the_same_webhook_id() -> None:
                     await callbacks.deliver(
                         session, url, EVENT, secrets=[DEMO_CALLBACK_SECRET], timeout_s=5
                     )
-                status, _ = await callbacks.deliver(
+                status, _, _ = await callbacks.deliver(
                     session, url, EVENT, secrets=[DEMO_CALLBACK_SECRET], timeout_s=5
                 )
                 assert status == 204

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 import jsonschema_rs
 import pytest
 
-from cancelflow import callbacks, chain, decisions, delivery, lifecycle
-from cancelflow.contract import Decision, Outcome, OutcomeType, Step
+from cancelflow import callbacks, chain, decisions, delivery, lifecycle, retry
+from cancelflow.contract import Decision, Outcome, OutcomeType, Step, utcnow
 from cancelflow.hooks import Hook, HookRejected
 from producers.signatures import verify_signature
 from sandboxes.receiver import DEMO_CALLBACK_SECRET
@@ -196,8 +197,8 @@ def test_connection_errors_and_timeouts_are_retried() -> None:
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("status", [400, 401, 404, 410, 301])
-def test_another_4xx_or_a_redirect_dead_letters_at_once_and_replays(status: int) -> None:
+@pytest.mark.parametrize("status", [410, 301])
+def test_a_410_or_a_redirect_dead_letters_at_once_and_replays(status: int) -> None:
     async def scenario() -> None:
         async with harness() as h:
             h.configure(fail_next=1, status=status)
@@ -222,6 +223,103 @@ def test_another_4xx_or_a_redirect_dead_letters_at_once_and_replays(status: int)
             assert results(await h.record(job_id)) == ["failed", "dead_lettered", "delivered"]
             assert len(h.receiver.events) == 1
             assert await h.dead_letters() == []
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("status", [408, 409, 425, 429, 500, 503, 400, 401, 404])
+def test_a_receiver_answering_a_retryable_status_for_a_while_gets_the_event(status: int) -> None:
+    # A receiver answering 404 while it deploys: retried, with backoff, and delivered.
+    async def scenario() -> None:
+        async with harness() as h:
+            h.configure(fail_next=3, status=status)
+            job_id = await h.finished(Outcome(type=OutcomeType.CANCELLED))
+            errors = await deliver_until_done(h, job_id)
+            assert [e.status for e in errors] == [status] * 3
+            assert all(e.delay_s is not None and e.delay_s >= 0 for e in errors)
+            job = await h.record(job_id)
+            assert results(job) == ["failed", "failed", "failed", "delivered"]
+            failed = job.callbacks[:3]
+            assert all(c.http_status == status and c.retry_at is not None for c in failed)
+            # What the receiver said, kept on each attempt.
+            assert all(c.response and "told to fail" in c.response for c in failed)
+            assert job.callbacks[3].response is not None
+            assert await h.dead_letters() == []
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("status", [400, 404])
+def test_another_4xx_is_dead_lettered_once_its_short_window_has_passed(status: int) -> None:
+    # The window is shortened here; ``tests/unit/test_callback_retry.py`` pins the default's
+    # decision (the same ``retry.decide_callback``).
+    async def scenario() -> None:
+        async with harness(settings(client_error_window_s=0.3)) as h:
+            h.configure(fail_next=1000, status=status)
+            job_id = await h.finished(Outcome(type=OutcomeType.CANCELLED))
+            for attempt in range(100):
+                try:
+                    await delivery.callback(
+                        h.deps, job_id, lifecycle.EVENT_OUTCOME, attempt=attempt
+                    )
+                except callbacks.CallbackRetryable:
+                    await asyncio.sleep(0.05)
+                    continue
+                break
+            got = results(await h.record(job_id))
+            assert got[-1] == "dead_lettered" and set(got[:-1]) == {"failed"} and len(got) >= 3
+            [dl] = await h.dead_letters()
+            assert dl.error_type == "CallbackRejected"
+            assert "client-error window" in dl.error
+
+    asyncio.run(scenario())
+
+
+def test_a_retry_after_longer_than_a_countdown_is_waited_in_hops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A receiver asking for two hours: the step waits in countdowns of at most the broker's
+    # cap, sending nothing, until the attempt's retry_at; only the clock is moved.
+    async def scenario() -> None:
+        async with harness() as h:
+            cap = retry.callback_policy(h.deps.settings).cap_s
+            h.configure(fail_next=1, status=503, retry_after_s=7200)
+            job_id = await h.finished(Outcome(type=OutcomeType.CANCELLED))
+            with pytest.raises(callbacks.CallbackRetryable) as first:
+                await delivery.callback(h.deps, job_id, lifecycle.EVENT_OUTCOME)
+            assert first.value.delay_s == 7200
+            action = retry.decide(
+                first.value,
+                step=Step.CALLBACK,
+                attempt=0,
+                age_s=0,
+                policy=retry.callback_policy(h.deps.settings),
+            )
+            assert isinstance(action, retry.Retry) and action.delay_s == cap
+            [failed] = (await h.record(job_id)).callbacks
+            assert failed.retry_at is not None
+            due = datetime.fromisoformat(failed.retry_at)
+            started = utcnow()
+            for hop in (cap, 2 * cap):
+                monkeypatch.setattr(
+                    delivery, "utcnow", lambda hop=hop: started + timedelta(seconds=hop)
+                )
+                with pytest.raises(callbacks.CallbackNotDue) as wait:
+                    await delivery.callback(h.deps, job_id, lifecycle.EVENT_OUTCOME, attempt=1)
+                assert 0 < wait.value.retry_after <= 7200 - hop + 1
+                waited = retry.decide(
+                    wait.value,
+                    step=Step.CALLBACK,
+                    attempt=1,
+                    age_s=0,
+                    policy=retry.waits_only(h.deps.settings),
+                )
+                assert isinstance(waited, retry.Wait) and waited.delay_s <= cap
+            assert len(h.receiver.requests) == 1  # nothing sent while waiting
+            monkeypatch.setattr(delivery, "utcnow", lambda: due + timedelta(seconds=1))
+            await delivery.callback(h.deps, job_id, lifecycle.EVENT_OUTCOME, attempt=2)
+            assert results(await h.record(job_id)) == ["failed", "delivered"]
+            assert len(h.receiver.requests) == 2
 
     asyncio.run(scenario())
 
@@ -344,11 +442,12 @@ def test_while_rotating_both_secrets_sign_and_either_verifies() -> None:
                 job_id = await h.finished(Outcome(type=OutcomeType.CANCELLED))
                 await deliver_until_done(h, job_id)
                 assert h.receiver.requests[-1].verified
-            h.configure(secrets=[OTHER_SECRET])
+            h.configure(secrets=[OTHER_SECRET], fail_next=0)
             job_id = await h.finished(Outcome(type=OutcomeType.CANCELLED))
-            await deliver_until_done(h, job_id)
+            with pytest.raises(callbacks.CallbackRetryable):
+                await delivery.callback(h.deps, job_id, lifecycle.EVENT_OUTCOME)
             assert h.receiver.requests[-1].status == 400
-            assert results(await h.record(job_id)) == ["failed", "dead_lettered"]
+            assert results(await h.record(job_id)) == ["failed"]
 
     asyncio.run(scenario())
 

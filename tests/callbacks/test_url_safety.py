@@ -168,7 +168,7 @@ def test_a_name_that_rebinds_to_loopback_is_refused_at_connection_time() -> None
                             )
                         assert receiver.requests == []
                     else:
-                        status, _ = await callbacks.deliver(
+                        status, _, _ = await callbacks.deliver(
                             session, url, event, secrets=[DEMO_CALLBACK_SECRET], timeout_s=2
                         )
                         assert status == 200 and receiver.requests[-1].verified
@@ -333,7 +333,7 @@ def test_an_ip_literal_is_refused_at_connection_time(host: str) -> None:
             assert receiver.requests == []
             allowed = CallbackSettings(allow_http=True, allowed_hosts=[host.strip("[]")])
             async with callbacks.open_session(allowed) as session:
-                status, _ = await callbacks.deliver(
+                status, _, _ = await callbacks.deliver(
                     session, url, event, secrets=[DEMO_CALLBACK_SECRET], timeout_s=2
                 )
             assert status == 200 and receiver.requests[-1].verified

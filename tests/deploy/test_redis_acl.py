@@ -10,7 +10,13 @@ import json
 
 from tests.deploy.support import ENV_EXAMPLE, compose
 from tests.deploy.test_lockdown import COMPOSE_ROLES, K8S_ROLES, acl_passwords, acl_secret
-from tests.redis_acl import acl_file, compose_user_args, redis_users
+from tests.redis_acl import (
+    acl_file,
+    compose_user_args,
+    redis_users,
+    replication_users,
+    sentinel_users,
+)
 
 REDIS_OPTIONS = ["redis-server", "--appendonly", "yes", "--appendfsync", "everysec"]
 
@@ -61,3 +67,41 @@ def test_every_password_compose_needs_is_named_in_env_example() -> None:
     text = ENV_EXAMPLE.read_text()
     for role in set(COMPOSE_ROLES.values()):
         assert redis_users()[role].password_var in text, role
+
+
+def test_the_replica_and_the_sentinels_reach_no_key_and_no_category() -> None:
+    users: list[tuple[str, tuple[str, ...]]] = [
+        *((u.name, u.rules) for u in replication_users().values()),
+        *((u.name, u.rules) for u in sentinel_users().values()),
+    ]
+    assert {name for name, _ in users} == {"replica", "sentinel", "default"}
+    for name, rules_ in users:
+        rules = list(rules_)
+        assert rules[:2] == ["resetchannels", "-@all"], f"{name}: start from nothing"
+        assert not [r for r in rules if r.startswith(("~", "%", "+@", "allkeys"))], name
+        channels = [r for r in rules if r.startswith("&")]
+        assert channels in ([], ["&__sentinel__:hello"]), f"{name}: {channels}"
+    # The replica syncs, nothing more.
+    assert replication_users()["replica"].rules[2:] == ("+psync", "+replconf", "+ping")
+    # Without a password, a sentinel only says where the master and its replicas are.
+    anonymous = sentinel_users()["default"]
+    assert anonymous.password_var is None
+    sentinel_commands = {r for r in anonymous.rules if r.startswith("+sentinel|")}
+    assert sentinel_commands <= {
+        f"+sentinel|{sub}"
+        for sub in (
+            "get-master-addr-by-name",
+            "masters",
+            "master",
+            "slaves",
+            "replicas",
+            "sentinels",
+        )
+    }
+    assert {r for r in anonymous.rules if r.startswith("+")} - sentinel_commands <= {
+        "+ping",
+        "+hello",
+        "+client|setname",
+    }
+    # The sentinels log in to the data nodes and to one another as `sentinel`, one password.
+    assert sentinel_users()["sentinel"].password_var == replication_users()["sentinel"].password_var

@@ -17,6 +17,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         from tests.fixtures.system import BROKERS
 
         # A test of a Redis part (the workers' Redis channel's list items, say) has no RabbitMQ leg.
-        only_redis = metafunc.definition.get_closest_marker("redis_broker") is not None
-        brokers = [b for b in BROKERS if b == "redis"] if only_redis else list(BROKERS)
+        # One of RabbitMQ (a quorum queue's delivery limit), its RabbitMQ leg only.
+        only = {
+            kind
+            for kind in ("redis", "amqp")
+            if metafunc.definition.get_closest_marker(f"{kind}_broker") is not None
+        }
+        brokers = [b for b in BROKERS if not only or b in only]
         metafunc.parametrize("broker", brokers, indirect=True, scope="session")

@@ -154,8 +154,8 @@ def test_chaos(start_system: StartSystem) -> None:
     for provider in {p for p, _, _ in MIX}:
         system.sandbox.reset(provider)
     INJECTED.clear()
-    subscriptions: list[tuple[str, dict[str, Any]]] = []
     per_kind = JOBS // len(MIX) + 1
+    by_kind: list[list[tuple[str, dict[str, Any]]]] = []
     for provider, kind, to_sub in MIX:
         status, created = http_json(
             "POST",
@@ -163,8 +163,12 @@ def test_chaos(start_system: StartSystem) -> None:
             {"count": per_kind, "kind": kind},
         )
         assert status == 200, created
-        subscriptions += [(provider, to_sub(r)) for r in created["references"]]
-    subscriptions = subscriptions[:JOBS]
+        by_kind.append([(provider, to_sub(r)) for r in created["references"]])
+    # Interleaved: every provider's jobs spread over the whole enqueue, so that each one's
+    # cancel calls meet the faults. One provider's after another's, the last one's confirms
+    # came once the faults had stopped where the workers are slower (RabbitMQ), and none of
+    # its answers was lost.
+    subscriptions = [sub for group in zip(*by_kind, strict=True) for sub in group][:JOBS]
 
     set_faults(system, FAULTS)
     chaos = Chaos(

@@ -350,7 +350,8 @@ def test_a_worker_cut_off_from_redis_is_taken_over_within_a_lease(
     """A worker that loses its route to Redis mid-step (not killed: it goes on running, its
     provider calls may still succeed) stops beating; another worker resumes its jobs after
     the lease, and no subscription is cancelled twice, also once the network is back and the
-    cut-off worker's late writes arrive."""
+    cut-off worker's late writes arrive. On RabbitMQ the cut-off worker keeps its broker
+    connection: it stops taking messages while it cannot beat, and takes them again after."""
     system = start_system(isolated=True, concurrency=8, beat=True, workers=0)
     assert "VISIBILITY_TIMEOUT_S" not in str(system.env)
     parts = urlsplit(system.redis_url)
@@ -383,6 +384,12 @@ def test_a_worker_cut_off_from_redis_is_taken_over_within_a_lease(
         time.sleep(5)
         again = assert_cancelled_once(system, jobs)
         assert [j["outcome"] for j in again] == [j["outcome"] for j in done]
+        if system.broker == "amqp":
+            # Still connected to RabbitMQ, it took no messages while it could not beat, and
+            # takes them again since (worker.leases).
+            lines = system.log_lines("worker.consuming.")
+            assert "worker-cut-off" in lines and "worker.consuming.held" in lines, lines
+            assert "worker.consuming.resumed" in lines.splitlines()[-1], lines
     finally:
         system.sandbox.faults("payway")
         partition.close()

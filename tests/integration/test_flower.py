@@ -228,6 +228,12 @@ def test_a_dead_lettered_step_fails_with_its_dead_letter_id_and_is_acknowledged(
     assert flower.tasks_of(job_id)[task["uuid"]]["state"] == "FAILURE"
 
 
+# Redis's: the worker receives a retry's message at once and holds it for its countdown, so
+# Flower has the retry's number and eta within a moment. RabbitMQ holds the countdown itself
+# (native delayed delivery): Flower shows the step RETRY at once, but its number and eta only
+# once the worker receives it, when it is due (on the RabbitMQ leg this test saw the retry
+# only as it ran, with the faults still on).
+@pytest.mark.redis_broker
 def test_a_retried_step_shows_its_retry_then_a_clean_success(
     observed: tuple[System, Flower],
 ) -> None:

@@ -62,7 +62,17 @@ def interrupted_run(
     left is killed."""
     marker = uuid.uuid4().hex
     ready = tmp_path / "ready.json"
-    env = {**os.environ, **env, MARKER: marker, "CANCELFLOW_INTERRUPT_READY": str(ready)}
+    env = {
+        **os.environ,
+        # What is interrupted is the harness (its processes, its Redis DB locks): on the Redis
+        # leg. A rabbitmq-server the tests start (tests/rabbitmq.py, when the machine has no
+        # RabbitMQ they may use) is a session of its own whose Erlang VM outlives a SIGKILLed
+        # run, and on a loaded machine its shutdown alone outlasts this test's waits.
+        "CANCELFLOW_TEST_BROKERS": "redis",
+        **env,
+        MARKER: marker,
+        "CANCELFLOW_INTERRUPT_READY": str(ready),
+    }
     log = (tmp_path / "pytest.log").open("wb")
     argv = [*prefix, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     proc = subprocess.Popen(  # its own session: Ctrl-C goes to its process group only

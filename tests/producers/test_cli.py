@@ -70,5 +70,8 @@ def test_errors_are_reported_with_their_fields(system: System, tmp_path: Path) -
     assert missing.returncode == 1 and "404" in missing.stderr
     refused = cli(system, "status", f"job_{'0' * 32}", token="wrong")
     assert refused.returncode == 2
-    read_only = cli(system, "enqueue", "-p", "payway", "-s", "account_id=x", token=READ_TOKEN)
+    # (A valid request: the client checks the subscription before it sends anything.)
+    valid = ["-s", f"account_id={'a' * 24}", "-s", f"user_product_id={'b' * 24}"]
+    valid += ["-s", f"cancellation_reason_id={'c' * 24}"]
+    read_only = cli(system, "enqueue", "-p", "payway", *valid, token=READ_TOKEN)
     assert read_only.returncode == 2 and "403" in read_only.stderr

@@ -11,6 +11,7 @@ import typing
 import venv
 import warnings
 import zipfile
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 from pydantic import BaseModel
 
 import cancelflow_client
-from cancelflow import contract, dead_letters
+from cancelflow import contract, dead_letters, endpoints
 from cancelflow_client import ClientSettings, SettingsError, models
 from producers import schemas
 
@@ -75,7 +76,17 @@ PAIRS: list[tuple[type[BaseModel], type[BaseModel]]] = [
     (models.Enqueued, schemas.Enqueued),
     (models.FieldError, schemas.FieldError),
     (models.Problem, schemas.Problem),
+    (models.EndpointCreate, schemas.EndpointCreate),
+    (models.EndpointUpdate, schemas.EndpointUpdate),
+    (models.SecretRotation, schemas.SecretRotation),
+    (models.WebhookEndpoint, endpoints.WebhookEndpoint),
+    (models.EndpointPage, schemas.EndpointPage),
+    (models.EndpointSecret, schemas.EndpointSecret),
 ]
+
+
+def test_the_client_event_types_are_the_servers() -> None:
+    assert typing.get_args(models.EventType) == typing.get_args(schemas.EventType)
 
 
 @pytest.mark.parametrize(("ours", "theirs"), PAIRS, ids=[p[0].__name__ for p in PAIRS])
@@ -111,7 +122,11 @@ def test_a_server_job_record_reads_as_the_clients() -> None:
         updated_at="2026-01-01T00:00:01.000Z",
     )
     read = models.JobRecord.model_validate_json(record.model_dump_json())
-    assert read.model_dump(mode="json") == record.model_dump(mode="json")
+    ours, theirs = read.model_dump(mode="json"), record.model_dump(mode="json")
+    # The client reads timestamps as datetimes (the document's ``date-time``).
+    for stamp in ("created_at", "updated_at"):
+        assert datetime.fromisoformat(ours.pop(stamp)) == datetime.fromisoformat(theirs.pop(stamp))
+    assert ours == theirs
 
 
 def test_an_invalid_variable_is_named_and_its_value_never_shown() -> None:

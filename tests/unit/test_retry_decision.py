@@ -80,6 +80,12 @@ TABLE: list[tuple[str, Row, type, str | None]] = [
         GiveUp,
         "CallbackGiveUp",
     ),
+    (
+        "callback targets not due yet",
+        Row(callbacks.CallbackNotDue("later", retry_after=7200.0), step=Step.CALLBACK),
+        Wait,
+        None,
+    ),
     ("a surprise", Row(KeyError("offer")), GiveUp, "KeyError"),
     ("an error of ours", Row(errors.CancelflowError("no offer")), GiveUp, "CancelflowError"),
 ]

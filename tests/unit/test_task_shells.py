@@ -15,7 +15,7 @@ import pytest
 from celery.exceptions import Reject, Retry
 
 from cancelflow import errors, lifecycle
-from cancelflow.callbacks import CallbackRetryable
+from cancelflow.callbacks import CallbackNotDue, CallbackRetryable
 from cancelflow.contract import (
     STEP_TASKS,
     CancellationRequest,
@@ -192,6 +192,14 @@ async def test_a_callback_past_its_horizon_is_dead_lettered_as_a_callback() -> N
     late = CallbackRetryable("503", status=503)
     again = await tasks.after_failure(deps, Step.CALLBACK, job_id, ("outcome",), late, late)
     assert again.retry_in_s is not None
+    # Targets waiting for a Retry-After beyond one countdown: the step waits in hops, each a
+    # countdown the broker can hold, noted on the job so the watchdog leaves it alone.
+    cap = SETTINGS.limits().max_countdown_s
+    later = CallbackNotDue("not due", retry_after=7200.0)
+    hop = await tasks.after_failure(deps, Step.CALLBACK, job_id, ("outcome",), later, later)
+    assert hop.retry_in_s == cap and hop.dead_lettered is None
+    job = await deps.store.get(job_id)
+    assert job.timeline[-1].event == "waiting" and job.timeline[-1].step == "callback"
 
 
 def test_carry_out_asks_celery_for_what_the_step_came_to() -> None:

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from cancelflow_client.errors import ApiError, TransportError, ValidationFailed, error_for
 from cancelflow_client.models import (
+    SUBSCRIPTION_REFS,
     CancellationRequest,
     DeadLetterKind,
     FieldError,
@@ -34,10 +35,12 @@ from cancelflow_client.settings import TOKEN_VARIABLE, ClientSettings
 USER_AGENT = "cancelflow-client/1"
 IDEMPOTENCY_KEY_PREFIX = "client:"
 
+_REF_TITLES = frozenset(model.__name__ for model in SUBSCRIPTION_REFS.values())
+
 
 @dataclass(frozen=True)
 class Call:
-    method: Literal["GET", "POST", "DELETE"]
+    method: Literal["GET", "POST", "PATCH", "DELETE"]
     path: str
     body: Any = None
     query: list[tuple[str, str]] = field(default_factory=list)
@@ -66,6 +69,10 @@ def job_path(job_id: str) -> str:
 
 def dead_letter_path(dl_id: str) -> str:
     return f"/v1/dead-letters/{urllib.parse.quote(dl_id, safe='')}"
+
+
+def endpoint_path(endpoint_id: str) -> str:
+    return f"/v1/webhook-endpoints/{urllib.parse.quote(endpoint_id, safe='')}"
 
 
 def _many(value: str | Collection[str] | None) -> list[str]:
@@ -184,10 +191,10 @@ class Base:
         idempotency_key: str | None,
         metadata: Mapping[str, Any] | None,
     ) -> Call:
-        if isinstance(provider, CancellationRequest):
-            request = provider
-        else:
-            try:
+        try:
+            if isinstance(provider, CancellationRequest):
+                request = provider
+            else:
                 request = CancellationRequest.model_validate(
                     {
                         "provider": provider,
@@ -198,18 +205,26 @@ class Base:
                         "metadata": dict(metadata or {}),
                     }
                 )
-            except ValidationError as exc:
-                errors = [
-                    FieldError(field=".".join(map(str, e["loc"])) or "(body)", message=e["msg"])
-                    for e in exc.errors(include_url=False)
-                ]
-                problem = Problem(
-                    title="Invalid request (checked by the client)",
-                    status=422,
-                    detail="invalid fields: " + ", ".join(e.field for e in errors),
-                    errors=errors,
+            ref = SUBSCRIPTION_REFS.get(request.provider)
+            if ref is not None:
+                ref.model_validate(request.subscription)
+        except ValidationError as exc:
+            # A subscription checked against its provider's reference: its fields' paths
+            # start at ``subscription``, as the API names them.
+            prefix = ("subscription",) if exc.title in _REF_TITLES else ()
+            errors = [
+                FieldError(
+                    field=".".join(map(str, (*prefix, *e["loc"]))) or "(body)", message=e["msg"]
                 )
-                raise ValidationFailed(422, problem) from None
+                for e in exc.errors(include_url=False)
+            ]
+            problem = Problem(
+                title="Invalid request (checked by the client)",
+                status=422,
+                detail="invalid fields: " + ", ".join(e.field for e in errors),
+                errors=errors,
+            )
+            raise ValidationFailed(422, problem) from None
         if request.idempotency_key is None:
             # The key that makes retrying this enqueue safe.
             key = f"{IDEMPOTENCY_KEY_PREFIX}{uuid.uuid4().hex}"

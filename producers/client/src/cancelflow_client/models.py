@@ -2,17 +2,27 @@
 
 The client's own copies of the API's wire models: this distribution imports nothing of the
 server's. Answers ignore fields they do not know (a newer server may add some); what the client
-sends is checked as the API checks it. ``tests/producers/test_client_models.py`` keeps these
-equal to the server's models (every field, every enum value).
+sends is checked as the API checks it. ``tests/producers/test_client_package.py`` keeps these
+equal to the server's models (every field, every enum value) and
+``tests/producers/test_client_openapi.py`` to the OpenAPI document (every schema, field, type
+and format).
 """
 
 from __future__ import annotations
 
 import json
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    StringConstraints,
+    field_validator,
+)
 
 
 class Status(StrEnum):
@@ -52,6 +62,60 @@ class Reason(BaseModel):
 
     code: str | None = Field(default=None, min_length=1, max_length=64)
     comment: str | None = Field(default=None, max_length=2000)
+
+
+# --- the providers' subscription references -------------------------------------------------
+#
+# What ``subscription`` holds for each provider, as the API checks it (the OpenAPI document's
+# ``<Provider>Ref`` schemas): the client checks a request's ``subscription`` against its
+# provider's before sending it. A provider the client does not know is sent as given (a newer
+# server may have it) and checked by the API.
+
+# One segment of a request path: the characters that cannot change the path, and at least one
+# that is neither a dot nor a space.
+_SEGMENT_CHARS = r"[^/\\%?#\x00-\x1f\x7f-\x9f]"
+PATH_SEGMENT_PATTERN = rf"^{_SEGMENT_CHARS}*[^/\\%?#\x00-\x1f\x7f-\x9f.\s]{_SEGMENT_CHARS}*$"
+_Hex24 = Annotated[str, StringConstraints(pattern=r"^[a-fA-F0-9]{24}$")]
+
+
+class _Ref(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PaywayRef(_Ref):
+    account_id: _Hex24
+    user_product_id: _Hex24
+    cancellation_reason_id: _Hex24
+
+
+class AzotteRef(_Ref):
+    order_identifier: Annotated[
+        str, StringConstraints(pattern=PATH_SEGMENT_PATTERN, min_length=1, max_length=200)
+    ]
+    cancelation_method: Literal["Normal", "Immediate", "EndOfPeriod"] = "Normal"
+
+
+class AppDirectRef(_Ref):
+    subscription_id: Annotated[
+        str,
+        StringConstraints(
+            pattern=r"^[A-Za-z0-9._~-]*[A-Za-z0-9_~-][A-Za-z0-9._~-]*$", max_length=128
+        ),
+    ]
+
+
+class AxelSpringerRef(_Ref):
+    purchase_ref: Annotated[
+        str, StringConstraints(pattern=PATH_SEGMENT_PATTERN, min_length=1, max_length=200)
+    ]
+
+
+SUBSCRIPTION_REFS: dict[str, type[BaseModel]] = {
+    "payway": PaywayRef,
+    "azotte": AzotteRef,
+    "appdirect": AppDirectRef,
+    "axelspringer": AxelSpringerRef,
+}
 
 
 METADATA_MAX_BYTES = 8192
@@ -109,13 +173,13 @@ class Offer(_Answer):
     offer_identifier: str | None = None
     details: dict[str, Any] = Field(default_factory=dict)
     cancellation_reasons: list[dict[str, Any]] = Field(default_factory=list)
-    decision_deadline: str | None = None
+    decision_deadline: AwareDatetime | None = None
 
 
 class TimelineEntry(_Answer):
     """One thing that happened to a job: a step started, a provider answered, a retry."""
 
-    at: str
+    at: AwareDatetime
     step: str
     event: str
     attempt: int = 0
@@ -126,7 +190,7 @@ class TimelineEntry(_Answer):
 
 
 class CallbackAttempt(_Answer):
-    at: str
+    at: AwareDatetime
     event_id: str
     event_type: str
     url: str | None = None
@@ -135,6 +199,9 @@ class CallbackAttempt(_Answer):
     http_status: int | None = None
     latency_ms: float | None = None
     error: str | None = None
+    response: str | None = None
+    retry_at: AwareDatetime | None = None
+    endpoint_id: str | None = None
 
 
 class JobRecord(_Answer):
@@ -154,9 +221,12 @@ class JobRecord(_Answer):
     timeline: list[TimelineEntry] = Field(default_factory=list)
     callbacks: list[CallbackAttempt] = Field(default_factory=list)
     extra_callbacks: list[str] = Field(default_factory=list)
-    created_at: str
-    updated_at: str
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
     held_by: str | None = None
+    # The W3C trace context the job was created in, when the server traces (its trace id is
+    # the job's trace's).
+    traceparent: str | None = None
 
 
 Enqueue = Literal["created", "existing", "joined"]
@@ -180,8 +250,8 @@ class JobSummary(_Answer):
     outcome: OutcomeType | None = None
     idempotency_key: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
-    created_at: str
-    updated_at: str
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
 
 
 class JobPage(_Answer):
@@ -193,7 +263,7 @@ class JobPage(_Answer):
 
 
 class Stats(_Answer):
-    since: str
+    since: AwareDatetime
     jobs: dict[str, dict[str, int]]
     # provider -> outcome type -> jobs created since ``since`` that finished with it
     outcomes: dict[str, dict[str, int]] = Field(default_factory=dict)
@@ -206,6 +276,14 @@ class Stats(_Answer):
 # --- dead letters and providers -------------------------------------------------------------
 
 DeadLetterKind = Literal["job", "callback", "poison", "billing_event"]
+
+
+class Parked(_Answer):
+    """Where a poison message's raw item was parked: one item of the broker list
+    ``queue_key``, whose bytes are kept at ``key``."""
+
+    queue_key: str
+    key: str
 
 
 class DeadLetter(_Answer):
@@ -221,9 +299,9 @@ class DeadLetter(_Answer):
     traceback: str | None = None
     payload: Any = None
     event: str | None = None
-    created_at: str
+    created_at: AwareDatetime
     # A poison message's parked copy (its list and the key holding its exact bytes).
-    parked: dict[str, str] | None = None
+    parked: Parked | None = None
 
 
 class DeadLetterPage(_Answer):
@@ -280,3 +358,79 @@ class Problem(BaseModel):
     job_id: str | None = None
     retry_after: float | None = None
     dead_letter_id: str | None = None
+
+
+# --- webhook endpoints ------------------------------------------------------------------------
+
+EventType = Literal[
+    "cancellation.succeeded",
+    "cancellation.retained",
+    "cancellation.not_eligible",
+    "cancellation.not_found",
+    "cancellation.failed",
+    "cancellation.abandoned",
+    "cancellation.offer_presented",
+    "cancellation.dead_lettered",
+]
+MAX_ROTATION_OVERLAP_S = 30 * 24 * 3600
+
+
+class EndpointCreate(BaseModel):
+    """A webhook endpoint to register: its URL, an event-type filter (empty: every type) and
+    how long an old secret keeps signing after a rotation (None: the server's default, 24 h)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(min_length=1, max_length=2083)
+    description: str = Field(default="", max_length=256)
+    event_types: list[EventType] = Field(default_factory=list, max_length=16)
+    rotation_overlap_s: float | None = Field(default=None, ge=0, le=MAX_ROTATION_OVERLAP_S)
+    enabled: bool = True
+
+
+class EndpointUpdate(BaseModel):
+    """The fields of an endpoint to change (None: unchanged)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str | None = Field(default=None, min_length=1, max_length=2083)
+    description: str | None = Field(default=None, max_length=256)
+    event_types: list[EventType] | None = Field(default=None, max_length=16)
+    rotation_overlap_s: float | None = Field(default=None, ge=0, le=MAX_ROTATION_OVERLAP_S)
+    enabled: bool | None = None
+
+
+class SecretRotation(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    overlap_s: float | None = Field(default=None, ge=0, le=MAX_ROTATION_OVERLAP_S)
+
+
+class WebhookEndpoint(_Answer):
+    """A registered webhook endpoint (never its secret)."""
+
+    id: str
+    url: str
+    description: str = ""
+    event_types: list[str] = Field(default_factory=list)
+    enabled: bool = True
+    disabled_reason: str | None = None
+    disabled_at: AwareDatetime | None = None
+    rotation_overlap_s: float
+    previous_secret_expires_at: AwareDatetime | None = None
+    failing_since_at: AwareDatetime | None = None
+    last_success_at: AwareDatetime | None = None
+    last_failure_at: AwareDatetime | None = None
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
+
+
+class EndpointPage(_Answer):
+    items: list[WebhookEndpoint]
+
+
+class EndpointSecret(_Answer):
+    """An endpoint with its ``whsec_`` secret: answered once, at creation and at rotation."""
+
+    endpoint: WebhookEndpoint
+    secret: str

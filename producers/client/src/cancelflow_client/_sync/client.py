@@ -17,6 +17,7 @@ from cancelflow_client._core import (
     Call,
     Reply,
     dead_letter_path,
+    endpoint_path,
     job_path,
     monotonic,
     sync_sleep,
@@ -28,7 +29,12 @@ from cancelflow_client.models import (
     DeadLetter,
     DeadLetterKind,
     DeadLetterPage,
+    EndpointCreate,
+    EndpointPage,
+    EndpointSecret,
+    EndpointUpdate,
     Enqueued,
+    EventType,
     JobPage,
     JobRecord,
     JobSummary,
@@ -36,8 +42,10 @@ from cancelflow_client.models import (
     ProviderStates,
     Reason,
     Replayed,
+    SecretRotation,
     Stats,
     Status,
+    WebhookEndpoint,
 )
 
 
@@ -227,6 +235,73 @@ class CancelflowClient(Base):
     def purge(self, dl_id: str) -> None:
         """Delete a dead letter; ``NotFound`` if it is gone."""
         self._call(Call("DELETE", dead_letter_path(dl_id)))
+
+    # --- webhook endpoints --------------------------------------------------------------------
+
+    def create_endpoint(
+        self,
+        url: str,
+        *,
+        event_types: Collection[EventType] = (),
+        description: str = "",
+        rotation_overlap_s: float | None = None,
+        enabled: bool = True,
+    ) -> EndpointSecret:
+        """Register a webhook endpoint; the answer holds its ``whsec_`` secret, this once.
+        ``ValidationFailed`` names a URL the API refuses (http, credentials, internal)."""
+        body = EndpointCreate(
+            url=url,
+            description=description,
+            event_types=builtins.list(event_types),
+            rotation_overlap_s=rotation_overlap_s,
+            enabled=enabled,
+        )
+        call = Call("POST", "/v1/webhook-endpoints", body=body.model_dump(exclude_none=True))
+        return EndpointSecret.model_validate((self._call(call)).json())
+
+    def endpoints(self) -> builtins.list[WebhookEndpoint]:
+        """Every webhook endpoint, oldest first (no secrets)."""
+        reply = self._call(Call("GET", "/v1/webhook-endpoints"))
+        return EndpointPage.model_validate(reply.json()).items
+
+    def endpoint(self, endpoint_id: str) -> WebhookEndpoint:
+        """One webhook endpoint; ``NotFound``."""
+        reply = self._call(Call("GET", endpoint_path(endpoint_id)))
+        return WebhookEndpoint.model_validate(reply.json())
+
+    def update_endpoint(
+        self,
+        endpoint_id: str,
+        *,
+        url: str | None = None,
+        description: str | None = None,
+        event_types: Collection[EventType] | None = None,
+        rotation_overlap_s: float | None = None,
+        enabled: bool | None = None,
+    ) -> WebhookEndpoint:
+        """Change the fields given (``enabled=True`` re-enables a disabled endpoint)."""
+        body = EndpointUpdate(
+            url=url,
+            description=description,
+            event_types=None if event_types is None else builtins.list(event_types),
+            rotation_overlap_s=rotation_overlap_s,
+            enabled=enabled,
+        )
+        call = Call("PATCH", endpoint_path(endpoint_id), body=body.model_dump(exclude_none=True))
+        return WebhookEndpoint.model_validate((self._call(call)).json())
+
+    def rotate_endpoint_secret(
+        self, endpoint_id: str, *, overlap_s: float | None = None
+    ) -> EndpointSecret:
+        """A new secret for the endpoint (in the answer, this once); the old one keeps
+        signing beside it for ``overlap_s`` (default: the endpoint's rotation overlap)."""
+        body = SecretRotation(overlap_s=overlap_s).model_dump(exclude_none=True)
+        call = Call("POST", f"{endpoint_path(endpoint_id)}/rotate-secret", body=body)
+        return EndpointSecret.model_validate((self._call(call)).json())
+
+    def delete_endpoint(self, endpoint_id: str) -> None:
+        """Delete a webhook endpoint; ``NotFound`` if it is gone."""
+        self._call(Call("DELETE", endpoint_path(endpoint_id)))
 
     # --- sending -----------------------------------------------------------------------------
 
