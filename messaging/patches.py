@@ -30,6 +30,11 @@ production. Each override says why it exists and, where there is one, the upstre
   no heartbeat on the consumer's connection either, which RabbitMQ closes ("missed
   heartbeats from client", measured under ``make chaos BROKER=amqp``). No upstream issue
   found; Celery's own threads pool shares the race.
+- ``TaskEventsEvery`` (a consumer's ``on_send_event_buffered``, Celery's hook of its event
+  dispatcher's task-group buffer): the worker's task events are published in one message
+  ``TASK_EVENTS_DELAY_S`` after the first waits (or once Celery's buffer limit of 24 is
+  reached), not at the hub's next tick: one message per hub tick was one publish (a Redis
+  round trip, kombu's publish) per one or two events, about 4 per job.
 - ``RetryingTask.event`` (``celery.events.state.Task.event``, installed by
   ``show_retries_until_they_run``): a retry shows as ``RETRY`` in Flower until it runs.
 - ``show_transports_as``: kombu's ``Connection.resolve_aliases`` (read by ``_info``) names
@@ -44,7 +49,8 @@ production. Each override says why it exists and, where there is one, the upstre
   43% of the API's loop under the enqueue bench). No upstream issue: kombu has no asyncio
   Redis producer. ``tests/unit/test_step_message.py`` compares it, field by field, with what
   ``send_task`` writes.
-- ``trace_args`` (``Request.execute_using_pool``'s tuple) and ``LoopPoolBase``
+- ``trace_args`` and ``with_decoded_body`` (``Request.execute_using_pool``'s tuple, and the
+  tracers' reading of a body without content type as already decoded) and ``LoopPoolBase``
   (``ThreadsPool.on_apply``, ``_get_info``): the pool runs a step's coroutine on the event
   loop and applies time limits, which Celery's threads pool drops (celery/celery#9203).
 
@@ -168,6 +174,10 @@ UPSTREAM: dict[str, str] = {
     "kombu.asynchronous.hub:Hub.call_soon": (
         "ec0433083ce8db41ad884ab8b096681e91af046b26efcd6ad86a2cdfdd0f235e"
     ),
+    # TaskEventsEvery: the consumer's hook of its dispatcher's task-event buffer.
+    "celery.worker.consumer.consumer:Consumer.on_send_event_buffered": (
+        "0429cadc8bf9dc54afe6a47a9e277e9afb01a133c54ee54343608a968ccbcc16"
+    ),
     # RetryingTask: how a monitor's state merges a task's events, which the worker sends for
     # a retry's message when it receives it (the strategy's task-received).
     "celery.events.state:Task.event": (
@@ -180,6 +190,12 @@ UPSTREAM: dict[str, str] = {
     # task, and its info.
     "celery.worker.request:Request.execute_using_pool": (
         "7979562da58f42665a9c55be03aea994a302357c46cb174602e34f7df13b2df5"
+    ),
+    "celery.app.trace:fast_trace_task": (
+        "52c76aab90e1656fb991002acb7faeed78b8b93c4d5d1d47957050cf66329a21"
+    ),
+    "celery.app.trace:trace_task_ret": (
+        "edf3530c917cd4b69548b218963fa53d8f7787c2407909616fdaaa4684bffa7d"
     ),
     "celery.concurrency.base:apply_target": (
         "587f70580295464cd7494a2497d45105355790382525373b5cce1660930077c2"
@@ -803,6 +819,42 @@ class HubEventsRequest(Request):  # type: ignore[misc]  # Celery is untyped
         hub.call_soon(functools.partial(super().send_event, type, **fields))  # type: ignore[no-untyped-call]
 
 
+# How long a worker's first waiting task event may wait for others before they are published
+# together (Flower shows a task's state at most this much later).
+TASK_EVENTS_DELAY_S = 0.05
+
+
+class TaskEventsEvery:
+    """A Celery consumer whose task events go out in batches: ``TASK_EVENTS_DELAY_S`` after
+    the first of them waits, or as soon as the dispatcher's buffer is full (Celery's
+    ``buffer_limit``, 24 events), rather than at the hub's next tick (``Consumer.
+    on_send_event_buffered``'s ``call_soon``), which published a message per one or two
+    events. Events are monitoring: late by at most the delay, never lost to it (a consumer
+    that stops flushes them first, ``flush_task_events``)."""
+
+    hub: Any
+    event_dispatcher: Any
+    _task_events_due: bool = False
+
+    def on_send_event_buffered(self) -> None:
+        hub = self.hub
+        if hub is None or self._task_events_due:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            # Not the hub's thread (HubEventsRequest hands task events to it): its timers
+            # are the hub's own.
+            hub.call_soon(self.on_send_event_buffered)
+            return
+        self._task_events_due = True
+        hub.call_later(TASK_EVENTS_DELAY_S, self.flush_task_events)
+
+    def flush_task_events(self) -> None:
+        """Publish the task events waiting (also as the consumer stops)."""
+        self._task_events_due = False
+        if self.event_dispatcher:
+            self.event_dispatcher.flush()
+
+
 class StepRequest(HubEventsRequest):
     """Celery's request of a step, with the task events Flower reads made true to the step.
 
@@ -876,6 +928,14 @@ def trace_args(args: tuple[Any, ...]) -> tuple[str, Any, Any, str | None, str | 
     id, request, body, content type, content encoding)."""
     _, task_id, request, body, content_type, content_encoding = args
     return task_id, request, body, content_type, content_encoding
+
+
+def with_decoded_body(args: tuple[Any, ...], body: Any) -> tuple[Any, ...]:
+    """The tracer's arguments (``trace_args``) with the body the pool already decoded and no
+    content type, which ``fast_trace_task`` takes as the decoded ``(args, kwargs, embed)``
+    rather than decoding the message's bytes a second time."""
+    name, task_id, request, _body, _content_type, _content_encoding = args
+    return (name, task_id, request, body, None, None)
 
 
 class LoopPoolBase(ThreadsPool):  # type: ignore[misc]  # Celery is untyped

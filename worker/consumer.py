@@ -51,7 +51,7 @@ from cancelflow.lifecycle import resume
 from cancelflow.logging import get_logger
 from messaging.config import DEAD_LETTER_EXCHANGE
 from messaging.dispatch import dispatch
-from messaging.patches import parked_item
+from messaging.patches import TaskEventsEvery, parked_item
 
 log = get_logger(__name__)
 
@@ -162,8 +162,16 @@ def _checked(
     return checked_strategy
 
 
-class Consumer(CeleryConsumer):  # type: ignore[misc]
+class Consumer(TaskEventsEvery, CeleryConsumer):  # type: ignore[misc]
     Strategies = Strategies
+
+    def shutdown(self) -> None:
+        # The task events still waiting for their batch (messaging.patches.TaskEventsEvery).
+        try:
+            self.flush_task_events()
+        except Exception as exc:  # monitoring only: the shutdown goes on
+            log.warning("events.task.dropped", error=type(exc).__name__)
+        super().shutdown()
 
     def update_strategies(self) -> None:
         from worker.app import settings_of

@@ -45,7 +45,7 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from kombu.serialization import loads, prepare_accept_content
 
 from cancelflow import tracing
-from messaging.patches import LoopPoolBase, trace_args
+from messaging.patches import LoopPoolBase, trace_args, with_decoded_body
 
 if TYPE_CHECKING:
     from worker.runtime import Runtime
@@ -194,6 +194,8 @@ class TaskPool(LoopPoolBase):
                 body = loads(  # type: ignore[no-untyped-call]  # kombu leaves it unannotated
                     body, content_type, content_encoding, accept=self._accept
                 )
+                # Decoded once: the tracer takes it as it is.
+                args = with_decoded_body(args, body)
             task_args, task_kwargs, _embed = body
             async with limit:
                 result = await task.run_async(task_args, task_kwargs, request)
