@@ -42,7 +42,6 @@ from cancelflow.guard import breaker_state
 from cancelflow.logging import get_logger, redact
 from cancelflow.settings import Settings
 from cancelflow.store import AWAITING, job_key
-from messaging.dispatch import dispatch
 from producers import listing
 from producers.api import (
     AUTH_FAILURES,
@@ -57,6 +56,7 @@ from producers.api import (
 )
 from producers.console import audit, sessions
 from producers.schemas import DEAD_LETTER_ID_RE, JobQuery
+from producers.submit import send_step
 
 log = get_logger(__name__)
 
@@ -536,7 +536,7 @@ async def _act_on(request: web.Request, action: str, dl: DeadLetter) -> tuple[st
     except CancelflowError as exc:
         return "not replayed", str(exc)
     if nxt.step is not None and dl.job_id:
-        dispatch(request.app[CELERY], nxt)
+        await send_step(deps, request.app[CELERY], nxt)
     return "replayed", ""
 
 
