@@ -14,12 +14,15 @@ import asyncio
 import base64
 import json
 import secrets
+import uuid
 from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
 import redis
 import structlog
+from celery import Celery
+from celery._state import _task_stack
 from redis.asyncio import Redis as AsyncRedis
 
 from cancelflow.contract import CancellationRequest, Step, new_job_id
@@ -31,12 +34,14 @@ from messaging.config import create_celery
 from messaging.dispatch import dispatch, dispatch_async, queue_for
 from producers.submit import submit
 from tests.fixtures.system import locked_db
+from worker.app import create_app
+from worker.tasks import outbox
 
 pytestmark = pytest.mark.integration
 
 # Different in every message: the task's id (and so its root id and correlation id), the
 # delivery tag, and when it was sent.
-IDS = {
+IDS: set[tuple[str, ...]] = {
     ("headers", "id"),
     ("headers", "root_id"),
     ("headers", "sent_at"),
@@ -80,8 +85,9 @@ def raw_pair(db_url: str, nxt: Next, request_id: str | None) -> tuple[bytes, byt
         app.close()
 
 
-def fields(raw: bytes) -> list[tuple[tuple[str, ...], Any]]:
-    """Every leaf of the envelope, path and value, in order, the body decoded."""
+def fields(raw: bytes, ids: set[tuple[str, ...]] = IDS) -> list[tuple[tuple[str, ...], Any]]:
+    """Every leaf of the envelope, path and value, in order, the body decoded; the ``ids``
+    masked."""
     envelope = json.loads(raw)
     assert envelope["properties"]["body_encoding"] == "base64"
     envelope["body"] = json.loads(base64.b64decode(envelope["body"]))
@@ -93,7 +99,7 @@ def fields(raw: bytes) -> list[tuple[tuple[str, ...], Any]]:
             for key, item in value.items():
                 walk((*path, key), item)
         else:
-            out.append((path, "<id>" if path in IDS else value))
+            out.append((path, "<id>" if path in ids else value))
 
     walk((), envelope)
     return out
@@ -259,3 +265,55 @@ def test_where_the_copy_does_not_apply_the_job_is_marked_then_sent_as_before(
     assert marked and cleared
     [sent] = cast("list[bytes]", sync.lrange(queue, 0, -1))
     assert json.loads(sent)["headers"]["job_id"] == created.job.id
+
+
+# --- the next step pushed by a step's own move (``worker.tasks.outbox``) ------------------------
+
+
+def _a_step(self: Any) -> None:
+    """The running task ``send_task`` finds (Celery's task stack)."""
+
+
+@pytest.mark.parametrize(
+    ("step", "args"),
+    [(Step.CONFIRM, ()), (Step.CALLBACK, ("outcome",))],
+    ids=["confirm", "callback"],
+)
+def test_the_next_step_a_worker_pushes_is_send_tasks_from_within_the_step(
+    db_url: str, step: Step, args: tuple[str, ...]
+) -> None:
+    """A step's move pushes its next step's message (``chain.OUTBOX``), built on the loop
+    before Celery runs the task, from the step's request: the same message ``send_task`` writes
+    from inside that running task, field by field, its parent and root ids included (Celery
+    takes them from the task running; here they are compared, not masked)."""
+    settings = Settings(redis_url=db_url)
+    worker_app = create_app(settings)
+    parents = Celery("parents", set_as_current=False)
+    sync = redis.Redis.from_url(db_url)
+    parent_id, root_id = str(uuid.uuid4()), str(uuid.uuid4())
+    nxt = Next(step, new_job_id(), "payway", args)
+    structlog.contextvars.clear_contextvars()
+    build = outbox(worker_app, {"id": parent_id, "root_id": root_id})
+    assert build is not None, "the broker is the job store's Redis: the move pushes"
+    ours = build(nxt)
+    assert ours is not None
+    # send_task in the step's task: Celery's running task is the parent.
+    parent = parents.task(name="test.step", bind=True)(_a_step)
+    parent.push_request(id=parent_id, root_id=root_id, called_directly=False)
+    _task_stack.push(parent)
+    try:
+        dispatch(worker_app, nxt)  # as the tracer sends a step not pushed
+    finally:
+        _task_stack.pop()
+        parent.pop_request()
+        parents.close()
+        worker_app.close()
+    queue = queue_for(step, "payway")
+    [by_kombu] = cast("list[bytes]", sync.lrange(queue, 0, -1))
+    # Compared: the root id. Masked besides the ids: ``reply_to``, the sending app's own oid
+    # (the outbox's app is not the worker's; nobody replies to a step, its result ignored).
+    masked = (IDS - {("headers", "root_id")}) | {("properties", "reply_to")}
+    assert fields(ours.payload.encode(), masked) == fields(by_kombu, masked)
+    sent = json.loads(ours.payload)
+    assert (sent["headers"]["parent_id"], sent["headers"]["root_id"]) == (parent_id, root_id)
+    assert ours.key == queue
