@@ -8,6 +8,7 @@ environment and a test builds its own app from the Settings it made.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import tempfile
 import threading
@@ -28,6 +29,23 @@ from worker import leases
 
 WORKER_TRANSPORT = "messaging.patches:WorkerTransport"
 WORKER_SENTINEL_TRANSPORT = "messaging.patches:WorkerSentinelTransport"
+
+
+# A worker's thresholds for CPython's cyclic garbage collector (CPython's own: 700, 10, 10).
+# A step allocates thousands of short-lived objects (messages, records, HTTP exchanges) that
+# reference counting frees as they go; at 700 allocations the youngest generation was
+# scanned every step or two and the whole heap every few hundred. Measured with make bench's
+# no-latency scenario (five A/B pairs, 1,500 jobs, 2 rounds each): the worker's CPU per job
+# 8.3 ms (median) against 9.7 ms, jobs/s over the baseline 1.06 against 1.00.
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """What start-up made (modules, settings, the app, the runtime) is moved out of the
+    collector's reach for good (``gc.freeze``: it is never garbage, and the collector no
+    longer scans it), and the thresholds set to ``GC_THRESHOLDS``."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def settings_of(app: Celery) -> Settings:
@@ -167,6 +185,10 @@ def _connect_signals(app: Celery, settings: Settings) -> None:
         # The consumer whose task queues a failing heartbeat holds (RabbitMQ: worker.leases).
         leases.attach(sender)
 
+    def collect_less(**_: Any) -> None:
+        # Once the worker is up: start-up's objects frozen, the thresholds raised (tune_gc).
+        tune_gc()
+
     def close_runtime(**_: Any) -> None:
         from worker import metrics_server
         from worker.runtime import shutdown_runtime
@@ -184,6 +206,7 @@ def _connect_signals(app: Celery, settings: Settings) -> None:
         (signals.celeryd_after_setup, serve_metrics),
         (signals.worker_ready, report_redis_persistence),
         (signals.worker_ready, attach_consumer),
+        (signals.worker_ready, collect_less),
         (signals.worker_shutdown, close_runtime),
         (signals.worker_process_shutdown, close_runtime),
     ]

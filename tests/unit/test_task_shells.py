@@ -232,3 +232,23 @@ def test_carry_out_asks_celery_for_what_the_step_came_to() -> None:
             queue.close()
     finally:
         task.pop_request()
+
+
+def test_a_ready_worker_collects_garbage_less_often() -> None:
+    import gc
+
+    from celery import signals
+
+    from worker.app import GC_THRESHOLDS, tune_gc
+
+    # Connected for the app's worker, at worker_ready.
+    uid = f"cancelflow-{id(create_app(SETTINGS))}-worker_ready-collect_less"
+    assert any(uid in str(key) for key, _ in signals.worker_ready.receivers)
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
