@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -176,3 +177,11 @@ def payway_body(ref: PaywayRef, **extra: Any) -> dict[str, Any]:
         },
         **extra,
     }
+
+
+def default_sigint() -> None:
+    """A ``preexec_fn`` for a process a test sends Ctrl-C (SIGINT): it starts with SIGINT at
+    its default, as a terminal's foreground job does. A suite started in the background
+    (``cmd &`` from a script, nohup) inherits SIGINT ignored, and a process that starts with it
+    ignored (Python's KeyboardInterrupt, bash's trap) never sees the Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -24,6 +24,7 @@ import pytest
 import redis
 
 from producers.local import DB_LOCK, LOCK_TTL_S, wait_until, with_db
+from tests.support import default_sigint
 
 pytestmark = pytest.mark.integration
 
@@ -54,10 +55,6 @@ def describe(pids: list[int]) -> list[str]:
     return lines
 
 
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @contextlib.contextmanager
 def interrupted_run(
     tmp_path: Path, *prefix: str, **env: str
@@ -86,10 +83,7 @@ def interrupted_run(
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        # As a terminal's foreground job gets it: a suite started in the background (`cmd &`
-        # from a script, nohup) inherits SIGINT ignored, and a process that starts with it
-        # ignored (Python, bash's trap) never sees the Ctrl-C this test sends.
-        preexec_fn=_default_sigint,
+        preexec_fn=default_sigint,  # the Ctrl-C this test sends must reach it
     )
     try:
         yield proc, marker, ready

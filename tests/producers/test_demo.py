@@ -18,6 +18,7 @@ import pytest
 
 from producers.local import cancelflow_command, free_port, http_ok
 from sandboxes.env import provider_env
+from tests.support import default_sigint
 
 pytestmark = pytest.mark.integration
 
@@ -37,6 +38,7 @@ def demo() -> Iterator[subprocess.Popen[str]]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=default_sigint,  # the Ctrl-C the test sends must reach it
     )
     try:
         yield proc
