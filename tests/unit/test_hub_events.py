@@ -6,11 +6,9 @@ read first, and both threads stop until the broker drops the connection)."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
-from kombu.asynchronous import Hub, get_event_loop, set_event_loop
+from kombu.asynchronous import Hub, get_event_loop
 
 from messaging.patches import HubEventsRequest, StepRequest
 
@@ -38,18 +36,6 @@ def request(cls: type[HubEventsRequest], eventer: Dispatcher) -> HubEventsReques
     req.id = "task-1"
     req._task = SendsEvents()
     return req
-
-
-@pytest.fixture
-def hub() -> Iterator[Hub]:
-    previous = get_event_loop()
-    found = Hub()
-    set_event_loop(found)
-    try:
-        yield found
-    finally:
-        set_event_loop(previous)
-        found.close()
 
 
 def send_from_thread(req: HubEventsRequest, type: str, **fields: Any) -> None:

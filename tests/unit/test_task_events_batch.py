@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from kombu.asynchronous import Hub, get_event_loop, set_event_loop
+from kombu.asynchronous import Hub
 
 from messaging.patches import TASK_EVENTS_DELAY_S, TaskEventsEvery
 
@@ -42,18 +42,6 @@ class Consumer(TaskEventsEvery):
     def send(self, n: int) -> None:
         for i in range(n):
             self.event_dispatcher.send("task-succeeded", uuid=f"task-{i}")
-
-
-@pytest.fixture
-def hub() -> Iterator[Hub]:
-    previous = get_event_loop()
-    found = Hub()
-    set_event_loop(found)
-    try:
-        yield found
-    finally:
-        set_event_loop(previous)
-        found.close()
 
 
 @pytest.fixture
