@@ -2,8 +2,9 @@
 
 The baseline of ``make bench`` is plain Celery at its best: this runs the baseline's chains
 alone (no Cancelflow worker) on each stock pool Celery has here, alternately, ``--rounds``
-times, with the bench's Redis DB and settings (``acks_late``, prefetch 1, events), and prints
-each pool's jobs/s and worker CPU per job. gevent and eventlet are not dependencies: a pool
+times, with the bench's Redis DB and settings (``acks_late``, prefetch 1, events), on the broker
+``--broker`` names (Redis, or a RabbitMQ vhost of its own as ``make bench BROKER=amqp``), and
+prints each pool's jobs/s and worker CPU per job. gevent and eventlet are not dependencies: a pool
 whose package is missing is reported, not run. Under ``scripts/with-redis`` (as ``make bench``)
 it never touches the machine's Redis.
 """
@@ -20,7 +21,7 @@ import click
 
 from bench import system as bench_system
 from bench.run import Config, log, measure_baseline
-from bench.system import BenchSystem, bench_db, redis_server
+from bench.system import BenchSystem, bench_db, broker_leg, redis_server
 from cancelflow.logging import configure_logging
 from cancelflow.settings import load_settings
 
@@ -35,7 +36,14 @@ GREEN = ("gevent", "eventlet")
 @click.option("--jobs", default=1000, show_default=True)
 @click.option("--rounds", default=3, show_default=True)
 @click.option("--only", default="", help="Pools to run (comma-separated names), default all.")
-def main(jobs: int, rounds: int, only: str) -> None:
+@click.option(
+    "--broker",
+    type=click.Choice(["redis", "amqp"]),
+    default="redis",
+    show_default=True,
+    help="The broker: Redis, or RabbitMQ (a vhost of its own, as make bench BROKER=amqp).",
+)
+def main(jobs: int, rounds: int, only: str, broker: str) -> None:
     """Run the baseline on each stock pool, alternately; print jobs/s and CPU per job."""
     wanted = {p.strip() for p in only.split(",") if p.strip()}
     pools = tuple(p for p in POOLS if not wanted or p[0] in wanted)
@@ -46,8 +54,13 @@ def main(jobs: int, rounds: int, only: str) -> None:
     rates: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
     base_url = os.environ.get("CANCELFLOW_REDIS_URL", "redis://127.0.0.1:6379")
-    with redis_server(base_url, log=log) as server, bench_db(server) as db_url:
+    with (
+        redis_server(base_url, log=log) as server,
+        bench_db(server) as db_url,
+        broker_leg(broker, log=log) as leg,
+    ):
         system = BenchSystem(db_url, Path(tempfile.mkdtemp(prefix="cancelflow-pools-")))
+        system.broker = leg
         try:
             system.start_sandbox()
             os.environ.update(system.env)
@@ -74,7 +87,7 @@ def main(jobs: int, rounds: int, only: str) -> None:
             system.close()
     for name, values in rates.items():
         print(
-            f"{name:14} jobs/s median {statistics.median(values):7.1f} "
+            f"{broker} {name:14} jobs/s median {statistics.median(values):7.1f} "
             f"(rounds {', '.join(f'{v:.1f}' for v in values)}), "
             f"worker CPU ms/job median {statistics.median(cpu[name]):.2f}"
         )
