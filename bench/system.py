@@ -41,9 +41,26 @@ from producers.local import (
 from sandboxes.env import provider_env
 
 API_TOKEN = "bench-token"  # noqa: S105 - the local API of a bench run
-# The baseline's stock pool (``BENCH_BASELINE_POOL``): threads, the fastest stock pool for this
-# load (bench/README.md, "Which pool for the baseline").
-BASELINE_POOL = os.environ.get("BENCH_BASELINE_POOL", "threads")
+# The baseline's stock pool on each broker, as ``(pool, processes)`` (``None``: the bench's
+# concurrency): the fastest stock pool for this load there (``python -m bench.pools``;
+# bench/README.md, "Which pool for the baseline"). On Redis, threads at the bench's
+# concurrency; on RabbitMQ, prefork with four processes per core (threads there stalls for its
+# connection every 30 s: README, "RabbitMQ leg").
+BASELINE_POOLS: dict[str, tuple[str, int | None]] = {
+    "redis": ("threads", None),
+    "amqp": ("prefork", 8),
+}
+# ``BENCH_BASELINE_POOL`` (or ``bench.pools``) makes the baseline use another pool, at the
+# concurrency it is started with.
+BASELINE_POOL = os.environ.get("BENCH_BASELINE_POOL", "")
+
+
+def baseline_pool(broker: str, concurrency: int) -> tuple[str, int]:
+    """The baseline's pool and concurrency on ``broker``, the bench's being ``concurrency``."""
+    if BASELINE_POOL:
+        return BASELINE_POOL, concurrency
+    pool, processes = BASELINE_POOLS[broker]
+    return pool, concurrency if processes is None else processes
 
 
 @contextmanager
@@ -164,13 +181,33 @@ def rss_mb(pid: int) -> float | None:
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process so far, from /proc (None once it is gone)."""
+    """User + system CPU time so far of a process and its live child processes (a prefork
+    worker's pool processes), from /proc (None once it is gone)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for child in child_pids(pid):
+        total += cpu_seconds(child) or 0.0
+    return total
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live children of a process, from each of its threads' /proc ``children``."""
+    found: list[int] = []
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in threads:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found += [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+    return found
 
 
 class RssSampler(threading.Thread):
@@ -311,6 +348,7 @@ class BenchSystem:
             hostname = f"bench-{name}-{free_port()}@{socket.gethostname()}"
             extra = {**self.env}
             if kind in ("baseline", "baseline-probe"):
+                pool, pool_concurrency = baseline_pool(self.broker.kind, concurrency)
                 if kind == "baseline-probe":
                     assert probe_dir is not None
                     extra["BENCH_PROBE_OUT"] = str(probe_dir / f"{name}.json")
@@ -322,8 +360,8 @@ class BenchSystem:
                     "-A",
                     "bench.baseline",
                     "worker",
-                    f"--pool={BASELINE_POOL}",
-                    f"--concurrency={concurrency}",
+                    f"--pool={pool}",
+                    f"--concurrency={pool_concurrency}",
                     "--queues=bench.baseline",
                     "--task-events",
                     "--without-gossip",

@@ -1,0 +1,54 @@
+"""The bench's own accounting: what it counts as a worker's CPU, which pool the baseline uses."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bench import system
+from bench.system import baseline_pool, child_pids, cpu_seconds
+
+SPIN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
+
+
+def test_a_process_cpu_counts_its_live_children() -> None:
+    """A prefork worker's steps run in its children: their CPU is the worker's CPU."""
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time\n"
+            f"child = subprocess.Popen([sys.executable, '-c', {SPIN!r} + 'time.sleep(30)'])\n"
+            "time.sleep(30)\n",
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            children = child_pids(parent.pid)
+            if children and (cpu_seconds(children[0]) or 0.0) >= 0.5:
+                break
+            assert time.monotonic() < deadline, "the child did not spin"
+            time.sleep(0.05)
+        own = cpu_seconds(parent.pid)
+        assert own is not None
+        # The parent itself only sleeps: most of what is counted is the child's.
+        assert own >= 0.5
+    finally:
+        for pid in child_pids(parent.pid):
+            subprocess.run(["kill", str(pid)], check=False)
+        parent.kill()
+        parent.wait()
+    assert cpu_seconds(parent.pid) is None
+
+
+def test_the_baseline_pool_is_chosen_per_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(system, "BASELINE_POOL", "")
+    assert baseline_pool("redis", 100) == ("threads", 100)
+    assert baseline_pool("amqp", 100) == ("prefork", 8)
+    # BENCH_BASELINE_POOL (or bench.pools) overrides it, at the bench's concurrency.
+    monkeypatch.setattr(system, "BASELINE_POOL", "solo")
+    assert baseline_pool("amqp", 1) == ("solo", 1)
