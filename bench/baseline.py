@@ -2,11 +2,12 @@
 
 Same broker, serializer, acks (``acks_late``, ``reject_on_worker_lost``, prefetch 1), events
 and visibility timeout as ``messaging.config.celery_config``; only the queue differs. The
-bench runs its workers as ``cancelflow worker`` runs ours (same concurrency and flags) on
-Celery's stock threads pool, so the comparison measures what Cancelflow adds to a chain of
+bench runs its workers as ``cancelflow worker`` runs ours (same flags and process count) on
+the fastest stock pool for this load (``bench.system.BASELINE_POOLS``, measured by
+``python -m bench.pools``), so the comparison measures what Cancelflow adds to a chain of
 tasks (on whichever broker the leg runs, ``CANCELFLOW_BROKER_URL``):
 
-    celery -A bench.baseline worker --pool=threads --concurrency=100 -Q bench.baseline ...
+    celery -A bench.baseline worker --pool=prefork --concurrency=8 -Q bench.baseline ...
 """
 
 from __future__ import annotations

@@ -43,11 +43,10 @@ from sandboxes.env import provider_env
 API_TOKEN = "bench-token"  # noqa: S105 - the local API of a bench run
 # The baseline's stock pool on each broker, as ``(pool, processes)`` (``None``: the bench's
 # concurrency): the fastest stock pool for this load there (``python -m bench.pools``;
-# bench/README.md, "Which pool for the baseline"). On Redis, threads at the bench's
-# concurrency; on RabbitMQ, prefork with four processes per core (threads there stalls for its
-# connection every 30 s: README, "RabbitMQ leg").
+# bench/README.md, "Which pool for the baseline"). On both, prefork with four processes per
+# core (on RabbitMQ threads also stalls for its connection every 30 s: README, "RabbitMQ leg").
 BASELINE_POOLS: dict[str, tuple[str, int | None]] = {
-    "redis": ("threads", None),
+    "redis": ("prefork", 8),
     "amqp": ("prefork", 8),
 }
 # ``BENCH_BASELINE_POOL`` (or ``bench.pools``) makes the baseline use another pool, at the

@@ -47,7 +47,7 @@ def test_a_process_cpu_counts_its_live_children() -> None:
 
 def test_the_baseline_pool_is_chosen_per_broker(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(system, "BASELINE_POOL", "")
-    assert baseline_pool("redis", 100) == ("threads", 100)
+    assert baseline_pool("redis", 100) == ("prefork", 8)
     assert baseline_pool("amqp", 100) == ("prefork", 8)
     # BENCH_BASELINE_POOL (or bench.pools) overrides it, at the bench's concurrency.
     monkeypatch.setattr(system, "BASELINE_POOL", "solo")
