@@ -321,8 +321,22 @@ def targets_text(doc: dict[str, Any]) -> str:
 
 
 def delta(previous: dict[str, Any], doc: dict[str, Any]) -> str:
-    """What changed since the previous latest.json, per scenario and for the API."""
+    """What changed since the previous latest.json, per broker (a leg is compared with the
+    previous run's leg on the same broker only), per scenario and for the API."""
     lines = [f"Change since the previous run ({previous.get('started_at', '?')}):"]
+    legs = doc.get("brokers") or {"": doc}
+    old_legs = previous.get("brokers") or {}
+    for broker, leg in legs.items():
+        old_leg = old_legs.get(broker) if broker else previous
+        if not old_leg:
+            lines.append(f"  [{broker}] no leg on this broker in the previous run")
+            continue
+        lines += [f"  [{broker}]" if broker else "", *("  " + d for d in _leg_delta(old_leg, leg))]
+    return "\n".join(line for line in lines if line)
+
+
+def _leg_delta(previous: dict[str, Any], doc: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
 
     def pct(new: float | None, old: float | None) -> str:
         if new is None or not old:
@@ -358,7 +372,7 @@ def delta(previous: dict[str, Any], doc: dict[str, Any]) -> str:
     rt_new = doc.get("profile", {}).get("round_trips_per_job", {}).get("total")
     if rt_old is not None and rt_new is not None:
         lines.append(f"  Redis round trips per job: {rt_old} -> {rt_new}")
-    return "\n".join(lines)
+    return lines
 
 
 def load(path: Path) -> dict[str, Any] | None:
