@@ -208,9 +208,26 @@ class Cluster:
         return redis.Redis(port=self.ports[name], socket_timeout=2)
 
 
-def wait(check: Callable[[], bool], what: str, timeout_s: float) -> None:
+# A node being reconfigured drops its clients (a Sentinel ends its SLAVEOF with CLIENT KILL TYPE
+# normal) and a restarted one may not listen yet: for a poll of a node, "not yet".
+RECONNECTING: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
+
+
+def wait(
+    check: Callable[[], bool],
+    what: str,
+    timeout_s: float,
+    *,
+    not_yet: tuple[type[Exception], ...] = (),
+) -> None:
+    """Poll ``check`` until it holds; an exception of ``not_yet`` counts as "not yet"."""
     deadline = time.monotonic() + timeout_s
-    while not check():
+    while True:
+        try:
+            if check():
+                return
+        except not_yet:
+            pass
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
 
@@ -296,13 +313,7 @@ def stopped_after(cluster: Cluster) -> Iterator[Cluster]:
 
 
 def replicating(node: redis.Redis) -> bool:
-    """Whether the node is a replica with its link up. A node being reconfigured drops its
-    clients: a Sentinel ends its SLAVEOF with CLIENT KILL TYPE normal, and a restarted node
-    may not listen yet, so a connection reset or refused is "not yet"."""
-    try:
-        info: dict[str, Any] = node.info("replication")  # type: ignore[assignment]
-    except (redis.ConnectionError, redis.TimeoutError):
-        return False
+    info: dict[str, Any] = node.info("replication")  # type: ignore[assignment]
     return bool(info["role"] == "slave" and info["master_link_status"] == "up")
 
 
@@ -349,7 +360,12 @@ def exercise_sentinels(
     a replica; and nothing the replica or the sentinels sent was refused."""
     for name in (master, replica):
         assert_no_access_without_password(cluster.ports[name])
-    wait(lambda: replicating(cluster.admin(replica)), "the replica to sync", 20)
+    wait(
+        lambda: replicating(cluster.admin(replica)),
+        "the replica to sync",
+        20,
+        not_yet=RECONNECTING,
+    )
 
     def every_sentinel_sees_all() -> bool:
         for name in sentinels:
@@ -402,27 +418,29 @@ def exercise_sentinels(
 
     wait(promoted, "the sentinels to promote the replica", 30)
 
-    def writes() -> bool:
-        try:
-            return bool(worker.set("cf:after-failover", "1"))
-        except (redis.ConnectionError, redis.ReadOnlyError, redis.TimeoutError):
-            return False
-
-    wait(writes, "the worker's client to write to the new master", 15)
+    wait(
+        lambda: bool(worker.set("cf:after-failover", "1")),
+        "the worker's client to write to the new master",
+        15,
+        not_yet=(*RECONNECTING, redis.ReadOnlyError),
+    )
     assert cluster.admin(replica).get("cf:sentinel-test") == b"1"
 
     # The old master restarts as the deployment starts it: the sentinels make it a replica
     # of the new one, which it logs in to as `replica`.
     restart_master()
-    wait(lambda: replicating(cluster.admin(master)), "the old master to replicate", 40)
-
-    def synced() -> bool:
-        try:
-            return bool(cluster.admin(master).get("cf:after-failover") == b"1")
-        except (redis.ConnectionError, redis.TimeoutError):
-            return False
-
-    wait(synced, "the old master to sync", 10)
+    wait(
+        lambda: replicating(cluster.admin(master)),
+        "the old master to replicate",
+        40,
+        not_yet=RECONNECTING,
+    )
+    wait(
+        lambda: cluster.admin(master).get("cf:after-failover") == b"1",
+        "the old master to sync",
+        10,
+        not_yet=RECONNECTING,
+    )
 
     # Every command the replica and the sentinels sent was allowed.
     for node in (master, replica, *sentinels):
