@@ -41,11 +41,11 @@ from producers.local import (
 from sandboxes.env import provider_env
 
 API_TOKEN = "bench-token"  # noqa: S105 - the local API of a bench run
-# The baseline's stock pool on each broker, as ``(pool, processes)`` (``None``: the bench's
-# concurrency): the fastest stock pool for this load there (``python -m bench.pools``;
-# bench/README.md, "Which pool for the baseline"). On both, prefork with four processes per
-# core (on RabbitMQ threads also stalls for its connection every 30 s: README, "RabbitMQ leg").
-BASELINE_POOLS: dict[str, tuple[str, int | None]] = {
+# The baseline's stock pool on each broker, as ``(pool, processes)``: the fastest stock pool
+# for this load there (``python -m bench.pools``; bench/README.md, "Which pool for the
+# baseline"). On both, prefork with four processes per core (on RabbitMQ threads also stalls
+# for its connection every 30 s: README, "RabbitMQ leg").
+BASELINE_POOLS: dict[str, tuple[str, int]] = {
     "redis": ("prefork", 8),
     "amqp": ("prefork", 8),
 }
@@ -58,8 +58,7 @@ def baseline_pool(broker: str, concurrency: int) -> tuple[str, int]:
     """The baseline's pool and concurrency on ``broker``, the bench's being ``concurrency``."""
     if BASELINE_POOL:
         return BASELINE_POOL, concurrency
-    pool, processes = BASELINE_POOLS[broker]
-    return pool, concurrency if processes is None else processes
+    return BASELINE_POOLS[broker]
 
 
 @contextmanager
