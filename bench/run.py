@@ -62,6 +62,9 @@ class Config:
     # One worker process of each kind (``cancelflow worker`` as the README runs it): a worker
     # has a core to itself while Redis, the sandboxes and this driver share the other.
     workers: int = 1
+    # Processes of each Cancelflow worker (``cancelflow worker --processes``): one per core
+    # the bench may use, as the baseline's prefork pool spreads over every core.
+    processes: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     concurrency: int = 100
     window: int = 500
     providers: list[str] = field(default_factory=lambda: ["payway"])
@@ -179,11 +182,11 @@ def run_rounds(
     """``cfg.rounds`` rounds of the baseline and ``scenarios``, with ``workers`` processes of
     each kind; every run's summary."""
     runs: list[dict[str, Any]] = []
-    ours = system.start_workers("cancelflow", workers, cfg.concurrency)
+    ours = system.start_workers("cancelflow", workers, cfg.concurrency, processes=cfg.processes)
     theirs = system.start_workers("baseline", workers, cfg.concurrency) if cfg.baseline else None
     log(
-        f"[{broker}] workers: {workers} x cancelflow, {workers if theirs else 0} x baseline, "
-        f"concurrency {cfg.concurrency}"
+        f"[{broker}] workers: {workers} x cancelflow ({cfg.processes} processes each), "
+        f"{workers if theirs else 0} x baseline, concurrency {cfg.concurrency}"
     )
     try:
         order = (["baseline"] if theirs is not None else []) + scenarios
@@ -347,6 +350,13 @@ def _list(value: str) -> list[str]:
     help="Worker processes (each kind).",
 )
 @click.option(
+    "--processes",
+    envvar="BENCH_PROCESSES",
+    default=None,
+    type=int,
+    help="Processes of each Cancelflow worker [the cores this process may use].",
+)
+@click.option(
     "--concurrency",
     envvar="BENCH_CONCURRENCY",
     default=None,
@@ -402,6 +412,7 @@ def main(
     rounds: int,
     scenarios: str,
     workers: int,
+    processes: int | None,
     concurrency: int | None,
     window: int,
     providers: str,
@@ -424,6 +435,7 @@ def main(
         rounds=rounds,
         scenarios=_list(scenarios),
         workers=workers,
+        processes=processes or len(os.sched_getaffinity(0)),
         concurrency=concurrency or Settings().worker.concurrency,
         window=window,
         providers=_list(providers),

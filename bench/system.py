@@ -38,6 +38,7 @@ from producers.local import (
     wait_until,
     with_db,
 )
+from producers.supervisor import child_hostname
 from sandboxes.env import provider_env
 
 API_TOKEN = "bench-token"  # noqa: S105 - the local API of a bench run
@@ -167,15 +168,16 @@ def system_env(redis_url: str, sandbox_url: str, broker: BrokerLeg | None = None
 
 
 def rss_mb(pid: int) -> float | None:
-    """Resident memory of a process from /proc, in MB (None once it is gone)."""
+    """Resident memory of a process and its live child processes (a prefork worker's pool, a
+    ``--processes`` worker's processes), from /proc, in MB (None once it is gone)."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
+            own = next((int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")), None)
     except OSError:
         return None
-    return None
+    if own is None:
+        return None
+    return own / 1024 + sum(rss_mb(child) or 0.0 for child in child_pids(pid))
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -335,10 +337,17 @@ class BenchSystem:
         return pids
 
     def start_workers(
-        self, kind: str, count: int, concurrency: int, *, probe_dir: Path | None = None
+        self,
+        kind: str,
+        count: int,
+        concurrency: int,
+        *,
+        processes: int = 1,
+        probe_dir: Path | None = None,
     ) -> Workers:
-        """``kind``: "cancelflow" (``cancelflow worker``), "probe" (the same, counted by
-        ``bench.probe``) or "baseline" (``celery -A bench.baseline worker``, same flags)."""
+        """``kind``: "cancelflow" (``cancelflow worker --processes``), "probe" (one process,
+        counted by ``bench.probe``) or "baseline" (``celery -A bench.baseline worker``, its
+        pool from ``baseline_pool``)."""
         workers = Workers(kind, [])
         hostnames = []
         for n in range(count):
@@ -382,11 +391,16 @@ class BenchSystem:
                     hostname,
                 ]
             else:
-                argv = cancelflow_command("worker", "-c", str(concurrency), "-n", hostname)
+                argv = cancelflow_command(
+                    "worker", "-c", str(concurrency), "--processes", str(processes), "-n", hostname
+                )
             proc = self.procs.start(name, argv, extra_env=extra)
             workers.names.append(name)
             workers.pids[name] = proc.pid
-            hostnames.append(hostname)
+            if kind == "cancelflow" and processes > 1:
+                hostnames += [child_hostname(hostname, i) for i in range(processes)]
+            else:
+                hostnames.append(hostname)
         wait_for_workers(self.redis_url, hostnames, broker_url=self.broker.url)
         return workers
 

@@ -104,6 +104,10 @@ class WorkerSettings(BaseModel):
     # Threads per worker process. Provider I/O runs on one event loop per process, so a
     # thread only waits; many threads cost little memory.
     concurrency: int = Field(default=100, ge=1, le=1000)
+    # Worker processes per ``cancelflow worker`` command, each with ``concurrency`` steps in
+    # flight on an event loop of its own: a process runs on one core, so one per core uses
+    # them all (``producers.supervisor``). 1: the command is the worker process itself.
+    processes: int = Field(default=1, ge=1, le=64)
     # Redis redelivers a message not acknowledged within this many seconds (a worker died).
     # Every countdown and task time limit is kept well under it: see ``limits()``.
     visibility_timeout_s: int = Field(default=3600, ge=10)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -20,7 +19,7 @@ import urllib.error
 import urllib.request
 import uuid
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,8 @@ from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+
+from producers.deathsig import DIE_WITH_PARENT
 
 
 def free_port() -> int:
@@ -231,25 +232,6 @@ def cancelflow_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "producers.cli", *args]
 
 
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that has Linux SIGKILL the child when its parent dies, or None.
-
-    libc is looked up here, in the parent: between fork and exec the child only calls it."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-    def die_with_parent() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
-
-    return die_with_parent
-
-
-_DIE_WITH_PARENT = _parent_death_signal()
-
 # Every group with processes still running, so that an interrupted run stops them on its way out.
 _running: weakref.WeakSet[ProcessGroup] = weakref.WeakSet()
 
@@ -305,7 +287,7 @@ class ProcessGroup:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_DIE_WITH_PARENT,  # one libc call between fork and exec, no lock taken
+            preexec_fn=DIE_WITH_PARENT,  # one libc call between fork and exec, no lock taken
         )
         self.procs[name] = proc
         _running.add(self)

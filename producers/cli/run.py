@@ -12,7 +12,7 @@ import click
 from cancelflow import tracing
 from cancelflow.errors import ConfigError
 from cancelflow.logging import configure_logging, get_logger
-from cancelflow.settings import warn_unknown_env
+from cancelflow.settings import Settings, warn_unknown_env
 from producers.cli.common import run_async as _run
 from producers.cli.common import server_settings as _settings
 from producers.cli.main import main
@@ -68,15 +68,31 @@ def api(host: str, port: int) -> None:
     help="Steps in flight (default: CANCELFLOW_WORKER__CONCURRENCY).",
 )
 @click.option(
+    "--processes",
+    default=None,
+    type=click.IntRange(1, 64),
+    help="Worker processes, one per core to use them all, each with --concurrency steps "
+    "(default: CANCELFLOW_WORKER__PROCESSES).",
+)
+@click.option(
     "--beat",
     "-B",
     is_flag=True,
     help="Also run the periodic tasks (decision deadlines) in this worker.",
 )
 @click.pass_context
-def worker(ctx: click.Context, queues: str | None, concurrency: int | None, beat: bool) -> None:
+def worker(
+    ctx: click.Context,
+    queues: str | None,
+    concurrency: int | None,
+    processes: int | None,
+    beat: bool,
+) -> None:
     """Run a Celery worker; further options go to ``celery worker`` unchanged."""
     settings = _settings()
+    processes = processes or settings.worker.processes
+    if processes > 1:
+        sys.exit(_supervise(ctx, settings, queues, concurrency, processes, beat))
     from cancelflow.contract import CALLBACKS_QUEUE, MAINTENANCE_QUEUE, provider_queue
 
     if queues is None:
@@ -101,6 +117,40 @@ def worker(ctx: click.Context, queues: str | None, concurrency: int | None, beat
         *ctx.args,
     ]
     app.worker_main(argv=argv)
+
+
+def _supervise(
+    ctx: click.Context,
+    settings: Settings,
+    queues: str | None,
+    concurrency: int | None,
+    processes: int,
+    beat: bool,
+) -> int:
+    """Become ``producers.supervisor`` over ``processes`` one-process workers of these options."""
+    from producers.local import cancelflow_command
+    from producers.supervisor import exec_supervisor, split_hostname, worker_children
+
+    hostname, rest = split_hostname(ctx.args)
+    command = cancelflow_command(
+        "worker",
+        *(["--queues", queues] if queues else []),
+        *(["--concurrency", str(concurrency)] if concurrency else []),
+        *rest,
+    )
+    try:
+        children = worker_children(
+            command,
+            processes,
+            hostname=hostname or "celery@%h",
+            metrics_port=settings.worker.metrics_port,
+            beat=beat,
+        )
+    except ValueError as exc:
+        click.echo(f"cancelflow: --processes {processes}: no room for {exc}", err=True)
+        return 2
+    exec_supervisor(children, log_format=settings.log_format)
+    return 0  # not reached: exec_supervisor replaces this process
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
