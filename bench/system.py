@@ -182,16 +182,24 @@ def rss_mb(pid: int) -> float | None:
 
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU time so far of a process and its live child processes (a prefork
-    worker's pool processes), from /proc (None once it is gone)."""
+    worker's pool processes, a ``--processes`` worker's), from /proc (None once it is gone).
+    This process (the driver) alone: its children are the system under test, each counted
+    under its own name."""
+    if pid == os.getpid():
+        return _own_cpu_seconds(pid)
+    own = _own_cpu_seconds(pid)
+    if own is None:
+        return None
+    return own + sum(cpu_seconds(child) or 0.0 for child in child_pids(pid))
+
+
+def _own_cpu_seconds(pid: int) -> float | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    for child in child_pids(pid):
-        total += cpu_seconds(child) or 0.0
-    return total
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def child_pids(pid: int) -> list[int]:

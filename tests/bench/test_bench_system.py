@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -9,7 +10,7 @@ import time
 import pytest
 
 from bench import system
-from bench.system import baseline_pool, child_pids, cpu_seconds
+from bench.system import baseline_pool, child_pids, cpu_seconds, rss_mb
 
 SPIN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
 
@@ -43,6 +44,57 @@ def test_a_process_cpu_counts_its_live_children() -> None:
         parent.kill()
         parent.wait()
     assert cpu_seconds(parent.pid) is None
+
+
+def test_the_driver_counts_its_own_cpu_only() -> None:
+    """The bench's children (the API, the workers) are measured under their own names: the
+    driver's figure must not count them again."""
+    child = subprocess.Popen([sys.executable, "-c", SPIN + "time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 20
+        while (cpu_seconds(child.pid) or 0.0) < 0.5:
+            assert time.monotonic() < deadline, "the child did not spin"
+            time.sleep(0.05)
+        before = time.process_time()
+        driver = cpu_seconds(os.getpid())
+        assert driver is not None
+        assert driver <= time.process_time() + 0.05
+        assert driver >= before - 0.05
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_worker_rss_counts_its_processes() -> None:
+    """A ``--processes`` worker's memory is its supervisor's and its children's."""
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time\n"
+            "child = subprocess.Popen([sys.executable, '-c',"
+            " 'x = bytearray(64 << 20); import time; time.sleep(30)'])\n"
+            "time.sleep(30)\n",
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not (children := child_pids(parent.pid)) or (rss_mb(children[0]) or 0) < 64:
+            assert time.monotonic() < deadline, "the child did not start"
+            time.sleep(0.05)
+        total, own = rss_mb(parent.pid), _own_rss_mb(parent.pid)
+        assert total is not None and own is not None
+        assert total >= own + 64
+    finally:
+        for pid in child_pids(parent.pid):
+            subprocess.run(["kill", str(pid)], check=False)
+        parent.kill()
+        parent.wait()
+
+
+def _own_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")) / 1024
 
 
 def test_the_baseline_pool_is_chosen_per_broker(monkeypatch: pytest.MonkeyPatch) -> None:
