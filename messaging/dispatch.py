@@ -5,13 +5,9 @@ own loop (the API's, the billing consumer's) instead of kombu's blocking publish
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import functools
 import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
@@ -147,49 +143,9 @@ async def dispatch_async(app: Celery, redis: Redis, nxt: Next) -> None:
     step_message_sent_by(app, message)
 
 
-# ``Next.sent`` of a step whose message ``dispatch_off_loop`` published already.
-PUBLISHED = object()
-
-# Per app: the threads that publish for ``dispatch_off_loop``, as many as the app's pool has
-# producer connections (``broker_pool_limit``): more would only wait for one.
-_publishers: weakref.WeakKeyDictionary[Celery, ThreadPoolExecutor] = weakref.WeakKeyDictionary()
-
-
-def _publisher(app: Celery) -> ThreadPoolExecutor:
-    found = _publishers.get(app)
-    if found is None:
-        with _sent_events_lock:
-            found = _publishers.get(app)
-            if found is None:
-                found = _publishers[app] = ThreadPoolExecutor(
-                    max_workers=app.conf.broker_pool_limit or 10,
-                    thread_name_prefix="cancelflow-publish",
-                )
-    return found
-
-
-async def dispatch_off_loop(
-    app: Celery, nxt: Next, *, parent: tuple[str, str] | None = None
-) -> None:
-    """``dispatch`` in one of the app's publishing threads, awaited on the running loop:
-    returns once the broker took the message (with RabbitMQ's publisher confirms, once it
-    acknowledged it), without blocking the loop meanwhile. Other steps and requests go on
-    while one waits for its confirm, each on a producer connection of the app's pool. The
-    caller's context (log fields, trace) goes with it."""
-    if nxt.step is None:
-        return
-    loop = asyncio.get_running_loop()
-    context = contextvars.copy_context()
-    await loop.run_in_executor(
-        _publisher(app), functools.partial(context.run, dispatch, app, nxt, parent=parent)
-    )
-
-
-def dispatch(app: Celery, nxt: Next, *, parent: tuple[str, str] | None = None) -> None:
+def dispatch(app: Celery, nxt: Next) -> None:
     """Enqueue ``nxt`` (a step of a job, with its arguments) by task name on its queue; a
-    ``Next`` without a step sends nothing. ``parent``: the (parent id, root id) of the task
-    whose step makes ``nxt`` due, where ``send_task`` cannot see it (from another thread
-    than the task's)."""
+    ``Next`` without a step sends nothing."""
     if nxt.step is None:
         return
     task_args = [nxt.job_id, *nxt.args]
@@ -223,5 +179,4 @@ def dispatch(app: Celery, nxt: Next, *, parent: tuple[str, str] | None = None) -
             event_dispatcher=sent_events(app),
             producer=producer,
             declare=[] if declared else None,
-            **({"parent_id": parent[0], "root_id": parent[1]} if parent else {}),
         )

@@ -20,12 +20,7 @@ from cancelflow.providers import REGISTRY
 from cancelflow.settings import Settings
 from cancelflow.store import DEFAULT_NAMESPACE, Created
 from cancelflow.wiring import Deps
-from messaging.dispatch import (
-    dispatch_async,
-    dispatch_off_loop,
-    step_message_for,
-    step_message_sent_by,
-)
+from messaging.dispatch import dispatch, dispatch_async, step_message_for, step_message_sent_by
 from messaging.patches import StepMessage
 from producers.problems import field_errors
 
@@ -160,9 +155,7 @@ async def send_step(deps: Deps, celery: Celery, nxt: Next) -> None:
         # loop, where kombu's publish would block the loop for a round trip.
         await dispatch_async(celery, deps.store.redis, nxt)
     else:
-        # RabbitMQ (or another Redis): kombu's publish, waiting for the broker's confirm in a
-        # thread while this loop serves other requests.
-        await dispatch_off_loop(celery, nxt)
+        dispatch(celery, nxt)
 
 
 async def _send_first(

@@ -43,13 +43,7 @@ from cancelflow.lifecycle import Next
 from cancelflow.logging import get_logger
 from cancelflow.wiring import Deps
 from messaging.config import create_celery
-from messaging.dispatch import (
-    PUBLISHED,
-    dispatch,
-    dispatch_off_loop,
-    step_message_for,
-    step_message_sent_by,
-)
+from messaging.dispatch import dispatch, step_message_for, step_message_sent_by
 from messaging.patches import HubEventsRequest, StepMessage, StepRequest
 from worker import pool
 from worker.app import settings_of
@@ -159,14 +153,11 @@ class StepTask(Task):  # type: ignore[misc]
         that makes the next step due pushes its message too (``chain.OUTBOX``), when the
         broker is the job store's Redis."""
         message = Delivery.of(self.name, request, args, kwargs)
-        build = outbox(self.app, request)
-        token = chain.OUTBOX.set(build)
+        token = chain.OUTBOX.set(outbox(self.app, request))
         try:
             result = await execute(runtime_of(self.app), self.step, message)
         finally:
             chain.OUTBOX.reset(token)
-        if build is None and result.next is not None and result.next.sent is None:
-            result = await publish_next(self.app, request, result)
         if tracing.enabled:
             tracing.set_attributes(
                 {
@@ -207,28 +198,6 @@ def outbox(app: Celery, request: Mapping[str, Any]) -> Callable[[Next], StepMess
         return step_message_for(messages, nxt, parent=parent)
 
     return build
-
-
-async def publish_next(app: Celery, request: Mapping[str, Any], result: StepResult) -> StepResult:
-    """On a broker other than the job store's Redis (RabbitMQ): the next step's message,
-    published in a thread (``dispatch_off_loop``) while the loop runs the other steps; the
-    tracer would have published it on the loop, blocking every step for the broker's
-    confirm. The order is the tracer's: the job's record moved first, then the message was
-    confirmed, then this message is acknowledged. Parent and root ids are the task's, as
-    ``send_task`` in the task would set them. A broker that does not take it: the message is
-    requeued, as ``carry_out`` does."""
-    nxt = result.next
-    assert nxt is not None
-    parent_id = str(request.get("id"))
-    try:
-        await dispatch_off_loop(
-            app, nxt, parent=(parent_id, str(request.get("root_id") or parent_id))
-        )
-    except INFRASTRUCTURE_ERRORS as exc:
-        error = f"{type(exc).__name__}: {exc}"
-        log.error("step.broker_unreachable", job_id=nxt.job_id, error=error)
-        return replace(result, summary=f"requeued: {error}", cause=exc, requeue=True)
-    return replace(result, next=replace(nxt, sent=PUBLISHED))
 
 
 def run_step(task: StepTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
@@ -311,9 +280,7 @@ def carry_out(task: Task, result: StepResult) -> str:
     nxt = result.next
     if nxt is not None:
         try:
-            if nxt.sent is PUBLISHED:
-                pass  # published by the step's run (``publish_next``)
-            elif nxt.sent is not None:
+            if nxt.sent is not None:
                 # Pushed by the step's own move: Celery's after-publish signals and the
                 # task-sent event are what is left of the send.
                 step_message_sent_by(task.app, nxt.sent)

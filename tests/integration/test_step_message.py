@@ -31,7 +31,7 @@ from cancelflow.settings import Settings
 from cancelflow.store import UNDISPATCHED, Created, job_key
 from cancelflow.wiring import build_deps
 from messaging.config import create_celery
-from messaging.dispatch import dispatch, dispatch_async, dispatch_off_loop, queue_for
+from messaging.dispatch import dispatch, dispatch_async, queue_for
 from producers.submit import submit
 from tests.fixtures.system import locked_db
 from worker.app import create_app
@@ -317,44 +317,3 @@ def test_the_next_step_a_worker_pushes_is_send_tasks_from_within_the_step(
     sent = json.loads(ours.payload)
     assert (sent["headers"]["parent_id"], sent["headers"]["root_id"]) == (parent_id, root_id)
     assert ours.key == queue
-
-
-def test_a_step_published_off_the_loop_is_send_tasks_from_within_the_step(db_url: str) -> None:
-    """On a broker other than the job store's Redis, a step's run publishes its next step in
-    a thread (``worker.tasks.publish_next``), where Celery sees no running task: given the
-    task's ids, the message is the one ``send_task`` writes from inside the task, field by
-    field, its parent and root ids compared."""
-    settings = Settings(redis_url=db_url)
-    app = create_celery(settings)
-    parents = Celery("parents", set_as_current=False)
-    sync = redis.Redis.from_url(db_url)
-    parent_id, root_id = str(uuid.uuid4()), str(uuid.uuid4())
-    nxt = Next(Step.CONFIRM, new_job_id(), "payway")
-    queue = queue_for(Step.CONFIRM, "payway")
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(request_id="req-off-loop")
-    parent = parents.task(name="test.step", bind=True)(_a_step)
-    parent.push_request(id=parent_id, root_id=root_id, called_directly=False)
-    _task_stack.push(parent)
-    try:
-        dispatch(app, nxt)
-    finally:
-        _task_stack.pop()
-        parent.pop_request()
-        parents.close()
-    try:
-        [in_task] = cast("list[bytes]", sync.lrange(queue, 0, -1))
-        sync.delete(queue)
-        asyncio.run(dispatch_off_loop(app, nxt, parent=(parent_id, root_id)))
-        [off_loop] = cast("list[bytes]", sync.lrange(queue, 0, -1))
-    finally:
-        structlog.contextvars.clear_contextvars()
-        app.close()
-    # Masked besides the ids: ``reply_to``, Celery's oid of the sending thread (nobody
-    # replies to a step: its result is ignored).
-    masked = (IDS - {("headers", "root_id")}) | {("properties", "reply_to")}
-    assert fields(off_loop, masked) == fields(in_task, masked)
-    sent = json.loads(off_loop)
-    assert (sent["headers"]["parent_id"], sent["headers"]["root_id"]) == (parent_id, root_id)
-    # The caller's log context went with it to the publishing thread.
-    assert sent["headers"]["request_id"] == "req-off-loop"

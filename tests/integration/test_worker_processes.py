@@ -10,8 +10,8 @@ import subprocess
 import time
 
 import pytest
-
 from messaging.config import create_celery
+
 from producers.local import cancelflow_command, free_port, wait_until
 from producers.supervisor import MIN_UPTIME_S, child_hostname
 from tests.fixtures.system import StartSystem, wait_for_workers
