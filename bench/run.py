@@ -62,8 +62,8 @@ class Config:
     # One worker process of each kind (``cancelflow worker`` as the README runs it): a worker
     # has a core to itself while Redis, the sandboxes and this driver share the other.
     workers: int = 1
-    # Processes of each Cancelflow worker (``cancelflow worker --processes``): one per core
-    # the bench may use, as the baseline's prefork pool spreads over every core.
+    # Processes of each Cancelflow worker and of the API (``--processes``): one per core the
+    # bench may use, as the baseline's prefork pool spreads over every core.
     processes: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     concurrency: int = 100
     window: int = 500
@@ -245,7 +245,7 @@ def run_leg(
     """One broker's leg: the enqueue rate, the rounds, the scaling rounds, the profile."""
     leg: dict[str, Any] = {}
     if cfg.api_jobs:
-        system.start_api()
+        system.start_api(cfg.processes)
         leg["api"] = api_rate.measure(
             system,
             settings,
@@ -354,7 +354,7 @@ def _list(value: str) -> list[str]:
     envvar="BENCH_PROCESSES",
     default=None,
     type=int,
-    help="Processes of each Cancelflow worker [the cores this process may use].",
+    help="Processes of each Cancelflow worker and of the API [the cores this process may use].",
 )
 @click.option(
     "--concurrency",

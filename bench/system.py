@@ -321,10 +321,18 @@ class BenchSystem:
         self.procs.start("sandbox", [sys.executable, "-m", "bench.sandbox", str(port)])
         wait_until(lambda: http_ok(f"{self.sandbox_url}/healthz"), timeout_s=30, what="sandbox")
 
-    def start_api(self) -> None:
+    def start_api(self, processes: int = 1) -> None:
+        """``cancelflow api --processes``; returns once every process listens (the first to
+        would otherwise take every connection of the first rounds)."""
         port = free_port()
         self.api_url = f"http://127.0.0.1:{port}"
-        self.procs.start("api", cancelflow_command("api", "--port", str(port)), extra_env=self.env)
+        argv = cancelflow_command("api", "--port", str(port), "--processes", str(processes))
+        self.procs.start("api", argv, extra_env=self.env)
+        wait_until(
+            lambda: self.procs.log_tail("api", lines=400).count('"api.listening"') >= processes,
+            timeout_s=30,
+            what=f"{processes} API process(es) listening",
+        )
         wait_until(lambda: http_ok(f"{self.api_url}/readyz"), timeout_s=30, what="API")
 
     def stop(self, name: str) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -27,7 +28,7 @@ from importlib.metadata import version
 from typing import Any, Protocol
 
 import prometheus_client
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 from redis.asyncio import Redis
@@ -109,6 +110,8 @@ BUILD_INFO = Gauge(
     "cancelflow_build_info",
     "Always 1; the labels say which Cancelflow, Python and Celery this process runs.",
     ["version", "python", "celery"],
+    # One series for the processes of a ``--processes`` API (all run the same build).
+    multiprocess_mode="max",
 )
 BUILD_INFO.labels(version("cancelflow"), platform.python_version(), version("celery")).set(1)
 
@@ -382,11 +385,19 @@ class StoreGauges(Collector):
 
 
 def render(*collectors: Collector) -> bytes:
-    """This process's metrics and the given collectors', in the text exposition format."""
+    """This process's metrics and the given collectors', in the text exposition format. In
+    Prometheus' multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set for the processes of
+    ``cancelflow api --processes N``), every process's counters and histograms added up,
+    whichever process answers the scrape (without the per-process ``process_*`` and
+    ``python_*`` series, which cannot be added)."""
     extra = CollectorRegistry(auto_describe=False)
     for collector in collectors:
         extra.register(collector)
-    return prometheus_client.generate_latest(REGISTRY) + prometheus_client.generate_latest(extra)
+    own: CollectorRegistry = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        own = CollectorRegistry()
+        multiprocess.MultiProcessCollector(own)  # type: ignore[no-untyped-call]
+    return prometheus_client.generate_latest(own) + prometheus_client.generate_latest(extra)
 
 
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST

@@ -191,8 +191,12 @@ class ApiSettings(BaseModel):
     # request in ``python -m bench.enqueue``), or always asyncio's, or uvloop's or fail.
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     # Signs the web console's session cookies (producers/console). Unset: a key generated at
-    # start-up, per process, so sessions end when the API restarts and hold on one replica only.
+    # start-up, per process, so sessions end when the API restarts and hold on one replica only
+    # (the processes of one ``cancelflow api --processes N`` share the key generated for them).
     console_secret: SecretStr | None = None
+    # API processes per ``cancelflow api`` command (``--processes``), serving one port
+    # (SO_REUSEPORT), their metrics added up on ``/metrics`` (``producers.supervisor``).
+    processes: int = Field(default=1, ge=1, le=64)
 
 
 # The signature schemes of billing events, and each one's (secret, previous secret) settings.

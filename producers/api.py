@@ -1088,11 +1088,13 @@ def serve(
     port: int,
     on_listening: Callable[[], None],
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+    reuse_port: bool = False,
 ) -> None:
     """Serve ``app`` on ``host:port`` until SIGINT or SIGTERM, as ``web.run_app`` does, on a
     runner whose connections answer aiohttp's own refusals (a request its parser cannot
     read) as problem+json (``producers.http_refusals``); ``on_listening`` once bound. On
-    the loop ``loop_factory`` makes (``new_event_loop``), else asyncio's."""
+    the loop ``loop_factory`` makes (``new_event_loop``), else asyncio's. ``reuse_port``:
+    the port is shared with the other processes of ``cancelflow api --processes``."""
 
     async def run() -> None:
         # handle_signals: SIGINT and SIGTERM raise GracefulExit, which ends asyncio.run; the
@@ -1100,7 +1102,7 @@ def serve(
         runner = ProblemAppRunner(app, access_log=None, handle_signals=True)
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port).start()
+            await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
             on_listening()
             await asyncio.Event().wait()
         finally:

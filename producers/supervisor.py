@@ -1,4 +1,5 @@
-"""``cancelflow worker --processes N``: N Celery worker processes under one command.
+"""``cancelflow worker --processes N``: N Celery worker processes under one command (and
+``cancelflow api --processes N``: N API processes on one port, ``api_children``).
 
 A Cancelflow worker runs its steps on one event loop (``worker.pool``): one process, one
 core. Celery's prefork pool spreads one worker over every core; a Cancelflow worker does it
@@ -31,9 +32,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -108,6 +112,26 @@ def worker_children(
     return children
 
 
+def api_children(
+    command: Sequence[str], processes: int, *, console_secret: bool
+) -> tuple[list[Child], str]:
+    """The children of ``cancelflow api --processes N`` (``command``: one API process on the
+    shared port, ``--reuse-port``), and the directory their metrics share, made empty here.
+
+    - Prometheus' multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``): each process writes its
+      counters and histograms to files there, and ``/metrics``, whichever process answers
+      the scrape, adds them all up (``cancelflow.metrics.render``). The supervisor removes
+      the directory when it ends.
+    - The console's session cookies are signed by one key for all of them: without
+      ``CANCELFLOW_API__CONSOLE_SECRET`` (``console_secret`` False), one generated here for
+      this run goes into the environment they inherit (never onto a command line)."""
+    metrics_dir = tempfile.mkdtemp(prefix="cancelflow-api-metrics-")
+    if not console_secret:
+        os.environ["CANCELFLOW_API__CONSOLE_SECRET"] = secrets.token_urlsafe(32)
+    env = {"CANCELFLOW_API__PROCESSES": "1", "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    return [Child(i, list(command), dict(env)) for i in range(processes)], metrics_dir
+
+
 def line_logger(fmt: str) -> Callable[..., None]:
     """Lines like the rest of Cancelflow's on stderr (``cancelflow.logging``), without
     structlog: JSON when asked for or when stderr is not a terminal, else ``key=value``."""
@@ -137,6 +161,7 @@ class Supervisor:
     min_uptime_s: float = MIN_UPTIME_S
     poll_s: float = 0.2
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    remove_dir: str | None = None  # removed once every child ended (the API's metrics files)
     _stopping: bool = False
     _status: int = 0
 
@@ -148,7 +173,7 @@ class Supervisor:
             preexec_fn=DIE_WITH_PARENT,  # one libc call between fork and exec, no lock taken
         )
         child.started_at = time.monotonic()
-        self.log("worker.process.started", index=child.index, pid=child.proc.pid)
+        self.log("supervisor.process.started", index=child.index, pid=child.proc.pid)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stopping = True
@@ -171,6 +196,8 @@ class Supervisor:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if self.remove_dir is not None:
+                shutil.rmtree(self.remove_dir, ignore_errors=True)
 
     def _check(self, child: Child) -> None:
         proc = child.proc
@@ -180,12 +207,12 @@ class Supervisor:
         child.proc = None
         if self._stopping:
             self._status = self._status or status
-            self.log("worker.process.stopped", index=child.index, status=status)
+            self.log("supervisor.process.stopped", index=child.index, status=status)
             return
         uptime = time.monotonic() - child.started_at
         if uptime < self.min_uptime_s:
             self.log(
-                "worker.process.failed",
+                "supervisor.process.failed",
                 level="error",
                 index=child.index,
                 status=status,
@@ -197,7 +224,7 @@ class Supervisor:
             return
         child.restarts += 1
         self.log(
-            "worker.process.restarting",
+            "supervisor.process.restarting",
             level="warning",
             index=child.index,
             status=status,
@@ -207,9 +234,15 @@ class Supervisor:
         self.start(child)
 
 
-def exec_supervisor(children: list[Child], *, log_format: str) -> None:
+def exec_supervisor(
+    children: list[Child], *, log_format: str, remove_dir: str | None = None
+) -> None:
     """Become ``python -m producers.supervisor`` for ``children`` (does not return)."""
-    spec = {"log_format": log_format, "children": [[c.argv, c.env] for c in children]}
+    spec = {
+        "log_format": log_format,
+        "children": [[c.argv, c.env] for c in children],
+        "remove_dir": remove_dir,
+    }
     sys.stdout.flush()
     sys.stderr.flush()
     argv = [sys.executable, "-m", "producers.supervisor", json.dumps(spec)]
@@ -219,7 +252,8 @@ def exec_supervisor(children: list[Child], *, log_format: str) -> None:
 def main(argv: Sequence[str]) -> int:
     spec = json.loads(argv[0])
     children = [Child(i, list(a), dict(e)) for i, (a, e) in enumerate(spec["children"])]
-    return Supervisor(children, line_logger(spec["log_format"])).run()
+    log = line_logger(spec["log_format"])
+    return Supervisor(children, log, remove_dir=spec.get("remove_dir")).run()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,15 @@ from producers.cli.main import main
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
-def api(host: str, port: int) -> None:
+@click.option(
+    "--processes",
+    default=None,
+    type=click.IntRange(1, 64),
+    help="API processes on the one port, one per core to use them all "
+    "(default: CANCELFLOW_API__PROCESSES).",
+)
+@click.option("--reuse-port", is_flag=True, hidden=True, help="SO_REUSEPORT (--processes' own).")
+def api(host: str, port: int, processes: int | None, reuse_port: bool) -> None:
     """Serve the producer HTTP API."""
     from producers.api import create_app, new_event_loop, serve
 
@@ -34,6 +42,20 @@ def api(host: str, port: int) -> None:
             err=True,
         )
         sys.exit(2)
+    processes = processes or settings.api.processes
+    if processes > 1:
+        if port == 0:
+            click.echo("cancelflow: --processes needs a port of its own, not 0", err=True)
+            sys.exit(2)
+        from producers.local import cancelflow_command
+        from producers.supervisor import api_children, exec_supervisor
+
+        children, metrics_dir = api_children(
+            cancelflow_command("api", "--host", host, "--port", str(port), "--reuse-port"),
+            processes,
+            console_secret=settings.api.console_secret is not None,
+        )
+        exec_supervisor(children, log_format=settings.log_format, remove_dir=metrics_dir)
     try:
         app = create_app(settings)
         loop = new_event_loop(settings)
@@ -46,6 +68,7 @@ def api(host: str, port: int) -> None:
         app,
         host=host,
         port=port,
+        reuse_port=reuse_port,
         on_listening=lambda: get_logger(__name__).info(
             "api.listening", **listening, event_loop=type(loop).__module__.split(".")[0]
         ),

@@ -10,8 +10,8 @@ import subprocess
 import time
 
 import pytest
-from messaging.config import create_celery
 
+from messaging.config import create_celery
 from producers.local import cancelflow_command, free_port, wait_until
 from producers.supervisor import MIN_UPTIME_S, child_hostname
 from tests.fixtures.system import StartSystem, wait_for_workers
@@ -63,8 +63,8 @@ def test_two_processes_share_the_jobs_and_survive_a_killed_one(
     for pid in pids.values():
         wait_until(lambda pid=pid: not _alive(pid), timeout_s=5, what=f"child {pid} gone")
     log = system.procs.log_tail("supervisor", lines=400)
-    assert "worker.process.restarting" in log
-    assert log.count("worker.process.stopped") == 2
+    assert "supervisor.process.restarting" in log
+    assert log.count("supervisor.process.stopped") == 2
 
 
 def _alive(pid: int) -> bool:
@@ -86,5 +86,5 @@ def test_a_child_that_cannot_start_stops_the_command_with_its_status() -> None:
         env={**os.environ, "CANCELFLOW_LOG_FORMAT": "json", "CANCELFLOW_WORKER__METRICS_PORT": "0"},
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.count("worker.process.failed") == 1
-    assert proc.stderr.count("worker.process.started") == 2
+    assert proc.stderr.count("supervisor.process.failed") == 1
+    assert proc.stderr.count("supervisor.process.started") == 2

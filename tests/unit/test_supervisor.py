@@ -75,9 +75,9 @@ def test_worker_children_refuse_ports_past_the_last() -> None:
 
 
 def test_line_logger_writes_cancelflow_json(capsys: pytest.CaptureFixture[str]) -> None:
-    line_logger("json")("worker.process.started", index=1, pid=42)
+    line_logger("json")("supervisor.process.started", index=1, pid=42)
     doc = json.loads(capsys.readouterr().err)
-    assert doc["message"] == "worker.process.started"
+    assert doc["message"] == "supervisor.process.started"
     assert (doc["index"], doc["pid"], doc["level"]) == (1, 42, "info")
     assert doc["logger"] == "cancelflow.supervisor"
     assert doc["timestamp"].endswith("Z")
@@ -96,7 +96,7 @@ def test_a_child_dying_at_start_stops_the_rest_with_its_status() -> None:
     sup = Supervisor(children, lambda event, **kw: events.append((event, kw)), poll_s=0.05)
     assert sup.run() == 3
     names = [e for e, _ in events]
-    assert "worker.process.failed" in names
+    assert "supervisor.process.failed" in names
     assert children[0].proc is None  # stopped, and waited for
 
 
@@ -122,12 +122,12 @@ def test_a_child_dying_after_it_ran_a_while_is_replaced(tmp_path: Path) -> None:
     assert counter.read_text() == "3"
     assert child.restarts == 2
     assert [e for e, _ in events] == [
-        "worker.process.started",
-        "worker.process.restarting",
-        "worker.process.started",
-        "worker.process.restarting",
-        "worker.process.started",
-        "worker.process.stopped",
+        "supervisor.process.started",
+        "supervisor.process.restarting",
+        "supervisor.process.started",
+        "supervisor.process.restarting",
+        "supervisor.process.started",
+        "supervisor.process.stopped",
     ]
 
 
