@@ -121,6 +121,11 @@ class ProviderGuard:
         self._redis = redis
         # Until when (monotonic) the last read's "closed, no failures" holds: see the module.
         self._clean_until = 0.0
+        # Failures this process fed the breaker, and how many of them a success of its own
+        # has reset since: a success admitted on a clean read still resets the count when
+        # a failure of this process came after that read (see ``release``).
+        self._failed = 0
+        self._reset_upto = 0
 
     async def admit(self) -> Admission:
         """Wait for a slot under the limits; ``CircuitOpen`` while the breaker is open."""
@@ -161,11 +166,25 @@ class ProviderGuard:
             await asyncio.sleep(int(wait_ms) / 1000)
 
     async def release(self, admission: Admission, result: Result) -> None:
-        """Free the in-flight slot and feed the breaker (no round trip when nothing changes)."""
+        """Free the in-flight slot and feed the breaker (no round trip when nothing changes).
+
+        A success resets the count of consecutive failures when its admission read some,
+        or when this process failed a call since it last reset: the calls admitted on one
+        clean read (a burst of steps, up to the concurrency) end in any order, and their
+        successes must break a run of their failures, or a provider failing one call in
+        five would open its breaker (measured: ``make bench``'s fail_once_20 with two
+        worker processes, jobs stalled the 30 s cool-down over and over)."""
         if not admission.token and (
-            result == "neutral" or (result == "success" and admission.failures == 0)
+            result == "neutral"
+            or (
+                result == "success" and admission.failures == 0 and self._reset_upto == self._failed
+            )
         ):
             return
+        if result == "failure":
+            self._failed += 1
+        elif result == "success":
+            self._reset_upto = self._failed
         self._clean_until = 0.0  # the breaker changes: the next admission reads it
         outcome = await self._release(
             keys=[self._keys[0], self._keys[2]],

@@ -111,6 +111,53 @@ def test_breaker_opens_after_consecutive_failures_and_half_opens_after_cooldown(
     asyncio.run(go())
 
 
+def test_a_burst_admitted_on_one_clean_read_breaks_its_failures_with_its_successes() -> None:
+    """Two processes each admit a burst of calls on one clean read (their concurrency), and
+    one call in five fails, the failures and successes ending interleaved: the breaker,
+    counting consecutive failures, stays closed. Before, a success admitted on a clean read
+    reset nothing, and a burst's failures added up until it opened."""
+
+    async def go() -> None:
+        redis = fakeredis.FakeAsyncRedis()
+        lim = limits(breaker_failures=20, breaker_read_s=60)
+        processes = [ProviderGuard(redis, "payway", lim) for _ in range(2)]
+        for guard in processes:  # each reads once: closed and clean
+            await guard.release(await guard.admit(), "success")
+        bursts = [[await g.admit() for _ in range(100)] for g in processes]
+        for i in range(100):
+            for guard, burst in zip(processes, bursts, strict=True):
+                await guard.release(burst[i], "failure" if i % 5 == 0 else "success")
+        assert (await breaker_state(redis, "payway"))["circuit"] == "closed"
+        # Failures with no success in between still open it, across processes.
+        for i in range(20):
+            guard = processes[i % 2]
+            await guard.release(await guard.admit(), "failure")
+        assert (await breaker_state(redis, "payway"))["circuit"] == "open"
+
+    asyncio.run(go())
+
+
+def test_a_clean_success_costs_no_round_trip_once_its_process_reset() -> None:
+    """After a failure, one success of the process resets the count (a round trip); the
+    successes after it, admitted on a clean read, write nothing: the count another process
+    then raised stays as it is."""
+
+    async def go() -> None:
+        redis = fakeredis.FakeAsyncRedis()
+        guard = ProviderGuard(redis, "payway", limits(breaker_failures=50, breaker_read_s=60))
+        await guard.release(await guard.admit(), "success")
+        burst = [await guard.admit() for _ in range(4)]
+        await guard.release(burst[0], "failure")
+        await guard.release(burst[1], "success")
+        assert (await breaker_state(redis, "payway"))["consecutive_failures"] == 0
+        await redis.hincrby("cf:cb:payway", "failures", 7)  # type: ignore[misc]  # another process
+        for admission in burst[2:]:
+            await guard.release(admission, "success")
+        assert (await breaker_state(redis, "payway"))["consecutive_failures"] == 7
+
+    asyncio.run(go())
+
+
 def test_only_signs_of_a_provider_down_count_as_failures() -> None:
     assert classify(None) == "success"
     assert classify(ProviderUnavailable("503", provider="p")) == "failure"
