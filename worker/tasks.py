@@ -328,6 +328,8 @@ async def after_failure(
         if isinstance(error, ProviderError)
         else {"type": type(error).__name__, "message": str(error)}
     )
+    if isinstance(action, (retry.Wait, retry.Retry)):
+        _drop_tracebacks(cause)
     if isinstance(action, retry.Wait):
         if not action.recorded:  # another delivery holds the step's lease
             return StepResult(f"{job_id} busy", retry_in_s=action.delay_s, cause=cause)
@@ -368,6 +370,19 @@ async def after_failure(
     )
     dead_lettered = JobDeadLettered(nxt.dead_letter, action.error_type) if nxt.dead_letter else None
     return _then(nxt, dead_lettered)
+
+
+def _drop_tracebacks(exc: BaseException) -> None:
+    """Let go of the frames of an error a step only waits or retries on: Celery keeps the
+    error (its ``Retry``'s ``exc``, shown as a repr) until the retried message runs, and its
+    traceback kept every local of the failed step (the job record, the HTTP exchange)
+    alive with it, a few hundred KB a retry waiting its countdown."""
+    seen: set[int] = set()
+    found: BaseException | None = exc
+    while found is not None and id(found) not in seen:
+        seen.add(id(found))
+        found.__traceback__ = None
+        found = found.__cause__ or found.__context__
 
 
 def _format(exc: BaseException) -> str:
