@@ -113,6 +113,25 @@ def unavailable() -> errors.ProviderError:
     return errors.ProviderUnavailable("502 from the provider", provider="payway", status=502)
 
 
+async def test_a_retried_error_keeps_no_frames_of_the_failed_step() -> None:
+    """Celery holds the error of a retry until the retried message runs: without its
+    traceback (and its causes'), the failed step's locals are not held with it."""
+    deps = deps_of()
+    job_id = await job_of(deps, lifecycle.Event.CHECK, lifecycle.Event.CONFIRM)
+    try:
+        try:
+            raise OSError("connection reset")
+        except OSError as low:
+            raise unavailable() from low
+    except errors.ProviderError as caught:
+        error = caught
+    assert error.__traceback__ is not None and error.__cause__ is not None
+    result = await tasks.after_failure(deps, Step.CONFIRM, job_id, (), error, error)
+    assert result.retry_in_s is not None and result.cause is error
+    assert error.__traceback__ is None
+    assert error.__cause__.__traceback__ is None
+
+
 async def test_a_transient_error_is_retried_and_noted_on_the_job() -> None:
     deps = deps_of()
     job_id = await job_of(deps, lifecycle.Event.CHECK, lifecycle.Event.CONFIRM)
