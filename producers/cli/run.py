@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -17,17 +19,23 @@ from producers.cli.common import run_async as _run
 from producers.cli.common import server_settings as _settings
 from producers.cli.main import main
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _processes_option(what: str, setting: str) -> Callable[[F], F]:
+    """``--processes`` of a process runner (``producers.supervisor``)."""
+    return click.option(
+        "--processes",
+        default=None,
+        type=click.IntRange(1, 64),
+        help=f"{what}: one per core uses them all (default: {setting}).",
+    )
+
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
-@click.option(
-    "--processes",
-    default=None,
-    type=click.IntRange(1, 64),
-    help="API processes on the one port, one per core to use them all "
-    "(default: CANCELFLOW_API__PROCESSES).",
-)
+@_processes_option("API processes on the one port", "CANCELFLOW_API__PROCESSES")
 @click.option("--reuse-port", is_flag=True, hidden=True, help="SO_REUSEPORT (--processes' own).")
 def api(host: str, port: int, processes: int | None, reuse_port: bool) -> None:
     """Serve the producer HTTP API."""
@@ -90,13 +98,7 @@ def api(host: str, port: int, processes: int | None, reuse_port: bool) -> None:
     type=int,
     help="Steps in flight (default: CANCELFLOW_WORKER__CONCURRENCY).",
 )
-@click.option(
-    "--processes",
-    default=None,
-    type=click.IntRange(1, 64),
-    help="Worker processes, one per core to use them all, each with --concurrency steps "
-    "(default: CANCELFLOW_WORKER__PROCESSES).",
-)
+@_processes_option("Worker processes, each with --concurrency", "CANCELFLOW_WORKER__PROCESSES")
 @click.option(
     "--beat",
     "-B",
