@@ -174,6 +174,9 @@ class Supervisor:
         )
         child.started_at = time.monotonic()
         self.log("supervisor.process.started", index=child.index, pid=child.proc.pid)
+        if self._stopping:  # a signal came while it started: it missed the one passed on
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.send_signal(signal.SIGTERM)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stopping = True
@@ -186,7 +189,8 @@ class Supervisor:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in FORWARDED}
         try:
             for child in self.children:
-                self.start(child)
+                if not self._stopping:
+                    self.start(child)
             while True:
                 for child in self.children:
                     self._check(child)

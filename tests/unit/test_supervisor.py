@@ -131,6 +131,25 @@ def test_a_child_dying_after_it_ran_a_while_is_replaced(tmp_path: Path) -> None:
     ]
 
 
+def test_a_signal_while_the_children_start_stops_every_one_of_them() -> None:
+    """SIGTERM before the last child is started: the ones started get it passed on, the
+    rest are not started, and the supervisor ends."""
+    events: list[str] = []
+    children = [Child(i, _python("import time; time.sleep(60)"), {}) for i in range(3)]
+    sup = Supervisor(children, lambda event, **kw: events.append(event), poll_s=0.05)
+    real_start = sup.start
+
+    def start_then_signal(child: Child) -> None:
+        real_start(child)
+        if child.index == 0:
+            signal.raise_signal(signal.SIGTERM)  # handled by the supervisor, as from outside
+
+    sup.start = start_then_signal  # type: ignore[method-assign]
+    assert sup.run() == 128 + signal.SIGTERM
+    assert events.count("supervisor.process.started") == 1
+    assert events.count("supervisor.process.stopped") == 1
+
+
 def test_the_supervisor_module_imports_the_standard_library_only() -> None:
     """It is what a ``--processes`` worker runs as: neither Celery nor pydantic in it."""
     code = (
