@@ -22,6 +22,7 @@ import hashlib
 import json
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol, cast
 
 import structlog
@@ -608,13 +609,22 @@ class JobStore:
         """How long a worker process may go without a heartbeat and still hold its leases."""
         return self._alive_s
 
-    async def holder_alive(self, worker_id: str) -> bool:
-        """Whether the worker process ``worker_id`` beat within its lease (by Redis's clock)."""
+    async def holds_step(self, job_id: str, worker_id: str, *, for_at_most_s: float) -> bool:
+        """Whether the worker process ``worker_id`` still runs the step of ``job_id`` it
+        began: it beat within its lease (by Redis's clock), and took the step less than
+        ``for_at_most_s`` ago. A step runs no longer than its hard time limit, so an older
+        hold was left by a step whose last write never happened (Redis went away under it,
+        and its message could not be given back): a live process does not run it any more."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zscore(WORKERS, worker_id)
+            pipe.hget(job_key(job_id), "held_since")
             pipe.time()
-            beat, (now, _) = await pipe.execute()
-        return beat is not None and float(beat) >= now - self._alive_s
+            beat, since, (now, _) = await pipe.execute()
+        if beat is None or float(beat) < now - self._alive_s:
+            return False
+        if since is None:
+            return True
+        return float(now) - datetime.fromisoformat(_s(since)).timestamp() < for_at_most_s
 
     async def stalled(self, *, quiet_for_s: float, limit: int = 500) -> list[str]:
         """Claim the jobs mid-chain that were expected to move ``quiet_for_s`` ago and did not

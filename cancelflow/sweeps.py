@@ -44,6 +44,7 @@ async def resume_stalled(
     quiet_for_s: float,
     oldest_waiting: Mapping[str, float] | None = None,
     give_up_waiting_s: float = float("inf"),
+    steps_run_at_most_s: float = float("inf"),
 ) -> list[Next]:
     """Steps to re-send for jobs still watched that stopped moving (mid-chain, or ended
     with the result callback unsent): the watchdog behind every other guarantee (a
@@ -57,7 +58,11 @@ async def resume_stalled(
     no queue to look at, re-send after ``quiet_for_s``).
     Redis's transport pops a message before it records it as unacknowledged, so a worker
     killed in between loses it: this finds such a job within ``quiet_for_s`` of the queue
-    moving past it. A job quiet for ``give_up_waiting_s`` is re-sent whatever its queue holds."""
+    moving past it. A job quiet for ``give_up_waiting_s`` is re-sent whatever its queue holds.
+
+    A live process's hold on a step counts for ``steps_run_at_most_s`` (the hard time limit):
+    a step whose last write was lost with Redis, and whose message could not be given back,
+    leaves a hold that no step is behind."""
     out = []
     now = utcnow()
     for job_id in await deps.store.stalled(quiet_for_s=quiet_for_s):
@@ -73,7 +78,9 @@ async def resume_stalled(
             continue  # never sent: the straggler sweep's case
         quiet_s = (now - datetime.fromisoformat(job.updated_at)).total_seconds()
         if oldest_waiting is not None and quiet_s < give_up_waiting_s:
-            if job.held_by and await deps.store.holder_alive(job.held_by):
+            if job.held_by and await deps.store.holds_step(
+                job_id, job.held_by, for_at_most_s=steps_run_at_most_s + CLOCK_SKEW_S
+            ):
                 continue  # its step is running in a live process
             queue = CALLBACKS_QUEUE if nxt.step is Step.CALLBACK else provider_queue(job.provider)
             oldest = oldest_waiting.get(queue, 0.0)

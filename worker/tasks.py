@@ -503,6 +503,7 @@ def resume_stalled(self: Task) -> dict[str, int]:
             give_up_waiting_s=(
                 limits.max_countdown_s + limits.task_time_limit_s + limits.visibility_timeout_s
             ),
+            steps_run_at_most_s=limits.task_time_limit_s,
         ),
     )
     for nxt in found:

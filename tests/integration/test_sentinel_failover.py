@@ -29,6 +29,8 @@ import pytest
 import redis
 import redis.sentinel
 
+from cancelflow.contract import CALLBACKS_QUEUE
+from cancelflow.store import ACTIVE, WORKERS
 from producers.local import free_port, http_json, wait_until
 from sandboxes.payway import DEMO
 from tests.fixtures.system import StartSystem
@@ -154,6 +156,31 @@ def payway_jobs(system: System, count: int) -> list[str]:
     ]
 
 
+def watchdog_view(client: Any, system: System, jobs: list[str]) -> str:
+    """What the watchdog sees of the jobs not at their end: their record's hold, their entry
+    in the index it sweeps, the queues' lengths and oldest messages, and what its runs did."""
+    lines = ["--- the watchdog's view ---"]
+    now = float(client.time()[0])
+    for job_id in jobs:
+        h = {k.decode(): v.decode() for k, v in client.hgetall(f"cf:job:{job_id}").items()}
+        if h.get("status") == "finished" and client.llen(f"cf:job:{job_id}:callbacks"):
+            continue
+        score = client.zscore(ACTIVE, job_id)
+        beat = client.zscore(WORKERS, h["held_by"]) if h.get("held_by") else None
+        lines.append(
+            f"{job_id}: status={h.get('status')} updated_at={h.get('updated_at')} "
+            f"held_by={h.get('held_by')} held_since={h.get('held_since')} "
+            f"holder_beat_age={None if beat is None else round(now - beat, 1)} "
+            f"active_in={None if score is None else round(score - now, 1)}"
+        )
+    for queue in (CALLBACKS_QUEUE, "cancellations.payway", "maintenance"):
+        head = client.lindex(queue, -1)
+        lines.append(f"queue {queue}: {client.llen(queue)} waiting, oldest {head!r:.300}")
+    lines.append(system.log_lines("resume_stalled"))
+    lines.append(system.log_lines("job.stalled.resent"))
+    return "\n".join(lines)
+
+
 def test_a_sentinel_failover_under_load_finishes_every_job_and_cancels_none_twice(
     start_system: StartSystem, sentinel_cluster: Cluster
 ) -> None:
@@ -190,7 +217,10 @@ def test_a_sentinel_failover_under_load_finishes_every_job_and_cancels_none_twic
             what="the sentinels to promote the replica",
         )
         failover_s = time.monotonic() - killed_at
-        done = [system.wait(j, timeout_s=240) for j in jobs]
+        try:
+            done = [system.wait(j, timeout_s=240) for j in jobs]
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{watchdog_view(client, system, jobs)}") from None
     finally:
         system.sandbox.faults("payway")
     effective = system.sandbox.state("payway")["effective_cancels"]
