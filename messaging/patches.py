@@ -141,6 +141,27 @@ UPSTREAM: dict[str, str] = {
     "kombu.transport.redis:Channel.close": (
         "101e9b9cdad44b88185ecf6a18f07c2057f9768465cfa1e1a4a7fe16068a6bc2"
     ),
+    # WorkerChannel.close: what detaches a transport before its default channel is closed
+    # again (Consumer.on_connection_error_after_connected calls collect, then close), and
+    # what the restore then needs of the transport's connection.
+    "celery.worker.consumer.consumer:Consumer.on_connection_error_after_connected": (
+        "4f84dbfff329d28f48fb7dffad999b194b4b12bc1e3b444161ec106efce91f64"
+    ),
+    "kombu.connection:Connection.collect": (
+        "36d622aa0b69908a5a63ccc85f4dee11abefa0b84159c54f95e7ca8ee0d386cd"
+    ),
+    "kombu.connection:Connection._do_close_self": (
+        "624b2e115799fe74d548fd65624d19497be18f596bda942ef0c98f1093cd1773"
+    ),
+    "kombu.connection:Connection._do_close_transport": (
+        "3e87de68f6283cf7abf340ce913713bb87901b0e20b2b24b0f9eefc22114b9fd"
+    ),
+    "kombu.transport.virtual.base:Channel.close": (
+        "26368e1cadfc4ff90dd7d17551e0307683ac5543e22480f985df8e7ac307e3d8"
+    ),
+    "kombu.transport.redis:Channel._connparams": (
+        "e9a4295085a8fb905b44e81a935003affdc9e74298b779df4877ba575fbba196"
+    ),
     "kombu.transport.redis:Channel._do_restore_message": (
         "8b430df94e45b5b0183c97f12a3eff8c1bc23bb227d1ebc0f3963f528546968a"
     ),
@@ -637,11 +658,36 @@ class WorkerChannel(Channel):
     # Redis is the job store.
     job_store: ClassVar[redis.Redis | None] = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The kombu Connection this channel's transport serves (see ``close``).
+        self._owner = self.connection.client
+
     def close(self) -> None:
+        """kombu's close, which gives the unacknowledged messages back (``restore_unacked``),
+        also when the transport was detached from its connection first.
+
+        A consumer whose connection broke calls ``Connection.collect`` and then
+        ``Connection.close`` (``Consumer.on_connection_error_after_connected``). ``collect``
+        closes the default channel (a close that fails midway on the broken socket, its
+        ``BRPOP`` under way, is ignored as a connection error) and then detaches the transport
+        (``transport.client = None``) without forgetting the channel; ``close`` closes it
+        again, and the restore builds a connection pool from ``transport.client``: an
+        ``AttributeError`` that stopped the worker at a Sentinel failover (seen under
+        ``tests/integration/test_sentinel_failover.py``), its heartbeats with it, and its jobs
+        waited. The detached transport is given its connection back for the close."""
         qos = self.__dict__.get("_qos")  # only if the channel ever made one
         if qos is not None:
             qos.flush_acks()
-        super().close()  # type: ignore[no-untyped-call]
+        transport = self.connection
+        detached = transport is not None and transport.client is None and not self.closed
+        if detached:
+            transport.client = self._owner
+        try:
+            super().close()  # type: ignore[no-untyped-call]
+        finally:
+            if detached:
+                transport.client = None
 
     def _brpop_read(self, **options: Any) -> bool:
         try:

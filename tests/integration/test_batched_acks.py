@@ -106,3 +106,41 @@ def test_closing_the_channel_writes_the_batch_waiting(url: str, hub: Hub) -> Non
     channel.close()
     assert unacked(url) == 0
     conn.release()
+
+
+def test_a_consumer_connection_collected_then_closed_gives_its_messages_back(url: str) -> None:
+    """Celery's consumer, its connection broken (a Sentinel failover), calls
+    ``Connection.collect`` and then ``Connection.close``. The first close of the default
+    channel fails on the broken socket (its ``BRPOP`` under way), kombu ignores that, and
+    detaches the transport; the second close restores the unacknowledged messages, which
+    needs the transport's connection: an ``AttributeError`` there stopped the worker."""
+    conn = Connection(url, transport="messaging.patches:WorkerTransport")
+    with Producer(conn) as producer:
+        for i in range(3):
+            producer.publish(
+                {"n": i}, exchange=QUEUE.exchange, routing_key="test.acks", declare=[QUEUE]
+            )
+    channel = conn.default_channel
+    messages: list[Any] = []
+    Consumer(
+        channel, [QUEUE], callbacks=[lambda _, m: messages.append(m)], accept=["json"]
+    ).consume()
+    while len(messages) < 3:
+        conn.drain_events(timeout=5)
+    assert unacked(url) == 3
+    # The socket broken: each close in ``collect`` fails midway, as a connection error.
+    disconnect = channel._disconnect_pools
+
+    def broken() -> None:
+        raise redis.ConnectionError("Connection closed by server.")
+
+    channel._disconnect_pools = broken
+    transport = channel.connection
+    conn.collect()
+    assert transport.client is None and not channel.closed  # kombu's state after it
+    channel._disconnect_pools = disconnect
+    conn.close()
+    assert channel.closed
+    assert redis.Redis.from_url(url).llen("test.acks") == 3, "given back to their queue"
+    assert unacked(url) == 0
+    assert transport.client is None, "the transport stays detached"
