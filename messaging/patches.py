@@ -37,6 +37,14 @@ production. Each override says why it exists and, where there is one, the upstre
   round trip, kombu's publish) per one or two events, about 4 per job.
 - ``RetryingTask.event`` (``celery.events.state.Task.event``, installed by
   ``show_retries_until_they_run``): a retry shows as ``RETRY`` in Flower until it runs.
+- ``run_celery_command``: ``Celery.start`` (and ``worker_main``), but returning the status
+  Celery's command ended with: ``start`` runs click's main with standalone mode off and
+  drops what it returns, so a worker stopped by an unrecoverable error exited 0.
+- ``WorkerChannel.close``: a consumer's broken connection is collected, then closed
+  (``Consumer.on_connection_error_after_connected``); ``collect`` detaches the transport from
+  its connection first, and the close's restore of the unacknowledged messages then failed
+  on ``transport.client`` being None, an ``AttributeError`` that stopped the worker
+  (celery/kombu#582 and #970 report the same error at a shutdown).
 - ``show_transports_as``: kombu's ``Connection.resolve_aliases`` (read by ``_info``) names
   our transports by the broker URL's scheme where a connection is shown.
 - ``dispatch`` (``messaging.dispatch``) reads the cache ``kombu.common._maybe_declare``
@@ -161,6 +169,10 @@ UPSTREAM: dict[str, str] = {
     ),
     "kombu.transport.redis:Channel._connparams": (
         "e9a4295085a8fb905b44e81a935003affdc9e74298b779df4877ba575fbba196"
+    ),
+    # run_celery_command: Celery.start, without dropping the command's status.
+    "celery.app.base:Celery.start": (
+        "09cc5173c50e27aa724991254d97693c36abd3a3677e67cb7a3d1b8bd73185d2"
     ),
     "kombu.transport.redis:Channel._do_restore_message": (
         "8b430df94e45b5b0183c97f12a3eff8c1bc23bb227d1ebc0f3963f528546968a"
@@ -316,6 +328,19 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+def run_celery_command(app: Any, argv: list[str]) -> int:
+    """Run Celery's command line (``celery worker ...``) on ``app``, as ``app.start`` does,
+    and answer the status it ended with."""
+    from celery.bin.celery import celery
+
+    celery.params[0].default = app
+    try:
+        status = celery.main(args=argv, standalone_mode=False)
+    finally:
+        celery.params[0].default = None
+    return status if isinstance(status, int) else 0
 
 
 # --- producers and workers: task-sent events in batches ----------------------------------------
@@ -659,7 +684,7 @@ class WorkerChannel(Channel):
     job_store: ClassVar[redis.Redis | None] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         # The kombu Connection this channel's transport serves (see ``close``).
         self._owner = self.connection.client
 

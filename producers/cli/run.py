@@ -141,7 +141,9 @@ def worker(
         *(["--beat"] if beat else []),
         *ctx.args,
     ]
-    app.worker_main(argv=argv)
+    from messaging.patches import run_celery_command
+
+    sys.exit(run_celery_command(app, argv))
 
 
 def _supervise(

@@ -120,7 +120,7 @@ def test_a_consumer_connection_collected_then_closed_gives_its_messages_back(url
             producer.publish(
                 {"n": i}, exchange=QUEUE.exchange, routing_key="test.acks", declare=[QUEUE]
             )
-    channel = conn.default_channel
+    channel: Any = conn.default_channel
     messages: list[Any] = []
     Consumer(
         channel, [QUEUE], callbacks=[lambda _, m: messages.append(m)], accept=["json"]

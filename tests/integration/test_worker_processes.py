@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -88,3 +89,41 @@ def test_a_child_that_cannot_start_stops_the_command_with_its_status() -> None:
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.count("supervisor.process.failed") == 1
     assert proc.stderr.count("supervisor.process.started") == 2
+
+
+# A worker whose consumer fails past what Celery recovers from (here, its task-consuming
+# bootstep raises as it starts; at a Sentinel failover it was kombu's AttributeError).
+UNRECOVERABLE = """
+import sys
+from celery.worker.consumer.tasks import Tasks
+
+def start(self, c):
+    raise RuntimeError("the consumer cannot go on")
+
+Tasks.start = start
+from producers.cli.main import main
+sys.argv = ["cancelflow", "worker", "--concurrency", "2"]
+main()
+"""
+
+
+def test_a_worker_stopped_by_an_unrecoverable_error_exits_with_a_failure_status(
+    redis_url: str,
+) -> None:
+    """Celery logs "Unrecoverable error" and stops; the command says so by its status, as
+    ``celery worker`` does, so that what runs it (systemd's on-failure, the supervisor)
+    starts it again."""
+    proc = subprocess.run(
+        [sys.executable, "-c", UNRECOVERABLE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            **os.environ,
+            "CANCELFLOW_REDIS_URL": redis_url,
+            "CANCELFLOW_LOG_FORMAT": "json",
+            "CANCELFLOW_WORKER__METRICS_PORT": "0",
+        },
+    )
+    assert "Unrecoverable error" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]
