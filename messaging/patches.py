@@ -37,6 +37,9 @@ production. Each override says why it exists and, where there is one, the upstre
   round trip, kombu's publish) per one or two events, about 4 per job.
 - ``RetryingTask.event`` (``celery.events.state.Task.event``, installed by
   ``show_retries_until_they_run``): a retry shows as ``RETRY`` in Flower until it runs.
+- ``LeanCode`` (``lean_tracebacks``, billiard's ``_Code``): the copy of a code object in a
+  task's ``ExceptionInfo`` reads the code's positions when asked, instead of copying a tuple
+  for each instruction of each frame's function (about 0.5 MB per retried step).
 - ``run_celery_command``: ``Celery.start`` (and ``worker_main``), but returning the status
   Celery's command ended with: ``start`` runs click's main with standalone mode off and
   drops what it returns, so a worker stopped by an unrecoverable error exited 0.
@@ -86,11 +89,13 @@ import asyncio
 import functools
 import threading
 import time
+import types
 from dataclasses import dataclass
 from queue import Empty  # what kombu.transport.redis raises (it imports it from here)
 from typing import Any, ClassVar
 
 import redis
+from billiard import einfo as billiard_einfo
 from celery import Celery, signals, states
 from celery.concurrency.thread import TaskPool as ThreadsPool
 from celery.events.dispatcher import EventDispatcher
@@ -169,6 +174,16 @@ UPSTREAM: dict[str, str] = {
     ),
     "kombu.transport.redis:Channel._connparams": (
         "e9a4295085a8fb905b44e81a935003affdc9e74298b779df4877ba575fbba196"
+    ),
+    # LeanCode: billiard's copy of a code object, and the frame's that makes it.
+    "billiard.einfo:_Code.__init__": (
+        "904cdd3ac1808fc0c6632df83e6b5736228a74eeb77b587d3c7b8f3e6ee99b3a"
+    ),
+    "billiard.einfo:_Code.__reduce__": (
+        "a96e6784d580d8e8652f904f0e75e991741dccf2e1db016ef0097b83ebee66d1"
+    ),
+    "billiard.einfo:_Frame.__init__": (
+        "71f2a5fedd4d37b68c42307c67dfa0aecbffbb1eeae118bb0bd87d3f1f8a422c"
     ),
     # run_celery_command: Celery.start, without dropping the command's status.
     "celery.app.base:Celery.start": (
@@ -991,6 +1006,52 @@ def show_retries_until_they_run() -> None:
     """Every monitor's state in this process (Flower's, which imports ``worker.app``) keeps
     a task ``RETRY`` until its retried run starts (``RetryingTask``)."""
     CeleryState.Task = RetryingTask
+
+
+# --- workers: tracebacks copied without every instruction's position ---------------------
+
+
+class LeanCode(billiard_einfo._Code):  # type: ignore[misc]  # billiard is untyped
+    """billiard's copy of a code object in a task's ``ExceptionInfo`` (Celery makes one for
+    every retry and failure, ``celery.app.trace``), which reads the code's positions only
+    when asked for them.
+
+    billiard's ``_Code`` copies ``list(code.co_positions())``: a tuple for each instruction of
+    each frame's function, some 4,000 for a retried step (Celery's ``trace_task`` alone has
+    2,341), about 0.5 MB built and dropped per retry. Formatting a traceback reads one
+    position a frame; only a pickled copy (sent to another process) needs them all, and gets
+    them (``__reduce__``). Holding the code object costs nothing: its function holds it too."""
+
+    def __init__(self, code: types.CodeType) -> None:  # billiard's, but the positions
+        self.co_filename = code.co_filename
+        self.co_name = code.co_name
+        self.co_argcount = code.co_argcount
+        self.co_cellvars = ()
+        self.co_firstlineno = code.co_firstlineno
+        self.co_flags = code.co_flags
+        self.co_freevars = ()
+        self.co_code = b""
+        self.co_lnotab = b""
+        self.co_names = code.co_names
+        self.co_nlocals = code.co_nlocals
+        self.co_stacksize = code.co_stacksize
+        self.co_varnames = ()
+        self.co_qualname = code.co_qualname
+        self._code = code
+
+    @property
+    def co_positions(self) -> Any:
+        return self._code.co_positions
+
+    def __reduce__(self) -> Any:
+        state = dict(self.__dict__)
+        state["_co_positions"] = list(state.pop("_code").co_positions())
+        return billiard_einfo._Code.__new__, (billiard_einfo._Code,), state
+
+
+def lean_tracebacks() -> None:
+    """The tracebacks of this process's task errors copy code objects as ``LeanCode``."""
+    billiard_einfo._Frame.Code = LeanCode
 
 
 def trace_args(args: tuple[Any, ...]) -> tuple[str, Any, Any, str | None, str | None]:

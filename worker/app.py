@@ -24,7 +24,12 @@ from cancelflow.settings import Settings, load_settings, warn_unknown_env
 from cancelflow.wiring import redis_client, report_persistence
 from messaging.config import SENTINEL_TRANSPORT, TRANSPORT, create_celery
 from messaging.dispatch import flush_sent_events
-from messaging.patches import WorkerChannel, show_retries_until_they_run, show_transports_as
+from messaging.patches import (
+    WorkerChannel,
+    lean_tracebacks,
+    show_retries_until_they_run,
+    show_transports_as,
+)
 from worker import leases
 
 WORKER_TRANSPORT = "messaging.patches:WorkerTransport"
@@ -94,6 +99,7 @@ def create_app(settings: Settings) -> Celery:
         )
     # Flower, run on this app, shows a retry as RETRY for its whole countdown.
     show_retries_until_they_run()
+    lean_tracebacks()
     # Steps run on the runtime's event loop, other tasks in threads (see worker.pool).
     app.conf.worker_pool = "worker.pool:TaskPool"
     # Interval schedules only: the state file is a scratch file, one per process.
