@@ -747,7 +747,9 @@ def test_the_sentinel_overlays_redis_and_sentinels_run_and_fail_over(tmp_path: P
         assert found == [str(conf), "--sentinel"], found
         written = conf.read_text()
         assert written == shipped_conf + f"sentinel announce-ip {pod}.{sentinel_service}\n"
-        # This machine's names and ports; a faster down-after for the test's sake.
+        # This machine's names and ports. The shipped down-after (5 s) is kept: with 1 s, the
+        # sentinels of a loaded machine took the just-promoted master for down as well and
+        # failed over again, to the restarted old master, empty (seen in CI).
         lines = []
         for line in written.splitlines():
             if line == "port 26379":
@@ -756,8 +758,6 @@ def test_the_sentinel_overlays_redis_and_sentinels_run_and_fail_over(tmp_path: P
                 line = "sentinel announce-ip 127.0.0.1"
             elif line.startswith("sentinel monitor "):
                 line = line.replace(f" {first} 6379 ", f" 127.0.0.1 {cluster.ports[pods[0]]} ")
-            elif line.startswith("sentinel down-after-milliseconds "):
-                line = f"sentinel down-after-milliseconds {SENTINEL_MASTER} 1000"
             lines.append(line)
         conf.write_text("\n".join([*lines, ADMIN]) + "\n")
         assert REDIS_SERVER is not None
