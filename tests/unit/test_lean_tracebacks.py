@@ -61,10 +61,11 @@ def test_a_copied_frame_reads_its_code_positions_from_the_code(lean: None) -> No
 
 
 def test_it_holds_a_fraction_of_what_billiard_copies() -> None:
-    before = billiard_einfo._Frame.Code
-    full = allocated(raised)
-    patches.lean_tracebacks()
+    before = billiard_einfo._Frame.Code  # LeanCode already, if a worker app was made here
     try:
+        billiard_einfo._Frame.Code = billiard_einfo._Code
+        full = allocated(raised)
+        patches.lean_tracebacks()
         lean = allocated(raised)
     finally:
         billiard_einfo._Frame.Code = before
