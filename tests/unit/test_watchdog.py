@@ -61,19 +61,25 @@ def test_an_empty_queue_means_the_message_is_gone() -> None:
     asyncio.run(go())
 
 
+async def held_by_w1(redis: fakeredis.FakeAsyncRedis) -> tuple[wiring.Deps, str, float]:
+    """A job whose step the live process w1 began; and when w1 last beat (Redis's clock)."""
+    deps = build_deps(Settings(), redis=redis, holder="w1")
+    job_id, _ = await queued_job(deps)
+    now = (await redis.time())[0]
+    await redis.zadd(WORKERS, {"w1": now})
+    began = await deps.store.begin(
+        job_id,
+        lifecycle.Event.CHECK,
+        entry=TimelineEntry(at="2026-01-01T00:00:00Z", step="eligibility", event="started"),
+    )
+    assert began.job.held_by == "w1"
+    return deps, job_id, now
+
+
 def test_a_step_held_by_a_live_process_is_left_alone_a_dead_ones_is_not() -> None:
     async def go() -> None:
         redis = fakeredis.FakeAsyncRedis()
-        deps = build_deps(Settings(), redis=redis, holder="w1")
-        job_id, _ = await queued_job(deps)
-        now = (await redis.time())[0]
-        await redis.zadd(WORKERS, {"w1": now})
-        began = await deps.store.begin(
-            job_id,
-            lifecycle.Event.CHECK,
-            entry=TimelineEntry(at="2026-01-01T00:00:00Z", step="eligibility", event="started"),
-        )
-        assert began.job.held_by == "w1"
+        deps, job_id, now = await held_by_w1(redis)
         assert await sweep(deps, oldest=float("inf")) == []
         await redis.zadd(WORKERS, {"w1": now - 60})  # w1 stopped beating
         assert await sweep(deps, oldest=float("inf")) == [job_id]
@@ -88,16 +94,7 @@ def test_a_hold_older_than_a_step_can_run_is_a_leftover_of_a_live_process() -> N
 
     async def go() -> None:
         redis = fakeredis.FakeAsyncRedis()
-        deps = build_deps(Settings(), redis=redis, holder="w1")
-        job_id, _ = await queued_job(deps)
-        now = (await redis.time())[0]
-        await redis.zadd(WORKERS, {"w1": now})
-        began = await deps.store.begin(
-            job_id,
-            lifecycle.Event.CHECK,
-            entry=TimelineEntry(at="2026-01-01T00:00:00Z", step="eligibility", event="started"),
-        )
-        assert began.job.held_by == "w1"
+        deps, job_id, _ = await held_by_w1(redis)
         limit = Settings().limits().task_time_limit_s
         assert limit == 300
         assert await sweep(deps, oldest=float("inf"), steps_run_at_most_s=limit) == []
