@@ -68,7 +68,7 @@ from cancelflow.wiring import (
     report_persistence,
 )
 from messaging.config import create_celery
-from messaging.dispatch import flush_sent_events
+from messaging.dispatch import close_publishers, flush_sent_events
 from producers import console, docs_page, listing, openapi
 from producers.billing import BillingProcessor, Rejected
 from producers.billing_auth import CREDENTIAL_HEADERS, BadSignature, BillingVerifier
@@ -1048,6 +1048,7 @@ def create_app(settings: Settings, *, celery: Celery | None = None) -> web.Appli
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        close_publishers(app[CELERY])  # RabbitMQ's: its thread and connection
         await app[DEPS].store.flush_marks()
         flush_sent_events(app[CELERY])
         if (reader := broker_queues(app)) is not None:

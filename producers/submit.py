@@ -20,7 +20,13 @@ from cancelflow.providers import REGISTRY
 from cancelflow.settings import Settings
 from cancelflow.store import DEFAULT_NAMESPACE, Created
 from cancelflow.wiring import Deps
-from messaging.dispatch import dispatch, dispatch_async, step_message_for, step_message_sent_by
+from messaging.dispatch import (
+    confirmed_publisher,
+    dispatch,
+    dispatch_async,
+    step_message_for,
+    step_message_sent_by,
+)
 from messaging.patches import StepMessage
 from producers.problems import field_errors
 
@@ -149,11 +155,16 @@ def first_step_message(deps: Deps, celery: Celery, nxt: Next) -> StepMessage | N
 
 
 async def send_step(deps: Deps, celery: Celery, nxt: Next) -> None:
-    """Send ``nxt`` from a producer's event loop; returns once its message is in Redis."""
+    """Send ``nxt`` from a producer's event loop; returns once its message is in the broker
+    (on RabbitMQ: confirmed)."""
     if _broker_is_store(deps, celery):
         # The broker is the job store's Redis: its asyncio client sends the message on this
         # loop, where kombu's publish would block the loop for a round trip.
         await dispatch_async(celery, deps.store.redis, nxt)
+    elif deps.settings.broker_kind() == "amqp":
+        # From the publisher's thread, confirmed with the others sent meanwhile: kombu's
+        # publish here would stop the loop until RabbitMQ confirmed it.
+        await confirmed_publisher(celery).send(nxt)
     else:
         dispatch(celery, nxt)
 

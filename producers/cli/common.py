@@ -67,11 +67,12 @@ def server_settings() -> Settings:
 
 
 def run_async(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    from messaging.dispatch import flush_sent_events
+    from messaging.dispatch import close_publishers, flush_sent_events
 
     try:
         return asyncio.run(coro_fn())
     finally:
+        close_publishers()  # RabbitMQ's: their threads and connections
         flush_sent_events()  # the loop that would have published them has ended
 
 
