@@ -23,7 +23,7 @@ from cancelflow.redis_clients import sync_client
 from cancelflow.settings import Settings, load_settings, warn_unknown_env
 from cancelflow.wiring import redis_client, report_persistence
 from messaging.config import SENTINEL_TRANSPORT, TRANSPORT, create_celery
-from messaging.dispatch import flush_sent_events
+from messaging.dispatch import close_publishers, flush_sent_events
 from messaging.patches import (
     WorkerChannel,
     lean_tracebacks,
@@ -199,6 +199,7 @@ def _connect_signals(app: Celery, settings: Settings) -> None:
         from worker import metrics_server
         from worker.runtime import shutdown_runtime
 
+        close_publishers(app)  # RabbitMQ's: its thread and connection, while the loop runs
         flush_sent_events(app)
         shutdown_runtime()
         metrics_server.stop()

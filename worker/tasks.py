@@ -43,7 +43,12 @@ from cancelflow.lifecycle import Next
 from cancelflow.logging import get_logger
 from cancelflow.wiring import Deps
 from messaging.config import create_celery
-from messaging.dispatch import dispatch, step_message_for, step_message_sent_by
+from messaging.dispatch import (
+    confirmed_publisher,
+    dispatch,
+    step_message_for,
+    step_message_sent_by,
+)
 from messaging.patches import HubEventsRequest, StepMessage, StepRequest
 from worker import pool
 from worker.app import settings_of
@@ -151,7 +156,8 @@ class StepTask(Task):  # type: ignore[misc]
         """The step's whole work, on the runtime's loop: ``worker.pool`` awaits it there
         before Celery runs the task, whose body then only carries the result out. The move
         that makes the next step due pushes its message too (``chain.OUTBOX``), when the
-        broker is the job store's Redis."""
+        broker is the job store's Redis; on RabbitMQ the next step is sent from here, and
+        confirmed, before the tracer runs (``_send_confirmed``)."""
         message = Delivery.of(self.name, request, args, kwargs)
         token = chain.OUTBOX.set(outbox(self.app, request))
         try:
@@ -166,7 +172,44 @@ class StepTask(Task):  # type: ignore[misc]
                     "cancelflow.requeued": result.requeue or None,
                 }
             )
-        return replace(result, request_id=message.request_id)
+        result = replace(result, request_id=message.request_id)
+        if _confirms(self.app) and result.next is not None and result.next.sent is None:
+            result = await _send_confirmed(self.app, request, result)
+        return result
+
+
+# The marker of a next step RabbitMQ has confirmed (``Next.sent``): nothing is left to do.
+CONFIRMED = "confirmed"
+_confirming: dict[int, bool] = {}
+
+
+def _confirms(app: Celery) -> bool:
+    """Whether ``app``'s broker is RabbitMQ: its steps send the next from the publisher."""
+    key = id(app)
+    if key not in _confirming:
+        _confirming[key] = broker_kind(app.conf.broker_url) == "amqp"
+    return _confirming[key]
+
+
+async def _send_confirmed(
+    app: Celery, request: Mapping[str, Any], result: StepResult
+) -> StepResult:
+    """On RabbitMQ, the next step sent from the loop by the process's ``ConfirmedPublisher``
+    (its confirm waited for with the other steps' sent meanwhile), before the current
+    message is acknowledged, as ``dispatch`` in the tracer would (which stops the loop and
+    every step in flight on it until RabbitMQ confirms). Not confirmed, the tracer's
+    ``dispatch`` sends it as before (and requeues the message if it cannot)."""
+    nxt = result.next
+    assert nxt is not None
+    parent_id = str(request.get("id"))
+    parent = (parent_id, str(request.get("root_id") or parent_id))
+    try:
+        with structlog.contextvars.bound_contextvars(request_id=result.request_id):
+            await confirmed_publisher(app).send(nxt, parent=parent)
+    except kombu.exceptions.OperationalError as exc:
+        log.warning("step.next.unconfirmed", job_id=nxt.job_id, error=str(exc))
+        return result
+    return replace(result, next=replace(nxt, sent=CONFIRMED))
 
 
 # Per worker app: a producer's Celery app on the same settings (no task registered in it, so
@@ -280,7 +323,9 @@ def carry_out(task: Task, result: StepResult) -> str:
     nxt = result.next
     if nxt is not None:
         try:
-            if nxt.sent is not None:
+            if nxt.sent is CONFIRMED:
+                pass  # sent, and confirmed by RabbitMQ (``_send_confirmed``)
+            elif nxt.sent is not None:
                 # Pushed by the step's own move: Celery's after-publish signals and the
                 # task-sent event are what is left of the send.
                 step_message_sent_by(task.app, nxt.sent)
