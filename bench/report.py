@@ -397,6 +397,16 @@ def write(doc: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
+def targets_line(doc: dict[str, Any]) -> str:
+    """Every leg's targets in one line (the chart's title): each leg's own, not the first's."""
+    legs = doc.get("brokers") or {doc.get("broker", "redis"): doc}
+    return "; ".join(
+        f"{'RabbitMQ' if kind == 'amqp' else 'Redis'}: "
+        + ", ".join(f"({t['id']}) {t['status']}" for t in leg["targets"])
+        for kind, leg in legs.items()
+    )
+
+
 def chart(doc: dict[str, Any], path: Path) -> Path | None:
     """jobs/s, latency percentiles and peak RSS per scenario, and where a job's time goes."""
     try:
@@ -452,10 +462,9 @@ def chart(doc: dict[str, Any], path: Path) -> Path | None:
     ax.set_title("where a job's time goes (p50 of each stretch, ms)")
     if segment_names:
         ax.legend(fontsize=7)
-    status = ", ".join(f"({t['id']}) {t['status']}" for t in doc["targets"])
     fig.suptitle(
         f"Cancelflow bench {doc['started_at']}: {doc['config']['jobs']} jobs x "
-        f"{doc['config']['rounds']} rounds, {doc['machine']['cpus']} CPUs. Targets: {status}"
+        f"{doc['config']['rounds']} rounds, {doc['machine']['cpus']} CPUs. {targets_line(doc)}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -135,3 +135,20 @@ def test_reports_read_back(results: Path) -> None:
     assert "| redis | no_latency |" in report.table(doc)
     assert "Scaling (redis)" in report.table(doc)
     assert "Targets [redis]:" in report.targets_text(doc)
+
+
+def test_the_charts_title_gives_each_legs_own_targets() -> None:
+    from typing import Any
+
+    from bench.report import targets_line
+
+    def leg(*statuses: str) -> dict[str, Any]:
+        return {"targets": [{"id": i, "status": s} for i, s in zip("abcd", statuses, strict=True)]}
+
+    redis, amqp = leg("PASS", "PASS", "PASS", "PASS"), leg("FAIL", "PASS", "PASS", "PASS")
+    # The top level repeats the first leg's: a RabbitMQ failure must not read as a pass.
+    doc = {"targets": redis["targets"], "brokers": {"redis": redis, "amqp": amqp}}
+    assert targets_line(doc) == (
+        "Redis: (a) PASS, (b) PASS, (c) PASS, (d) PASS; "
+        "RabbitMQ: (a) FAIL, (b) PASS, (c) PASS, (d) PASS"
+    )
