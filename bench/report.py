@@ -464,7 +464,7 @@ def chart(doc: dict[str, Any], path: Path) -> Path | None:
         ax.legend(fontsize=7)
     fig.suptitle(
         f"Cancelflow bench {doc['started_at']}: {doc['config']['jobs']} jobs x "
-        f"{doc['config']['rounds']} rounds, {doc['machine']['cpus']} CPUs. {targets_line(doc)}"
+        f"{doc['config']['rounds']} rounds, {doc['machine']['cpus']} CPUs\n{targets_line(doc)}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
