@@ -249,12 +249,13 @@ class _ConfirmTimeout(OperationalError):
 
 
 class ConfirmedPublisher:
-    """A producer loop's steps on RabbitMQ (the API's, the billing consumer's), sent as
-    ``dispatch`` sends them, by one thread of the process: it publishes every step waiting,
-    on a channel of its own in confirm mode, without waiting in between, then waits once for
-    RabbitMQ's confirms of them all. ``dispatch`` on the loop would stop it for each confirm
-    (on a quorum queue, until a majority of its replicas wrote the message); here the loop
-    serves other requests meanwhile, and a burst of them waits for one confirm, not one each.
+    """The steps an event loop sends on RabbitMQ (the API's and the billing consumer's first
+    steps, a worker's next ones), sent as ``dispatch`` sends them, by one thread of the
+    process: it publishes every step waiting, on a channel of its own in confirm mode,
+    without waiting in between, then waits once for RabbitMQ's confirms of them all.
+    ``dispatch`` on the loop would stop it for each confirm (on a quorum queue, until a
+    majority of its replicas wrote the message); here the loop serves other requests and
+    steps meanwhile, and a burst of them waits for one confirm, not one each.
 
     ``send`` returns once RabbitMQ confirmed the message, as ``dispatch`` does, and raises
     kombu's ``OperationalError`` when RabbitMQ refused it (a nack), gave no confirm within
@@ -311,6 +312,7 @@ class ConfirmedPublisher:
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(timeout_s)
+            self._thread = None  # a later send starts another
 
     def _start(self) -> None:
         if self._thread is None:
@@ -441,13 +443,14 @@ class ConfirmedPublisher:
 
 
 _publishers: weakref.WeakKeyDictionary[Celery, ConfirmedPublisher] = weakref.WeakKeyDictionary()
+_publishers_lock = threading.Lock()
 
 
 def confirmed_publisher(app: Celery) -> ConfirmedPublisher:
     """The process's ``ConfirmedPublisher`` of ``app`` (made on first use)."""
     found = _publishers.get(app)
     if found is None:
-        with _sent_events_lock:
+        with _publishers_lock:
             found = _publishers.get(app)
             if found is None:
                 found = _publishers[app] = ConfirmedPublisher(app)
