@@ -13,8 +13,9 @@ import queue
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from celery import Celery
@@ -35,6 +36,7 @@ from messaging.patches import (
 )
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 
 def queue_for(step: Step, provider: str) -> str:
@@ -42,19 +44,28 @@ def queue_for(step: Step, provider: str) -> str:
     return CALLBACKS_QUEUE if step is Step.CALLBACK else provider_queue(provider)
 
 
+_made_lock = threading.Lock()
+
+
+def _one_per_app(
+    made: weakref.WeakKeyDictionary[Celery, T], app: Celery, make: Callable[[Celery], T]
+) -> T:
+    """``made[app]``, made by ``make`` on first use (once, whichever thread asks first)."""
+    found = made.get(app)
+    if found is None:
+        with _made_lock:
+            found = made.get(app)
+            if found is None:
+                found = made[app] = make(app)
+    return found
+
+
 _sent_events: weakref.WeakKeyDictionary[Celery, SentEvents] = weakref.WeakKeyDictionary()
-_sent_events_lock = threading.Lock()
 
 
 def sent_events(app: Celery) -> SentEvents:
     """The app's batching dispatcher of ``task-sent`` events (one per app, made on first use)."""
-    found = _sent_events.get(app)
-    if found is None:
-        with _sent_events_lock:
-            found = _sent_events.get(app)
-            if found is None:
-                found = _sent_events[app] = SentEvents(app)
-    return found
+    return _one_per_app(_sent_events, app, SentEvents)
 
 
 def flush_sent_events(app: Celery | None = None) -> None:
@@ -443,18 +454,11 @@ class ConfirmedPublisher:
 
 
 _publishers: weakref.WeakKeyDictionary[Celery, ConfirmedPublisher] = weakref.WeakKeyDictionary()
-_publishers_lock = threading.Lock()
 
 
 def confirmed_publisher(app: Celery) -> ConfirmedPublisher:
     """The process's ``ConfirmedPublisher`` of ``app`` (made on first use)."""
-    found = _publishers.get(app)
-    if found is None:
-        with _publishers_lock:
-            found = _publishers.get(app)
-            if found is None:
-                found = _publishers[app] = ConfirmedPublisher(app)
-    return found
+    return _one_per_app(_publishers, app, ConfirmedPublisher)
 
 
 def close_publishers(app: Celery | None = None) -> None:

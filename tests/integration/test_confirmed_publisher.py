@@ -59,6 +59,19 @@ def messages(app: Celery, name: str = QUEUE) -> list[Any]:
     return found
 
 
+def publishes_of(publisher: ConfirmedPublisher) -> list[int]:
+    """The size of every batch ``publisher`` will publish (each attempt at it), as it goes."""
+    sizes: list[int] = []
+    publish_once = publisher._publish_once
+
+    def counted(todo: list[Any]) -> None:
+        sizes.append(len(todo))
+        publish_once(todo)
+
+    publisher._publish_once = counted  # type: ignore[method-assign]
+    return sizes
+
+
 def test_the_publisher_sends_what_dispatch_sends_with_the_parent_given(app: Celery) -> None:
     nxt = step()
     dispatch(app, nxt)
@@ -88,14 +101,7 @@ def test_the_publisher_sends_what_dispatch_sends_with_the_parent_given(app: Cele
 
 def test_steps_sent_together_wait_for_their_confirms_together(app: Celery) -> None:
     publisher = ConfirmedPublisher(app)
-    batches: list[int] = []
-    publish_once = publisher._publish_once
-
-    def counted(todo: list[Any]) -> None:
-        batches.append(len(todo))
-        publish_once(todo)
-
-    publisher._publish_once = counted  # type: ignore[method-assign]
+    batches = publishes_of(publisher)
     ids = [new_job_id() for _ in range(300)]
 
     async def send_all() -> None:
@@ -184,14 +190,7 @@ def test_an_unreachable_rabbitmq_fails_the_send_after_the_retry_policy(vhost: st
         url = f"amqp://guest:guest@127.0.0.1:{free_port()}//"
         app = create_celery(Settings(redis_url=db_url, broker_url=url))
     publisher = ConfirmedPublisher(app)
-    attempts: list[int] = []
-    publish_once = publisher._publish_once
-
-    def counted(todo: list[Any]) -> None:
-        attempts.append(len(todo))
-        publish_once(todo)
-
-    publisher._publish_once = counted  # type: ignore[method-assign]
+    attempts = publishes_of(publisher)
     try:
         with pytest.raises(OperationalError, match="did not confirm"):
             asyncio.run(publisher.send(step()))
