@@ -178,6 +178,12 @@ class StepTask(Task):  # type: ignore[misc]
         return result
 
 
+def _parent_of(request: Mapping[str, Any]) -> tuple[str, str]:
+    """The (parent id, root id) ``send_task`` in the task of ``request`` would give a step."""
+    parent_id = str(request.get("id"))
+    return parent_id, str(request.get("root_id") or parent_id)
+
+
 # The marker of a next step RabbitMQ has confirmed (``Next.sent``): nothing is left to do.
 CONFIRMED = "confirmed"
 _confirming: dict[int, bool] = {}
@@ -201,8 +207,7 @@ async def _send_confirmed(
     ``dispatch`` sends it as before (and requeues the message if it cannot)."""
     nxt = result.next
     assert nxt is not None
-    parent_id = str(request.get("id"))
-    parent = (parent_id, str(request.get("root_id") or parent_id))
+    parent = _parent_of(request)
     try:
         with structlog.contextvars.bound_contextvars(request_id=result.request_id):
             await confirmed_publisher(app).send(nxt, parent=parent)
@@ -234,8 +239,7 @@ def outbox(app: Celery, request: Mapping[str, Any]) -> Callable[[Next], StepMess
     messages = _message_app(app)
     if messages is None:
         return None
-    parent_id = str(request.get("id"))
-    parent = (parent_id, str(request.get("root_id") or parent_id))
+    parent = _parent_of(request)
 
     def build(nxt: Next) -> StepMessage | None:
         return step_message_for(messages, nxt, parent=parent)
