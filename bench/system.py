@@ -122,6 +122,7 @@ class BrokerLeg:
     kind: str  # "redis" | "amqp"
     url: str | None = None
     management_url: str | None = None
+    server_pid: int | None = None  # a RabbitMQ server of the bench's own
 
     def env(self) -> dict[str, str]:
         if self.url is None:
@@ -147,7 +148,7 @@ def broker_leg(kind: str, *, log: Callable[[str], None]) -> Iterator[BrokerLeg]:
 
     with rabbit_server() as server, server.vhost() as url:
         log(f"RabbitMQ: vhost {url.rsplit('/', 1)[-1]} on {server.amqp_url.split('@')[-1]}")
-        yield BrokerLeg("amqp", url, server.management.with_credentials())
+        yield BrokerLeg("amqp", url, server.management.with_credentials(), server.pid)
 
 
 def system_env(redis_url: str, sandbox_url: str, broker: BrokerLeg | None = None) -> dict[str, str]:
@@ -340,10 +341,13 @@ class BenchSystem:
 
     def other_pids(self) -> dict[str, int]:
         """Processes whose CPU time a run reports besides the workers': the sandboxes, this
-        driver, and Redis when it runs on this machine (shared with whoever else uses it)."""
+        driver, Redis when it runs on this machine (shared with whoever else uses it), and
+        RabbitMQ when the bench runs a server of its own."""
         pids = {"driver": os.getpid()}
         if "sandbox" in self.procs.procs:
             pids["sandbox"] = self.procs.procs["sandbox"].pid
+        if self.broker.server_pid is not None:
+            pids["rabbitmq"] = self.broker.server_pid
         try:
             info: dict[str, Any] = redis.Redis.from_url(self.redis_url).info("server")  # type: ignore[assignment]
             if urlsplit(self.redis_url).hostname in ("127.0.0.1", "localhost"):

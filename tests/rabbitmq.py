@@ -78,6 +78,7 @@ class RabbitServer:
 
     amqp_url: str
     management: Management
+    pid: int | None = None  # a server of the tests' own (its CPU time is theirs to count)
 
     @contextlib.contextmanager
     def vhost(self) -> Iterator[str]:
@@ -188,7 +189,7 @@ def private_rabbit_server(*, timeout_s: float = 90) -> Iterator[RabbitServer]:
                 tail = (home / "server.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"rabbitmq-server did not start:\n{tail}")
             time.sleep(0.3)
-        yield RabbitServer(f"amqp://guest:guest@127.0.0.1:{amqp}", management)
+        yield RabbitServer(f"amqp://guest:guest@127.0.0.1:{amqp}", management, proc.pid)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)

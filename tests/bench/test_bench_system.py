@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +105,15 @@ def test_the_baseline_pool_is_chosen_per_broker(monkeypatch: pytest.MonkeyPatch)
     # BENCH_BASELINE_POOL (or bench.pools) overrides it, at the bench's concurrency.
     monkeypatch.setattr(system, "BASELINE_POOL", "solo")
     assert baseline_pool("amqp", 1) == ("solo", 1)
+
+
+def test_a_rabbitmq_server_of_the_benchs_own_is_counted(tmp_path: Path) -> None:
+    """On RabbitMQ, the broker's CPU per job is one of the figures (when the bench runs the
+    server: the machine's is shared with whoever else uses it, and never counted)."""
+    leg = system.BrokerLeg("amqp", "amqp://guest:guest@127.0.0.1:1/v", None, server_pid=4242)
+    ours = system.BenchSystem("redis://127.0.0.1:1/0", tmp_path, broker=leg)
+    assert ours.other_pids()["rabbitmq"] == 4242
+    shared = system.BenchSystem(
+        "redis://127.0.0.1:1/0", tmp_path, broker=system.BrokerLeg("amqp", leg.url)
+    )
+    assert "rabbitmq" not in shared.other_pids()
