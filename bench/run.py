@@ -310,6 +310,8 @@ def run_bench(cfg: Config) -> dict[str, Any]:
             "python": platform.python_version(),
             "redis": server_info.get("redis_version"),
             "platform": platform.platform(),
+            # Runs on two machines of the same kind differ by as much as a third: say which.
+            "cpu_model": _cpu_model(),
         },
         "config": {**asdict(cfg), "out": str(cfg.out)},
         "runs": runs,
@@ -462,3 +464,14 @@ def main(
 
 if __name__ == "__main__":
     main()
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name and clock, from /proc/cpuinfo (None where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict((k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in f) if v)
+    except OSError:
+        return None
+    model, mhz = info.get("model name"), info.get("cpu MHz")
+    return f"{model} @ {float(mhz):.0f} MHz" if model and mhz else model

@@ -83,6 +83,7 @@ def test_results_have_every_figure(results: Path) -> None:
         "peak_rss",
     }
     assert "broker wait: eligibility" in ours["segments_ms"]
+    assert doc["machine"]["cpus"] and doc["machine"]["cpu_model"]  # which machine ran it
     assert [t["id"] for t in doc["targets"]] == ["a", "b", "c", "d"]
     assert all(t["status"] in ("PASS", "FAIL", "SKIP") for t in doc["targets"])
     assert {t["id"]: t["status"] for t in doc["targets"]}["b"] == "SKIP"  # no latency scenario run
