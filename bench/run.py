@@ -462,10 +462,6 @@ def main(
     sys.exit(1 if failed else 0)
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _cpu_model() -> str | None:
     """The CPU's model name and clock, from /proc/cpuinfo (None where there is none)."""
     try:
@@ -475,3 +471,7 @@ def _cpu_model() -> str | None:
         return None
     model, mhz = info.get("model name"), info.get("cpu MHz")
     return f"{model} @ {float(mhz):.0f} MHz" if model and mhz else model
+
+
+if __name__ == "__main__":
+    main()
