@@ -462,15 +462,16 @@ def main(
     sys.exit(1 if failed else 0)
 
 
-def _cpu_model() -> str | None:
-    """The CPU's model name and clock, from /proc/cpuinfo (None where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = dict((k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in f) if v)
-    except OSError:
-        return None
+def _cpu_model() -> str:
+    """The CPU's model name and clock, from /proc/cpuinfo; the architecture where it names
+    neither (not Linux, or an ARM CPU's /proc/cpuinfo)."""
+    info: dict[str, str] = {}
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        info = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in f) if v}
     model, mhz = info.get("model name"), info.get("cpu MHz")
-    return f"{model} @ {float(mhz):.0f} MHz" if model and mhz else model
+    if model and mhz:
+        return f"{model} @ {float(mhz):.0f} MHz"
+    return model or platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
